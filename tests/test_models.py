@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from tunelab.models.load import (
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    tunelab_home,
 )
 from tunelab.models.tiny import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 
@@ -72,7 +72,7 @@ def test_tiny_chat_template_is_chatml_with_assistant_mask() -> None:
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
     assert rendered == expected + "<|im_start|>assistant\n"
     out = tokenizer.apply_chat_template(CHAT, return_dict=True, return_assistant_tokens_mask=True)
-    kept = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    kept = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     assert tokenizer.decode(kept) == "4.<|im_end|>"
 
 
@@ -86,7 +86,9 @@ def test_tiny_llama_shapes_seed_and_global_rng() -> None:
     assert logits.shape == (1, len(tokenizer(TEXT)["input_ids"]), len(tokenizer))
     assert logits.dtype == torch.float32
     assert model.config.pad_token_id == tokenizer.pad_token_id
-    torch.testing.assert_close(_logits(build_tiny_llama(tokenizer, tie_word_embeddings=True), tokenizer), logits)
+    torch.testing.assert_close(
+        _logits(build_tiny_llama(tokenizer, tie_word_embeddings=True), tokenizer), logits
+    )
     assert not torch.equal(_logits(build_tiny_llama(tokenizer, seed=1), tokenizer), logits)
 
 
@@ -94,7 +96,9 @@ def test_save_tiny_model_reloads_with_identical_logits(tiny_dir: Path) -> None:
     assert (tiny_dir / "model.safetensors").is_file()
     model, tokenizer = load_causal_lm(tiny_dir, dtype="float32", device="cpu")
     reference_tok = build_tiny_tokenizer()
-    torch.testing.assert_close(_logits(model, tokenizer), _logits(build_tiny_llama(reference_tok), reference_tok))
+    torch.testing.assert_close(
+        _logits(model, tokenizer), _logits(build_tiny_llama(reference_tok), reference_tok)
+    )
     assert tokenizer.chat_template == CHATML_TEMPLATE
     assert tokenizer(TEXT)["input_ids"] == reference_tok(TEXT)["input_ids"]
     assert AutoTokenizer.from_pretrained(tiny_dir).chat_template == CHATML_TEMPLATE
@@ -156,7 +160,9 @@ def test_missing_local_path_names_it(tmp_path: Path, name: str) -> None:
 
 def test_offline_hub_id_says_go_online(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match="Go online.*local model directory or a .gguf file"):
+    with pytest.raises(
+        ModelNotFoundError, match="HF_HUB_OFFLINE is set.*Go online.*local model directory or a .gguf file"
+    ):
         load_causal_lm("tunelab-tests/definitely-not-cached", device="cpu")
 
 
@@ -174,7 +180,11 @@ def test_gguf_export_loads_with_identical_logits_and_tokens(tiny_gguf: tuple[Pat
     torch.testing.assert_close(_logits(model, tokenizer), _logits(source, reference), atol=1e-5, rtol=0)
     assert tokenizer(TEXT)["input_ids"] == reference(TEXT)["input_ids"]
     assert tokenizer.apply_chat_template(CHAT) == reference.apply_chat_template(CHAT)
-    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|pad|>", "<|endoftext|>")
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == (
+        "<|im_end|>",
+        "<|pad|>",
+        "<|endoftext|>",
+    )
     assert getattr(model, "hf_quantizer", None) is None, "a GGUF-loaded model must be trainable and saveable"
 
 
@@ -206,14 +216,16 @@ def test_gguf_conversion_cache_is_reused(
     monkeypatch.setattr(load, "_convert_gguf", no_conversion)
     second, cached_tok = load_causal_lm(path, dtype="float32", device="cpu")
     assert Path(second.name_or_path) == entry
-    torch.testing.assert_close(_logits(second, cached_tok), _logits(source, build_tiny_tokenizer()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        _logits(second, cached_tok), _logits(source, build_tiny_tokenizer()), atol=1e-5, rtol=0
+    )
     assert cached_tok(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
     assert cached_tok.chat_template == tokenizer.chat_template
     assert load_tokenizer(path).chat_template == CHATML_TEMPLATE
 
 
 def _real_smollm2_gguf() -> Path | None:
-    home = Path(os.environ.get("TUNELAB_HOME") or "~/.cache/tunelab").expanduser()
+    home = tunelab_home()
     found = sorted(home.glob("**/SmolLM2-135M-Instruct*.gguf")) if home.is_dir() else []
     return found[0] if found else None
 
@@ -225,7 +237,9 @@ def test_real_smollm2_gguf_answers_sensibly() -> None:
         pytest.skip("SmolLM2-135M-Instruct GGUF not found under $TUNELAB_HOME")
     model, tokenizer = load_causal_lm(path, dtype="float32", device="cpu", cache=False)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

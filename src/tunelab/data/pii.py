@@ -48,7 +48,8 @@ _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
     r"|\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w])"
 )
-_DIGIT = re.compile(r"\d")
+_DIGIT_RUN = re.compile(r"\d[\d ().+/-]{5,}\d")
+_IBAN_HINT = re.compile(r"[A-Z]{2}\d\d")
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,14 @@ def _overlaps(span: tuple[int, int], taken: list[tuple[int, int]]) -> bool:
     return any(span[0] < e and s < span[1] for s, e in taken)
 
 
-def find_pii(text: str) -> list[PiiMatch]:
-    """All PII findings in ``text``, in order of position; checksums filter cards and IBANs."""
+def find_pii(text: str, hints: tuple[bool, bool, bool, bool] | None = None) -> list[PiiMatch]:
+    """All PII findings in ``text``, in order of position; checksums filter cards and IBANs.
+
+    ``hints`` (e-mail, IBAN, IPv6, digit-run possible) come from the vectorised prefilter in
+    :func:`scan`; without them they are computed here.
+    """
+    if hints is None:
+        hints = ("@" in text, _IBAN_HINT.search(text) is not None, text.count(":") >= 2, True)
     found: list[PiiMatch] = []
     taken: list[tuple[int, int]] = []
 
@@ -107,27 +114,30 @@ def find_pii(text: str) -> list[PiiMatch]:
             taken.append(m.span())
             found.append(PiiMatch(kind, m.start(), m.end(), mask(m.group(), kind)))
 
-    if "@" in text:
+    if hints[0]:
         for m in _EMAIL.finditer(text):
             add("email", m)
-    if ":" in text:
+    if hints[2]:
         for m in _IPV6.finditer(text):
             if m.group().count(":") >= 2 and _ipv6_ok(m.group()):
                 add("ip", m)
-    if _DIGIT.search(text) is None:
-        return sorted(found, key=lambda f: f.start)
-    for m in _IBAN.finditer(text):
-        if iban_ok(m.group()):
-            add("iban", m)
-    for m in _CARD.finditer(text):
-        digits = m.group().replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
-            add("credit_card", m)
-    for m in _IPV4.finditer(text):
-        add("ip", m)
-    for m in _PHONE.finditer(text):
-        if 7 <= sum(c.isdigit() for c in m.group()) <= 15:
-            add("phone", m)
+    if hints[1]:
+        for m in _IBAN.finditer(text):
+            if iban_ok(m.group()):
+                add("iban", m)
+    if hints[3]:
+        # One cheap pass finds digit runs; the precise patterns only look inside them.
+        for run in _DIGIT_RUN.finditer(text):
+            lo, hi = max(0, run.start() - 2), min(len(text), run.end() + 2)
+            for m in _CARD.finditer(text, lo, hi):
+                digits = m.group().replace(" ", "").replace("-", "")
+                if 13 <= len(digits) <= 19 and luhn_ok(digits):
+                    add("credit_card", m)
+            for m in _IPV4.finditer(text, lo, hi):
+                add("ip", m)
+            for m in _PHONE.finditer(text, lo, hi):
+                if 7 <= sum(c.isdigit() for c in m.group()) <= 15:
+                    add("phone", m)
     return sorted(found, key=lambda f: f.start)
 
 
@@ -150,34 +160,47 @@ def redact(text: str, kinds: tuple[str, ...] = PII_KINDS) -> str:
     return "".join(out)
 
 
-_DIGITISH = np.zeros(256, dtype=bool)
-_DIGITISH[[ord(c) for c in "0123456789 -.()+/"]] = True
+_UPPER = np.zeros(256, dtype=bool)
+_UPPER[65:91] = True
 _HEX = np.zeros(256, dtype=bool)
 _HEX[[ord(c) for c in "0123456789abcdefABCDEF:"]] = True
 
 
 def _block_flags(block: list[bytes]) -> np.ndarray:
-    """Rows of one block that could hold PII; a cheap byte-level superset of what the regexes find."""
+    """Per row of one block: could it hold (e-mail, IBAN, IPv6, digit-run) PII? A cheap superset of
+    what the regexes find, computed on the sparse positions of '@', ':' and digits only."""
     lens = np.fromiter((len(b) + 1 for b in block), dtype=np.int64, count=len(block))
-    u = np.frombuffer(b"\0".join(block) + b"\0", dtype=np.uint8)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    digit = (u >= 48) & (u <= 57)
-    upper = (u >= 65) & (u <= 90)
-    hit = u == 64  # '@'
-    hit[:-3] |= upper[:-3] & upper[1:-2] & digit[2:-1] & digit[3:]  # IBAN "GB82"
-    hexish = _HEX[u]
-    colon = u == 58
-    hit[1:-1] |= colon[1:-1] & hexish[:-2] & hexish[2:]  # IPv6 (needs two; the regex decides)
-    digitish = _DIGITISH[u]
-    run = np.cumsum(~digitish)
-    ndig = np.bincount(run[digit], minlength=run[-1] + 1)
-    ndot = np.bincount(run[u == 46], minlength=run[-1] + 1)
-    hit |= digitish & ((ndig[run] >= 7) | ((ndig[run] >= 4) & (ndot[run] >= 3)))
-    return np.logical_or.reduceat(hit, starts)
+    u = np.frombuffer(b"\0".join(block) + b"\0\0\0\0", dtype=np.uint8)
+    flags = np.zeros((len(block), 4), dtype=bool)
+
+    def mark(col: int, pos: np.ndarray) -> None:
+        if len(pos):
+            flags[np.searchsorted(starts, pos, side="right") - 1, col] = True
+
+    mark(0, np.flatnonzero(u == 64))
+    col = np.flatnonzero(u == 58)
+    col = col[col > 0]
+    mark(2, col[_HEX[u[col - 1]] & _HEX[u[col + 1]]])
+    d = np.flatnonzero((u >= 48) & (u <= 57))
+    if len(d) == 0:
+        return flags
+    q = d[d >= 3]
+    mark(1, q[_UPPER[u[q - 3]] & _UPPER[u[q - 2]] & (u[q - 1] >= 48) & (u[q - 1] <= 57)])
+    # Digit runs: digits at most 3 bytes apart ("(555) 123" has the widest gap of the patterns).
+    new_run = np.r_[True, np.diff(d) > 3]
+    run = np.cumsum(new_run) - 1
+    first = np.flatnonzero(new_run)
+    ndig = np.diff(np.append(first, len(d)))
+    run_lo, run_hi = d[first], d[np.append(first[1:], len(d)) - 1]
+    dots = np.flatnonzero(u == 46)
+    ndot = np.searchsorted(dots, run_hi) - np.searchsorted(dots, run_lo)
+    ok = (ndig >= 7) | ((ndig >= 4) & (ndot >= 3))
+    mark(3, run_lo[ok[run[first]]])
+    return flags
 
 
-def candidate_rows(texts: Sequence[str], block_bytes: int = 1 << 16) -> np.ndarray:
-    """Boolean mask of rows worth running :func:`find_pii` on (vectorised prefilter)."""
+def _hints(texts: Sequence[str], block_bytes: int = 1 << 16) -> np.ndarray:
     out, block, size = [], [], 0
     for t in texts:
         block.append(t.encode("utf-8", "surrogatepass"))
@@ -187,12 +210,18 @@ def candidate_rows(texts: Sequence[str], block_bytes: int = 1 << 16) -> np.ndarr
             block, size = [], 0
     if block:
         out.append(_block_flags(block))
-    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+    return np.concatenate(out) if out else np.zeros((0, 4), dtype=bool)
+
+
+def candidate_rows(texts: Sequence[str]) -> np.ndarray:
+    """Boolean mask of rows worth running :func:`find_pii` on (vectorised prefilter)."""
+    return _hints(texts).any(axis=1)
 
 
 def scan(texts: Sequence[str]) -> Iterator[tuple[int, list[PiiMatch]]]:
     """Yield ``(index, findings)`` for every text with at least one finding."""
-    for i in np.flatnonzero(candidate_rows(texts)):
-        found = find_pii(texts[i])
+    hints = _hints(texts)
+    for i in np.flatnonzero(hints.any(axis=1)):
+        found = find_pii(texts[i], tuple(hints[i].tolist()))
         if found:
             yield int(i), found

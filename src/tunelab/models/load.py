@@ -176,6 +176,10 @@ def load_causal_lm(
     if source == "local":
         _require_safetensors(location)
     kwargs = {"trust_remote_code": trust_remote_code, **_hub_kwargs(source)}
+    if kwargs.get("local_files_only"):
+        # transformers does not forward `local_files_only` to its PEFT adapter probe, which then
+        # retries the network for ~20 s before giving up.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     model = _from_pretrained(
         model_cls.from_pretrained, location, source, dtype=torch_dtype, use_safetensors=True, **kwargs
     )
@@ -251,15 +255,20 @@ def _from_pretrained(loader: Callable[..., Any], location: str | Path, source: S
     try:
         return loader(location, **kwargs)
     except OSError as err:
-        why = (
-            "HF_HUB_OFFLINE is set"
-            if _hub_offline()
-            else f"the Hub could not be reached or refused it ({err})"
-        )
-        raise ModelNotFoundError(
-            f"Could not load {location!r} from the Hugging Face Hub: {why}. Go online (unset HF_HUB_OFFLINE), "
-            "or pass a local model directory or a .gguf file instead."
-        ) from err
+        raise ModelNotFoundError(_hub_failure(location, err)) from err
+
+
+def _hub_failure(location: str | Path, err: OSError) -> str:
+    if _hub_offline():
+        why = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+        fix = "Go online (unset HF_HUB_OFFLINE)"
+    else:
+        why = f"it could not be fetched ({err})"
+        fix = "Check the id, or go online"
+    return (
+        f"Could not load {str(location)!r} from the Hugging Face Hub: {why}. "
+        f"{fix}, or pass a local model directory or a .gguf file instead."
+    )
 
 
 def _gguf_digest(path: Path) -> str:

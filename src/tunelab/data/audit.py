@@ -1,0 +1,611 @@
+"""Audit a training file (and its eval files) for the problems that silently spoil fine-tuning.
+
+The audit streams the file once, in chunks, keeping per row only a few numbers (hashes, lengths)
+and a MinHash signature (4 bytes x ``num_perm``); texts are dropped chunk by chunk, so memory is
+bounded by the signatures, not by the size of the text. The report is a plain JSON-able dict
+whose schema is documented in ``docs/data.md`` and versioned by ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from tunelab.data import neardup, pii
+from tunelab.data.formats import (
+    FormatError,
+    canonical_text,
+    detect_format,
+    prompt_text,
+    target_text,
+    to_canonical,
+)
+from tunelab.data.loaders import LoadReport, iter_records
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "audit",
+    "audit_records",
+    "blocking_problems",
+    "normalize_text",
+    "text_hash",
+    "count_tokens",
+    "byte_stats",
+]
+
+SCHEMA_VERSION = 1
+EXAMPLES = 5
+CHUNK = 8192
+SHORT_WORDS = 3  # a full example with fewer words than this is a "too short" outlier
+LONG_FACTOR = 10  # ... and one longer than this many times the median is "too long"
+
+Progress = Callable[[str, int], None]
+
+
+def normalize_text(text: str) -> str:
+    """Light normalisation for exact-duplicate checks: NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def text_hash(text: str) -> int:
+    """64-bit hash of the normalised text (signed, so it fits numpy int64)."""
+    digest = hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[[9, 10, 11, 12, 13, 32]] = True
+_CONTROL = np.zeros(256, dtype=bool)
+_CONTROL[[*range(0, 9), 11, 12, *range(14, 32), 127]] = True
+
+
+def byte_stats(texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per text, computed on UTF-8 bytes in numpy: ``words`` (whitespace-separated), ``control``
+    (C0/C1 control characters other than tab and newlines), ``mojibake`` (UTF-8 decoded as
+    Latin-1/cp1252, e.g. ``Ã©``, ``â€™``), ``replacement`` (U+FFFD) and ``non_ascii`` (share of bytes)."""
+    keys = ("words", "control", "mojibake", "replacement", "non_ascii")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for start in range(0, len(texts), 2048):
+        block = [t.encode("utf-8", "surrogatepass") for t in texts[start : start + 2048]]
+        lens = np.fromiter((len(b) + 1 for b in block), dtype=np.int64, count=len(block))
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        u = np.frombuffer(b"\n".join(block) + b"\n\0\0\0\0", dtype=np.uint8)
+        n = int(lens.sum())
+        ns = ~_SPACE[u[:n]]
+        word_start = ns.copy()
+        word_start[1:] &= ~ns[:-1]
+        out["words"].append(np.add.reduceat(word_start, starts, dtype=np.int64))
+        bad = _CONTROL[u[:n]]
+        bad |= (u[:n] == 0xC2) & (u[1 : n + 1] >= 0x80) & (u[1 : n + 1] <= 0x9F)  # C1 controls
+        out["control"].append(np.logical_or.reduceat(bad, starts))
+        moj = (
+            (u[:n] == 0xC3) & ((u[1 : n + 1] == 0x82) | (u[1 : n + 1] == 0x83)) & (u[2 : n + 2] == 0xC2)
+        )  # "Ã©"
+        moj |= (
+            (u[:n] == 0xC3) & (u[1 : n + 1] == 0xA2) & (u[2 : n + 2] == 0xE2) & (u[3 : n + 3] == 0x82)
+        )  # "â€"
+        out["mojibake"].append(np.logical_or.reduceat(moj, starts))
+        rep = (u[:n] == 0xEF) & (u[1 : n + 1] == 0xBF) & (u[2 : n + 2] == 0xBD)
+        out["replacement"].append(np.logical_or.reduceat(rep, starts))
+        hi = np.add.reduceat(u[:n] >= 0x80, starts, dtype=np.int64)
+        out["non_ascii"].append(hi / np.maximum(lens - 1, 1))
+    return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
+
+
+def count_tokens(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
+    """Token counts of ``texts`` without special tokens. ``tokenizer`` is a Hugging Face tokenizer
+    (batched, fast) or any callable mapping a string to a sequence of tokens."""
+    if hasattr(tokenizer, "batch_encode_plus") or hasattr(tokenizer, "backend_tokenizer"):
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(texts))
+    if hasattr(tokenizer, "encode") and not callable(tokenizer):
+        return np.fromiter((len(tokenizer.encode(t)) for t in texts), dtype=np.int64, count=len(texts))
+    return np.fromiter((len(tokenizer(t)) for t in texts), dtype=np.int64, count=len(texts))
+
+
+@dataclass
+class _Rows:
+    """Per-row numbers kept while streaming (texts are not kept)."""
+
+    row: list[np.ndarray] = field(default_factory=list)
+    hash: list[np.ndarray] = field(default_factory=list)
+    prompt_hash: list[np.ndarray] = field(default_factory=list)
+    sigs: list[np.ndarray] = field(default_factory=list)
+    empty_text: list[np.ndarray] = field(default_factory=list)
+
+    def arrays(self, num_perm: int) -> dict[str, np.ndarray]:
+        cat = {
+            "row": np.concatenate(self.row) if self.row else np.zeros(0, np.int64),
+            "hash": np.concatenate(self.hash) if self.hash else np.zeros(0, np.int64),
+            "prompt_hash": np.concatenate(self.prompt_hash) if self.prompt_hash else np.zeros(0, np.int64),
+            "empty_text": np.concatenate(self.empty_text) if self.empty_text else np.zeros(0, bool),
+        }
+        cat["sigs"] = np.concatenate(self.sigs) if self.sigs else np.zeros((0, num_perm), np.uint32)
+        return cat
+
+
+def _chunks(it: Iterable[tuple[int, dict]], size: int) -> Iterator[list[tuple[int, dict]]]:
+    it = iter(it)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _canonicalise(
+    chunk: list[tuple[int, dict]],
+    fmt: str,
+    columns: dict[str, str] | None,
+    errors: list[dict],
+    n_err: list[int],
+) -> tuple[list[int], list[dict]]:
+    rows, canon = [], []
+    for row, rec in chunk:
+        try:
+            canon.append(to_canonical(rec, fmt, columns))
+            rows.append(row)
+        except FormatError as e:
+            n_err[0] += 1
+            if len(errors) < EXAMPLES:
+                errors.append({"row": row, "error": str(e)})
+    return rows, canon
+
+
+@dataclass
+class _Settings:
+    fmt: str | None
+    columns: dict[str, str] | None
+    tokenizer: Any
+    max_length: int | None
+    near_threshold: float
+    num_perm: int
+    ngram: int
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _problem(v: Any) -> str | None:
+    if v is None:
+        return "missing"
+    if isinstance(v, (str, list, dict)) and not v:
+        return "empty"
+    if isinstance(v, str) and not v.strip():
+        return "whitespace"
+    return None
+
+
+class _TrainStats:
+    """Accumulates every per-file finding of the training file while it streams past."""
+
+    def __init__(self, s: _Settings):
+        self.s = s
+        self.kept = _Rows()
+        self.n = 0
+        self.fmt_errors: list[dict] = []
+        self.n_fmt_errors = [0]
+        self.col_counts: dict[str, Counter] = {}
+        self.col_examples: dict[str, list[int]] = {}
+        self.shapes: dict[tuple, int] = {}  # (column, type) signature -> id
+        self.shape_id: list[np.ndarray] = []
+        self.all_rows: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.words: list[np.ndarray] = []
+        self.hyg: dict[str, list[int]] = {k: [] for k in ("control", "mojibake", "replacement", "short")}
+        self.hyg_n: Counter = Counter()
+        self.pii_n: dict[str, Counter] = {k: Counter() for k in pii.PII_KINDS}
+        self.pii_rows: dict[str, list[int]] = {k: [] for k in pii.PII_KINDS}
+        self.pii_examples: dict[str, list[dict]] = {k: [] for k in pii.PII_KINDS}
+        self.labels: Counter = Counter()
+        self.found: dict[str, list[int]] = {k: [] for k in ("pref_equal", "empty_target", "over", "cut")}
+        self.found_n: Counter = Counter()
+
+    def _note(self, key: str, rows: list[int], idx: Iterable[int]) -> None:
+        idx = list(idx)
+        self.found_n[key] += len(idx)
+        ex = self.found[key]
+        ex += [rows[i] for i in idx[: max(0, EXAMPLES - len(ex))]]
+
+    def raw(self, chunk: list[tuple[int, dict]]) -> None:
+        """Completeness and schema bookkeeping on the raw records."""
+        ids = np.empty(len(chunk), dtype=np.int32)
+        for k, (row, rec) in enumerate(chunk):
+            shape = tuple(sorted((col, _kind(v)) for col, v in rec.items()))
+            ids[k] = self.shapes.setdefault(shape, len(self.shapes))
+            for col, v in rec.items():
+                problem = _problem(v)
+                if problem:
+                    self.col_counts.setdefault(col, Counter())[problem] += 1
+                    ex = self.col_examples.setdefault(col, [])
+                    if len(ex) < EXAMPLES:
+                        ex.append(row)
+        self.shape_id.append(ids)
+        self.all_rows.append(np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk)))
+
+    def canonical(self, rows: list[int], canon: list[dict], fmt: str) -> None:
+        texts = [canonical_text(c) for c in canon]
+        prompts = [prompt_text(c) for c in canon]
+        targets = [target_text(c) for c in canon]
+        self.kept.row.append(np.asarray(rows, dtype=np.int64))
+        self.kept.hash.append(np.fromiter((text_hash(t) for t in texts), dtype=np.int64, count=len(texts)))
+        self.kept.prompt_hash.append(
+            np.fromiter((text_hash(t) for t in prompts), dtype=np.int64, count=len(texts))
+        )
+        self.kept.empty_text.append(np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts)))
+        self.kept.sigs.append(neardup.minhash(texts, num_perm=self.s.num_perm, ngram=self.s.ngram))
+        self._lengths(rows, canon, prompts, targets, fmt, texts)
+        self._hygiene(rows, texts)
+        self._pii(rows, texts)
+        self._targets(rows, canon, targets, fmt)
+
+    def _measure(self, texts: Sequence[str]) -> np.ndarray:
+        if self.s.tokenizer is not None:
+            return count_tokens(self.s.tokenizer, texts)
+        return byte_stats(texts)["words"]
+
+    def _lengths(self, rows, canon, prompts, targets, fmt, texts) -> None:
+        if fmt in ("text", "classification"):
+            total = self._measure(texts)
+            prompt = np.zeros_like(total)
+        elif fmt == "preference":
+            prompt = self._measure(prompts)
+            chosen = self._measure(["\n".join(m["content"] for m in c["chosen"]) for c in canon])
+            rejected = self._measure(["\n".join(m["content"] for m in c["rejected"]) for c in canon])
+            total = prompt + np.maximum(chosen, rejected)
+        else:
+            prompt = self._measure(prompts)
+            total = prompt + self._measure([t or "" for t in targets])
+        self.lengths.append(total)
+        if self.s.max_length:
+            self._note("over", rows, np.flatnonzero(total > self.s.max_length))
+            if fmt not in ("text", "classification"):
+                # Truncation keeps the start: a prompt that fills the window leaves no response.
+                self._note("cut", rows, np.flatnonzero(prompt >= self.s.max_length))
+
+    def _hygiene(self, rows: list[int], texts: list[str]) -> None:
+        st = byte_stats(texts)
+        for key in ("control", "mojibake", "replacement"):
+            hits = np.flatnonzero(st[key])
+            self.hyg_n[key] += len(hits)
+            self.hyg[key] += [rows[i] for i in hits[: max(0, EXAMPLES - len(self.hyg[key]))]]
+        self.hyg_n["non_ascii"] += int((st["non_ascii"] > 0.5).sum())
+        short = np.flatnonzero(st["words"] < SHORT_WORDS)
+        self.hyg_n["short"] += len(short)
+        self.hyg["short"] += [rows[i] for i in short[: max(0, EXAMPLES - len(self.hyg["short"]))]]
+        self.words.append(st["words"])
+
+    def _pii(self, rows: list[int], texts: list[str]) -> None:
+        for i, found in pii.scan(texts):
+            kinds = Counter(f.kind for f in found)
+            for kind, n in kinds.items():
+                self.pii_n[kind]["occurrences"] += n
+                self.pii_n[kind]["rows"] += 1
+                self.pii_rows[kind].append(rows[i])
+            for f in found:
+                if len(self.pii_examples[f.kind]) < EXAMPLES:
+                    self.pii_examples[f.kind].append({"row": rows[i], "masked": f.masked})
+
+    def _targets(self, rows, canon, targets, fmt) -> None:
+        if fmt == "classification":
+            self.labels.update(c["label"] for c in canon)
+        if fmt == "preference":
+            same = [
+                k
+                for k, c in enumerate(canon)
+                if normalize_text(canonical_text({"messages": c["chosen"]}))
+                == normalize_text(canonical_text({"messages": c["rejected"]}))
+            ]
+            self._note("pref_equal", rows, same)
+        self._note(
+            "empty_target", rows, [k for k, t in enumerate(targets) if t is not None and not t.strip()]
+        )
+
+
+def _exact(arr: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """Keep-first representatives and the exact-duplicate section of the report."""
+    h = arr["hash"]
+    if len(h) == 0:
+        return np.zeros(0, np.int64), {"rows": 0, "clusters": 0, "examples": []}
+    _, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+    reps = np.sort(first)
+    groups = np.flatnonzero(counts > 1)
+    examples = []
+    for g in groups[np.argsort(first[groups])][:EXAMPLES]:
+        examples.append(arr["row"][np.flatnonzero(inverse == g)[:EXAMPLES]].tolist())
+    return reps, {"rows": int(len(h) - len(first)), "clusters": int(len(groups)), "examples": examples}
+
+
+def _near(arr: dict[str, np.ndarray], reps: np.ndarray, threshold: float) -> dict:
+    reps = reps[~arr["empty_text"][reps]]
+    res = neardup.near_duplicates(arr["sigs"][reps], threshold)
+    rows = arr["row"][reps]
+    order = np.argsort(-res.pair_sim, kind="stable")[:EXAMPLES]
+    return {
+        "threshold": threshold,
+        "rows": int(len(res.redundant_rows())),
+        "clusters": len(res.clusters()),
+        "pairs": int(len(res.pair_i)),
+        "examples": [
+            {
+                "rows": [int(rows[res.pair_i[k]]), int(rows[res.pair_j[k]])],
+                "similarity": round(float(res.pair_sim[k]), 3),
+            }
+            for k in order
+        ],
+    }
+
+
+def _leakage(
+    train: dict[str, np.ndarray], reps: np.ndarray, ev: dict[str, np.ndarray], threshold: float
+) -> dict:
+    exact = np.isin(ev["hash"], train["hash"])
+    prompt_exact = np.isin(ev["prompt_hash"], train["prompt_hash"]) & ~ev["empty_text"]
+    reps = reps[~train["empty_text"][reps]]
+    ev_ok = np.flatnonzero(~ev["empty_text"])
+    ti, ej, sim = neardup.cross_duplicates(train["sigs"][reps], ev["sigs"][ev_ok], threshold)
+    ej = ev_ok[ej]
+    near_rows = np.unique(ej[~exact[ej]])
+    examples = []
+    for k in np.flatnonzero(exact)[:EXAMPLES]:
+        t = int(train["row"][np.flatnonzero(train["hash"] == ev["hash"][k])[0]])
+        examples.append({"train_row": t, "eval_row": int(ev["row"][k]), "similarity": 1.0, "kind": "exact"})
+    for k in np.argsort(-sim, kind="stable"):
+        if len(examples) >= 2 * EXAMPLES:
+            break
+        if not exact[ej[k]]:
+            examples.append(
+                {
+                    "train_row": int(train["row"][reps[ti[k]]]),
+                    "eval_row": int(ev["row"][ej[k]]),
+                    "similarity": round(float(sim[k]), 3),
+                    "kind": "near",
+                }
+            )
+    return {
+        "eval_rows": int(len(ev["hash"])),
+        "exact": int(exact.sum()),
+        "near": int(len(near_rows)),
+        "prompt_exact": int(prompt_exact.sum()),
+        "examples": examples,
+    }
+
+
+def _summary(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {"count": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "count": int(len(values)),
+        "min": int(values.min()),
+        "mean": round(float(values.mean()), 2),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "max": int(values.max()),
+    }
+
+
+def _schema(st: _TrainStats) -> dict:
+    if not st.shapes:
+        return {"majority_keys": [], "majority_types": {}, "inconsistent_rows": 0, "examples": []}
+    ids = np.concatenate(st.shape_id)
+    rows = np.concatenate(st.all_rows)
+    counts = np.bincount(ids, minlength=len(st.shapes))
+    keysets: Counter = Counter()
+    types: dict[str, Counter] = {}
+    for shape, sid in st.shapes.items():
+        keysets[frozenset(c for c, _ in shape)] += int(counts[sid])
+        for col, t in shape:
+            if t != "null":
+                types.setdefault(col, Counter())[t] += int(counts[sid])
+    majority = keysets.most_common(1)[0][0]
+    major_type = {col: c.most_common(1)[0][0] for col, c in types.items()}
+    detail = {}
+    for shape, sid in st.shapes.items():
+        keys = {c for c, _ in shape}
+        d = {
+            "missing_keys": sorted(majority - keys),
+            "extra_keys": sorted(keys - majority),
+            "type_mismatch": sorted(c for c, t in shape if t != "null" and t != major_type[c]),
+        }
+        if any(d.values()):
+            detail[sid] = d
+    bad = np.flatnonzero(np.isin(ids, list(detail)))
+    return {
+        "majority_keys": sorted(majority),
+        "majority_types": {k: major_type.get(k, "null") for k in sorted(majority)},
+        "inconsistent_rows": int(len(bad)),
+        "examples": [{"row": int(rows[k]), **detail[int(ids[k])]} for k in bad[:EXAMPLES]],
+    }
+
+
+def _completeness(st: _TrainStats) -> dict:
+    if not st.shapes:
+        return {}
+    ids = np.concatenate(st.shape_id)
+    rows = np.concatenate(st.all_rows)
+    by_id = sorted(st.shapes.items(), key=lambda kv: kv[1])
+    columns = sorted({c for shape, _ in by_id for c, _ in shape})
+    out = {}
+    for col in columns:
+        has = np.array([any(c == col for c, _ in shape) for shape, _ in by_id])
+        absent = rows[~has[ids]]
+        c = st.col_counts.get(col, Counter())
+        examples = sorted(set(st.col_examples.get(col, [])) | set(absent[:EXAMPLES].tolist()))[:EXAMPLES]
+        out[col] = {
+            "missing": int(len(absent)) + c["missing"],
+            "empty": c["empty"],
+            "whitespace": c["whitespace"],
+            "examples": examples,
+        }
+    return out
+
+
+def audit_records(
+    records: Iterable[tuple[int, dict]],
+    *,
+    eval_sets: dict[str, Iterable[tuple[int, dict]]] | None = None,
+    fmt: str | None = None,
+    columns: dict[str, str] | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    near_threshold: float = 0.8,
+    num_perm: int = 128,
+    ngram: int = 3,
+    progress: Progress | None = None,
+    source: str = "<records>",
+) -> dict:
+    """Audit ``(row, record)`` pairs; ``eval_sets`` maps a name to its own pairs for leakage checks.
+
+    Returns the report dict described in ``docs/data.md``.
+    """
+    s = _Settings(fmt, columns, tokenizer, max_length, near_threshold, num_perm, ngram)
+    st = _TrainStats(s)
+    for chunk in _chunks(records, CHUNK):
+        if s.fmt is None:
+            s.fmt = detect_format(chunk[0][1], columns)
+        st.raw(chunk)
+        rows, canon = _canonicalise(chunk, s.fmt, columns, st.fmt_errors, st.n_fmt_errors)
+        if canon:
+            st.canonical(rows, canon, s.fmt)
+        st.n += len(chunk)
+        if progress:
+            progress("train", st.n)
+    fmt = s.fmt or (fmt or "text")
+    arr = st.kept.arrays(num_perm)
+    if progress:
+        progress("near-duplicates", st.n)
+    reps, exact = _exact(arr)
+    near = _near(arr, reps, near_threshold)
+    leakage = []
+    for name, recs in (eval_sets or {}).items():
+        ev = _Rows()
+        done = 0
+        for chunk in _chunks(recs, CHUNK):
+            rows, canon = _canonicalise(chunk, fmt, columns, [], [0])
+            texts = [canonical_text(c) for c in canon]
+            ev.row.append(np.asarray(rows, dtype=np.int64))
+            ev.hash.append(np.fromiter((text_hash(t) for t in texts), dtype=np.int64, count=len(texts)))
+            ev.prompt_hash.append(
+                np.fromiter((text_hash(prompt_text(c)) for c in canon), dtype=np.int64, count=len(texts))
+            )
+            ev.empty_text.append(np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts)))
+            ev.sigs.append(neardup.minhash(texts, num_perm=num_perm, ngram=ngram))
+            done += len(chunk)
+            if progress:
+                progress(f"eval {name}", done)
+        leakage.append({"eval_file": name, **_leakage(arr, reps, ev.arrays(num_perm), near_threshold)})
+    return _report(st, arr, fmt, source, exact, near, leakage)
+
+
+def _report(
+    st: _TrainStats, arr: dict, fmt: str, source: str, exact: dict, near: dict, leakage: list
+) -> dict:
+    s = st.s
+    lengths = np.concatenate(st.lengths) if st.lengths else np.zeros(0, np.int64)
+    words = np.concatenate(st.words) if st.words else np.zeros(0, np.int64)
+    long_limit = LONG_FACTOR * max(float(np.median(words)) if len(words) else 0.0, 1.0)
+    long_idx = np.flatnonzero(words > long_limit)
+    unit = "tokens" if s.tokenizer is not None else "words"
+    labels = None
+    if fmt == "classification":
+        counts = dict(sorted(st.labels.items(), key=lambda kv: (-kv[1], kv[0])))
+        vals = list(counts.values())
+        labels = {"counts": counts, "imbalance_ratio": round(max(vals) / min(vals), 3) if vals else None}
+    chat_like = fmt not in ("text", "classification")
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "file": source,
+        "format": fmt,
+        "rows": st.n,
+        "rows_rejected": 0,
+        "settings": {
+            "near_threshold": s.near_threshold,
+            "max_length": s.max_length,
+            "length_unit": unit,
+            "num_perm": s.num_perm,
+            "ngram": s.ngram,
+        },
+        "format_errors": {"rows": st.n_fmt_errors[0], "examples": st.fmt_errors},
+        "completeness": _completeness(st),
+        "schema": _schema(st),
+        "exact_duplicates": exact,
+        "near_duplicates": near,
+        "leakage": leakage,
+        "lengths": {
+            "unit": unit,
+            **_summary(lengths),
+            "over_max_length": st.found_n["over"] if s.max_length else None,
+            "over_examples": st.found["over"],
+            "response_cut_entirely": st.found_n["cut"] if s.max_length and chat_like else None,
+            "cut_examples": st.found["cut"],
+        },
+        "labels": labels,
+        "preference": {"chosen_equals_rejected": st.found_n["pref_equal"], "examples": st.found["pref_equal"]}
+        if fmt == "preference"
+        else None,
+        "empty_targets": {"rows": st.found_n["empty_target"], "examples": st.found["empty_target"]},
+        "hygiene": {
+            "control_chars": {"rows": st.hyg_n["control"], "examples": st.hyg["control"]},
+            "mojibake": {"rows": st.hyg_n["mojibake"], "examples": st.hyg["mojibake"]},
+            "replacement_char": {"rows": st.hyg_n["replacement"], "examples": st.hyg["replacement"]},
+            "too_short": {"rows": st.hyg_n["short"], "min_words": SHORT_WORDS, "examples": st.hyg["short"]},
+            "too_long": {
+                "rows": int(len(long_idx)),
+                "max_words": long_limit,
+                "examples": arr["row"][long_idx[:EXAMPLES]].tolist(),
+            },
+            "mostly_non_ascii": {"rows": st.hyg_n["non_ascii"]},
+        },
+        "pii": {
+            kind: {
+                "occurrences": st.pii_n[kind]["occurrences"],
+                "rows": st.pii_n[kind]["rows"],
+                "row_numbers": st.pii_rows[kind][:100],
+                "examples": st.pii_examples[kind],
+            }
+            for kind in pii.PII_KINDS
+        },
+    }
+    report["blocking"] = blocking_problems(report)
+    return report
+
+
+def audit(
+    path: str | os.PathLike,
+    *,
+    eval_paths: Sequence[str | os.PathLike] = (),
+    skip_bad: bool = False,
+    **kw: Any,
+) -> dict:
+    """Audit a data file and optional eval/test files; keyword arguments as for :func:`audit_records`."""
+    load = LoadReport()
+    evals = {str(p): iter_records(p, skip_bad=skip_bad) for p in eval_paths}
+    report = audit_records(
+        iter_records(path, skip_bad=skip_bad, report=load), eval_sets=evals, source=str(path), **kw
+    )
+    report["rows_rejected"] = load.rows_rejected
+    return report
+
+
+def blocking_problems(report: dict) -> list[str]:
+    """Problems that should stop a run (``--strict``): leakage into eval files, empty targets,
+    rows that do not fit the format."""
+    problems = []
+    for lk in report.get("leakage", []):
+        if lk["exact"]:
+            problems.append(f"{lk['exact']} rows of {lk['eval_file']} also appear in the training file")
+        if lk["near"]:
+            problems.append(f"{lk['near']} rows of {lk['eval_file']} are near-duplicates of training rows")
+    if report["empty_targets"]["rows"]:
+        problems.append(f"{report['empty_targets']['rows']} rows have an empty target")
+    if report["format_errors"]["rows"]:
+        problems.append(f"{report['format_errors']['rows']} rows do not fit the {report['format']} format")
+    return problems

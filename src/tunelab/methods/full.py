@@ -1,0 +1,24 @@
+"""Full fine-tuning: every parameter learns."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from tunelab.methods.base import METHODS, MethodConfig, Prepared, decay_groups
+
+
+class FullConfig(MethodConfig):
+    name: Literal["full"] = "full"
+    freeze_embeddings: bool = False
+    """Keep input embeddings fixed; saves optimizer memory on large vocabularies."""
+
+
+@METHODS.register("full", FullConfig)
+def apply_full(model: nn.Module, cfg: FullConfig, *, weight_decay: float) -> Prepared:
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return Prepared(model=model, param_groups=decay_groups(model, weight_decay))

@@ -1,0 +1,79 @@
+"""Supervised fine-tuning: causal language modelling, loss on completions only by default."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_text
+from tunelab.objectives.base import OBJECTIVES, Dropped, LossOutput, ObjectiveConfig
+from tunelab.objectives.losses import causal_lm_loss_sum
+
+
+class SftConfig(ObjectiveConfig):
+    name: Literal["sft"] = "sft"
+    completion_only: bool = True
+    """Loss only on assistant tokens (prompt tokens masked). Off = loss on the whole rendered text."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """For multi-turn chats: learn every assistant turn, or only the last one."""
+
+
+class SftObjective:
+    model_kind = "causal_lm"
+
+    def __init__(self, cfg: SftConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.max_length = getattr(data_cfg, "max_length", None)
+
+    def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
+        if "messages" in example:
+            enc = encode_chat(
+                self.tokenizer,
+                example["messages"],
+                max_length=self.max_length,
+                train_on=self.config.train_on,
+                completion_only=self.config.completion_only,
+            )
+        elif "text" in example and "label" not in example:
+            enc = encode_text(self.tokenizer, example["text"], max_length=self.max_length)
+        else:
+            return Dropped(row, f"sft needs text, instruction or chat data; got fields {sorted(example)}")
+        if enc.n_loss_tokens == 0:
+            return Dropped(
+                row, f"no loss tokens left after truncation to max_length={self.max_length} (had {enc.full_length})"
+            )
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_causal_batch(features, self.tokenizer.pad_token_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        loss_sum, count = causal_lm_loss_sum(out.logits, batch["labels"])
+        return LossOutput(loss_sum, count, {})
+
+
+def pad_causal_batch(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ids and labels to the longest example; padding never carries loss."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@OBJECTIVES.register("sft", SftConfig)
+def make_sft(cfg: SftConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> SftObjective:
+    return SftObjective(cfg, tokenizer, data_cfg)

@@ -1,0 +1,261 @@
+"""The run recipe: one YAML file, validated strictly, all errors reported at once.
+
+Sections: model, data, method, objective, training, eval, output. Unknown keys are errors with a
+"did you mean" hint (a typo silently ignored is a run silently wrong). ``method`` and
+``objective`` are discriminated by ``name``; their fields come from whatever is registered, so a
+new method adds its config class and nothing here changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.methods import METHODS
+from tunelab.objectives import OBJECTIVES
+from tunelab.registry import did_you_mean
+
+# Keys that were renamed: the loader says so forever instead of calling the old one unknown.
+RENAMED: dict[str, str] = {
+    "training.lr": "training.learning_rate",
+    "training.gradient_accumulation_steps": "training.grad_accum",
+    "training.per_device_batch_size": "training.batch_size",
+    "method.lora_alpha": "method.alpha",
+    "method.lora_dropout": "method.dropout",
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(description="hub id, local HF directory, .gguf file, or tiny:llama")
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class DataSection(Section):
+    train: str
+    eval: str | None = None
+    format: Literal["auto", "text", "instruction", "chat", "preference", "classification"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    template: str | None = None
+    max_length: int = Field(1024, ge=8)
+    skip_bad: bool = False
+    strict: bool = False
+
+
+class EarlyStopping(Section):
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainingSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="optimizer steps between evals; default once per epoch")
+    save_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints; default = eval_every")
+    keep_checkpoints: int = Field(2, ge=1)
+    early_stopping: EarlyStopping | None = None
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingSection:
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("give warmup_ratio or warmup_steps, not both. Choose one.")
+        return self
+
+
+class EvalSection(Section):
+    labels: list[str] | None = Field(None, description="answer set for label accuracy; inferred when small")
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    before: bool = Field(False, description="also evaluate the base model before training")
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    name: str | None = None
+
+
+def _tagged_union(registry: Any) -> Any:
+    classes = tuple(registry.config_classes())
+    return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007 - dynamic union
+
+
+class Recipe(Section):
+    seed: int = 0
+    model: ModelSection
+    data: DataSection
+    method: _tagged_union(METHODS)  # type: ignore[valid-type]
+    objective: _tagged_union(OBJECTIVES) = Field(default_factory=lambda: {"name": "sft"})  # type: ignore[valid-type]
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain dict with every default filled in, as written to the run directory."""
+        return self.model_dump(mode="json")
+
+
+class RecipeError(ValueError):
+    """Every problem of a recipe, each line naming the field path and the fix."""
+
+    def __init__(self, problems: list[str], source: str = "recipe") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``path`` (for "did you mean" on unknown keys)."""
+    model: type[BaseModel] | None = Recipe
+    for part in path:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            if model is Recipe or not isinstance(part, str):
+                return None
+            continue  # a union tag such as "lora" in ("method", "lora", "rank")
+        annotation = field.annotation
+        model = _first_model(annotation)
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _union_member(section: str, raw: dict[str, Any]) -> type[BaseModel] | None:
+    registry = {"method": METHODS, "objective": OBJECTIVES}.get(section)
+    name = raw.get(section, {}).get("name") if isinstance(raw.get(section), dict) else None
+    if registry is None or name not in registry:
+        return None
+    return registry.get(name).config_cls
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in METHODS or p in OBJECTIVES)]
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        if path in RENAMED:
+            return f"{path}: was renamed to '{RENAMED[path]}'"
+        owner = _union_member(str(loc[0]), raw) if len(loc) == 2 else None
+        owner = owner or _model_at(tuple(loc[:-1]))
+        hint = did_you_mean(key, list(owner.model_fields)) if owner else ""
+        return f"{path}: unknown key.{hint}".rstrip(".") if hint else f"{path}: unknown key"
+    if kind == "union_tag_invalid":
+        registry = METHODS if loc and loc[0] == "method" else OBJECTIVES
+        tag = err.get("input", {}).get("name") if isinstance(err.get("input"), dict) else None
+        hint = did_you_mean(str(tag), registry.names()) if tag else ""
+        return f"{path}.name: unknown {registry.kind} {tag!r}.{hint} Known: {', '.join(registry.names())}"
+    if kind == "union_tag_not_found":
+        return f"{path}.name: missing; say which one, e.g. name: {registry_hint(loc)}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    return f"{path}: {err['msg']}"
+
+
+def registry_hint(loc: list[Any]) -> str:
+    registry = METHODS if loc and loc[0] == "method" else OBJECTIVES
+    return " | ".join(registry.names())
+
+
+def set_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in assignment:
+        raise RecipeError([f"--set {assignment!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4"])
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError([f"--set {key}: '{part}' is not a section"])
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    """Validate a raw mapping; raises :class:`RecipeError` listing every problem at once."""
+    if not isinstance(raw, dict):
+        raise RecipeError([f"expected a mapping of sections, got {type(raw).__name__}"], source)
+    for assignment in overrides or []:
+        set_override(raw, assignment)
+    problems = _renamed_problems(raw)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems += [_describe(e, raw) for e in err.errors()]
+        raise RecipeError(sorted(set(problems), key=problems.index), source) from None
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def _renamed_problems(raw: dict[str, Any]) -> list[str]:
+    found = []
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            found.append(f"{old}: was renamed to '{new}'")
+            raw[section].pop(key)  # reported above; do not also report it as unknown
+    return found
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe; relative data paths are resolved against the recipe's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError([f"file not found: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError([f"not valid YAML: {err}"], str(path)) from None
+    recipe = parse_recipe(raw, source=str(path), overrides=overrides)
+    if recipe.output.name is None:
+        recipe.output.name = path.stem
+    _resolve_relative_paths(recipe, path.parent)
+    return recipe
+
+
+def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
+    """Data files next to the recipe are found wherever the command runs from."""
+    for attr in ("train", "eval"):
+        value = getattr(recipe.data, attr)
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            setattr(recipe.data, attr, str((base / value).resolve()))
+    spec = recipe.model.name_or_path
+    if not Path(spec).is_absolute() and (base / spec).exists():
+        recipe.model.name_or_path = str((base / spec).resolve())
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)
