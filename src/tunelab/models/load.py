@@ -344,3 +344,23 @@ def _convert_gguf(gguf: Path, out: Path, digest: str) -> bool:
     info = {"source": str(gguf.resolve()), "sha256": digest, "transformers": transformers.__version__}
     (out / _CONVERSION_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return True
+
+
+TINY_PREFIX = "tiny:"
+
+
+def load_model(
+    spec: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Like :func:`load_causal_lm`, plus ``tiny:llama`` — a 2-layer random model built from config.
+
+    The tiny spec lets example recipes and tests run anywhere in seconds with nothing downloaded.
+    """
+    if spec.startswith(TINY_PREFIX):
+        from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+        if spec != "tiny:llama":
+            raise ModelNotFoundError(f"unknown tiny model {spec!r}; the built-in one is 'tiny:llama'")
+        tokenizer = build_tiny_tokenizer()
+        return _finish(build_tiny_llama(tokenizer, seed=seed), tokenizer, resolve_device(device))
+    return load_causal_lm(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

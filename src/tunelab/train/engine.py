@@ -1,0 +1,392 @@
+"""The training engine: one readable loop that runs any method × objective pair on accelerate.
+
+Order of a run: run directory → model and tokenizer → data (encoded by the objective) → method
+(which parameters learn) → optimizer and schedule → loop (accumulate, clip, step, log, evaluate,
+early-stop, checkpoint) → final model. A killed run resumes from its last complete checkpoint and
+continues with exactly the same batches, learning rates and random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import get_scheduler
+
+from tunelab.data.templates import select_template
+from tunelab.methods import METHODS, count_parameters
+from tunelab.models.load import load_model
+from tunelab.objectives import OBJECTIVES
+from tunelab.recipe import Recipe, parse_recipe
+from tunelab.runs.atomic import atomic_directory, atomic_write_json
+from tunelab.runs.manifest import build_manifest
+from tunelab.runs.rundir import RunDir
+from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.train.data import PreparedSplit, prepare_split
+
+FINAL_META = "tunelab.json"
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights/optimizer/RNG needed to continue a run exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float]
+    final_eval: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+    data_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """bf16 where the GPU has it, fp16 on older GPUs, none on CPU (fp32 is exact and CPUs gain little)."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def micro_batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Deterministic shuffled micro-batches of one epoch (a pure function of seed and epoch, so resume
+    can recompute the order instead of storing it)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def micro_batches_for_step(step: int, n_examples: int, cfg: Any, seed: int) -> Iterator[list[int]]:
+    """The micro-batches (index lists) optimizer step ``step`` consumes, in a flat stream over epochs."""
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+        epoch, within = divmod(k, per_epoch)
+        yield micro_batch_order(n_examples, cfg.batch_size, seed, epoch)[within]
+
+
+def total_steps(n_examples: int, cfg: Any) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def warmup_steps(cfg: Any, steps: int) -> int:
+    """Explicit steps, else a ratio; with neither, 3% of the run (a short warmup protects fresh adapters)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    ratio = 0.03 if cfg.warmup_ratio is None else cfg.warmup_ratio
+    return int(round(ratio * steps))
+
+
+def eval_interval(cfg: Any, n_examples: int) -> int:
+    if cfg.eval_every is not None:
+        return cfg.eval_every
+    return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, objective: Any, features: list[dict[str, Any]], batch_size: int, device: Any) -> dict[str, float]:
+    """Token-weighted loss and perplexity over ``features`` (the objective's own loss)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, units = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in objective.collate(features[start : start + batch_size]).items()}
+        out = objective.loss(model, batch)
+        loss_sum += float(out.loss_sum)
+        units += int(out.n_units)
+    model.train(was_training)
+    loss = loss_sum / max(units, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`fit` is the loop."""
+
+    def __init__(self, recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
+        self.recipe = recipe
+        self.run = run
+        self.console = console or Console(stderr=True)
+        set_seed(recipe.seed)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
+            cpu=recipe.model.device == "cpu",
+        )
+        model, self.tokenizer = load_model(
+            recipe.model.name_or_path,
+            dtype=recipe.model.dtype,
+            device=str(self.accelerator.device) if recipe.model.device == "auto" else recipe.model.device,
+            trust_remote_code=recipe.model.trust_remote_code,
+            seed=recipe.seed,
+        )
+        for note in select_template(self.tokenizer, recipe.data.template):
+            self.console.print(f"[yellow]warning:[/] {note}")
+        objective_entry = OBJECTIVES.get(recipe.objective.name)
+        self.objective = objective_entry.impl(recipe.objective, self.tokenizer, recipe.data)
+        self.train_split, self.eval_split = self._prepare_data()
+        prepared = METHODS.get(recipe.method.name).impl(model, recipe.method, weight_decay=recipe.training.weight_decay)
+        self.is_adapter = prepared.is_adapter
+        if recipe.training.gradient_checkpointing:
+            prepared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(prepared.model, "enable_input_require_grads"):
+                prepared.model.enable_input_require_grads()
+        self.trainable, self.total_params = count_parameters(prepared.model)
+        optimizer = torch.optim.AdamW(prepared.param_groups, lr=recipe.training.learning_rate)
+        self.steps = total_steps(len(self.train_split.features), recipe.training)
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if recipe.training.lr_scheduler == "constant" else recipe.training.lr_scheduler,
+            optimizer,
+            num_warmup_steps=warmup_steps(recipe.training, self.steps),
+            num_training_steps=self.steps,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(prepared.model, optimizer)
+        self.state = LoopState()
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+
+    def _prepare_data(self) -> tuple[PreparedSplit, PreparedSplit | None]:
+        data = self.recipe.data
+        train = prepare_split(
+            data.train, self.objective, data,
+            dropped_path=self.run.path / "dropped.jsonl", rejects_path=self.run.path / "rejects.jsonl",
+        )
+        evaluation = None
+        if data.eval:
+            evaluation = prepare_split(
+                data.eval, self.objective, data,
+                dropped_path=self.run.path / "dropped.jsonl", rejects_path=self.run.path / "rejects.jsonl",
+            )
+        for split in filter(None, (train, evaluation)):
+            if split.dropped or split.rows_rejected:
+                self.console.print(
+                    f"[yellow]note:[/] {split.path}: {len(split.dropped)} example(s) dropped and "
+                    f"{split.rows_rejected} malformed row(s) rejected; reasons in {self.run.path}/dropped.jsonl "
+                    "and rejects.jsonl"
+                )
+            if split.truncated:
+                self.console.print(
+                    f"[yellow]note:[/] {split.path}: {split.truncated} example(s) truncated to "
+                    f"data.max_length={data.max_length}"
+                )
+        return train, evaluation
+
+    def resume_from(self, checkpoint: Path) -> None:
+        loop = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        self.state = LoopState(**loop)
+        self.run.truncate_metrics_after(self.state.step)
+        self.console.print(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}")
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        features = [self.train_split.features[i] for i in indices]
+        return {k: v.to(self.accelerator.device) for k, v in self.objective.collate(features).items()}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches, normalised by their total loss units."""
+        cfg = self.recipe.training
+        batches = [
+            self._batch(ix)
+            for ix in micro_batches_for_step(self.state.step, len(self.train_split.features), cfg, self.recipe.seed)
+        ]
+        units = max(sum(self.objective.units(b) for b in batches), 1)
+        loss_total = 0.0
+        tokens = 0
+        for batch in batches:
+            with self.accelerator.autocast():
+                out = self.objective.loss(self.model, batch)
+            self.accelerator.backward(out.loss_sum / units)
+            loss_total += float(out.loss_sum.detach())
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        row = {"step": self.state.step, "loss": loss_total / units, "lr": lr, "tokens": tokens}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        return row
+
+    def maybe_evaluate(self, final: bool = False) -> dict[str, float] | None:
+        if self.eval_split is None:
+            return None
+        if self.last_eval is not None and self.last_eval[0] == self.state.step:
+            return self.last_eval[1]
+        every = eval_interval(self.recipe.training, len(self.train_split.features))
+        if not final and self.state.step % every:
+            return None
+        metrics = evaluate_loss(
+            self.model, self.objective, self.eval_split.features, self.recipe.eval.batch_size, self.accelerator.device
+        )
+        self.run.log_metrics({"step": self.state.step, **metrics})
+        self.last_eval = (self.state.step, metrics)
+        self._update_early_stopping(metrics)
+        return metrics
+
+    def _update_early_stopping(self, metrics: dict[str, float]) -> None:
+        rule = self.recipe.training.early_stopping
+        if rule is None:
+            return
+        if rule.metric not in metrics:
+            raise KeyError(f"training.early_stopping.metric: {rule.metric!r} is not computed; use one of {sorted(metrics)}")
+        value = metrics[rule.metric]
+        if improved(value, self.state.best_metric, rule.mode, rule.min_delta):
+            self.state.best_metric, self.state.best_step = value, self.state.step
+            self.state.evals_without_improvement = 0
+        else:
+            self.state.evals_without_improvement += 1
+            self.state.stopped_early = self.state.evals_without_improvement >= rule.patience
+
+    def maybe_checkpoint(self, force: bool = False) -> None:
+        cfg = self.recipe.training
+        every = cfg.save_every or eval_interval(cfg, len(self.train_split.features))
+        if not force and self.state.step % every:
+            return
+        if self.run.checkpoint_dir(self.state.step).exists():
+            return
+        with self.run.writing_checkpoint(self.state.step) as tmp:
+            save_checkpoint(
+                tmp, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, vars(self.state)
+            )
+        self.run.prune_checkpoints(cfg.keep_checkpoints)
+
+    def fit(self) -> list[float]:
+        """The loop. Returns the per-step training losses of this process (resumed steps excluded)."""
+        losses: list[float] = []
+        self.model.train()
+        started = time.perf_counter()
+        tokens_at_start = self.state.tokens_seen
+        with _progress(self.console) as progress:
+            task = progress.add_task("train", total=self.steps, completed=self.state.step, info="")
+            while self.state.step < self.steps and not self.state.stopped_early:
+                row = self.train_step()
+                losses.append(row["loss"])
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                row["tokens_per_s"] = (self.state.tokens_seen - tokens_at_start) / elapsed
+                if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
+                    self.run.log_metrics(row)
+                evaluation = self.maybe_evaluate()
+                self.maybe_checkpoint()
+                info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+                if evaluation:
+                    info += f"  eval_loss {evaluation['eval_loss']:.4f}"
+                progress.update(task, completed=self.state.step, info=info)
+        if self.state.stopped_early:
+            self.console.print(
+                f"early stop at step {self.state.step}: no {self.recipe.training.early_stopping.metric} "
+                f"improvement for {self.recipe.training.early_stopping.patience} evaluations "
+                f"(best {self.state.best_metric:.4f} at step {self.state.best_step})"
+            )
+        return losses
+
+    def save_final(self) -> Path:
+        """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
+        model = self.accelerator.unwrap_model(self.model)
+        with atomic_directory(self.run.final_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(
+                tmp / FINAL_META,
+                {
+                    "base_model": self.recipe.model.name_or_path,
+                    "is_adapter": self.is_adapter,
+                    "method": self.recipe.method.name,
+                    "objective": self.recipe.objective.name,
+                    "model_kind": self.objective.model_kind,
+                    "step": self.state.step,
+                },
+            )
+        return self.run.final_dir
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Start a new run from a recipe (fails if the run exists, unless ``overwrite``)."""
+    run = RunDir.create(recipe.output.dir, recipe.output.name or "run", overwrite=overwrite)
+    run.write_recipe(recipe.resolved())
+    return _execute(recipe, run, console=console, resume=False)
+
+
+def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResult:
+    """Continue a run from its last complete checkpoint, with the recipe it was started with."""
+    path = Path(run_path)
+    run = RunDir.create(path.parent, path.name, resume=True)
+    recipe = parse_recipe(run.read_recipe(), source=str(run.recipe_path))
+    return _execute(recipe, run, console=console, resume=True)
+
+
+def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool) -> TrainResult:
+    data_files = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p and Path(p).exists()]
+    if not resume or not run.manifest_path.exists():
+        run.write_manifest(build_manifest(recipe=recipe.resolved(), data_files=data_files, seed=recipe.seed,
+                                          run_name=run.name))
+    run.set_status("running")
+    try:
+        trainer = Trainer(recipe, run, console)
+        checkpoint = run.latest_checkpoint() if resume else None
+        if checkpoint is not None:
+            trainer.resume_from(checkpoint)
+        trainer.console.print(
+            f"run [bold]{run.path}[/]: {trainer.trainable:,} of {trainer.total_params:,} parameters train "
+            f"({100 * trainer.trainable / max(trainer.total_params, 1):.2f}%), {trainer.steps} steps"
+        )
+        losses = trainer.fit()
+        final_eval = trainer.maybe_evaluate(final=True) or {}
+        trainer.maybe_checkpoint(force=True)
+        trainer.save_final()
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
+    except BaseException as err:
+        run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
+        raise
+    summary = {"train": trainer.train_split.summary()}
+    if trainer.eval_split is not None:
+        summary["eval"] = trainer.eval_split.summary()
+    run.set_status("completed", steps=trainer.state.step, data=summary, final_eval=final_eval,
+                   stopped_early=trainer.state.stopped_early)
+    return TrainResult(run.path, trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)
