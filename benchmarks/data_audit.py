@@ -28,7 +28,9 @@ import numpy as np
 
 def generate(path: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "pu", "ra", "so", "ti", "vu", "ze") for b in range(3000)]
+    vocab = [
+        f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "pu", "ra", "so", "ti", "vu", "ze") for b in range(3000)
+    ]
     ranks = np.arange(1, len(vocab) + 1)
     p = 1 / ranks**1.05
     p /= p.sum()
@@ -136,7 +138,10 @@ def child(mode: str, path: str, n: int) -> None:
 
 def measure(mode: str, path: Path, n: int = 0) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, str(path), str(n)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child", mode, str(path), str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -157,7 +162,9 @@ def main() -> None:
             files[n] = Path(tmp) / f"rows{n}.jsonl"
             t = time.perf_counter()
             generate(files[n], n)
-            console.print(f"generated {n:,} rows ({files[n].stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s")
+            console.print(
+                f"generated {n:,} rows ({files[n].stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s"
+            )
         audit_t = Table(title="tunelab data audit (full audit incl. JSONL parsing, 1 process)")
         for col in ("rows", "seconds", "rows/s", "peak RSS MB", "exact dup rows", "near dup rows"):
             audit_t.add_column(col, justify="right")
@@ -175,7 +182,12 @@ def main() -> None:
             )
         n, r = last
         audit_t.add_row(
-            "1,000,000 (extrapolated)", f"{r['seconds'] * 1e6 / n:.0f}", f"{n / r['seconds']:,.0f}", "-", "-", "-"
+            "1,000,000 (extrapolated)",
+            f"{r['seconds'] * 1e6 / n:.0f}",
+            f"{n / r['seconds']:,.0f}",
+            "-",
+            "-",
+            "-",
         )
         console.print(audit_t)
 
@@ -183,7 +195,10 @@ def main() -> None:
         for col in ("implementation", "rows", "seconds", "rows/s", "pairs found", "peak RSS MB"):
             peer_t.add_column(col, justify="right")
         small = files[sizes[0]]
-        for name, mode in (("tunelab numpy MinHash+LSH", "ours_near"), ("datasketch MinHashLSH", "peer_near")):
+        for name, mode in (
+            ("tunelab numpy MinHash+LSH", "ours_near"),
+            ("datasketch MinHashLSH", "peer_near"),
+        ):
             try:
                 r = measure(mode, small, args.peer_rows)
             except subprocess.CalledProcessError as e:

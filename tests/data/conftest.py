@@ -23,7 +23,10 @@ def write_jsonl(path, rows):
 
 def clean_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"instruction": sentence(rng, 12), "input": sentence(rng, 6), "output": sentence(rng, 20)} for _ in range(n)]
+    return [
+        {"instruction": sentence(rng, 12), "input": sentence(rng, 6), "output": sentence(rng, 20)}
+        for _ in range(n)
+    ]
 
 
 def planted_train() -> list[dict]:

@@ -385,9 +385,9 @@ def _summary(values: np.ndarray) -> dict:
         "count": int(len(values)),
         "min": int(values.min()),
         "mean": round(float(values.mean()), 2),
-        "p50": float(p50),
-        "p90": float(p90),
-        "p99": float(p99),
+        "p50": round(float(p50), 1),
+        "p90": round(float(p90), 1),
+        "p99": round(float(p99), 1),
         "max": int(values.max()),
     }
 

@@ -23,6 +23,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.assets import asset_path, tunelab_home
+
 Source = Literal["gguf", "local", "hub"]
 
 _DTYPES = {
@@ -121,11 +123,6 @@ def _looks_like_path(text: str) -> bool:
     if len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists()):
         return True
     return _HUB_ID.fullmatch(text) is None
-
-
-def tunelab_home() -> Path:
-    """Where tunelab keeps caches and assets: `$TUNELAB_HOME`, default `~/.cache/tunelab`."""
-    return Path(os.environ.get("TUNELAB_HOME") or "~/.cache/tunelab").expanduser()
 
 
 def load_tokenizer(
@@ -347,15 +344,20 @@ def _convert_gguf(gguf: Path, out: Path, digest: str) -> bool:
 
 
 TINY_PREFIX = "tiny:"
+ASSET_PREFIX = "asset:"
 
 
 def load_model(
     spec: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Like :func:`load_causal_lm`, plus ``tiny:llama`` — a 2-layer random model built from config.
+    """Like :func:`load_causal_lm`, plus two tunelab specs.
 
-    The tiny spec lets example recipes and tests run anywhere in seconds with nothing downloaded.
+    ``tiny:llama`` is a 2-layer random model built from config: example recipes and tests run
+    anywhere in seconds with nothing downloaded. ``asset:NAME`` is an embedded default asset
+    (e.g. ``asset:smollm2-135m-instruct``) fetched by ``tunelab assets fetch``.
     """
+    if spec.startswith(ASSET_PREFIX):
+        spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
     if spec.startswith(TINY_PREFIX):
         from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 

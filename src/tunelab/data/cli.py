@@ -1,0 +1,349 @@
+"""`tunelab data ...`: audit, clean and split data files (each a thin shell over one function)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tunelab.data.formats import FORMATS, FormatError
+from tunelab.data.loaders import DataError
+
+app = typer.Typer(
+    help="Audit, clean and split fine-tuning data: duplicates, leakage, lengths, PII, formats.",
+    no_args_is_help=True,
+)
+out = Console()
+err = Console(stderr=True)
+
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--columns", help="Column renames, canonical=source, e.g. instruction=question,output=answer."
+    ),
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help=f"Data format ({', '.join(FORMATS)}); default: detect.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report to stdout.")]
+
+
+def _columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise typer.BadParameter(
+            "use canonical=source pairs, e.g. instruction=question", param_hint="--columns"
+        )
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _tokenizer(model: str | None) -> Any:
+    if model is None:
+        return None
+    from tunelab.models.load import load_tokenizer  # heavy import, only when asked for
+
+    return load_tokenizer(model)
+
+
+@contextmanager
+def _errors():
+    try:
+        yield
+    except (DataError, FormatError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True
+    ) as bar:
+        task = bar.add_task("reading", total=None)
+
+        def update(stage: str, rows: int) -> None:
+            bar.update(task, description=f"{stage}: {rows:,} rows")
+
+        yield update
+
+
+def _ex(rows: list) -> str:
+    return ", ".join(str(r) for r in rows[:5])
+
+
+def render_audit(report: dict, console: Console = out) -> None:
+    """Print an audit report as rich tables."""
+    console.print(
+        f"[bold]{report['file']}[/bold]: {report['rows']:,} rows, format [cyan]{report['format']}[/cyan]"
+        + (f", {report['rows_rejected']} unreadable rows skipped" if report["rows_rejected"] else "")
+    )
+    t = Table(title="Audit", show_lines=False)
+    t.add_column("check")
+    t.add_column("found", justify="right")
+    t.add_column("example rows / detail")
+
+    def add(name: str, n: Any, detail: str = "", bad: bool = False) -> None:
+        style = "red" if bad and n else ("yellow" if n else "green")
+        t.add_row(name, f"[{style}]{n}[/{style}]", detail)
+
+    add(
+        "format errors",
+        report["format_errors"]["rows"],
+        _ex([e["row"] for e in report["format_errors"]["examples"]]),
+        True,
+    )
+    for col, c in report["completeness"].items():
+        n = c["missing"] + c["empty"] + c["whitespace"]
+        add(
+            f"'{col}' missing/empty/blank",
+            n,
+            f"{c['missing']}/{c['empty']}/{c['whitespace']}; rows {_ex(c['examples'])}" if n else "",
+        )
+    sch = report["schema"]
+    add("rows with odd keys/types", sch["inconsistent_rows"], _ex([e["row"] for e in sch["examples"]]))
+    ex = report["exact_duplicates"]
+    add("exact duplicate rows", ex["rows"], "; ".join("=".join(map(str, g)) for g in ex["examples"][:3]))
+    nd = report["near_duplicates"]
+    add(
+        f"near-duplicate rows (J≥{nd['threshold']})",
+        nd["rows"],
+        "; ".join(f"{a}~{b} ({e['similarity']})" for e in nd["examples"][:3] for a, b in [e["rows"]]),
+    )
+    for lk in report["leakage"]:
+        name = Path(lk["eval_file"]).name
+        add(
+            f"leaked into {name} (exact)",
+            lk["exact"],
+            _ex([e["eval_row"] for e in lk["examples"] if e["kind"] == "exact"]),
+            True,
+        )
+        add(
+            f"leaked into {name} (near)",
+            lk["near"],
+            _ex([e["eval_row"] for e in lk["examples"] if e["kind"] == "near"]),
+            True,
+        )
+        add(f"same prompt in {name}", lk["prompt_exact"])
+    add("empty targets", report["empty_targets"]["rows"], _ex(report["empty_targets"]["examples"]), True)
+    ln = report["lengths"]
+    if ln["over_max_length"] is not None:
+        add(
+            f"over max length ({report['settings']['max_length']} {ln['unit']})",
+            ln["over_max_length"],
+            _ex(ln["over_examples"]),
+        )
+    if ln["response_cut_entirely"] is not None:
+        add("response cut entirely", ln["response_cut_entirely"], _ex(ln["cut_examples"]), True)
+    if report["preference"] is not None:
+        pr = report["preference"]
+        add("chosen == rejected", pr["chosen_equals_rejected"], _ex(pr["examples"]), True)
+    hy = report["hygiene"]
+    for key, label in (
+        ("control_chars", "control characters"),
+        ("mojibake", "mojibake"),
+        ("replacement_char", "U+FFFD replacement chars"),
+        ("too_short", "too short"),
+        ("too_long", "too long (outliers)"),
+    ):
+        add(label, hy[key]["rows"], _ex(hy[key]["examples"]))
+    for kind, p in report["pii"].items():
+        add(f"PII: {kind}", p["rows"], "; ".join(f"row {e['row']}: {e['masked']}" for e in p["examples"][:3]))
+    console.print(t)
+    lt = Table(title=f"Lengths ({ln['unit']})")
+    for col in ("count", "min", "mean", "p50", "p90", "p99", "max"):
+        lt.add_column(col, justify="right")
+    lt.add_row(*(str(ln[c]) for c in ("count", "min", "mean", "p50", "p90", "p99", "max")))
+    console.print(lt)
+    if report["labels"]:
+        bt = Table(title=f"Labels (imbalance ratio {report['labels']['imbalance_ratio']})")
+        bt.add_column("label")
+        bt.add_column("rows", justify="right")
+        for lab, n in report["labels"]["counts"].items():
+            bt.add_row(str(lab), str(n))
+        console.print(bt)
+    for p in report["blocking"]:
+        console.print(f"[red]blocking:[/red] {p}")
+
+
+@app.command()
+def audit(
+    file: Annotated[
+        str,
+        typer.Argument(help="Training data: .jsonl/.json/.csv/.tsv/.parquet, a saved dataset dir or hub id."),
+    ],
+    eval: Annotated[
+        list[str] | None, typer.Option("--eval", help="Eval/test file to check for leakage (repeatable).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Count tokens with this model's tokenizer.")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Report examples longer than this.")
+    ] = None,
+    near_threshold: Annotated[float, typer.Option("--near-threshold", min=0.0, max=1.0)] = 0.8,
+    fmt: FormatOpt = None,
+    columns: ColumnsOpt = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip malformed rows instead of failing.")
+    ] = False,
+    as_json: JsonOpt = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 on blocking problems (leakage, empty targets).")
+    ] = False,
+) -> None:
+    """Report duplicates, leakage, lengths, label balance, hygiene and PII of a data file."""
+    from tunelab.data.audit import audit as run_audit
+
+    with _errors():
+        tok = _tokenizer(model)
+        with _progress(not as_json) as progress:
+            report = run_audit(
+                file,
+                eval_paths=eval or [],
+                skip_bad=skip_bad,
+                fmt=fmt,
+                columns=_columns(columns),
+                tokenizer=tok,
+                max_length=max_length,
+                near_threshold=near_threshold,
+                progress=progress,
+            )
+    if model:
+        report["settings"]["tokenizer"] = model
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        render_audit(report)
+    if strict and report["blocking"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def clean(
+    file: Annotated[str, typer.Argument(help="Data file to clean.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Cleaned JSONL file to write.")],
+    changes: Annotated[
+        Path | None,
+        typer.Option("--changes", help="Log of dropped/changed rows (default OUT.changes.jsonl)."),
+    ] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact/--no-exact", help="Drop exact duplicates (keep first).")
+    ] = True,
+    near: Annotated[bool, typer.Option("--near/--no-near", help="Drop near duplicates (keep first).")] = True,
+    near_threshold: Annotated[float, typer.Option("--near-threshold", min=0.0, max=1.0)] = 0.8,
+    min_length: Annotated[
+        int | None, typer.Option("--min-length", help="Drop rows shorter than this.")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Drop rows longer than this.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Measure lengths in this model's tokens.")
+    ] = None,
+    redact: Annotated[
+        bool, typer.Option("--redact/--no-redact", help="Replace PII with <EMAIL>, <PHONE>, ...")
+    ] = True,
+    drop_empty: Annotated[
+        bool, typer.Option("--drop-empty/--keep-empty", help="Drop rows with empty targets.")
+    ] = True,
+    rebalance: Annotated[
+        str | None, typer.Option("--rebalance", help="Class rebalancing: under or over.")
+    ] = None,
+    seed: int = 0,
+    fmt: FormatOpt = None,
+    columns: ColumnsOpt = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deduplicate, filter, redact and rebalance a data file; every change is logged with its reason."""
+    from tunelab.data.clean import clean as run_clean
+
+    with _errors():
+        summary = run_clean(
+            file,
+            output,
+            changes_path=changes,
+            fmt=fmt,
+            columns=_columns(columns),
+            exact=exact,
+            near=near,
+            near_threshold=near_threshold,
+            min_length=min_length,
+            max_length=max_length,
+            tokenizer=_tokenizer(model),
+            redact_pii=redact,
+            drop_empty_targets=drop_empty,
+            rebalance=rebalance,
+            seed=seed,
+            skip_bad=skip_bad,
+        )
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"clean: {summary['input_rows']:,} rows in, {summary['output_rows']:,} rows out")
+    t.add_column("")
+    t.add_column("rows", justify="right")
+    t.add_row("kept", str(summary["kept"]))
+    for group in ("dropped", "changed", "added"):
+        for reason, n in summary[group].items():
+            t.add_row(f"{group}: {reason}", str(n))
+    out.print(t)
+    out.print(f"wrote {summary['output']}; reasons per row in {summary['changes']}")
+
+
+@app.command()
+def split(
+    file: Annotated[str, typer.Argument(help="Data file to split.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Directory for train/validation/test.jsonl.")
+    ],
+    ratios: Annotated[
+        str, typer.Option("--ratios", help="Two or three ratios summing to 1.")
+    ] = "0.8,0.1,0.1",
+    by: Annotated[str, typer.Option("--by", help="random | stratified | group | time")] = "random",
+    key: Annotated[
+        str | None, typer.Option("--key", help="Column for group/time (or stratified) splits.")
+    ] = None,
+    seed: int = 0,
+    near_threshold: Annotated[float, typer.Option("--near-threshold", min=0.0, max=1.0)] = 0.8,
+    fmt: FormatOpt = None,
+    columns: ColumnsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split a data file; duplicates and near-duplicate clusters never straddle splits."""
+    from tunelab.data.split import split as run_split
+
+    with _errors():
+        summary = run_split(
+            file,
+            output,
+            ratios=ratios,
+            by=by,
+            key=key,
+            seed=seed,
+            fmt=fmt,
+            columns=_columns(columns),
+            near_threshold=near_threshold,
+        )
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"split by {by} (seed {seed}): {summary['rows']:,} rows, {summary['units']:,} units")
+    t.add_column("split")
+    t.add_column("rows", justify="right")
+    t.add_column("share", justify="right")
+    t.add_column("file")
+    for name, n in summary["counts"].items():
+        t.add_row(name, str(n), f"{n / max(summary['rows'], 1):.1%}", summary["files"][name])
+    out.print(t)

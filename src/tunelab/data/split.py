@@ -1,0 +1,203 @@
+"""Split a data file into train / validation / test without leaks.
+
+Rows are first merged into *units* that must stay together: exact duplicates, rows with the
+same prompt, near-duplicate clusters (MinHash/LSH, as in the audit) and, for ``by="group"``, rows
+sharing the ``key`` value.
+Units, not rows, are then assigned to splits: shuffled (random, group), shuffled within each
+label (stratified), or in time order (time). Two streaming passes: the first decides, the
+second writes each row to its file in its original shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.data import neardup
+from tunelab.data.audit import text_hash
+from tunelab.data.formats import FormatError, canonical_text, detect_format, prompt_text, to_canonical
+from tunelab.data.loaders import DataError, iter_records
+
+__all__ = ["SPLIT_NAMES", "STRATEGIES", "split", "parse_ratios", "split_names"]
+
+STRATEGIES = ("random", "stratified", "group", "time")
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def parse_ratios(text: str | tuple[float, ...] | list[float]) -> tuple[float, ...]:
+    """``"0.8,0.1,0.1"`` -> (0.8, 0.1, 0.1); two or three positive ratios summing to 1."""
+    vals = tuple(float(x) for x in (text.split(",") if isinstance(text, str) else text))
+    if not 2 <= len(vals) <= 3 or any(v <= 0 for v in vals) or abs(sum(vals) - 1) > 1e-6:
+        raise ValueError(
+            f"ratios must be 2 or 3 positive numbers summing to 1, e.g. 0.8,0.1,0.1; got {text!r}"
+        )
+    return vals
+
+
+def split_names(n: int) -> tuple[str, ...]:
+    """File stems for ``n`` ratios: (train, validation) or (train, validation, test)."""
+    return SPLIT_NAMES[:n]
+
+
+def _timestamp(value: Any, row: int, key: str, path: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise DataError(path, row, str(value), f"column '{key}' is not a timestamp (number or ISO 8601)")
+
+
+def _union(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    # Re-use the neardup union-find on extra edges, starting from existing labels.
+    n = len(labels)
+    ii = np.concatenate([np.arange(n), i])
+    jj = np.concatenate([labels, j])
+    return neardup.cluster_labels(n, ii, jj)
+
+
+def _edges_from_keys(keys: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    first: dict[Any, int] = {}
+    i, j = [], []
+    for k, key in enumerate(keys):
+        f = first.setdefault(key, k)
+        if f != k:
+            i.append(f)
+            j.append(k)
+    return np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+
+
+def _cut(units: list[int], sizes: np.ndarray, ratios: tuple[float, ...]) -> dict[int, int]:
+    """Assign units in the given order to splits by cumulative row share (unit midpoints)."""
+    if not units:
+        return {}
+    s = sizes[units].astype(float)
+    mid = (np.cumsum(s) - s / 2) / s.sum()
+    bounds = np.cumsum(ratios)[:-1]
+    which = np.searchsorted(bounds, mid, side="right")
+    return dict(zip(units, which.tolist(), strict=True))
+
+
+def split(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    ratios: str | tuple[float, ...] = (0.8, 0.1, 0.1),
+    by: str = "random",
+    key: str | None = None,
+    seed: int = 0,
+    fmt: str | None = None,
+    columns: dict[str, str] | None = None,
+    near_threshold: float = 0.8,
+) -> dict:
+    """Split ``path`` into ``train.jsonl``, ``validation.jsonl`` [, ``test.jsonl``] under ``out_dir``.
+
+    ``by``: random | stratified (by the label, or by ``key``) | group (rows sharing ``key`` stay
+    together) | time (``key`` is a timestamp; oldest rows go to train). Returns a summary, also
+    written to ``out_dir/split.json``.
+    """
+    ratios = parse_ratios(ratios)
+    if by not in STRATEGIES:
+        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got {by!r}")
+    if by in ("group", "time") and not key:
+        raise ValueError(f"--by {by} needs --key COLUMN")
+    path_s = str(path)
+    texts, hashes, prompts, keys, labels, rows = [], [], [], [], [], []
+    sigs = []
+    for row, rec in iter_records(path):
+        rows.append(row)
+        if fmt is None:
+            fmt = detect_format(rec, columns)
+        try:
+            c = to_canonical(rec, fmt, columns)
+            text, prompt = canonical_text(c), prompt_text(c)
+        except FormatError:
+            c, text = {}, json.dumps(rec, sort_keys=True, ensure_ascii=False)
+            prompt = text
+        texts.append(text)
+        hashes.append(text_hash(text))
+        # Rows asking the same question stay together too (else the audit reports prompt leaks).
+        prompts.append(text_hash(prompt) if prompt.strip() else ("row", row))
+        if key is not None:
+            if rec.get(key) is None:
+                raise DataError(
+                    path_s, row, json.dumps(rec, ensure_ascii=False)[:80], f"missing key column '{key}'"
+                )
+            keys.append(_timestamp(rec[key], row, key, path_s) if by == "time" else json.dumps(rec[key]))
+        labels.append(json.dumps(rec[key]) if (by == "stratified" and key) else c.get("label"))
+        if len(texts) >= 8192:
+            sigs.append(neardup.minhash(texts))
+            texts.clear()
+    if texts:
+        sigs.append(neardup.minhash(texts))
+    n = len(rows)
+    if by == "stratified" and any(lab is None for lab in labels):
+        raise ValueError("--by stratified needs classification data (a label) or --key COLUMN")
+    # Units: near-duplicate clusters + exact duplicates + identical prompts + shared keys.
+    all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, 128), np.uint32)
+    res = neardup.near_duplicates(all_sigs, near_threshold)
+    unit = res.labels
+    ei, ej = _edges_from_keys(hashes)
+    unit = _union(unit, ei, ej)
+    pi, pj = _edges_from_keys(prompts)
+    unit = _union(unit, pi, pj)
+    if by == "group":
+        gi, gj = _edges_from_keys(keys)
+        unit = _union(unit, gi, gj)
+    sizes = np.bincount(unit, minlength=n)
+    roots = np.flatnonzero(sizes)
+    rng = np.random.default_rng(seed)
+    assign: dict[int, int] = {}
+    if by == "time":
+        first_time = {}
+        for k, u in enumerate(unit.tolist()):
+            first_time[u] = min(first_time.get(u, np.inf), keys[k])
+        assign = _cut(sorted(roots.tolist(), key=lambda u: (first_time[u], u)), sizes, ratios)
+    elif by == "stratified":
+        by_label: dict[str, list[int]] = {}
+        for u in roots.tolist():
+            by_label.setdefault(labels[u], []).append(u)
+        for _lab, us in sorted(by_label.items()):
+            assign.update(_cut(rng.permutation(us).tolist(), sizes, ratios))
+    else:
+        assign = _cut(rng.permutation(roots).tolist(), sizes, ratios)
+    which = np.array([assign[u] for u in unit.tolist()], dtype=np.int64) if n else np.zeros(0, np.int64)
+    names = split_names(len(ratios))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / f"{name}.jsonl" for name in names}
+    handles = {name: open(f.with_name(f.name + ".tmp"), "w", encoding="utf-8") for name, f in files.items()}  # noqa: SIM115
+    try:
+        for i, (_row, rec) in enumerate(iter_records(path)):
+            handles[names[which[i]]].write(json.dumps(rec, ensure_ascii=False) + "\n")
+    finally:
+        for h in handles.values():
+            h.close()
+    for f in files.values():
+        os.replace(f.with_name(f.name + ".tmp"), f)
+    counts = np.bincount(which, minlength=len(names)).tolist()
+    summary = {
+        "input": path_s,
+        "by": by,
+        "key": key,
+        "seed": seed,
+        "ratios": list(ratios),
+        "rows": n,
+        "units": int(len(roots)),
+        "rows_in_shared_units": int(n - len(roots)),
+        "files": {name: str(f) for name, f in files.items()},
+        "counts": dict(zip(names, counts, strict=True)),
+    }
+    (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
