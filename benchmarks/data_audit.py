@@ -58,16 +58,27 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, because ru_maxrss survives exec on Linux and
+    would report the (large) parent that generated the data."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_audit(path: str) -> dict:
     from tunelab.data.audit import audit
 
     t = time.perf_counter()
     report = audit(path)
     secs = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "seconds": secs,
-        "peak_rss_mb": rss,
         "exact_rows": report["exact_duplicates"]["rows"],
         "near_rows": report["near_duplicates"]["rows"],
         "near_pairs": report["near_duplicates"]["pairs"],
@@ -132,7 +143,7 @@ def child(mode: str, path: str, n: int) -> None:
         "pandas_exact": lambda: run_pandas_exact(path),
     }[mode]
     result = fn()
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -168,10 +179,10 @@ def main() -> None:
         audit_t = Table(title="tunelab data audit (full audit incl. JSONL parsing, 1 process)")
         for col in ("rows", "seconds", "rows/s", "peak RSS MB", "exact dup rows", "near dup rows"):
             audit_t.add_column(col, justify="right")
-        last = None
+        measured = []
         for n in sizes:
             r = measure("audit", files[n])
-            last = (n, r)
+            measured.append((n, r))
             audit_t.add_row(
                 f"{n:,}",
                 f"{r['seconds']:.1f}",
@@ -180,12 +191,18 @@ def main() -> None:
                 str(r["exact_rows"]),
                 str(r["near_rows"]),
             )
-        n, r = last
+        n, r = measured[-1]
+        rss = "-"
+        if len(measured) > 1:  # memory grows linearly with rows (signatures, hashes): fit the last two
+            (n0, r0), (n1, r1) = measured[-2:]
+            rss = (
+                f"{r1['peak_rss_mb'] + (r1['peak_rss_mb'] - r0['peak_rss_mb']) * (1e6 - n1) / (n1 - n0):.0f}"
+            )
         audit_t.add_row(
             "1,000,000 (extrapolated)",
             f"{r['seconds'] * 1e6 / n:.0f}",
             f"{n / r['seconds']:,.0f}",
-            "-",
+            rss,
             "-",
             "-",
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PLANTED, write_jsonl
+from planted_data import PLANTED, write_jsonl
 
 from tunelab.data.audit import audit, audit_records, blocking_problems
 

@@ -103,9 +103,12 @@ def byte_stats(texts: Sequence[str]) -> dict[str, np.ndarray]:
 def count_tokens(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
     """Token counts of ``texts`` without special tokens. ``tokenizer`` is a Hugging Face tokenizer
     (batched, fast) or any callable mapping a string to a sequence of tokens."""
-    if hasattr(tokenizer, "batch_encode_plus") or hasattr(tokenizer, "backend_tokenizer"):
-        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(texts))
+    if any(c.__name__ == "PreTrainedTokenizerBase" for c in type(tokenizer).__mro__):
+        out = np.empty(len(texts), dtype=np.int64)
+        for s in range(0, len(texts), 1024):
+            ids = tokenizer(list(texts[s : s + 1024]), add_special_tokens=False)["input_ids"]
+            out[s : s + len(ids)] = [len(x) for x in ids]
+        return out
     if hasattr(tokenizer, "encode") and not callable(tokenizer):
         return np.fromiter((len(tokenizer.encode(t)) for t in texts), dtype=np.int64, count=len(texts))
     return np.fromiter((len(tokenizer(t)) for t in texts), dtype=np.int64, count=len(texts))
@@ -488,8 +491,10 @@ def audit_records(
     for name, recs in (eval_sets or {}).items():
         ev = _Rows()
         done = 0
+        ev_errors: list[dict] = []
+        n_ev_errors = [0]
         for chunk in _chunks(recs, CHUNK):
-            rows, canon = _canonicalise(chunk, fmt, columns, [], [0])
+            rows, canon = _canonicalise(chunk, fmt, columns, ev_errors, n_ev_errors)
             texts = [canonical_text(c) for c in canon]
             ev.row.append(np.asarray(rows, dtype=np.int64))
             ev.hash.append(np.fromiter((text_hash(t) for t in texts), dtype=np.int64, count=len(texts)))
@@ -501,7 +506,8 @@ def audit_records(
             done += len(chunk)
             if progress:
                 progress(f"eval {name}", done)
-        leakage.append({"eval_file": name, **_leakage(arr, reps, ev.arrays(num_perm), near_threshold)})
+        lk = _leakage(arr, reps, ev.arrays(num_perm), near_threshold)
+        leakage.append({"eval_file": name, **lk, "format_errors": n_ev_errors[0]})
     return _report(st, arr, fmt, source, exact, near, leakage)
 
 

@@ -126,7 +126,9 @@ def generate_answers(
     """Greedy answers, batched with left padding (decoder-only models generate from the right edge)."""
     device = next(model.parameters()).device
     answers = [""] * len(prompts)
-    stop_ids = {tokenizer.eos_token_id, *getattr(model.generation_config, "eos_token_id", None) or []} - {None}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    stop_ids = sorted({tokenizer.eos_token_id, *configured} - {None})
     for batch_ix in _by_length([len(p) for p in prompts], batch_size):
         width = max(len(prompts[i]) for i in batch_ix)
         ids = torch.full((len(batch_ix), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -136,7 +138,7 @@ def generate_answers(
             mask[row, width - len(prompts[i]) :] = 1
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids) or None,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or None,
         )
         for row, i in enumerate(batch_ix):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()

@@ -387,6 +387,6 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
     summary = {"train": trainer.train_split.summary()}
     if trainer.eval_split is not None:
         summary["eval"] = trainer.eval_split.summary()
-    run.set_status("completed", steps=trainer.state.step, data=summary, final_eval=final_eval,
+    run.set_status("completed", steps=trainer.state.step, data_summary=summary, final_eval=final_eval,
                    stopped_early=trainer.state.stopped_early)
     return TrainResult(run.path, trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)

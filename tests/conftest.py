@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and data written to tmp dirs; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def qa_rows() -> list[dict]:
+    """A handful of instruction rows a tiny model can memorise."""
+    pairs = [("Say hi", "hi there"), ("Count to three", "one two three"), ("Name a colour", "blue"),
+             ("Name an animal", "a cat"), ("What is two plus two", "four"), ("Say bye", "goodbye")]
+    return [{"instruction": q, "output": a} for q, a in pairs]
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path, qa_rows: list[dict]):
+    """A recipe factory on the tiny model with data in tmp_path; keyword overrides as dotted paths."""
+    from tunelab.recipe import parse_recipe
+
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows)
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", qa_rows[:3])
+
+    def make(method: str = "lora", **overrides: object):
+        raw = {
+            "seed": 0,
+            "model": {"name_or_path": "tiny:llama"},
+            "data": {"train": str(train), "eval": str(evaluation), "max_length": 64},
+            "method": {"name": method},
+            "training": {"max_steps": 6, "batch_size": 3, "learning_rate": 1e-2, "warmup_steps": 0},
+            "output": {"dir": str(tmp_path / "runs"), "name": f"t-{method}"},
+        }
+        return parse_recipe(raw, overrides=[f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
+
+    return make
