@@ -1,14 +1,17 @@
-"""Model-side evaluation: teacher-forced loss, label choice by log-likelihood, greedy generation.
+"""Model-side evaluation: answer loss, label choice by log-likelihood, greedy generation.
 
-Two passes per dataset and no more, because on a CPU every forward pass counts:
-1. teacher-forced over prompt + gold answer: completion loss (→ perplexity) and, when every label
-   is a single token, the label log-likelihoods at the answer's first position, all at once;
-2. batched greedy generation for exact match (what a user of the chat model sees).
+On a CPU every forward pass over the prompts counts, so each batch of prompts is run through the
+model once and its key/value cache serves three readouts:
+1. the gold answer, teacher-forced after the prompt: answer loss (→ perplexity) and, at its first
+   position, the log-likelihood of every single-token label (label choice);
+2. greedy generation with ``transformers``' ``generate`` from a copy of the same cache (exact
+   match: what a user of the chat model sees).
 Labels of several tokens are scored with an extra batched pass over prompt + label.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,15 +36,34 @@ class LMEval:
     generations: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Item:
+    """One example split at the answer: prompt tokens and the gold answer tokens that carry loss."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
 def _by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches of indices with similar lengths: less padding, same results."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def split_items(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]) -> list[Item]:
+    """Tokenize each conversation once; the prompt is what generation would see."""
+    items = []
+    for conv in conversations:
+        enc = encode_chat(tokenizer, conv, train_on="last_assistant")
+        prompt = encode_prompt(tokenizer, split_prompt_answer(conv)[0])
+        if enc.input_ids[: len(prompt)] != prompt:
+            raise ValueError("the chat template tokenizes the prompt differently with and without its answer")
+        items.append(Item(prompt, [t for t in enc.labels[len(prompt) :] if t != IGNORE_INDEX]))
+    return items
+
+
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], labels: list[str]) -> list[list[int]]:
-    """Token ids of each label as it is tokenized right after the prompt (not standalone: BPE merges
-    depend on what comes before)."""
+    """Token ids of each label as tokenized right after the prompt (BPE merges depend on context)."""
     prompt_text = tokenizer.decode(prompt_ids)
     out = []
     for label in labels:
@@ -52,45 +74,65 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], l
     return out
 
 
+def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
+@dataclass
+class BatchReadout:
+    loss_sum: float
+    count: int
+    first_logprobs: torch.Tensor  # [batch, vocab] log-probs of the answer's first token
+    generations: list[str]
+
+
 @torch.no_grad()
-def teacher_forced_pass(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict[str, str]]],
-    *,
-    single_token_labels: list[int] | None,
-    batch_size: int,
-    progress: Progress | None = None,
-) -> tuple[float, int, list[list[float]]]:
-    """Completion loss sum/count and, if given single-token label ids, their log-probs per example."""
-    encoded = [encode_chat(tokenizer, conv, train_on="last_assistant") for conv in conversations]
-    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    scores: list[list[float]] = [[] for _ in features]
-    loss_sum, count = 0.0, 0
+def read_batch(
+    model: Any, tokenizer: PreTrainedTokenizerBase, items: list[Item], *, max_new_tokens: int
+) -> BatchReadout:
+    """Prefill the prompts once (all but their last token), then answer loss and generation from the cache."""
     device = next(model.parameters()).device
-    for batch_ix in _by_length([len(f["input_ids"]) for f in features], batch_size):
-        batch = {k: v.to(device) for k, v in pad_causal_batch([features[i] for i in batch_ix], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        s, c = causal_lm_loss_sum(logits, batch["labels"])
-        loss_sum, count = loss_sum + float(s), count + int(c)
-        if single_token_labels:
-            first = (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1) - 1
-            at = logits[torch.arange(len(batch_ix)), first].float().log_softmax(-1)[:, single_token_labels]
-            for row, i in enumerate(batch_ix):
-                scores[i] = at[row].tolist()
-        if progress:
-            progress(len(batch_ix))
-    return loss_sum, count, scores
+    ids, mask = (t.to(device) for t in _left_padded([it.prompt for it in items], tokenizer.pad_token_id))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                    use_cache=True, logits_to_keep=1)
+    cache = prefill.past_key_values
+
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(cache), max_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(model, tokenizer) or None,
+    )
+    texts = [tokenizer.decode(row[ids.size(1) :], skip_special_tokens=True).strip() for row in generated]
+
+    # Teacher-force the gold answers: feed the prompt's last token then the answer, right-padded.
+    feats = [{"input_ids": [it.prompt[-1], *it.answer[:-1]], "labels": it.answer} for it in items]
+    answer = {k: v.to(device) for k, v in pad_causal_batch(feats, tokenizer.pad_token_id).items()}
+    steps = answer["input_ids"].size(1)
+    logits = model(
+        input_ids=answer["input_ids"], attention_mask=torch.cat([mask[:, :-1], answer["attention_mask"]], dim=1),
+        position_ids=positions[:, -1:] + torch.arange(steps, device=device), past_key_values=cache, use_cache=True,
+    ).logits
+    # labels are aligned with the *next* position here, so prepend a dummy column for the shift inside
+    shifted = torch.cat([torch.full_like(answer["labels"][:, :1], IGNORE_INDEX), answer["labels"]], dim=1)
+    loss_sum, count = causal_lm_loss_sum(torch.cat([logits, logits[:, :1]], dim=1), shifted)
+    return BatchReadout(float(loss_sum), int(count), logits[:, 0].float().log_softmax(-1).cpu(), texts)
 
 
 @torch.no_grad()
 def score_labels(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    labels: list[str],
-    *,
-    batch_size: int,
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], labels: list[str], *, batch_size: int
 ) -> list[list[float]]:
     """Sum of log-probs of every label's tokens after each prompt (for labels of several tokens)."""
     device = next(model.parameters()).device
@@ -113,40 +155,6 @@ def score_labels(
     return scores
 
 
-@torch.no_grad()
-def generate_answers(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    progress: Progress | None = None,
-) -> list[str]:
-    """Greedy answers, batched with left padding (decoder-only models generate from the right edge)."""
-    device = next(model.parameters()).device
-    answers = [""] * len(prompts)
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    stop_ids = sorted({tokenizer.eos_token_id, *configured} - {None})
-    for batch_ix in _by_length([len(p) for p in prompts], batch_size):
-        width = max(len(prompts[i]) for i in batch_ix)
-        ids = torch.full((len(batch_ix), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch_ix):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or None,
-        )
-        for row, i in enumerate(batch_ix):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-        if progress:
-            progress(len(batch_ix))
-    return answers
-
-
 def evaluate_conversations(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -157,19 +165,25 @@ def evaluate_conversations(
     batch_size: int,
     progress: Progress | None = None,
 ) -> LMEval:
-    """Loss/perplexity, label choice by log-likelihood (when ``labels``) and greedy generations."""
+    """Answer loss/perplexity, label choice by log-likelihood (when ``labels``) and greedy generations."""
     model.eval()
-    prompts = [encode_prompt(tokenizer, split_prompt_answer(c)[0]) for c in conversations]
-    label_ids = label_token_ids(tokenizer, prompts[0], labels) if labels else None
+    items = split_items(tokenizer, conversations)
+    label_ids = label_token_ids(tokenizer, items[0].prompt, labels) if labels else None
     single = [ids[0] for ids in label_ids] if label_ids and all(len(ids) == 1 for ids in label_ids) else None
-    loss_sum, count, scores = teacher_forced_pass(
-        model, tokenizer, conversations, single_token_labels=single, batch_size=batch_size, progress=progress
-    )
+    loss_sum, count = 0.0, 0
+    generations = [""] * len(items)
+    scores: list[list[float]] = [[] for _ in items]
+    for batch_ix in _by_length([len(it.prompt) for it in items], batch_size):
+        readout = read_batch(model, tokenizer, [items[i] for i in batch_ix], max_new_tokens=max_new_tokens)
+        loss_sum, count = loss_sum + readout.loss_sum, count + readout.count
+        for row, i in enumerate(batch_ix):
+            generations[i] = readout.generations[row]
+            if single:
+                scores[i] = readout.first_logprobs[row, single].tolist()
+        if progress:
+            progress(len(batch_ix))
     if labels and single is None:
-        scores = score_labels(model, tokenizer, prompts, labels, batch_size=batch_size)
+        scores = score_labels(model, tokenizer, [it.prompt for it in items], labels, batch_size=batch_size)
     predictions = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores] if labels else []
-    generations = generate_answers(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
-    )
     loss = loss_sum / max(count, 1)
-    return LMEval(len(conversations), loss, math.exp(min(loss, 50.0)), predictions, generations)
+    return LMEval(len(items), loss, math.exp(min(loss, 50.0)), predictions, generations)

@@ -92,7 +92,7 @@ def evaluate_model(
     golds = [split_prompt_answer(c)[1] for c in conversations]
     labels = labels or infer_labels(golds)
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"eval {name}", total=2 * len(conversations))
+        task = progress.add_task(f"eval {name}", total=len(conversations))
         raw = evaluate_conversations(
             model, tokenizer, conversations, labels=labels, max_new_tokens=max_new_tokens,
             batch_size=batch_size, progress=lambda n: progress.advance(task, n),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
@@ -49,28 +50,64 @@ class SftObjective:
         return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return pad_causal_batch(features, self.tokenizer.pad_token_id)
+        # Left padding lines every answer up against the right edge, so the logits the loss needs
+        # are the last few positions of the batch (see `causal_lm_forward`).
+        return pad_causal_batch(features, self.tokenizer.pad_token_id, side="left")
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        loss_sum, count = causal_lm_loss_sum(out.logits, batch["labels"])
+        logits, labels = causal_lm_forward(model, batch)
+        loss_sum, count = causal_lm_loss_sum(logits, labels)
         return LossOutput(loss_sum, count, {})
 
 
-def pad_causal_batch(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ids and labels to the longest example; padding never carries loss."""
+def loss_window(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every label, plus the one position that predicts the first."""
+    has_label = (labels != IGNORE_INDEX).any(dim=0)
+    if not bool(has_label.any()):
+        return labels.size(1)
+    first = int(has_label.float().argmax())
+    return labels.size(1) - max(first - 1, 0)
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and aligned labels for the positions the loss needs, and no others.
+
+    The output projection over the vocabulary is a large share of a small model's compute (a fifth
+    of SmolLM2-135M's forward pass) and its logits tensor dominates activation memory. With answers
+    right-aligned by left padding, ``logits_to_keep`` computes it only for the trailing window that
+    holds the labels. Position ids are passed explicitly so left padding does not shift positions.
+    """
+    mask = batch["attention_mask"]
+    kwargs: dict[str, Any] = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    labels = batch["labels"]
+    if accepts_logits_to_keep(model):
+        keep = loss_window(labels)
+        kwargs["logits_to_keep"] = keep
+        labels = labels[:, -keep:]
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
+    return out.logits, labels
+
+
+def pad_causal_batch(features: list[dict[str, Any]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad ids and labels to the longest example on ``side``; padding never carries loss."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     for i, f in enumerate(features):
         n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, cols] = torch.tensor(f["input_ids"])
+        labels[i, cols] = torch.tensor(f["labels"])
+        mask[i, cols] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

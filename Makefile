@@ -1,0 +1,48 @@
+# The single source of how to set up, test, benchmark and demo tunelab.
+# Two commands on a fresh machine: `make demo` and `make test`.
+
+VENV        ?= .venv
+PYTHON      ?= python3
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH       ?= torch==2.13.0
+# A bare `torch` requirement pulls a multi-GB CUDA build; install the pinned CPU wheel first.
+# Set TORCH_INDEX=https://download.pytorch.org/whl/cpu where that index is reachable.
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/tunelab assets fetch smollm2-135m-instruct rotten-tomatoes
+	$(VENV)/bin/tunelab demo
+
+# Default run: CPU only, without `slow` tests (real assets, long runs). CI runs this.
+test: setup
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/data_audit.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
