@@ -82,3 +82,37 @@ def test_conversation_without_assistant_is_an_error():
     tok = build_tiny_tokenizer()
     with pytest.raises(TemplateError, match="no assistant turn"):
         encode_chat(tok, CHAT[:2])
+
+
+def test_data_show_preview_is_what_the_trainer_trains_on(tiny_recipe):
+    from tunelab.data.show import DataShowConfig, preview_examples
+    from tunelab.runs.rundir import RunDir
+    from tunelab.train.engine import Trainer
+
+    recipe = tiny_recipe("lora")
+    trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))
+    previews, notes = preview_examples(recipe.data.train, build_tiny_tokenizer(), n=4,
+                                       data=DataShowConfig(max_length=recipe.data.max_length))
+    assert notes == [] and len(previews) == 4
+    for preview, feature in zip(previews, trainer.train_split.features):
+        assert preview.input_ids == feature["input_ids"]
+        assert preview.loss_mask == [lab != IGNORE_INDEX for lab in feature["labels"]]
+        assert preview.warnings == []
+
+
+def test_data_show_cli_json(tmp_path, qa_rows):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows))
+    result = CliRunner().invoke(app, ["data", "show", str(data), "--model", "tiny:llama", "-n", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)["examples"]
+    assert len(shown) == 2
+    tok = build_tiny_tokenizer()
+    loss_ids = [i for i, m in zip(shown[0]["input_ids"], shown[0]["loss_mask"]) if m]
+    assert tok.decode(loss_ids) == qa_rows[0]["output"] + "<|im_end|>\n"

@@ -137,7 +137,7 @@ def eval_(
 @app.command()
 def demo(
     runs_dir: Annotated[str, typer.Option(help="where the run goes")] = "runs",
-    n_train: Annotated[int, typer.Option(help="training reviews")] = 640,
+    n_train: Annotated[int, typer.Option(help="training reviews")] = 480,
     n_eval: Annotated[int, typer.Option(help="held-out reviews")] = 300,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override the demo recipe")] = None,
 ) -> None:

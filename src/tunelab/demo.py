@@ -104,7 +104,7 @@ def build_demo_data(out_dir: Path, *, n_eval: int, n_train: int, seed: int) -> D
 
 def demo_recipe(split: DemoSplit, runs_dir: str, overrides: list[str] | None) -> Recipe:
     raw = yaml.safe_load(resources.files("tunelab").joinpath("resources/demo.yaml").read_text(encoding="utf-8"))
-    raw["data"]["train"], raw["data"]["eval"] = str(split.train_path), str(split.eval_path)
+    raw["data"]["train"] = str(split.train_path)
     raw["output"]["dir"] = runs_dir
     return parse_recipe(raw, source="tunelab demo recipe", overrides=overrides)
 
@@ -127,7 +127,7 @@ def before_after_table(before: EvalResult, after: EvalResult) -> Table:
 
 
 def run_demo(
-    *, runs_dir: str = "runs", n_eval: int = 300, n_train: int = 640, seed: int = 0,
+    *, runs_dir: str = "runs", n_eval: int = 300, n_train: int = 480, seed: int = 0,
     overrides: list[str] | None = None, console: Console | None = None,
 ) -> dict[str, object]:
     console = console or Console()

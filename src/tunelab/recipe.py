@@ -46,6 +46,7 @@ class DataSection(Section):
     columns: dict[str, str] = Field(default_factory=dict)
     template: str | None = None
     max_length: int = Field(1024, ge=8)
+    packing: bool = Field(False, description="pack short examples into max_length sequences, attention kept per example")
     skip_bad: bool = False
     strict: bool = False
 

@@ -48,9 +48,9 @@ def _columns(text: str | None) -> dict[str, str] | None:
 def _tokenizer(model: str | None) -> Any:
     if model is None:
         return None
-    from tunelab.models.load import load_tokenizer  # heavy import, only when asked for
+    from tunelab.models.load import tokenizer_for  # heavy import, only when asked for
 
-    return load_tokenizer(model)
+    return tokenizer_for(model)
 
 
 @contextmanager
@@ -347,3 +347,41 @@ def split(
     for name, n in summary["counts"].items():
         t.add_row(name, str(n), f"{n / max(summary['rows'], 1):.1%}", summary["files"][name])
     out.print(t)
+
+
+@app.command()
+def show(
+    file: Annotated[Path, typer.Argument(help="Data file.")],
+    model: Annotated[str, typer.Option("--model", help="Model or tokenizer whose template is used.")],
+    n: Annotated[int, typer.Option("-n", help="How many examples.")] = 3,
+    template: Annotated[str | None, typer.Option(help="Built-in template (chatml, llama-3, alpaca).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate as training would.")] = None,
+    last_turn_only: Annotated[bool, typer.Option(help="Loss on the last assistant turn only.")] = False,
+    full_text_loss: Annotated[bool, typer.Option(help="Loss on every token (completion_only off).")] = False,
+    fmt: FormatOpt = None,
+    columns: ColumnsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Render examples exactly as they will be tokenized; loss tokens highlighted, masked tokens dimmed."""
+    from tunelab.data.show import DataShowConfig, preview_examples, render_preview
+    from tunelab.objectives.sft import SftConfig
+
+    with _errors():
+        previews, notes = preview_examples(
+            str(file), _tokenizer(model), n=n, template=template,
+            objective=SftConfig(train_on="last_assistant" if last_turn_only else "all_assistant",
+                                completion_only=not full_text_loss),
+            data=DataShowConfig(max_length=max_length, format=fmt or "auto", columns=_columns(columns) or {}),
+        )
+    if as_json:
+        out.print_json(json.dumps({"warnings": notes, "examples": [p.as_json() for p in previews]}))
+        return
+    for note in notes:
+        err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
+    for preview in previews:
+        loss_tokens = sum(preview.loss_mask)
+        out.rule(f"row {preview.row}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
+                 + (" (truncated)" if preview.truncated else ""))
+        out.print(render_preview(preview))
+        for warning in preview.warnings:
+            err.print(f"[yellow]warning:[/yellow] row {preview.row}: {warning}", highlight=False)

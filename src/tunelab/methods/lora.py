@@ -16,7 +16,11 @@ class LoraConfig(MethodConfig):
     name: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator; effective scale is alpha / r")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="dropout on the adapter input; 0 by default: with dropout PEFT keeps a dropped copy of "
+        "every adapted layer's input, which doubled the CPU step time of SmolLM2-135M in our measurement",
+    )
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' or module names such as [q_proj, v_proj]"
     )

@@ -366,3 +366,14 @@ def load_model(
         tokenizer = build_tiny_tokenizer()
         return _finish(build_tiny_llama(tokenizer, seed=seed), tokenizer, resolve_device(device))
     return load_causal_lm(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_for(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of any model spec :func:`load_model` accepts (without loading the weights)."""
+    if spec.startswith(TINY_PREFIX):
+        from tunelab.models.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    if spec.startswith(ASSET_PREFIX):
+        spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
+    return load_tokenizer(spec, trust_remote_code=trust_remote_code)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.data.packing import collate_packed
 from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_text
 from tunelab.objectives.base import OBJECTIVES, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.losses import causal_lm_loss_sum
@@ -50,6 +51,8 @@ class SftObjective:
         return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "position_ids" in features[0]:
+            return collate_packed(features, self.tokenizer.pad_token_id)
         # Left padding lines every answer up against the right edge, so the logits the loss needs
         # are the last few positions of the batch (see `causal_lm_forward`).
         return pad_causal_batch(features, self.tokenizer.pad_token_id, side="left")
@@ -85,8 +88,12 @@ def causal_lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     right-aligned by left padding, ``logits_to_keep`` computes it only for the trailing window that
     holds the labels. Position ids are passed explicitly so left padding does not shift positions.
     """
-    mask = batch["attention_mask"]
-    kwargs: dict[str, Any] = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    if "position_ids" in batch:  # packed: no 2-D mask, so transformers isolates examples by position restarts
+        mask = None
+        kwargs: dict[str, Any] = {"position_ids": batch["position_ids"]}
+    else:
+        mask = batch["attention_mask"]
+        kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     labels = batch["labels"]
     if accepts_logits_to_keep(model):
         keep = loss_window(labels)

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
+from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.data.templates import select_template
 from tunelab.methods import METHODS, count_parameters
 from tunelab.models.load import load_model
@@ -29,6 +30,7 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
 from tunelab.runs.manifest import build_manifest
+from tunelab.runs.plots import plot_loss_curves
 from tunelab.runs.rundir import RunDir
 from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.train.data import PreparedSplit, prepare_split
@@ -156,6 +158,8 @@ class Trainer:
             prepared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(prepared.model, "enable_input_require_grads"):
                 prepared.model.enable_input_require_grads()
+        if recipe.data.packing:
+            self._pack(prepared.model)
         self.trainable, self.total_params = count_parameters(prepared.model)
         optimizer = torch.optim.AdamW(prepared.param_groups, lr=recipe.training.learning_rate)
         self.steps = total_steps(len(self.train_split.features), recipe.training)
@@ -194,6 +198,18 @@ class Trainer:
                     f"data.max_length={data.max_length}"
                 )
         return train, evaluation
+
+    def _pack(self, model: Any) -> None:
+        if not packing_isolates(model, len(self.tokenizer)):
+            raise PackingUnsupported(
+                f"data.packing: {type(model).__name__} with attention '{model.config._attn_implementation}' lets "
+                "packed examples attend to each other; set data.packing: false (or use an attention backend "
+                "that honours position-id restarts, e.g. sdpa or flash_attention_2 on a recent transformers)"
+            )
+        before = len(self.train_split.features)
+        self.train_split.features = pack_features(self.train_split.features, self.recipe.data.max_length)
+        self.console.print(f"packing: {before} examples in {len(self.train_split.features)} sequences "
+                           f"of at most {self.recipe.data.max_length} tokens")
 
     def resume_from(self, checkpoint: Path) -> None:
         loop = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
@@ -384,6 +400,7 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
         raise
+    plot_loss_curves(run.read_metrics(), run.path / "loss.png")
     summary = {"train": trainer.train_split.summary()}
     if trainer.eval_split is not None:
         summary["eval"] = trainer.eval_split.summary()
