@@ -28,8 +28,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def qa_rows() -> list[dict]:
     """A handful of instruction rows a tiny model can memorise."""
-    pairs = [("Say hi", "hi there"), ("Count to three", "one two three"), ("Name a colour", "blue"),
-             ("Name an animal", "a cat"), ("What is two plus two", "four"), ("Say bye", "goodbye")]
+    pairs = [
+        ("Say hi", "hi there"),
+        ("Count to three", "one two three"),
+        ("Name a colour", "blue"),
+        ("Name an animal", "a cat"),
+        ("What is two plus two", "four"),
+        ("Say bye", "goodbye"),
+    ]
     return [{"instruction": q, "output": a} for q, a in pairs]
 
 

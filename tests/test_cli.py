@@ -25,8 +25,16 @@ def test_help_lists_every_stage():
 
 def test_recipe_show_reports_every_problem(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny:llama"}, "data": {"train": "x"},
-                                    "method": {"name": "lora", "alhpa": 3}, "training": {"epoch": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "tiny:llama"},
+                "data": {"train": "x"},
+                "method": {"name": "lora", "alhpa": 3},
+                "training": {"epoch": 1},
+            }
+        )
+    )
     result = runner.invoke(app, ["recipe", "show", str(path)])
     assert result.exit_code == 2
     assert "method.alhpa: unknown key. Did you mean 'alpha'?" in result.output
@@ -36,9 +44,13 @@ def test_recipe_show_reports_every_problem(tmp_path):
 def _tiny_recipe(tmp_path, qa_rows) -> str:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows))
-    recipe = {"model": {"name_or_path": "tiny:llama"}, "data": {"train": str(data), "max_length": 64},
-              "method": {"name": "lora", "r": 4}, "training": {"max_steps": 2, "batch_size": 3},
-              "output": {"dir": str(tmp_path / "runs")}}
+    recipe = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": str(data), "max_length": 64},
+        "method": {"name": "lora", "r": 4},
+        "training": {"max_steps": 2, "batch_size": 3},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
     path = tmp_path / "cli-run.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
@@ -69,8 +81,12 @@ def test_missing_model_names_the_path(tmp_path, qa_rows):
 def test_malformed_data_line_names_file_and_line(tmp_path, line):
     data = tmp_path / "bad.jsonl"
     data.write_text(line)
-    recipe = {"model": {"name_or_path": "tiny:llama"}, "data": {"train": str(data)}, "method": {"name": "full"},
-              "output": {"dir": str(tmp_path / "runs")}}
+    recipe = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": str(data)},
+        "method": {"name": "full"},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = runner.invoke(app, ["train", str(path)])

@@ -17,10 +17,18 @@ LABELS = ["positive", "negative"]
 
 
 def conversations() -> list[list[dict[str, str]]]:
-    reviews = ["a fine film", "dull and far too long, I left early", "great", "bad acting, bad plot, bad music",
-               "I loved every minute of it", "no"]
-    return [[{"role": "user", "content": f"Sentiment of: {r}"},
-             {"role": "assistant", "content": LABELS[i % 2]}] for i, r in enumerate(reviews)]
+    reviews = [
+        "a fine film",
+        "dull and far too long, I left early",
+        "great",
+        "bad acting, bad plot, bad music",
+        "I loved every minute of it",
+        "no",
+    ]
+    return [
+        [{"role": "user", "content": f"Sentiment of: {r}"}, {"role": "assistant", "content": LABELS[i % 2]}]
+        for i, r in enumerate(reviews)
+    ]
 
 
 class _Data:
@@ -48,9 +56,14 @@ def test_label_choice_equals_full_scoring_and_generation_equals_generate():
     assert got.label_predictions == [LABELS[max(range(2), key=s.__getitem__)] for s in scores]
     for conv, generated in zip(convs, got.generations):
         ids = torch.tensor([encode_prompt(tok, split_prompt_answer(conv)[0])])
-        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        assert generated == tok.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()
+        out = model.generate(
+            ids,
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        assert generated == tok.decode(out[0, ids.size(1) :], skip_special_tokens=True).strip()
 
 
 def test_multi_token_labels_are_scored_over_all_their_tokens():
@@ -112,7 +125,9 @@ def test_eval_of_untrained_and_trained_tiny_run_improves(tiny_recipe, tmp_path):
     """Overfitting the training answers must raise exact match on those same answers."""
     from tunelab.evaluate.run import run_eval
 
-    recipe = tiny_recipe("full", training__max_steps=40, training__learning_rate=3e-3)
+    recipe = tiny_recipe(
+        "full", training__max_steps=150, training__learning_rate=5e-3, training__batch_size=6
+    )
     result = train(recipe)
     before = run_eval("tiny:llama", recipe.data.train, max_new_tokens=6)
     after = run_eval(str(result.run_dir), recipe.data.train, max_new_tokens=6)

@@ -16,9 +16,16 @@ class _Data:
 
 def _features(tok, completion_only=True):
     objective = SftObjective(SftConfig(completion_only=completion_only), tok, _Data)
-    rows = [("Say hi", "hi there"), ("Count to three please", "one two three"), ("Name a colour", "blue"),
-            ("What is two plus two", "four"), ("Name an animal", "a big cat")]
-    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in rows]
+    rows = [
+        ("Say hi", "hi there"),
+        ("Count to three please", "one two three"),
+        ("Name a colour", "blue"),
+        ("What is two plus two", "four"),
+        ("Name an animal", "a big cat"),
+    ]
+    examples = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in rows
+    ]
     return objective, [objective.encode(i, e) for i, e in enumerate(examples)]
 
 
@@ -28,7 +35,7 @@ def test_packed_loss_equals_unpacked_loss(completion_only):
     model = build_tiny_llama(tok, seed=5).eval()
     objective, features = _features(tok, completion_only)
     unpacked = objective.loss(model, objective.collate(features))
-    packs = pack_features(features, max_length=40)
+    packs = pack_features(features, max_length=48)
     assert 1 < len(packs) < len(features)  # something was really packed
     packed = objective.loss(model, collate_packed(packs, tok.pad_token_id))
     assert int(packed.n_units) == int(unpacked.n_units)
@@ -38,8 +45,8 @@ def test_packed_loss_equals_unpacked_loss(completion_only):
 def test_packs_respect_max_length_and_keep_every_token():
     tok = build_tiny_tokenizer()
     _, features = _features(tok)
-    packs = pack_features(features, max_length=40)
-    assert all(len(p["input_ids"]) <= 40 for p in packs)
+    packs = pack_features(features, max_length=48)
+    assert all(len(p["input_ids"]) <= 48 for p in packs)
     assert sum(len(p["input_ids"]) for p in packs) == sum(len(f["input_ids"]) for f in features)
     starts = [i for p in packs for i, pos in enumerate(p["position_ids"]) if pos == 0]
     assert len(starts) == len(features)
@@ -57,7 +64,7 @@ def test_isolation_probe_detects_leaking_attention():
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, position_ids):
+        def forward(self, input_ids, position_ids, use_cache=False):
             out = self.inner(input_ids=input_ids, position_ids=position_ids)
             out.logits = out.logits + out.logits.mean(dim=1, keepdim=True)
             return out
@@ -76,5 +83,6 @@ def test_training_with_packing_is_refused_when_examples_would_mix(tiny_recipe, m
 def test_training_with_packing_runs_fewer_sequences(tiny_recipe):
     from tunelab.train.engine import train
 
-    result = train(tiny_recipe("lora", data__packing="true", training__max_steps=None, training__epochs=1))
-    assert result.steps == 1  # six short examples fit in one 64-token pack... per micro-batch of 3 packs
+    result = train(tiny_recipe("lora", data__packing="true", training__max_steps="null", training__epochs=1))
+    # six ~20-token examples make two 64-token packs: one micro-batch of 3 → one step (unpacked: two)
+    assert result.steps == 1

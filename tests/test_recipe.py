@@ -65,7 +65,9 @@ def test_conflicting_warmup_says_choose_one():
 
 
 def test_cli_overrides_are_typed_and_validated():
-    recipe = parse_recipe(dict(BASE), overrides=["training.learning_rate=1e-4", "method.target_modules=[q_proj, v_proj]"])
+    recipe = parse_recipe(
+        dict(BASE), overrides=["training.learning_rate=1e-4", "method.target_modules=[q_proj, v_proj]"]
+    )
     assert recipe.training.learning_rate == 1e-4
     assert recipe.method.target_modules == ["q_proj", "v_proj"]
     assert problems(dict(BASE), overrides=["training.batch_sise=4"]) == [
@@ -78,7 +80,11 @@ def test_resolved_recipe_fills_defaults_and_round_trips(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     recipe = load_recipe(path)
     resolved = recipe.resolved()
-    assert resolved["output"]["name"] == "r" and resolved["method"]["r"] == 16 and resolved["objective"]["name"] == "sft"
+    assert (
+        resolved["output"]["name"] == "r"
+        and resolved["method"]["r"] == 16
+        and resolved["objective"]["name"] == "sft"
+    )
     assert parse_recipe(resolved).resolved() == resolved
 
 

@@ -31,8 +31,15 @@ def _recipe(tmp_path: Path, qa_rows: list[dict], name: str) -> Path:
         "model": {"name_or_path": "tiny:llama"},
         "data": {"train": str(data), "eval": str(data), "max_length": 64},
         "method": {"name": "lora", "r": 4, "dropout": 0.1},  # dropout: RNG state must be restored too
-        "training": {"epochs": 6, "batch_size": 4, "learning_rate": 5e-3, "eval_every": 4, "save_every": 4,
-                     "lr_scheduler": "cosine", "warmup_steps": 2},
+        "training": {
+            "epochs": 6,
+            "batch_size": 4,
+            "learning_rate": 5e-3,
+            "eval_every": 4,
+            "save_every": 4,
+            "lr_scheduler": "cosine",
+            "warmup_steps": 2,
+        },
         "output": {"dir": str(tmp_path / "runs"), "name": name},
     }
     path = tmp_path / f"{name}.yaml"
@@ -49,7 +56,9 @@ def _kill_after_first_checkpoint(cmd: list[str], run: Path, timeout: float = 120
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             if proc.poll() is not None:
-                raise AssertionError(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+                raise AssertionError(
+                    f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+                )
             time.sleep(0.005)
         else:
             raise AssertionError("no checkpoint appeared in time")
@@ -67,8 +76,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, qa_rows):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "running" and not (run / "final").exists(), "the run was not killed mid-way"
 
-    done = subprocess.run([sys.executable, "-m", "tunelab", "train", "--resume", str(run)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
     resumed = _losses(run)

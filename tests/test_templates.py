@@ -47,7 +47,8 @@ def test_every_assistant_turn_by_default_and_last_only_on_request():
 def test_completion_only_off_trains_on_everything():
     tok = build_tiny_tokenizer()
     enc = encode_chat(tok, CHAT, completion_only=False)
-    assert enc.labels == enc.input_ids
+    # every token but the first (which nothing predicts) carries loss
+    assert enc.labels[0] == IGNORE_INDEX and enc.labels[1:] == enc.input_ids[1:]
 
 
 def test_truncation_is_reported_and_can_cut_all_loss_tokens():
@@ -91,8 +92,9 @@ def test_data_show_preview_is_what_the_trainer_trains_on(tiny_recipe):
 
     recipe = tiny_recipe("lora")
     trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))
-    previews, notes = preview_examples(recipe.data.train, build_tiny_tokenizer(), n=4,
-                                       data=DataShowConfig(max_length=recipe.data.max_length))
+    previews, notes = preview_examples(
+        recipe.data.train, build_tiny_tokenizer(), n=4, data=DataShowConfig(max_length=recipe.data.max_length)
+    )
     assert notes == [] and len(previews) == 4
     for preview, feature in zip(previews, trainer.train_split.features):
         assert preview.input_ids == feature["input_ids"]
@@ -109,7 +111,9 @@ def test_data_show_cli_json(tmp_path, qa_rows):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows))
-    result = CliRunner().invoke(app, ["data", "show", str(data), "--model", "tiny:llama", "-n", "2", "--json"])
+    result = CliRunner().invoke(
+        app, ["data", "show", str(data), "--model", "tiny:llama", "-n", "2", "--json"]
+    )
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)["examples"]
     assert len(shown) == 2

@@ -54,18 +54,31 @@ def test_run_directory_contents(tiny_recipe):
     recipe = tiny_recipe("lora", training__save_every=2, training__keep_checkpoints=2)
     result = train(recipe)
     run = result.run_dir
-    assert {p.name for p in run.iterdir()} >= {"recipe.yaml", "manifest.json", "metrics.jsonl", "checkpoints", "final"}
+    assert {p.name for p in run.iterdir()} >= {
+        "recipe.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "final",
+    }
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["seed"] == 0
     assert manifest["data"] and all(len(f["sha256"]) == 64 for f in manifest["data"])
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-4", "step-6"]
     ckpt = run / "checkpoints" / "step-6"
-    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "checkpoint.json"} <= {
-        p.name for p in ckpt.iterdir()
-    }
+    assert {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+        "trainer_state.json",
+        "checkpoint.json",
+    } <= {p.name for p in ckpt.iterdir()}
     assert all("lora_" in name for name in load_file(str(ckpt / "trainable.safetensors")))
     assert (run / "final" / "adapter_model.safetensors").exists()
-    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [
+        r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert steps == list(range(1, 7))
 
 
@@ -80,8 +93,15 @@ def test_existing_run_name_needs_overwrite(tiny_recipe):
 def test_gradient_accumulation_matches_one_big_batch(tiny_recipe):
     """Same examples per optimizer step → same update, whether in one micro-batch or three."""
     big = train(tiny_recipe("full", training__max_steps=2, training__batch_size=6, output__name="big"))
-    accum = train(tiny_recipe("full", training__max_steps=2, training__batch_size=2, training__grad_accum=3,
-                              output__name="accum"))
+    accum = train(
+        tiny_recipe(
+            "full",
+            training__max_steps=2,
+            training__batch_size=2,
+            training__grad_accum=3,
+            output__name="accum",
+        )
+    )
     # different micro-batch order inside the step does not change the summed gradient
     assert big.losses[0] == pytest.approx(accum.losses[0], rel=1e-5)
     assert big.losses[1] == pytest.approx(accum.losses[1], rel=1e-4)
@@ -98,7 +118,10 @@ def test_micro_batch_stream_covers_each_epoch_once():
 
 def test_early_stopping_stops_when_eval_stops_improving(tiny_recipe):
     recipe = tiny_recipe(
-        "full", training__max_steps=40, training__learning_rate=0.5, training__eval_every=1,
+        "full",
+        training__max_steps=40,
+        training__learning_rate=0.5,
+        training__eval_every=1,
         **{"training.early_stopping": "{metric: eval_loss, patience: 2}"},
     )
     result = train(recipe)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,7 +39,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """tunelab: from raw data to a deployed fine-tuned language model."""
 
@@ -47,7 +49,9 @@ def main(
 @recipe_app.command("show")
 def recipe_show(
     path: Annotated[Path, typer.Argument(help="recipe YAML")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. training.learning_rate=1e-4")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. training.learning_rate=1e-4")
+    ] = None,
 ) -> None:
     """Print the fully resolved recipe (every default filled in), or every problem in it."""
     from tunelab.recipe import RecipeError, dump_yaml, load_recipe
@@ -78,9 +82,11 @@ def recipe_check(paths: Annotated[list[Path], typer.Argument(help="recipe YAML f
 
 @app.command()
 def train(
-    recipe: Annotated[Optional[Path], typer.Argument(help="recipe YAML (omit with --resume)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. training.learning_rate=1e-4")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="recipe YAML (omit with --resume)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. training.learning_rate=1e-4")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of the same name")] = False,
 ) -> None:
     """Train a model as the recipe says; writes runs/<name>/ (recipe, manifest, metrics, checkpoints, final)."""
@@ -106,14 +112,18 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Argument(help="hub id, local dir, .gguf, tiny:llama, asset:NAME, or a run dir")],
+    model: Annotated[
+        str, typer.Argument(help="hub id, local dir, .gguf, tiny:llama, asset:NAME, or a run dir")
+    ],
     data: Annotated[str, typer.Option("--data", help="instruction/chat data with reference answers")],
-    labels: Annotated[Optional[str], typer.Option(help="comma-separated answer set for label accuracy")] = None,
-    template: Annotated[Optional[str], typer.Option(help="built-in chat template if the tokenizer has none")] = None,
-    max_examples: Annotated[Optional[int], typer.Option(help="evaluate only the first N examples")] = None,
+    labels: Annotated[str | None, typer.Option(help="comma-separated answer set for label accuracy")] = None,
+    template: Annotated[
+        str | None, typer.Option(help="built-in chat template if the tokenizer has none")
+    ] = None,
+    max_examples: Annotated[int | None, typer.Option(help="evaluate only the first N examples")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="generation budget for exact match")] = 16,
     batch_size: Annotated[int, typer.Option()] = 16,
-    predictions: Annotated[Optional[Path], typer.Option(help="write per-example predictions (JSONL)")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="write per-example predictions (JSONL)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Loss, perplexity, label accuracy by log-likelihood and exact match of generated answers."""
@@ -123,9 +133,17 @@ def eval_(
 
     label_list = [x.strip() for x in labels.split(",")] if labels else None
     try:
-        result = run_eval(model, data, labels=label_list, template=template, max_examples=max_examples,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, predictions_path=predictions,
-                          console=err)
+        result = run_eval(
+            model,
+            data,
+            labels=label_list,
+            template=template,
+            max_examples=max_examples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            predictions_path=predictions,
+            console=err,
+        )
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if json_:
@@ -139,7 +157,7 @@ def demo(
     runs_dir: Annotated[str, typer.Option(help="where the run goes")] = "runs",
     n_train: Annotated[int, typer.Option(help="training reviews")] = 480,
     n_eval: Annotated[int, typer.Option(help="held-out reviews")] = 300,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override the demo recipe")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override the demo recipe")] = None,
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on movie-review sentiment and show before/after."""
     from tunelab.demo import run_demo

@@ -94,16 +94,24 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 def build_demo_data(out_dir: Path, *, n_eval: int, n_train: int, seed: int) -> DemoSplit:
     reviews, excluded = read_reviews(asset_path("rotten-tomatoes"))
     train_rows, held = stratified_split(reviews, n_eval, n_train, seed)
-    split = DemoSplit(out_dir / "train.jsonl", out_dir / "eval.jsonl",
-                      {"train": dict(Counter(r["label"] for r in train_rows)),
-                       "eval": dict(Counter(r["label"] for r in held))}, excluded)
+    split = DemoSplit(
+        out_dir / "train.jsonl",
+        out_dir / "eval.jsonl",
+        {
+            "train": dict(Counter(r["label"] for r in train_rows)),
+            "eval": dict(Counter(r["label"] for r in held)),
+        },
+        excluded,
+    )
     write_jsonl(split.train_path, [as_instruction(r) for r in train_rows])
     write_jsonl(split.eval_path, [as_instruction(r) for r in held])
     return split
 
 
 def demo_recipe(split: DemoSplit, runs_dir: str, overrides: list[str] | None) -> Recipe:
-    raw = yaml.safe_load(resources.files("tunelab").joinpath("resources/demo.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load(
+        resources.files("tunelab").joinpath("resources/demo.yaml").read_text(encoding="utf-8")
+    )
     raw["data"]["train"] = str(split.train_path)
     raw["output"]["dir"] = runs_dir
     return parse_recipe(raw, source="tunelab demo recipe", overrides=overrides)
@@ -114,7 +122,12 @@ def before_after_table(before: EvalResult, after: EvalResult) -> Table:
     for column in ("metric", "base", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     rows = [
-        ("accuracy, label by log-likelihood", before.accuracy_loglik or 0.0, after.accuracy_loglik or 0.0, True),
+        (
+            "accuracy, label by log-likelihood",
+            before.accuracy_loglik or 0.0,
+            after.accuracy_loglik or 0.0,
+            True,
+        ),
         ("accuracy, exact match of generated answer", before.exact_match, after.exact_match, True),
         ("perplexity of the answer", before.perplexity, after.perplexity, False),
     ]
@@ -127,44 +140,75 @@ def before_after_table(before: EvalResult, after: EvalResult) -> Table:
 
 
 def run_demo(
-    *, runs_dir: str = "runs", n_eval: int = 300, n_train: int = 480, seed: int = 0,
-    overrides: list[str] | None = None, console: Console | None = None,
+    *,
+    runs_dir: str = "runs",
+    n_eval: int = 300,
+    n_train: int = 480,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
 ) -> dict[str, object]:
     console = console or Console()
     started = time.perf_counter()
     fetch(["smollm2-135m-instruct", "rotten-tomatoes"])
     split = build_demo_data(Path(runs_dir) / "demo-data", n_eval=n_eval, n_train=n_train, seed=seed)
-    console.print(f"data: train {split.counts['train']}, held-out {split.counts['eval']}; excluded {split.excluded}")
+    console.print(
+        f"data: train {split.counts['train']}, held-out {split.counts['eval']}; excluded {split.excluded}"
+    )
     recipe = demo_recipe(split, runs_dir, overrides)
     conversations = load_conversations(str(split.eval_path))
     labels = recipe.eval.labels
 
     console.rule("1/3 base model")
     base_model, tokenizer = load_for_eval(recipe.model.name_or_path)
-    before, _ = evaluate_model(base_model, tokenizer, conversations, name="base", labels=labels,
-                               max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                               console=console)
+    before, _ = evaluate_model(
+        base_model,
+        tokenizer,
+        conversations,
+        name="base",
+        labels=labels,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        batch_size=recipe.eval.batch_size,
+        console=console,
+    )
     del base_model
-    console.print(f"base: accuracy {100 * (before.accuracy_loglik or 0):.1f}% (log-lik), "
-                  f"exact match {100 * before.exact_match:.1f}%")
+    console.print(
+        f"base: accuracy {100 * (before.accuracy_loglik or 0):.1f}% (log-lik), "
+        f"exact match {100 * before.exact_match:.1f}%"
+    )
 
     console.rule("2/3 LoRA fine-tuning")
     result = train(recipe, overwrite=True, console=console)
 
     console.rule("3/3 fine-tuned model")
     tuned_model, tuned_tokenizer = load_for_eval(str(result.run_dir))
-    after, _ = evaluate_model(tuned_model, tuned_tokenizer, conversations, name="fine-tuned", labels=labels,
-                              max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                              console=console)
+    after, _ = evaluate_model(
+        tuned_model,
+        tuned_tokenizer,
+        conversations,
+        name="fine-tuned",
+        labels=labels,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        batch_size=recipe.eval.batch_size,
+        console=console,
+    )
     console.print(before_after_table(before, after))
     report = {
-        "before": before.as_row(), "after": after.as_row(),
+        "before": before.as_row(),
+        "after": after.as_row(),
         "accuracy_loglik_gain_points": 100 * ((after.accuracy_loglik or 0) - (before.accuracy_loglik or 0)),
-        "data": {"counts": split.counts, "excluded": split.excluded, "train": str(split.train_path),
-                 "eval": str(split.eval_path)},
-        "run": str(result.run_dir), "steps": result.steps, "seconds": time.perf_counter() - started,
+        "data": {
+            "counts": split.counts,
+            "excluded": split.excluded,
+            "train": str(split.train_path),
+            "eval": str(split.eval_path),
+        },
+        "run": str(result.run_dir),
+        "steps": result.steps,
+        "seconds": time.perf_counter() - started,
     }
     atomic_write_json(result.run_dir / "report.json", report)
-    console.print(f"run: {result.run_dir}   report: {result.run_dir / 'report.json'}   "
-                  f"took {report['seconds']:.0f} s")
+    console.print(
+        f"run: {result.run_dir}   report: {result.run_dir / 'report.json'}   took {report['seconds']:.0f} s"
+    )
     return report

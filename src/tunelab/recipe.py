@@ -46,7 +46,9 @@ class DataSection(Section):
     columns: dict[str, str] = Field(default_factory=dict)
     template: str | None = None
     max_length: int = Field(1024, ge=8)
-    packing: bool = Field(False, description="pack short examples into max_length sequences, attention kept per example")
+    packing: bool = Field(
+        False, description="pack short examples into max_length sequences, attention kept per example"
+    )
     skip_bad: bool = False
     strict: bool = False
 
@@ -72,8 +74,12 @@ class TrainingSection(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     log_every: int = Field(1, ge=1)
-    eval_every: int | None = Field(None, ge=1, description="optimizer steps between evals; default once per epoch")
-    save_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints; default = eval_every")
+    eval_every: int | None = Field(
+        None, ge=1, description="optimizer steps between evals; default once per epoch"
+    )
+    save_every: int | None = Field(
+        None, ge=1, description="optimizer steps between checkpoints; default = eval_every"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping: EarlyStopping | None = None
 

@@ -368,9 +368,14 @@ def show(
 
     with _errors():
         previews, notes = preview_examples(
-            str(file), _tokenizer(model), n=n, template=template,
-            objective=SftConfig(train_on="last_assistant" if last_turn_only else "all_assistant",
-                                completion_only=not full_text_loss),
+            str(file),
+            _tokenizer(model),
+            n=n,
+            template=template,
+            objective=SftConfig(
+                train_on="last_assistant" if last_turn_only else "all_assistant",
+                completion_only=not full_text_loss,
+            ),
             data=DataShowConfig(max_length=max_length, format=fmt or "auto", columns=_columns(columns) or {}),
         )
     if as_json:
@@ -380,8 +385,10 @@ def show(
         err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
     for preview in previews:
         loss_tokens = sum(preview.loss_mask)
-        out.rule(f"row {preview.row}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
-                 + (" (truncated)" if preview.truncated else ""))
+        out.rule(
+            f"row {preview.row}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
+            + (" (truncated)" if preview.truncated else "")
+        )
         out.print(render_preview(preview))
         for warning in preview.warnings:
             err.print(f"[yellow]warning:[/yellow] row {preview.row}: {warning}", highlight=False)

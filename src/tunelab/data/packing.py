@@ -71,7 +71,9 @@ def packing_isolates(model: Any, vocab_size: int, *, atol: float = 1e-4) -> bool
     positions = torch.cat([torch.arange(5), torch.arange(6)]).unsqueeze(0).to(device)
     was_training = model.training
     model.eval()
-    together = model(input_ids=packed, position_ids=positions).logits[:, 5:].float()
-    alone = model(input_ids=second.to(device), position_ids=torch.arange(6, device=device).unsqueeze(0)).logits.float()
+    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 5:].float()
+    alone = model(
+        input_ids=second.to(device), position_ids=torch.arange(6, device=device).unsqueeze(0), use_cache=False
+    ).logits.float()
     model.train(was_training)
     return bool(torch.allclose(together, alone, atol=atol, rtol=1e-3))

@@ -28,9 +28,15 @@ class Preview:
     warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {"row": self.row, "input_ids": self.input_ids, "loss_mask": [int(m) for m in self.loss_mask],
-                "tokens": self.pieces, "truncated": self.truncated, "dropped": self.dropped,
-                "warnings": self.warnings}
+        return {
+            "row": self.row,
+            "input_ids": self.input_ids,
+            "loss_mask": [int(m) for m in self.loss_mask],
+            "tokens": self.pieces,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "warnings": self.warnings,
+        }
 
 
 @dataclass
@@ -49,9 +55,13 @@ def inference_mismatch(tokenizer: Any, example: dict[str, Any], input_ids: list[
     prompt = encode_prompt(tokenizer, split_prompt_answer(example["messages"])[0])
     if input_ids[: len(prompt)] == prompt:
         return None
-    at = next((i for i, (a, b) in enumerate(zip(input_ids, prompt)) if a != b), min(len(input_ids), len(prompt)))
-    return (f"training tokens differ from the inference prompt at token {at}: the model would be prompted "
-            "differently from how it was trained")
+    at = next(
+        (i for i, (a, b) in enumerate(zip(input_ids, prompt)) if a != b), min(len(input_ids), len(prompt))
+    )
+    return (
+        f"training tokens differ from the inference prompt at token {at}: the model would be prompted "
+        "differently from how it was trained"
+    )
 
 
 def preview_examples(
@@ -75,8 +85,13 @@ def preview_examples(
             previews.append(Preview(row, [], [], [], dropped=encoded.reason))
             continue
         ids = encoded["input_ids"]
-        preview = Preview(row, ids, [lab != IGNORE_INDEX for lab in encoded["labels"]],
-                          [tokenizer.decode([t]) for t in ids], truncated=bool(encoded["truncated"]))
+        preview = Preview(
+            row,
+            ids,
+            [lab != IGNORE_INDEX for lab in encoded["labels"]],
+            [tokenizer.decode([t]) for t in ids],
+            truncated=bool(encoded["truncated"]),
+        )
         mismatch = inference_mismatch(tokenizer, example, ids)
         if mismatch:
             preview.warnings.append(mismatch)

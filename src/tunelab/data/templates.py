@@ -81,7 +81,9 @@ def select_template(tokenizer: PreTrainedTokenizerBase, name: str | None) -> lis
             )
         return notes
     if name not in BUILTIN_TEMPLATES:
-        raise TemplateError(f"data.template: unknown template {name!r}; use one of {', '.join(BUILTIN_TEMPLATES)}")
+        raise TemplateError(
+            f"data.template: unknown template {name!r}; use one of {', '.join(BUILTIN_TEMPLATES)}"
+        )
     own = tokenizer.chat_template
     if own and own != BUILTIN_TEMPLATES[name]:
         notes.append(
@@ -92,7 +94,9 @@ def select_template(tokenizer: PreTrainedTokenizerBase, name: str | None) -> lis
     return notes
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, generation_prompt: bool) -> str:
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, generation_prompt: bool
+) -> str:
     """Render messages to text with the tokenizer's chat template."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -144,7 +148,7 @@ def encode_chat(
     ids = list(enc["input_ids"])
     mask = _mask_from_spans(enc["offset_mapping"], spans) if completion_only else [True] * len(ids)
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return _truncate(Encoded(ids, labels, full_length=len(ids)), max_length)
+    return _truncate(Encoded(ids, _no_loss_on_first(labels), full_length=len(ids)), max_length)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, *, max_length: int | None = None) -> Encoded:
@@ -152,20 +156,31 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, *, max_length: in
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids = [*ids, tokenizer.eos_token_id]
-    return _truncate(Encoded(list(ids), list(ids), full_length=len(ids)), max_length)
+    return _truncate(Encoded(list(ids), _no_loss_on_first(list(ids)), full_length=len(ids)), max_length)
+
+
+def _no_loss_on_first(labels: list[int]) -> list[int]:
+    """The first token has nothing before it to predict it from. Marking it here keeps the loss the
+    same however the batch is padded (with left padding it would otherwise be 'predicted' from a pad)."""
+    return [IGNORE_INDEX, *labels[1:]] if labels else labels
 
 
 def _truncate(encoded: Encoded, max_length: int | None) -> Encoded:
     if max_length is None or len(encoded.input_ids) <= max_length:
         return encoded
     return Encoded(
-        encoded.input_ids[:max_length], encoded.labels[:max_length], truncated=True, full_length=encoded.full_length
+        encoded.input_ids[:max_length],
+        encoded.labels[:max_length],
+        truncated=True,
+        full_length=encoded.full_length,
     )
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
     """Token ids of a prompt ready for generation (everything up to the assistant's answer)."""
-    return tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
 
 
 def split_prompt_answer(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:

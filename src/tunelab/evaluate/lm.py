@@ -62,7 +62,9 @@ def split_items(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dic
     return items
 
 
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], labels: list[str]) -> list[list[int]]:
+def label_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], labels: list[str]
+) -> list[list[int]]:
     """Token ids of each label as tokenized right after the prompt (BPE merges depend on context)."""
     prompt_text = tokenizer.decode(prompt_ids)
     out = []
@@ -106,13 +108,23 @@ def read_batch(
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in _left_padded([it.prompt for it in items], tokenizer.pad_token_id))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                    use_cache=True, logits_to_keep=1)
+    prefill = model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = prefill.past_key_values
 
     generated = model.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(cache), max_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(model, tokenizer) or None,
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=copy.deepcopy(cache),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=_stop_ids(model, tokenizer) or None,
     )
     texts = [tokenizer.decode(row[ids.size(1) :], skip_special_tokens=True).strip() for row in generated]
 
@@ -121,8 +133,11 @@ def read_batch(
     answer = {k: v.to(device) for k, v in pad_causal_batch(feats, tokenizer.pad_token_id).items()}
     steps = answer["input_ids"].size(1)
     logits = model(
-        input_ids=answer["input_ids"], attention_mask=torch.cat([mask[:, :-1], answer["attention_mask"]], dim=1),
-        position_ids=positions[:, -1:] + torch.arange(steps, device=device), past_key_values=cache, use_cache=True,
+        input_ids=answer["input_ids"],
+        attention_mask=torch.cat([mask[:, :-1], answer["attention_mask"]], dim=1),
+        position_ids=positions[:, -1:] + torch.arange(steps, device=device),
+        past_key_values=cache,
+        use_cache=True,
     ).logits
     # labels are aligned with the *next* position here, so prepend a dummy column for the shift inside
     shifted = torch.cat([torch.full_like(answer["labels"][:, :1], IGNORE_INDEX), answer["labels"]], dim=1)
@@ -132,7 +147,12 @@ def read_batch(
 
 @torch.no_grad()
 def score_labels(
-    model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], labels: list[str], *, batch_size: int
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    labels: list[str],
+    *,
+    batch_size: int,
 ) -> list[list[float]]:
     """Sum of log-probs of every label's tokens after each prompt (for labels of several tokens)."""
     device = next(model.parameters()).device
@@ -142,11 +162,18 @@ def score_labels(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         feats = [
-            {"input_ids": prompts[p] + label_ids[li], "labels": [IGNORE_INDEX] * len(prompts[p]) + label_ids[li]}
+            {
+                "input_ids": prompts[p] + label_ids[li],
+                "labels": [IGNORE_INDEX] * len(prompts[p]) + label_ids[li],
+            }
             for p, li in chunk
         ]
         batch = {k: v.to(device) for k, v in pad_causal_batch(feats, tokenizer.pad_token_id).items()}
-        logp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().log_softmax(-1)
+        logp = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits.float()
+            .log_softmax(-1)
+        )
         targets = batch["labels"][:, 1:]
         gathered = logp[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         per_row = (gathered * (targets != IGNORE_INDEX)).sum(-1)

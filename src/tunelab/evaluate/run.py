@@ -68,8 +68,9 @@ def infer_labels(golds: list[str]) -> list[str] | None:
     return None
 
 
-def load_conversations(path: str, fmt: str = "auto", columns: dict[str, str] | None = None,
-                       limit: int | None = None) -> list[list[dict[str, str]]]:
+def load_conversations(
+    path: str, fmt: str = "auto", columns: dict[str, str] | None = None, limit: int | None = None
+) -> list[list[dict[str, str]]]:
     rows, _, _ = read_canonical(path, fmt, columns)
     conversations = [example["messages"] for _, example in rows if "messages" in example]
     if not conversations:
@@ -94,8 +95,13 @@ def evaluate_model(
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"eval {name}", total=len(conversations))
         raw = evaluate_conversations(
-            model, tokenizer, conversations, labels=labels, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, progress=lambda n: progress.advance(task, n),
+            model,
+            tokenizer,
+            conversations,
+            labels=labels,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=lambda n: progress.advance(task, n),
         )
     acc = accuracy(raw.label_predictions, golds) if labels else None
     em = sum(exact_match(p, g) for p, g in zip(raw.generations, golds)) / len(golds)
@@ -119,8 +125,14 @@ def run_eval(
     select_template(tokenizer, template)
     conversations = load_conversations(data, limit=max_examples)
     result, raw = evaluate_model(
-        model, tokenizer, conversations, name=spec, labels=labels, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, console=console,
+        model,
+        tokenizer,
+        conversations,
+        name=spec,
+        labels=labels,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        console=console,
     )
     if predictions_path is not None:
         write_predictions(predictions_path, conversations, raw)
@@ -133,8 +145,11 @@ def write_predictions(path: Path, conversations: list[list[dict[str, str]]], raw
     with path.open("w", encoding="utf-8") as handle:
         for i, conv in enumerate(conversations):
             gold = split_prompt_answer(conv)[1]
-            row = {"gold": gold, "generated": raw.generations[i],
-                   "generated_correct": normalise_answer(raw.generations[i]) == normalise_answer(gold)}
+            row = {
+                "gold": gold,
+                "generated": raw.generations[i],
+                "generated_correct": normalise_answer(raw.generations[i]) == normalise_answer(gold),
+            }
             if raw.label_predictions:
                 row["label_choice"] = raw.label_predictions[i]
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -146,5 +161,7 @@ def results_table(results: list[EvalResult], title: str = "evaluation") -> Table
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in results:
         acc = "—" if r.accuracy_loglik is None else f"{100 * r.accuracy_loglik:.1f}%"
-        table.add_row(r.model, str(r.n), f"{r.loss:.4f}", f"{r.perplexity:.3f}", acc, f"{100 * r.exact_match:.1f}%")
+        table.add_row(
+            r.model, str(r.n), f"{r.loss:.4f}", f"{r.perplexity:.3f}", acc, f"{100 * r.exact_match:.1f}%"
+        )
     return table

@@ -17,7 +17,9 @@ class LoraConfig(MethodConfig):
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator; effective scale is alpha / r")
     dropout: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0,
+        ge=0.0,
+        lt=1.0,
         description="dropout on the adapter input; 0 by default: with dropout PEFT keeps a dropped copy of "
         "every adapted layer's input, which doubled the CPU step time of SmolLM2-135M in our measurement",
     )

@@ -46,7 +46,8 @@ class SftObjective:
             return Dropped(row, f"sft needs text, instruction or chat data; got fields {sorted(example)}")
         if enc.n_loss_tokens == 0:
             return Dropped(
-                row, f"no loss tokens left after truncation to max_length={self.max_length} (had {enc.full_length})"
+                row,
+                f"no loss tokens left after truncation to max_length={self.max_length} (had {enc.full_length})",
             )
         return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
 
@@ -103,7 +104,9 @@ def causal_lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     return out.logits, labels
 
 
-def pad_causal_batch(features: list[dict[str, Any]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+def pad_causal_batch(
+    features: list[dict[str, Any]], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Pad ids and labels to the longest example on ``side``; padding never carries loss."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)

@@ -41,7 +41,11 @@ class PreparedSplit:
 
 
 def read_canonical(
-    path: str, fmt: str = "auto", columns: dict[str, str] | None = None, *, skip_bad: bool = False,
+    path: str,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    *,
+    skip_bad: bool = False,
     rejects_path: Path | None = None,
 ) -> tuple[list[tuple[int, dict[str, Any]]], LoadReport, str]:
     """Load a data file and map each row to its canonical shape; errors name the file and row."""
@@ -60,15 +64,20 @@ def read_canonical(
 
 
 def prepare_split(
-    path: str, objective: Objective, data_cfg: Any, *, dropped_path: Path | None = None,
+    path: str,
+    objective: Objective,
+    data_cfg: Any,
+    *,
+    dropped_path: Path | None = None,
     rejects_path: Path | None = None,
 ) -> PreparedSplit:
     """Read, canonicalise and encode one file for ``objective``."""
     rows, report, fmt = read_canonical(
         path, data_cfg.format, data_cfg.columns, skip_bad=data_cfg.skip_bad, rejects_path=rejects_path
     )
-    split = PreparedSplit(path=path, features=[], rows_read=report.rows_read,
-                          rows_rejected=report.rows_rejected, format=fmt)
+    split = PreparedSplit(
+        path=path, features=[], rows_read=report.rows_read, rows_rejected=report.rows_rejected, format=fmt
+    )
     for row, example in rows:
         encoded = objective.encode(row, example)
         if isinstance(encoded, Dropped):

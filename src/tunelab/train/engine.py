@@ -107,7 +107,9 @@ def eval_interval(cfg: Any, n_examples: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, objective: Any, features: list[dict[str, Any]], batch_size: int, device: Any) -> dict[str, float]:
+def evaluate_loss(
+    model: Any, objective: Any, features: list[dict[str, Any]], batch_size: int, device: Any
+) -> dict[str, float]:
     """Token-weighted loss and perplexity over ``features`` (the objective's own loss)."""
     was_training = model.training
     model.eval()
@@ -152,10 +154,14 @@ class Trainer:
         objective_entry = OBJECTIVES.get(recipe.objective.name)
         self.objective = objective_entry.impl(recipe.objective, self.tokenizer, recipe.data)
         self.train_split, self.eval_split = self._prepare_data()
-        prepared = METHODS.get(recipe.method.name).impl(model, recipe.method, weight_decay=recipe.training.weight_decay)
+        prepared = METHODS.get(recipe.method.name).impl(
+            model, recipe.method, weight_decay=recipe.training.weight_decay
+        )
         self.is_adapter = prepared.is_adapter
         if recipe.training.gradient_checkpointing:
-            prepared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            prepared.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             if hasattr(prepared.model, "enable_input_require_grads"):
                 prepared.model.enable_input_require_grads()
         if recipe.data.packing:
@@ -164,7 +170,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(prepared.param_groups, lr=recipe.training.learning_rate)
         self.steps = total_steps(len(self.train_split.features), recipe.training)
         self.scheduler = get_scheduler(
-            "constant_with_warmup" if recipe.training.lr_scheduler == "constant" else recipe.training.lr_scheduler,
+            "constant_with_warmup"
+            if recipe.training.lr_scheduler == "constant"
+            else recipe.training.lr_scheduler,
             optimizer,
             num_warmup_steps=warmup_steps(recipe.training, self.steps),
             num_training_steps=self.steps,
@@ -176,14 +184,20 @@ class Trainer:
     def _prepare_data(self) -> tuple[PreparedSplit, PreparedSplit | None]:
         data = self.recipe.data
         train = prepare_split(
-            data.train, self.objective, data,
-            dropped_path=self.run.path / "dropped.jsonl", rejects_path=self.run.path / "rejects.jsonl",
+            data.train,
+            self.objective,
+            data,
+            dropped_path=self.run.path / "dropped.jsonl",
+            rejects_path=self.run.path / "rejects.jsonl",
         )
         evaluation = None
         if data.eval:
             evaluation = prepare_split(
-                data.eval, self.objective, data,
-                dropped_path=self.run.path / "dropped.jsonl", rejects_path=self.run.path / "rejects.jsonl",
+                data.eval,
+                self.objective,
+                data,
+                dropped_path=self.run.path / "dropped.jsonl",
+                rejects_path=self.run.path / "rejects.jsonl",
             )
         for split in filter(None, (train, evaluation)):
             if split.dropped or split.rows_rejected:
@@ -208,11 +222,15 @@ class Trainer:
             )
         before = len(self.train_split.features)
         self.train_split.features = pack_features(self.train_split.features, self.recipe.data.max_length)
-        self.console.print(f"packing: {before} examples in {len(self.train_split.features)} sequences "
-                           f"of at most {self.recipe.data.max_length} tokens")
+        self.console.print(
+            f"packing: {before} examples in {len(self.train_split.features)} sequences "
+            f"of at most {self.recipe.data.max_length} tokens"
+        )
 
     def resume_from(self, checkpoint: Path) -> None:
-        loop = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        loop = load_checkpoint(
+            checkpoint, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler
+        )
         self.state = LoopState(**loop)
         self.run.truncate_metrics_after(self.state.step)
         self.console.print(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}")
@@ -226,7 +244,9 @@ class Trainer:
         cfg = self.recipe.training
         batches = [
             self._batch(ix)
-            for ix in micro_batches_for_step(self.state.step, len(self.train_split.features), cfg, self.recipe.seed)
+            for ix in micro_batches_for_step(
+                self.state.step, len(self.train_split.features), cfg, self.recipe.seed
+            )
         ]
         units = max(sum(self.objective.units(b) for b in batches), 1)
         loss_total = 0.0
@@ -260,7 +280,11 @@ class Trainer:
         if not final and self.state.step % every:
             return None
         metrics = evaluate_loss(
-            self.model, self.objective, self.eval_split.features, self.recipe.eval.batch_size, self.accelerator.device
+            self.model,
+            self.objective,
+            self.eval_split.features,
+            self.recipe.eval.batch_size,
+            self.accelerator.device,
         )
         self.run.log_metrics({"step": self.state.step, **metrics})
         self.last_eval = (self.state.step, metrics)
@@ -272,7 +296,9 @@ class Trainer:
         if rule is None:
             return
         if rule.metric not in metrics:
-            raise KeyError(f"training.early_stopping.metric: {rule.metric!r} is not computed; use one of {sorted(metrics)}")
+            raise KeyError(
+                f"training.early_stopping.metric: {rule.metric!r} is not computed; use one of {sorted(metrics)}"
+            )
         value = metrics[rule.metric]
         if improved(value, self.state.best_metric, rule.mode, rule.min_delta):
             self.state.best_metric, self.state.best_step = value, self.state.step
@@ -290,7 +316,11 @@ class Trainer:
             return
         with self.run.writing_checkpoint(self.state.step) as tmp:
             save_checkpoint(
-                tmp, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, vars(self.state)
+                tmp,
+                self.accelerator.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                vars(self.state),
             )
         self.run.prune_checkpoints(cfg.keep_checkpoints)
 
@@ -378,8 +408,11 @@ def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResu
 def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool) -> TrainResult:
     data_files = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p and Path(p).exists()]
     if not resume or not run.manifest_path.exists():
-        run.write_manifest(build_manifest(recipe=recipe.resolved(), data_files=data_files, seed=recipe.seed,
-                                          run_name=run.name))
+        run.write_manifest(
+            build_manifest(
+                recipe=recipe.resolved(), data_files=data_files, seed=recipe.seed, run_name=run.name
+            )
+        )
     run.set_status("running")
     try:
         trainer = Trainer(recipe, run, console)
@@ -404,6 +437,11 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
     summary = {"train": trainer.train_split.summary()}
     if trainer.eval_split is not None:
         summary["eval"] = trainer.eval_split.summary()
-    run.set_status("completed", steps=trainer.state.step, data_summary=summary, final_eval=final_eval,
-                   stopped_early=trainer.state.stopped_early)
+    run.set_status(
+        "completed",
+        steps=trainer.state.step,
+        data_summary=summary,
+        final_eval=final_eval,
+        stopped_early=trainer.state.stopped_early,
+    )
     return TrainResult(run.path, trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)
