@@ -39,6 +39,13 @@ class ModelSection(Section):
     trust_remote_code: bool = False
 
 
+class SplitSpec(Section):
+    eval_ratio: float = Field(0.1, gt=0, lt=1)
+    by: Literal["random", "stratified", "group", "time"] = "random"
+    key: str | None = Field(None, description="label, group or timestamp column for by=stratified/group/time")
+    seed: int = 0
+
+
 class DataSection(Section):
     train: str
     eval: str | None = None
@@ -49,8 +56,15 @@ class DataSection(Section):
     packing: bool = Field(
         False, description="pack short examples into max_length sequences, attention kept per example"
     )
+    split: SplitSpec | None = Field(None, description="split data.train into train/eval on the fly")
     skip_bad: bool = False
-    strict: bool = False
+    strict: bool = Field(False, description="fail (instead of warn) on leakage, truncation and empty targets")
+
+    @model_validator(mode="after")
+    def _eval_or_split(self) -> DataSection:
+        if self.eval is not None and self.split is not None:
+            raise ValueError("give data.eval or data.split, not both. Choose one.")
+        return self
 
 
 class EarlyStopping(Section):

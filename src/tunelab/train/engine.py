@@ -34,6 +34,7 @@ from tunelab.runs.plots import plot_loss_curves
 from tunelab.runs.rundir import RunDir
 from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.train.data import PreparedSplit, prepare_split
+from tunelab.train.preflight import materialise_split, run_preflight
 
 FINAL_META = "tunelab.json"
 
@@ -154,6 +155,7 @@ class Trainer:
         objective_entry = OBJECTIVES.get(recipe.objective.name)
         self.objective = objective_entry.impl(recipe.objective, self.tokenizer, recipe.data)
         self.train_split, self.eval_split = self._prepare_data()
+        run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
         prepared = METHODS.get(recipe.method.name).impl(
             model, recipe.method, weight_decay=recipe.training.weight_decay
         )
@@ -415,6 +417,10 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
         )
     run.set_status("running")
     try:
+        if recipe.data.split is not None:
+            recipe = recipe.model_copy(deep=True)
+            recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
+            recipe.data.split = None
         trainer = Trainer(recipe, run, console)
         checkpoint = run.latest_checkpoint() if resume else None
         if checkpoint is not None:
