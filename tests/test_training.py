@@ -134,7 +134,7 @@ def test_every_registered_method_trains_only_what_it_declares():
         tok = build_tiny_tokenizer()
         model = build_tiny_llama(tok)
         entry = METHODS.get(name)
-        prepared = entry.impl(model, entry.config_cls(name=name), weight_decay=0.0)
+        prepared = entry.impl.apply(model, entry.config_cls(name=name), learning_rate=0.1, weight_decay=0.0)
         before = {n: p.detach().clone() for n, p in prepared.model.named_parameters()}
         opt = torch.optim.SGD(prepared.param_groups, lr=0.1)
         ids = torch.tensor([tok("hello world, hello tiny model")["input_ids"]])

@@ -96,6 +96,15 @@ class TrainingSection(Section):
     )
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping: EarlyStopping | None = None
+    layerwise_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="LR multiplier per block counted from the top (top block ×1, next ×d, ...)"
+    )
+    lr_multipliers: dict[Literal["embeddings", "head", "norm"], float] = Field(
+        default_factory=dict, description="per-group LR multipliers, e.g. {embeddings: 0.1}"
+    )
+    gradual_unfreeze_every: int | None = Field(
+        None, ge=1, description="start with the top block trainable; unfreeze one more block every N steps"
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingSection:

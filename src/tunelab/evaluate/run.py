@@ -45,19 +45,27 @@ def final_dir_of(spec: str) -> Path | None:
 
 
 def load_for_eval(spec: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """Load a base model (hub id, dir, .gguf, tiny:llama) or a tunelab run's trained model."""
+    """Load a base model (hub id, dir, .gguf, tiny:llama, asset:NAME) or a tunelab run's trained model."""
     final = final_dir_of(spec)
     if final is None:
         return load_model(spec, device=device, dtype=dtype)
     meta = json.loads((final / FINAL_META).read_text(encoding="utf-8"))
-    if not meta.get("is_adapter"):
+    artifact = meta.get("artifact") or ("peft" if meta.get("is_adapter") else "full")
+    if artifact == "full":
         return load_model(str(final), device=device, dtype=dtype)
-    from peft import PeftModel  # noqa: PLC0415  (only needed for adapter runs)
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     base, _ = load_model(meta["base_model"], device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(final))
-    return model, AutoTokenizer.from_pretrained(str(final))
+    tokenizer = AutoTokenizer.from_pretrained(str(final))
+    if artifact == "peft":
+        from peft import PeftModel  # noqa: PLC0415  (only needed for adapter runs)
+
+        return PeftModel.from_pretrained(base, str(final)), tokenizer
+    from tunelab.methods import METHODS  # noqa: PLC0415
+
+    entry = METHODS.get(meta["method"])
+    cfg = entry.config_cls.model_validate(meta["method_config"])
+    return entry.impl.load(base, final, cfg), tokenizer
 
 
 def infer_labels(golds: list[str]) -> list[str] | None:

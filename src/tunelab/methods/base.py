@@ -7,9 +7,12 @@ method × objective matrix open: any method trains with any objective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -23,21 +26,83 @@ class MethodConfig(BaseModel):
     name: str
 
 
+class Hook:
+    """Per-step behaviour a method (or LR structure) adds to the loop; every method is a no-op by default.
+
+    ``on_step_start`` runs before the step's forward passes (gradual unfreezing); ``before_zero_grad``
+    after ``optimizer.step()`` while gradients still exist (AdaLoRA's rank reallocation);
+    ``penalty`` returns a regulariser added once per optimizer step (EWC).
+    """
+
+    def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> None:
+        return None
+
+    def before_zero_grad(self, model: nn.Module, step: int, total_steps: int) -> None:
+        return None
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+
 @dataclass
 class Prepared:
-    """A model ready to train and the optimizer groups for its trainable parameters."""
+    """A model ready to train, the optimizer groups for its trainable parameters, and its hooks.
+
+    A group may carry its own ``lr`` (LoRA+, layer-wise decay); groups without one use the
+    recipe's learning rate.
+    """
 
     model: nn.Module
     param_groups: list[dict[str, Any]]
     is_adapter: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+    hooks: list[Hook] = field(default_factory=list)
 
 
-class Method(Protocol):
-    def __call__(self, model: nn.Module, cfg: Any, *, weight_decay: float) -> Prepared: ...
+Artifact = Literal["full", "peft", "custom"]
 
 
-METHODS: Registry[Method] = Registry("method")
+class Apply(Protocol):
+    def __call__(self, model: nn.Module, cfg: Any, *, learning_rate: float, weight_decay: float) -> Prepared: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How a method prepares a model and how its result is saved and loaded.
+
+    ``artifact`` says what ``final/`` holds: ``full`` (the whole model, ``save_pretrained``),
+    ``peft`` (a PEFT adapter: ``save_pretrained`` on the PeftModel, ``PeftModel.from_pretrained``
+    to load) or ``custom`` (the method's own ``save(model, directory)`` and
+    ``load(base_model, directory, cfg) -> model``).
+    """
+
+    apply: Apply
+    artifact: Artifact = "full"
+    save: Callable[[nn.Module, Path], None] | None = None
+    load: Callable[[nn.Module, Path, Any], nn.Module] | None = None
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(
+    name: str,
+    config_cls: type[BaseModel],
+    *,
+    artifact: Artifact = "full",
+    save: Callable[[nn.Module, Path], None] | None = None,
+    load: Callable[[nn.Module, Path, Any], nn.Module] | None = None,
+) -> Callable[[Apply], Apply]:
+    """Decorator on a method's ``apply`` function: one line registers the method everywhere."""
+    if artifact == "custom" and (save is None or load is None):
+        raise ValueError(f"method '{name}': a custom artifact needs save and load functions")
+
+    def add(apply: Apply) -> Apply:
+        METHODS.register(name, config_cls)(MethodSpec(apply, artifact, save, load))
+        return apply
+
+    return add
+
 
 _NO_DECAY_HINTS = ("bias", "norm", "ln_", "layernorm")
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from tunelab.methods.base import METHODS, MethodConfig, Prepared, decay_groups
+from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
 
 
 class FullConfig(MethodConfig):
@@ -15,8 +15,8 @@ class FullConfig(MethodConfig):
     """Keep input embeddings fixed; saves optimizer memory on large vocabularies."""
 
 
-@METHODS.register("full", FullConfig)
-def apply_full(model: nn.Module, cfg: FullConfig, *, weight_decay: float) -> Prepared:
+@register_method("full", FullConfig, artifact="full")
+def apply_full(model: nn.Module, cfg: FullConfig, *, learning_rate: float, weight_decay: float) -> Prepared:
     for param in model.parameters():
         param.requires_grad_(True)
     if cfg.freeze_embeddings:

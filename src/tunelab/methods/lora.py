@@ -9,7 +9,7 @@ from peft import get_peft_model
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.methods.base import METHODS, MethodConfig, Prepared, decay_groups
+from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
 
 
 class LoraConfig(MethodConfig):
@@ -48,8 +48,8 @@ def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> PeftLoraConfig
     )
 
 
-@METHODS.register("lora", LoraConfig)
-def apply_lora(model: nn.Module, cfg: LoraConfig, *, weight_decay: float) -> Prepared:
+@register_method("lora", LoraConfig, artifact="peft")
+def apply_lora(model: nn.Module, cfg: LoraConfig, *, learning_rate: float, weight_decay: float) -> Prepared:
     try:
         peft_model = get_peft_model(model, peft_config(cfg))
     except ValueError as err:

@@ -25,6 +25,7 @@ from transformers import get_scheduler
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.data.templates import select_template
 from tunelab.methods import METHODS, count_parameters
+from tunelab.methods.lr_structure import structure_learning_rates
 from tunelab.models.load import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe, parse_recipe
@@ -156,10 +157,16 @@ class Trainer:
         self.objective = objective_entry.impl(recipe.objective, self.tokenizer, recipe.data)
         self.train_split, self.eval_split = self._prepare_data()
         run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
-        prepared = METHODS.get(recipe.method.name).impl(
-            model, recipe.method, weight_decay=recipe.training.weight_decay
+        self.method = METHODS.get(recipe.method.name).impl
+        prepared = self.method.apply(
+            model,
+            recipe.method,
+            learning_rate=recipe.training.learning_rate,
+            weight_decay=recipe.training.weight_decay,
         )
+        prepared = structure_learning_rates(prepared, recipe.training)
         self.is_adapter = prepared.is_adapter
+        self.hooks = prepared.hooks
         if recipe.training.gradient_checkpointing:
             prepared.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -250,6 +257,8 @@ class Trainer:
                 self.state.step, len(self.train_split.features), cfg, self.recipe.seed
             )
         ]
+        for hook in self.hooks:
+            hook.on_step_start(self.accelerator.unwrap_model(self.model), self.state.step, self.steps)
         units = max(sum(self.objective.units(b) for b in batches), 1)
         loss_total = 0.0
         tokens = 0
@@ -259,11 +268,17 @@ class Trainer:
             self.accelerator.backward(out.loss_sum / units)
             loss_total += float(out.loss_sum.detach())
             tokens += int(batch["attention_mask"].sum())
+        for hook in self.hooks:
+            penalty = hook.penalty(self.accelerator.unwrap_model(self.model))
+            if penalty is not None:
+                self.accelerator.backward(penalty)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        for hook in self.hooks:
+            hook.before_zero_grad(self.accelerator.unwrap_model(self.model), self.state.step, self.steps)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -359,14 +374,19 @@ class Trainer:
         """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
         model = self.accelerator.unwrap_model(self.model)
         with atomic_directory(self.run.final_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if self.method.artifact == "custom":
+                self.method.save(model, tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             atomic_write_json(
                 tmp / FINAL_META,
                 {
                     "base_model": self.recipe.model.name_or_path,
                     "is_adapter": self.is_adapter,
+                    "artifact": self.method.artifact,
                     "method": self.recipe.method.name,
+                    "method_config": self.recipe.method.model_dump(mode="json"),
                     "objective": self.recipe.objective.name,
                     "model_kind": self.objective.model_kind,
                     "step": self.state.step,
