@@ -157,21 +157,24 @@ def run_demo(
     )
     recipe = demo_recipe(split, runs_dir, overrides)
     conversations = load_conversations(str(split.eval_path))
-    labels = recipe.eval.labels
+
+    def measure(spec: str, name: str) -> EvalResult:
+        """Load ``spec`` and evaluate it on the held-out reviews, identically for base and tuned."""
+        model, tokenizer = load_for_eval(spec)
+        result, _ = evaluate_model(
+            model,
+            tokenizer,
+            conversations,
+            name=name,
+            labels=recipe.eval.labels,
+            max_new_tokens=recipe.eval.max_new_tokens,
+            batch_size=recipe.eval.batch_size,
+            console=console,
+        )
+        return result
 
     console.rule("1/3 base model")
-    base_model, tokenizer = load_for_eval(recipe.model.name_or_path)
-    before, _ = evaluate_model(
-        base_model,
-        tokenizer,
-        conversations,
-        name="base",
-        labels=labels,
-        max_new_tokens=recipe.eval.max_new_tokens,
-        batch_size=recipe.eval.batch_size,
-        console=console,
-    )
-    del base_model
+    before = measure(recipe.model.name_or_path, "base")
     console.print(
         f"base: accuracy {100 * (before.accuracy_loglik or 0):.1f}% (log-lik), "
         f"exact match {100 * before.exact_match:.1f}%"
@@ -181,17 +184,7 @@ def run_demo(
     result = train(recipe, overwrite=True, console=console)
 
     console.rule("3/3 fine-tuned model")
-    tuned_model, tuned_tokenizer = load_for_eval(str(result.run_dir))
-    after, _ = evaluate_model(
-        tuned_model,
-        tuned_tokenizer,
-        conversations,
-        name="fine-tuned",
-        labels=labels,
-        max_new_tokens=recipe.eval.max_new_tokens,
-        batch_size=recipe.eval.batch_size,
-        console=console,
-    )
+    after = measure(str(result.run_dir), "fine-tuned")
     console.print(before_after_table(before, after))
     report = {
         "before": before.as_row(),
