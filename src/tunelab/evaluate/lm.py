@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_prompt, split_prompt_answer
 from tunelab.objectives.losses import causal_lm_loss_sum
-from tunelab.objectives.sft import pad_causal_batch
+from tunelab.objectives.sft import causal_lm_forward, pad_causal_batch, prepends_virtual_tokens
 
 Progress = Callable[[int], None]
 
@@ -145,6 +145,41 @@ def read_batch(
     return BatchReadout(float(loss_sum), int(count), logits[:, 0].float().log_softmax(-1).cpu(), texts)
 
 
+def is_prompt_learning(model: Any) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def read_batch_plain(
+    model: Any, tokenizer: PreTrainedTokenizerBase, items: list[Item], *, max_new_tokens: int
+) -> BatchReadout:
+    """The same readouts without sharing a cache, for PEFT prompt-learning models: they inject their
+    virtual tokens or prefix on every forward call, so a prefilled cache cannot be continued by hand."""
+    device = next(model.parameters()).device
+    feats = [
+        {"input_ids": it.prompt + it.answer, "labels": [IGNORE_INDEX] * len(it.prompt) + it.answer}
+        for it in items
+    ]
+    side = "right" if prepends_virtual_tokens(model) else "left"
+    batch = {k: v.to(device) for k, v in pad_causal_batch(feats, tokenizer.pad_token_id, side=side).items()}
+    logits, labels = causal_lm_forward(model, batch)
+    loss_sum, count = causal_lm_loss_sum(logits, labels)
+    first = (labels != IGNORE_INDEX).int().argmax(dim=1) - 1
+    first_logprobs = logits[torch.arange(len(items)), first].float().log_softmax(-1).cpu()
+    ids, mask = (t.to(device) for t in _left_padded([it.prompt for it in items], tokenizer.pad_token_id))
+    generated = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=_stop_ids(model, tokenizer) or None,
+    )
+    texts = [tokenizer.decode(row[ids.size(1) :], skip_special_tokens=True).strip() for row in generated]
+    return BatchReadout(float(loss_sum), int(count), first_logprobs, texts)
+
+
 @torch.no_grad()
 def score_labels(
     model: Any,
@@ -201,7 +236,8 @@ def evaluate_conversations(
     generations = [""] * len(items)
     scores: list[list[float]] = [[] for _ in items]
     for batch_ix in _by_length([len(it.prompt) for it in items], batch_size):
-        readout = read_batch(model, tokenizer, [items[i] for i in batch_ix], max_new_tokens=max_new_tokens)
+        reader = read_batch_plain if is_prompt_learning(model) else read_batch
+        readout = reader(model, tokenizer, [items[i] for i in batch_ix], max_new_tokens=max_new_tokens)
         loss_sum, count = loss_sum + readout.loss_sum, count + readout.count
         for row, i in enumerate(batch_ix):
             generations[i] = readout.generations[row]

@@ -52,6 +52,9 @@ class Objective(Protocol):
 
     def units(self, batch: dict[str, torch.Tensor]) -> int: ...
 
+    def adapt_to(self, model: nn.Module) -> None:
+        """Adjust batching to the prepared model (e.g. padding side for virtual-token methods)."""
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput: ...
 
 

@@ -30,6 +30,11 @@ class SftObjective:
         self.config = cfg
         self.tokenizer = tokenizer
         self.max_length = getattr(data_cfg, "max_length", None)
+        self.padding_side = "left"
+
+    def adapt_to(self, model: nn.Module) -> None:
+        """Called by the engine once the method has shaped the model."""
+        self.padding_side = "right" if prepends_virtual_tokens(model) else "left"
 
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
         if "messages" in example:
@@ -55,8 +60,10 @@ class SftObjective:
         if "position_ids" in features[0]:
             return collate_packed(features, self.tokenizer.pad_token_id)
         # Left padding lines every answer up against the right edge, so the logits the loss needs
-        # are the last few positions of the batch (see `causal_lm_forward`).
-        return pad_causal_batch(features, self.tokenizer.pad_token_id, side="left")
+        # are the last few positions of the batch (see `causal_lm_forward`). Models with virtual
+        # tokens in front number positions themselves, so they get right padding: pads then never
+        # sit between the virtual tokens and the text.
+        return pad_causal_batch(features, self.tokenizer.pad_token_id, side=self.padding_side)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -95,13 +102,25 @@ def causal_lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     else:
         mask = batch["attention_mask"]
         kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    if prepends_virtual_tokens(model):
+        kwargs.pop("position_ids")  # PEFT places its virtual tokens first and numbers positions itself
     labels = batch["labels"]
     if accepts_logits_to_keep(model):
         keep = loss_window(labels)
         kwargs["logits_to_keep"] = keep
         labels = labels[:, -keep:]
     out = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
-    return out.logits, labels
+    # prompt tuning / p-tuning return logits for their virtual tokens too; those come first
+    return out.logits[:, -labels.size(1) :], labels
+
+
+def prepends_virtual_tokens(model: nn.Module) -> bool:
+    """PEFT prompt tuning and p-tuning put learned embeddings before the input (prefix tuning uses
+    the KV cache instead and keeps positions)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return False
+    return str(getattr(config.peft_type, "value", config.peft_type)) not in ("PREFIX_TUNING", "CARTRIDGE")
 
 
 def pad_causal_batch(

@@ -165,6 +165,7 @@ class Trainer:
             weight_decay=recipe.training.weight_decay,
         )
         prepared = structure_learning_rates(prepared, recipe.training)
+        self.objective.adapt_to(prepared.model)
         self.is_adapter = prepared.is_adapter
         self.hooks = prepared.hooks
         if recipe.training.gradient_checkpointing:
