@@ -168,6 +168,8 @@ class Trainer:
         self.objective.adapt_to(prepared.model)
         self.is_adapter = prepared.is_adapter
         self.hooks = prepared.hooks
+        for key, value in prepared.notes.items():
+            self.console.print(f"[yellow]note:[/] {key}: {value}", highlight=False)
         if recipe.training.gradient_checkpointing:
             prepared.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
