@@ -31,11 +31,16 @@ def test_split_is_stratified_disjoint_and_deterministic(tmp_path, monkeypatch):
     first = demo.build_demo_data(tmp_path / "a", n_eval=20, n_train=50, seed=0)
     second = demo.build_demo_data(tmp_path / "b", n_eval=20, n_train=50, seed=0)
     assert first.excluded == {"category=plot": 7}
-    assert first.counts == {"eval": {"positive": 12, "negative": 8}, "train": {"positive": 30, "negative": 20}}
+    assert first.counts == {
+        "eval": {"positive": 12, "negative": 8},
+        "train": {"positive": 30, "negative": 20},
+    }
     train_rows = first.train_path.read_text().splitlines()
     eval_rows = first.eval_path.read_text().splitlines()
     assert train_rows == second.train_path.read_text().splitlines()
     reviews = lambda rows: {json.loads(r)["instruction"] for r in rows}  # noqa: E731
     assert not reviews(train_rows) & reviews(eval_rows)
     row = json.loads(eval_rows[0])
-    assert row["output"] in ("positive", "negative") and row["instruction"].startswith("Classify the sentiment")
+    assert row["output"] in ("positive", "negative") and row["instruction"].startswith(
+        "Classify the sentiment"
+    )

@@ -97,7 +97,10 @@ class TrainingSection(Section):
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping: EarlyStopping | None = None
     layerwise_lr_decay: float | None = Field(
-        None, gt=0, le=1, description="LR multiplier per block counted from the top (top block ×1, next ×d, ...)"
+        None,
+        gt=0,
+        le=1,
+        description="LR multiplier per block counted from the top (top block ×1, next ×d, ...)",
     )
     lr_multipliers: dict[Literal["embeddings", "head", "norm"], float] = Field(
         default_factory=dict, description="per-group LR multipliers, e.g. {embeddings: 0.1}"

@@ -63,7 +63,9 @@ Artifact = Literal["full", "peft", "custom"]
 
 
 class Apply(Protocol):
-    def __call__(self, model: nn.Module, cfg: Any, *, learning_rate: float, weight_decay: float) -> Prepared: ...
+    def __call__(
+        self, model: nn.Module, cfg: Any, *, learning_rate: float, weight_decay: float
+    ) -> Prepared: ...
 
 
 @dataclass(frozen=True)
