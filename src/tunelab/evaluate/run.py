@@ -55,7 +55,7 @@ def load_for_eval(spec: str, *, device: str = "auto", dtype: str = "auto") -> tu
         return load_model(str(final), device=device, dtype=dtype)
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    base, _ = load_model(meta["base_model"], device=device, dtype=dtype)
+    base, _ = load_model(meta["base_model"], device=device, dtype=dtype, seed=meta.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     if artifact == "peft":
         from peft import PeftModel  # noqa: PLC0415  (only needed for adapter runs)

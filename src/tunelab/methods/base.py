@@ -134,7 +134,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once."""
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
+        # a 4-bit (bitsandbytes) weight packs two values per stored element
+        n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
+        total += n
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += n
     return trainable, total

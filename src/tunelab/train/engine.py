@@ -126,6 +126,17 @@ def evaluate_loss(
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+def build_optimizer(prepared: Any, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW, or the paged bitsandbytes variant a method asks for (QLoRA's memory-saving option)."""
+    name = prepared.notes.get("optimizer", "adamw")
+    if name == "adamw":
+        return torch.optim.AdamW(prepared.param_groups, lr=learning_rate)
+    import bitsandbytes as bnb  # noqa: PLC0415  (only for the paged optimizers)
+
+    paged = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return paged[name](prepared.param_groups, lr=learning_rate)
+
+
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -179,7 +190,7 @@ class Trainer:
         if recipe.data.packing:
             self._pack(prepared.model)
         self.trainable, self.total_params = count_parameters(prepared.model)
-        optimizer = torch.optim.AdamW(prepared.param_groups, lr=recipe.training.learning_rate)
+        optimizer = build_optimizer(prepared, recipe.training.learning_rate)
         self.steps = total_steps(len(self.train_split.features), recipe.training)
         self.scheduler = get_scheduler(
             "constant_with_warmup"
@@ -377,7 +388,7 @@ class Trainer:
         """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
         model = self.accelerator.unwrap_model(self.model)
         with atomic_directory(self.run.final_dir) as tmp:
-            if self.method.artifact == "custom":
+            if self.method.save is not None:  # custom artifacts; LoRA with PiSSA/OLoRA init converts on save
                 self.method.save(model, tmp)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -390,6 +401,7 @@ class Trainer:
                     "artifact": self.method.artifact,
                     "method": self.recipe.method.name,
                     "method_config": self.recipe.method.model_dump(mode="json"),
+                    "seed": self.recipe.seed,
                     "objective": self.recipe.objective.name,
                     "model_kind": self.objective.model_kind,
                     "step": self.state.step,
