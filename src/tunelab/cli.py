@@ -9,8 +9,10 @@ import typer
 from rich.console import Console
 
 from tunelab import __version__
+from tunelab.adapters import app as adapters_app
 from tunelab.assets import app as assets_app
 from tunelab.data.cli import app as data_app
+from tunelab.plan import recommend_cmd
 
 app = typer.Typer(
     help="tunelab: audit data, fine-tune, evaluate, export and serve language models.",
@@ -21,6 +23,8 @@ recipe_app = typer.Typer(help="Validate and show run recipes.", no_args_is_help=
 app.add_typer(assets_app, name="assets")
 app.add_typer(data_app, name="data")
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(adapters_app, name="adapters")
+app.command("recommend")(recommend_cmd)
 
 out = Console()
 err = Console(stderr=True)

@@ -46,9 +46,32 @@ class SplitSpec(Section):
     seed: int = 0
 
 
-class DataSection(Section):
+class TaskSection(Section):
+    name: str
     train: str
     eval: str | None = None
+    weight: float = Field(1.0, ge=0)
+
+
+class MixingSection(Section):
+    temperature: float | None = Field(
+        None, gt=0, description="sample tasks with p ∝ rows^(1/T) instead of weights"
+    )
+    total: int | None = Field(None, ge=1, description="rows in the mixture; default: the sum of all tasks")
+    tag: str | None = Field(None, description="task tag put before each prompt, e.g. '[{task}] '")
+
+
+class ReplaySection(Section):
+    path: str = Field(description="earlier task's training data to mix back in")
+    fraction: float = Field(gt=0, lt=1, description="share of the training mixture taken from `path`")
+
+
+class DataSection(Section):
+    train: str | None = None
+    eval: str | None = None
+    tasks: list[TaskSection] | None = Field(None, description="several datasets mixed into one run")
+    mixing: MixingSection = Field(default_factory=MixingSection)
+    replay: ReplaySection | None = None
     format: Literal["auto", "text", "instruction", "chat", "preference", "classification"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     template: str | None = None
@@ -64,6 +87,10 @@ class DataSection(Section):
     def _eval_or_split(self) -> DataSection:
         if self.eval is not None and self.split is not None:
             raise ValueError("give data.eval or data.split, not both. Choose one.")
+        if (self.train is None) == (self.tasks is None):
+            raise ValueError("give data.train (one dataset) or data.tasks (several), exactly one of them")
+        if self.tasks and self.split is not None:
+            raise ValueError("data.split works on data.train; give each task its own eval file instead")
         return self
 
 
@@ -72,6 +99,14 @@ class EarlyStopping(Section):
     mode: Literal["min", "max"] = "min"
     patience: int = Field(3, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
+
+
+class EwcSection(Section):
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+    previous_data: str = Field(description="the previous task's data: Fisher information is estimated on it")
+    lambda_: float = Field(alias="lambda", gt=0, description="penalty weight")
+    batches: int | None = Field(None, ge=1, description="Fisher batches; default all")
+    batch_size: int = Field(1, ge=1, description="1 = per-example Fisher (the textbook estimate)")
 
 
 class TrainingSection(Section):
@@ -105,6 +140,7 @@ class TrainingSection(Section):
     lr_multipliers: dict[Literal["embeddings", "head", "norm"], float] = Field(
         default_factory=dict, description="per-group LR multipliers, e.g. {embeddings: 0.1}"
     )
+    ewc: EwcSection | None = Field(None, description="elastic weight consolidation against a previous task")
     gradual_unfreeze_every: int | None = Field(
         None, ge=1, description="start with the top block trainable; unfreeze one more block every N steps"
     )
@@ -136,6 +172,10 @@ def _tagged_union(registry: Any) -> Any:
 
 class Recipe(Section):
     seed: int = 0
+    recommended_defaults: bool = Field(
+        False,
+        description="fill omitted training/method settings from `tunelab recommend` (model size × method)",
+    )
     model: ModelSection
     data: DataSection
     method: _tagged_union(METHODS)  # type: ignore[valid-type]
@@ -146,7 +186,7 @@ class Recipe(Section):
 
     def resolved(self) -> dict[str, Any]:
         """Plain dict with every default filled in, as written to the run directory."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 class RecipeError(ValueError):
@@ -243,6 +283,8 @@ def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | Non
     for assignment in overrides or []:
         set_override(raw, assignment)
     problems = _renamed_problems(raw)
+    if raw.get("recommended_defaults"):
+        raw = _with_recommendations(raw, problems)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
@@ -251,6 +293,21 @@ def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | Non
     if problems:
         raise RecipeError(problems, source)
     return recipe
+
+
+def _with_recommendations(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """What the user wrote wins; only omitted fields are filled, each by a stated rule."""
+    from tunelab.plan.recommend import apply_recommendations, count_params, recommend  # noqa: PLC0415
+
+    model = (raw.get("model") or {}).get("name_or_path")
+    method = (raw.get("method") or {}).get("name")
+    if not model or not method:
+        return raw  # the missing fields are reported by validation
+    try:
+        return apply_recommendations(raw, recommend(count_params(model), method))
+    except (OSError, ValueError) as err:
+        problems.append(f"recommended_defaults: cannot size {model!r} to recommend settings: {err}")
+        return raw
 
 
 def _renamed_problems(raw: dict[str, Any]) -> list[str]:
@@ -281,13 +338,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     """Data files next to the recipe are found wherever the command runs from."""
-    for attr in ("train", "eval"):
-        value = getattr(recipe.data, attr)
+
+    def resolve(owner: Any, attr: str) -> None:
+        value = getattr(owner, attr, None) if owner is not None else None
         if value and not Path(value).is_absolute() and (base / value).exists():
-            setattr(recipe.data, attr, str((base / value).resolve()))
-    spec = recipe.model.name_or_path
-    if not Path(spec).is_absolute() and (base / spec).exists():
-        recipe.model.name_or_path = str((base / spec).resolve())
+            setattr(owner, attr, str((base / value).resolve()))
+
+    for attr in ("train", "eval"):
+        resolve(recipe.data, attr)
+    for task in recipe.data.tasks or []:
+        resolve(task, "train")
+        resolve(task, "eval")
+    resolve(recipe.data.replay, "path")
+    resolve(recipe.training.ewc, "previous_data")
+    resolve(recipe.model, "name_or_path")
 
 
 def dump_yaml(recipe: Recipe) -> str:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
+from tunelab.data.mixing import evaluate_per_task, load_task, mix_tasks, tag_row, write_mixture
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.data.templates import select_template
 from tunelab.methods import METHODS, count_parameters
@@ -34,6 +35,7 @@ from tunelab.runs.manifest import build_manifest
 from tunelab.runs.plots import plot_loss_curves
 from tunelab.runs.rundir import RunDir
 from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.train.continual import EwcHook, mix_replay
 from tunelab.train.data import PreparedSplit, prepare_split
 from tunelab.train.preflight import materialise_split, run_preflight
 
@@ -146,7 +148,9 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
 class Trainer:
     """Holds the pieces of one run; :meth:`fit` is the loop."""
 
-    def __init__(self, recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
+    def __init__(
+        self, recipe: Recipe, run: RunDir, console: Console | None = None, eval_tasks: list[Any] | None = None
+    ) -> None:
         self.recipe = recipe
         self.run = run
         self.console = console or Console(stderr=True)
@@ -201,8 +205,11 @@ class Trainer:
             num_training_steps=self.steps,
         )
         self.model, self.optimizer = self.accelerator.prepare(prepared.model, optimizer)
+        if recipe.training.ewc is not None:
+            self.hooks.append(self._ewc_hook(recipe.training.ewc))
         self.state = LoopState()
         self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.eval_tasks = eval_tasks or []
 
     def _prepare_data(self) -> tuple[PreparedSplit, PreparedSplit | None]:
         data = self.recipe.data
@@ -213,6 +220,13 @@ class Trainer:
             dropped_path=self.run.path / "dropped.jsonl",
             rejects_path=self.run.path / "rejects.jsonl",
         )
+        if data.replay is not None:
+            old = prepare_split(data.replay.path, self.objective, data).features
+            before = len(train.features)
+            train.features = mix_replay(train.features, old, data.replay.fraction, seed=self.recipe.seed)
+            self.console.print(
+                f"replay: {len(train.features) - before} example(s) of {data.replay.path} mixed in"
+            )
         evaluation = None
         if data.eval:
             evaluation = prepare_split(
@@ -235,6 +249,19 @@ class Trainer:
                     f"data.max_length={data.max_length}"
                 )
         return train, evaluation
+
+    def _ewc_hook(self, ewc: Any) -> EwcHook:
+        """Fisher information on the previous task, anchored at the weights this run starts from
+        (built before any resume, so a resumed run keeps the same anchor)."""
+        previous = prepare_split(ewc.previous_data, self.objective, self.recipe.data).features
+        return EwcHook.from_previous_task(
+            self.accelerator.unwrap_model(self.model),
+            self.objective,
+            previous,
+            ewc.lambda_,
+            batch_size=ewc.batch_size,
+            n_batches=ewc.batches,
+        )
 
     def _pack(self, model: Any) -> None:
         if not packing_isolates(model, len(self.tokenizer)):
@@ -317,6 +344,15 @@ class Trainer:
             self.recipe.eval.batch_size,
             self.accelerator.device,
         )
+        if self.eval_tasks:
+            metrics |= evaluate_per_task(
+                self.model,
+                self.objective,
+                self.eval_tasks,
+                batch_size=self.recipe.eval.batch_size,
+                device=self.accelerator.device,
+                tag_template=self.recipe.data.mixing.tag,
+            )
         self.run.log_metrics({"step": self.state.step, **metrics})
         self.last_eval = (self.state.step, metrics)
         self._update_early_stopping(metrics)
@@ -442,6 +478,29 @@ def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResu
     return _execute(recipe, run, console=console, resume=True)
 
 
+def materialise_tasks(recipe: Recipe, run_path: Path) -> tuple[Recipe, list[Any]]:
+    """``data.tasks``: mix the tasks into one training file (and one eval file for the overall
+    eval loss) inside the run directory; return the recipe pointing at them and the per-task evals."""
+    recipe = recipe.model_copy(deep=True)
+    data, mixing = recipe.data, recipe.data.mixing
+    fmt = data.format
+    tasks = [load_task(t.name, t.train, t.weight, fmt, data.columns or None) for t in data.tasks]
+    mixed = mix_tasks(
+        tasks, temperature=mixing.temperature, total=mixing.total, seed=recipe.seed, tag_template=mixing.tag
+    )
+    data.train = str(write_mixture(mixed, run_path / "data" / "mixture.jsonl")[0])
+    eval_tasks = [load_task(t.name, t.eval, 1.0, fmt, data.columns or None) for t in data.tasks if t.eval]
+    if eval_tasks:
+        tagged = [
+            (t.name, tag_row(r, mixing.tag.format(task=t.name)) if mixing.tag else r)
+            for t in eval_tasks
+            for r in t.rows
+        ]
+        data.eval = str(write_mixture(tagged, run_path / "data" / "eval_mixture.jsonl")[0])
+    data.format, data.columns, data.tasks = "auto", {}, None  # the written rows are canonical
+    return recipe, eval_tasks
+
+
 def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool) -> TrainResult:
     data_files = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p and Path(p).exists()]
     if not resume or not run.manifest_path.exists():
@@ -456,7 +515,10 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
             recipe = recipe.model_copy(deep=True)
             recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
             recipe.data.split = None
-        trainer = Trainer(recipe, run, console)
+        eval_tasks = None
+        if recipe.data.tasks:
+            recipe, eval_tasks = materialise_tasks(recipe, run.path)
+        trainer = Trainer(recipe, run, console, eval_tasks=eval_tasks)
         checkpoint = run.latest_checkpoint() if resume else None
         if checkpoint is not None:
             trainer.resume_from(checkpoint)

@@ -1,0 +1,99 @@
+"""Recipe-level multi-task mixing, replay, EWC and recommended defaults, through the engine."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tunelab.recipe import parse_recipe
+from tunelab.runs.rundir import RunDir
+from tunelab.train.engine import Trainer, train
+
+
+def _rows(prefix: str, n: int) -> list[dict]:
+    return [{"instruction": f"{prefix} question {i}", "output": f"{prefix} answer {i}"} for i in range(n)]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _base(tmp_path, **data):
+    return {
+        "model": {"name_or_path": "tiny:llama"},
+        "method": {"name": "full"},
+        "data": {"max_length": 64, **data},
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 0},
+        "output": {"dir": str(tmp_path / "runs"), "name": "run"},
+    }
+
+
+def test_tasks_are_mixed_by_weight_and_evaluated_per_task(tmp_path):
+    tasks = [
+        {
+            "name": "alpha",
+            "train": _write(tmp_path / "a.jsonl", _rows("alpha", 30)),
+            "weight": 3,
+            "eval": _write(tmp_path / "ae.jsonl", _rows("alpha-eval", 4)),
+        },
+        {
+            "name": "beta",
+            "train": _write(tmp_path / "b.jsonl", _rows("beta", 30)),
+            "weight": 1,
+            "eval": _write(tmp_path / "be.jsonl", _rows("beta-eval", 4)),
+        },
+    ]
+    raw = _base(tmp_path, tasks=tasks, mixing={"total": 40, "tag": "[{task}] "})
+    result = train(parse_recipe(raw))
+    names = (result.run_dir / "data" / "mixture.tasks.txt").read_text().split()
+    assert names.count("alpha") == 30 and names.count("beta") == 10
+    first = json.loads((result.run_dir / "data" / "mixture.jsonl").read_text().splitlines()[0])
+    assert first["messages"][0]["content"].startswith("[")
+    assert {"alpha/eval_loss", "beta/eval_loss", "eval_loss"} <= set(result.final_eval)
+
+
+def test_replay_mixes_earlier_data_into_training(tmp_path):
+    raw = _base(
+        tmp_path,
+        train=_write(tmp_path / "new.jsonl", _rows("new", 12)),
+        replay={"path": _write(tmp_path / "old.jsonl", _rows("old", 12)), "fraction": 0.25},
+    )
+    recipe = parse_recipe(raw)
+    trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))
+    assert len(trainer.train_split.features) == 16  # 12 new + 4 old = 25% replay
+
+
+def test_ewc_section_anchors_at_the_start_and_penalises_drift(tmp_path):
+    """Wiring only: the effect of EWC on forgetting is shown in tests/test_continual.py."""
+    from tunelab.train.continual import EwcHook
+
+    raw = _base(tmp_path, train=_write(tmp_path / "new.jsonl", _rows("new", 8)))
+    raw["training"]["ewc"] = {
+        "previous_data": _write(tmp_path / "prev.jsonl", _rows("prev", 8)),
+        "lambda": 10.0,
+    }
+    recipe = parse_recipe(raw)
+    assert recipe.resolved()["training"]["ewc"]["lambda"] == 10.0  # written back under its YAML name
+    trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    (hook,) = [h for h in trainer.hooks if isinstance(h, EwcHook)]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert set(hook.fisher) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(hook.anchor[n], start[n]) for n in hook.anchor)
+    assert float(hook.penalty(model)) == 0.0
+    trainer.fit()
+    assert float(hook.penalty(model)) > 0.0
+
+
+def test_recommended_defaults_fill_only_what_is_omitted(tmp_path):
+    raw = _base(tmp_path, train=_write(tmp_path / "t.jsonl", _rows("t", 4)))
+    raw["method"] = {"name": "lora"}
+    raw["recommended_defaults"] = True
+    raw["training"].pop("learning_rate")
+    recipe = parse_recipe(raw)
+    plain = parse_recipe({**raw, "recommended_defaults": False})
+    assert recipe.training.learning_rate != plain.training.learning_rate  # filled by a rule
+    assert recipe.training.max_steps == 2  # what the user wrote wins
+    assert torch.isfinite(torch.tensor(recipe.training.learning_rate))
