@@ -14,7 +14,7 @@ from rich.table import Table
 from tunelab.data.templates import select_template, split_prompt_answer
 from tunelab.evaluate.lm import LMEval, evaluate_conversations
 from tunelab.evaluate.metrics import accuracy, exact_match, normalise_answer
-from tunelab.models.load import load_model
+from tunelab.models.load import MODEL_CLASSES, load_model
 from tunelab.train.data import read_canonical
 
 FINAL_META = "tunelab.json"
@@ -51,11 +51,15 @@ def load_for_eval(spec: str, *, device: str = "auto", dtype: str = "auto") -> tu
         return load_model(spec, device=device, dtype=dtype)
     meta = json.loads((final / FINAL_META).read_text(encoding="utf-8"))
     artifact = meta.get("artifact") or ("peft" if meta.get("is_adapter") else "full")
+    head = {
+        "model_cls": MODEL_CLASSES[meta.get("model_kind", "causal_lm")],
+        "model_kwargs": meta.get("model_kwargs"),
+    }
     if artifact == "full":
-        return load_model(str(final), device=device, dtype=dtype)
+        return load_model(str(final), device=device, dtype=dtype, **head)
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    base, _ = load_model(meta["base_model"], device=device, dtype=dtype, seed=meta.get("seed", 0))
+    base, _ = load_model(meta["base_model"], device=device, dtype=dtype, seed=meta.get("seed", 0), **head)
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     if artifact == "peft":
         from peft import PeftModel  # noqa: PLC0415  (only needed for adapter runs)

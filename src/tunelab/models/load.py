@@ -21,7 +21,13 @@ from typing import Any, Literal
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tunelab.assets import asset_path, tunelab_home
 
@@ -151,6 +157,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     model_cls: Any = None,
     cache: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` from a local dir, a `.gguf` file or a hub id.
 
@@ -166,7 +173,7 @@ def load_causal_lm(
         gguf = _existing_path(spec)
         converted = _ensure_converted(gguf) if cache else None
         if converted is None:
-            model = _from_gguf(model_cls, gguf, torch_dtype)
+            model = _from_gguf(model_cls, gguf, torch_dtype, model_kwargs)
             return _finish(model, load_tokenizer(gguf, cache=False), target)
         source, spec = "local", converted
     location = _existing_path(spec) if source == "local" else os.fspath(spec)
@@ -178,7 +185,13 @@ def load_causal_lm(
         # retries the network for ~20 s before giving up.
         kwargs["adapter_kwargs"] = {"local_files_only": True}
     model = _from_pretrained(
-        model_cls.from_pretrained, location, source, dtype=torch_dtype, use_safetensors=True, **kwargs
+        model_cls.from_pretrained,
+        location,
+        source,
+        dtype=torch_dtype,
+        use_safetensors=True,
+        **kwargs,
+        **(model_kwargs or {}),
     )
     tokenizer = load_tokenizer(location, trust_remote_code=trust_remote_code)
     return _finish(model, tokenizer, target)
@@ -285,14 +298,16 @@ def _is_complete(directory: Path) -> bool:
     return (directory / _CONVERSION_INFO).is_file()
 
 
-def _from_gguf(model_cls: Any, gguf: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _from_gguf(
+    model_cls: Any, gguf: Path, dtype: torch.dtype, model_kwargs: dict[str, Any] | None = None
+) -> PreTrainedModel:
     """Load a GGUF through transformers, dequantised to `dtype`, as an ordinary model.
 
     transformers tags every GGUF-loaded model with a quantizer that forbids training and saving,
     even when (as for llama) every weight is already a dense tensor. When nothing is left packed we
     drop that tag through the quantizer's own `remove_quantization_config`.
     """
-    model = model_cls.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model = model_cls.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **(model_kwargs or {}))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and _is_dense(model):
         quantizer.remove_quantization_config(model)
@@ -344,28 +359,66 @@ def _convert_gguf(gguf: Path, out: Path, digest: str) -> bool:
 
 
 TINY_PREFIX = "tiny:"
+MODEL_CLASSES: dict[str, Any] = {
+    "causal_lm": AutoModelForCausalLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+}
+"""Head by objective ``model_kind``."""
 ASSET_PREFIX = "asset:"
 
 
 def load_model(
-    spec: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, seed: int = 0
+    spec: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    model_cls: Any = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Like :func:`load_causal_lm`, plus two tunelab specs.
 
     ``tiny:llama`` is a 2-layer random model built from config: example recipes and tests run
     anywhere in seconds with nothing downloaded. ``asset:NAME`` is an embedded default asset
-    (e.g. ``asset:smollm2-135m-instruct``) fetched by ``tunelab assets fetch``.
+    (e.g. ``asset:smollm2-135m-instruct``) fetched by ``tunelab assets fetch``. ``model_cls`` (an
+    ``AutoModelFor...`` class) and ``model_kwargs`` (e.g. ``num_labels``) serve objectives that need
+    another head than the language-model one.
     """
     if spec.startswith(ASSET_PREFIX):
         spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
     if spec.startswith(TINY_PREFIX):
-        from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
+        return _tiny(spec, seed, resolve_device(device), model_cls, model_kwargs)
+    return load_causal_lm(
+        spec,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        model_cls=model_cls,
+        model_kwargs=model_kwargs,
+    )
 
-        if spec != "tiny:llama":
-            raise ModelNotFoundError(f"unknown tiny model {spec!r}; the built-in one is 'tiny:llama'")
-        tokenizer = build_tiny_tokenizer()
-        return _finish(build_tiny_llama(tokenizer, seed=seed), tokenizer, resolve_device(device))
-    return load_causal_lm(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+def _tiny(
+    spec: str, seed: int, device: torch.device, model_cls: Any, model_kwargs: dict[str, Any] | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The tiny model; with another head class, the same seeded body under that head."""
+    from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    if spec != "tiny:llama":
+        raise ModelNotFoundError(f"unknown tiny model {spec!r}; the built-in one is 'tiny:llama'")
+    tokenizer = build_tiny_tokenizer()
+    causal = build_tiny_llama(tokenizer, seed=seed)
+    if model_cls is None or model_cls is AutoModelForCausalLM:
+        return _finish(causal, tokenizer, device)
+    config = causal.config
+    for key, value in (model_kwargs or {}).items():
+        setattr(config, key, value)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_cls.from_config(config)
+    model.base_model.load_state_dict(causal.base_model.state_dict())
+    return _finish(model, tokenizer, device)
 
 
 def tokenizer_for(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from tunelab.registry import Registry
 
@@ -40,6 +39,29 @@ class Dropped:
     reason: str
 
 
+class BaseObjective:
+    """Defaults every objective shares; subclasses override what they need.
+
+    ``model_kind`` picks the head the engine loads (before the model exists, so it is a class
+    attribute); ``model_kwargs`` adds constructor arguments such as ``num_labels`` once the data is
+    read; ``prepare`` runs once on the prepared model before training (e.g. reference log-probs).
+    """
+
+    model_kind = "causal_lm"
+    uses_chat_template = True
+
+    def adapt_to(self, model: nn.Module) -> None:
+        return None
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def prepare(
+        self, model: nn.Module, train: list[dict[str, Any]], evaluation: list[dict[str, Any]]
+    ) -> None:
+        return None
+
+
 class Objective(Protocol):
     """What the engine needs from an objective."""
 
@@ -55,11 +77,14 @@ class Objective(Protocol):
     def adapt_to(self, model: nn.Module) -> None:
         """Adjust batching to the prepared model (e.g. padding side for virtual-token methods)."""
 
+    def model_kwargs(self) -> dict[str, Any]: ...
+
+    def prepare(
+        self, model: nn.Module, train: list[dict[str, Any]], evaluation: list[dict[str, Any]]
+    ) -> None: ...
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput: ...
 
 
-class ObjectiveFactory(Protocol):
-    def __call__(self, cfg: Any, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> Objective: ...
-
-
-OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
+OBJECTIVES: Registry[type[BaseObjective]] = Registry("objective")
+"""Name → objective class; the class is constructed as ``cls(config, tokenizer, data_config)``."""

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.packing import collate_packed
 from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_text
-from tunelab.objectives.base import OBJECTIVES, Dropped, LossOutput, ObjectiveConfig
+from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.losses import causal_lm_loss_sum
 
 
@@ -23,8 +23,8 @@ class SftConfig(ObjectiveConfig):
     """For multi-turn chats: learn every assistant turn, or only the last one."""
 
 
-class SftObjective:
-    model_kind = "causal_lm"
+class SftObjective(BaseObjective):
+    """Next-token loss on the rendered chat (assistant tokens only by default) or on plain text."""
 
     def __init__(self, cfg: SftConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
         self.config = cfg
@@ -33,7 +33,7 @@ class SftObjective:
         self.padding_side = "left"
 
     def adapt_to(self, model: nn.Module) -> None:
-        """Called by the engine once the method has shaped the model."""
+        """Virtual-token methods get right padding (called once the method has shaped the model)."""
         self.padding_side = "right" if prepends_virtual_tokens(model) else "left"
 
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
@@ -140,6 +140,4 @@ def pad_causal_batch(
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-@OBJECTIVES.register("sft", SftConfig)
-def make_sft(cfg: SftConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> SftObjective:
-    return SftObjective(cfg, tokenizer, data_cfg)
+OBJECTIVES.register("sft", SftConfig)(SftObjective)

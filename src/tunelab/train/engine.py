@@ -27,7 +27,7 @@ from tunelab.data.packing import PackingUnsupported, pack_features, packing_isol
 from tunelab.data.templates import select_template
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.lr_structure import structure_learning_rates
-from tunelab.models.load import load_model
+from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
 from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
@@ -159,19 +159,25 @@ class Trainer:
             mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
             cpu=recipe.model.device == "cpu",
         )
-        model, self.tokenizer = load_model(
-            recipe.model.name_or_path,
-            dtype=recipe.model.dtype,
-            device=str(self.accelerator.device) if recipe.model.device == "auto" else recipe.model.device,
-            trust_remote_code=recipe.model.trust_remote_code,
-            seed=recipe.seed,
-        )
-        for note in select_template(self.tokenizer, recipe.data.template):
-            self.console.print(f"[yellow]warning:[/] {note}")
-        objective_entry = OBJECTIVES.get(recipe.objective.name)
-        self.objective = objective_entry.impl(recipe.objective, self.tokenizer, recipe.data)
+        device = str(self.accelerator.device) if recipe.model.device == "auto" else recipe.model.device
+        spec = recipe.model.name_or_path
+        self.tokenizer = tokenizer_for(spec, trust_remote_code=recipe.model.trust_remote_code)
+        objective_cls = OBJECTIVES.get(recipe.objective.name).impl
+        if objective_cls.uses_chat_template:
+            for note in select_template(self.tokenizer, recipe.data.template):
+                self.console.print(f"[yellow]warning:[/] {note}")
+        self.objective = objective_cls(recipe.objective, self.tokenizer, recipe.data)
         self.train_split, self.eval_split = self._prepare_data()
         run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
+        model, _ = load_model(
+            spec,
+            dtype=recipe.model.dtype,
+            device=device,
+            trust_remote_code=recipe.model.trust_remote_code,
+            seed=recipe.seed,
+            model_cls=MODEL_CLASSES[self.objective.model_kind],
+            model_kwargs=self.objective.model_kwargs(),
+        )
         self.method = METHODS.get(recipe.method.name).impl
         prepared = self.method.apply(
             model,
@@ -181,6 +187,9 @@ class Trainer:
         )
         prepared = structure_learning_rates(prepared, recipe.training)
         self.objective.adapt_to(prepared.model)
+        self.objective.prepare(
+            prepared.model, self.train_split.features, self.eval_split.features if self.eval_split else []
+        )
         self.is_adapter = prepared.is_adapter
         self.hooks = prepared.hooks
         for key, value in prepared.notes.items():
@@ -440,6 +449,7 @@ class Trainer:
                     "seed": self.recipe.seed,
                     "objective": self.recipe.objective.name,
                     "model_kind": self.objective.model_kind,
+                    "model_kwargs": self.objective.model_kwargs(),
                     "step": self.state.step,
                 },
             )
