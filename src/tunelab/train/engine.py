@@ -118,14 +118,38 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     loss_sum, units = 0.0, 0
+    extra = WeightedMeans()
     for start in range(0, len(features), batch_size):
         batch = {k: v.to(device) for k, v in objective.collate(features[start : start + batch_size]).items()}
         out = objective.loss(model, batch)
         loss_sum += float(out.loss_sum)
         units += int(out.n_units)
+        extra.add(out.metrics, int(out.n_units))
     model.train(was_training)
     loss = loss_sum / max(units, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    return metrics | {f"eval_{k}": v for k, v in extra.means().items()}
+
+
+class WeightedMeans:
+    """Averages of an objective's per-batch metrics (accuracy, margins, ...), weighted by loss units."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k]}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a batch, whatever its objective calls its masks."""
+    return sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
 
 
 def build_optimizer(prepared: Any, learning_rate: float) -> torch.optim.Optimizer:
@@ -312,12 +336,14 @@ class Trainer:
         units = max(sum(self.objective.units(b) for b in batches), 1)
         loss_total = 0.0
         tokens = 0
+        extra = WeightedMeans()
         for batch in batches:
             with self.accelerator.autocast():
                 out = self.objective.loss(self.model, batch)
             self.accelerator.backward(out.loss_sum / units)
             loss_total += float(out.loss_sum.detach())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += count_tokens(batch)
+            extra.add(out.metrics, int(out.n_units))
         for hook in self.hooks:
             penalty = hook.penalty(self.accelerator.unwrap_model(self.model))
             if penalty is not None:
@@ -333,7 +359,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += tokens
-        row = {"step": self.state.step, "loss": loss_total / units, "lr": lr, "tokens": tokens}
+        row = {
+            "step": self.state.step,
+            "loss": loss_total / units,
+            "lr": lr,
+            "tokens": tokens,
+            **extra.means(),
+        }
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         return row
