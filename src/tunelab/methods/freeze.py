@@ -24,13 +24,13 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
 from tunelab.methods.blocks import find_blocks, head_is_tied, is_norm, output_head, unwrap
+from tunelab.train.checkpoint import copy_into_parameters
 
 WEIGHTS = "trained.safetensors"
 INFO = "freeze_config.json"
@@ -114,14 +114,9 @@ def save_freeze(model: nn.Module, directory: Path) -> None:
 
 def load_freeze(base_model: nn.Module, directory: Path, cfg: FreezeConfig) -> nn.Module:
     """Apply the saved tensors to a freshly loaded base model."""
-    tensors = load_file(str(Path(directory) / WEIGHTS))
-    params = dict(base_model.named_parameters())
-    unknown = [n for n in tensors if n not in params]
-    if unknown:
-        raise ValueError(f"{directory}: trained tensors {unknown[:3]} do not exist in the base model")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    copy_into_parameters(
+        base_model, load_file(str(Path(directory) / WEIGHTS)), f"trained tensors in {directory}"
+    )
     return base_model
 
 

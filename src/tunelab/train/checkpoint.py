@@ -47,6 +47,17 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def copy_into_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy saved tensors into the model's parameters of the same names (device and dtype kept)."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in tensors if n not in params]
+    if unknown:
+        raise ValueError(f"{source} does not match the model: unknown parameters {unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, loop_state: dict[str, Any]
 ) -> None:
@@ -62,14 +73,7 @@ def save_checkpoint(
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from ``directory``; return the loop state."""
-    weights = load_file(str(directory / WEIGHTS))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint {directory} does not match the model: unknown parameters {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    copy_into_parameters(model, load_file(str(directory / WEIGHTS)), f"checkpoint {directory}")
     optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True))
     scheduler.load_state_dict(torch.load(directory / SCHEDULER, weights_only=True))
     restore_rng(torch.load(directory / RNG, weights_only=False))
