@@ -66,7 +66,7 @@ def test_train_then_refuse_same_name_then_eval(tmp_path, qa_rows):
     assert again.exit_code == 2 and "--resume" in again.output
     evaluated = runner.invoke(app, ["eval", str(run), "--data", str(tmp_path / "train.jsonl"), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
-    row = json.loads(evaluated.output)
+    row = json.loads(evaluated.stdout)  # warnings from libraries go to stderr
     assert row["n"] == len(qa_rows) and row["perplexity"] > 1
 
 

@@ -53,7 +53,7 @@ def load_for_eval(spec: str, *, device: str = "auto", dtype: str = "auto") -> tu
     artifact = meta.get("artifact") or ("peft" if meta.get("is_adapter") else "full")
     head = {
         "model_cls": MODEL_CLASSES[meta.get("model_kind", "causal_lm")],
-        "model_kwargs": meta.get("model_kwargs"),
+        "model_kwargs": _head_kwargs(meta),
     }
     if artifact == "full":
         return load_model(str(final), device=device, dtype=dtype, **head)
@@ -70,6 +70,14 @@ def load_for_eval(spec: str, *, device: str = "auto", dtype: str = "auto") -> tu
     entry = METHODS.get(meta["method"])
     cfg = entry.config_cls.model_validate(meta["method_config"])
     return entry.impl.load(base, final, cfg), tokenizer
+
+
+def _head_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
+    """Head arguments as saved; JSON turned ``id2label``'s integer keys into strings."""
+    kwargs = dict(meta.get("model_kwargs") or {})
+    if "id2label" in kwargs:
+        kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+    return kwargs
 
 
 def infer_labels(golds: list[str]) -> list[str] | None:

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.methods.base import Hook, MethodConfig, Prepared, decay_groups, register_method
+from tunelab.methods.base import Hook, MethodConfig, Prepared, decay_groups, peft_task_type, register_method
 
 
 class AdaLoraConfig(MethodConfig):
@@ -78,7 +78,7 @@ class AdaLoraHook(Hook):
         return weight * torch.stack(terms).mean()
 
 
-def peft_config(cfg: AdaLoraConfig) -> PeftAdaLoraConfig:
+def peft_config(cfg: AdaLoraConfig, task_type: str = "CAUSAL_LM") -> PeftAdaLoraConfig:
     return PeftAdaLoraConfig(
         init_r=cfg.init_r,
         target_r=cfg.target_r,
@@ -92,7 +92,7 @@ def peft_config(cfg: AdaLoraConfig) -> PeftAdaLoraConfig:
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         total_step=cfg.tinit + cfg.tfinal + 1,  # placeholder; AdaLoraHook sets the run's real length
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -101,7 +101,7 @@ def apply_adalora(
     model: nn.Module, cfg: AdaLoraConfig, *, learning_rate: float, weight_decay: float
 ) -> Prepared:
     try:
-        peft_model = get_peft_model(model, peft_config(cfg))
+        peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:
         raise ValueError(f"method.target_modules: {err}") from err
     return Prepared(

@@ -130,6 +130,12 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def peft_task_type(model: nn.Module) -> str:
+    """PEFT's task type for this model's head: with SEQ_CLS, PEFT also trains and saves the new
+    classification head (``score`` / ``classifier``), which a causal-LM config would leave frozen."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once."""
     trainable = total = 0

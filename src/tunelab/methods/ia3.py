@@ -13,7 +13,7 @@ from peft import get_peft_model
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
+from tunelab.methods.base import MethodConfig, Prepared, decay_groups, peft_task_type, register_method
 
 
 class IA3Config(MethodConfig):
@@ -42,19 +42,19 @@ class IA3Config(MethodConfig):
         return self
 
 
-def peft_config(cfg: IA3Config) -> PeftIA3Config:
+def peft_config(cfg: IA3Config, task_type: str = "CAUSAL_LM") -> PeftIA3Config:
     return PeftIA3Config(
         target_modules=cfg.target_modules,
         feedforward_modules=cfg.feedforward_modules,
         modules_to_save=cfg.modules_to_save,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
 @register_method("ia3", IA3Config, artifact="peft")
 def apply_ia3(model: nn.Module, cfg: IA3Config, *, learning_rate: float, weight_decay: float) -> Prepared:
     try:
-        peft_model = get_peft_model(model, peft_config(cfg))
+        peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:
         raise ValueError(f"method.target_modules: {err}") from err
     return Prepared(model=peft_model, param_groups=ia3_groups(peft_model, weight_decay), is_adapter=True)

@@ -17,7 +17,7 @@ from peft import get_peft_model
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
+from tunelab.methods.base import MethodConfig, Prepared, decay_groups, peft_task_type, register_method
 
 # Our names for PEFT's ``init_lora_weights``. "pissa" is PEFT's exact SVD (not the randomised
 # "pissa_niter_k") and OLoRA's QR is deterministic too, so even PEFT's plain save of such an adapter
@@ -136,7 +136,7 @@ def loraplus_groups(
 
 def attach_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     try:
-        peft_model = get_peft_model(model, peft_config(cfg))
+        peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:
         raise ValueError(f"method.target_modules: {err}") from err
     if cfg.init in _REWRITES_BASE:

@@ -49,6 +49,8 @@ class BaseObjective:
 
     model_kind = "causal_lm"
     uses_chat_template = True
+    units_are_tokens = True
+    """Loss is per token (so perplexity means something); pair/example objectives set False."""
 
     def adapt_to(self, model: nn.Module) -> None:
         return None

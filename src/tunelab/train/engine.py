@@ -127,7 +127,9 @@ def evaluate_loss(
         extra.add(out.metrics, int(out.n_units))
     model.train(was_training)
     loss = loss_sum / max(units, 1)
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    metrics = {"eval_loss": loss}
+    if getattr(objective, "units_are_tokens", True):
+        metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
     return metrics | {f"eval_{k}": v for k, v in extra.means().items()}
 
 
