@@ -90,6 +90,6 @@ def test_resolved_recipe_fills_defaults_and_round_trips(tmp_path):
 
 def test_every_shipped_recipe_validates():
     paths = sorted(REPO.glob("recipes/**/*.yaml")) + sorted(REPO.glob("src/tunelab/resources/**/*.yaml"))
-    assert len(paths) == 4, [p.name for p in paths]
+    assert len(paths) == 12, [p.name for p in paths]
     for path in paths:
         load_recipe(path)

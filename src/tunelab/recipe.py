@@ -352,6 +352,19 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     resolve(recipe.data.replay, "path")
     resolve(recipe.training.ewc, "previous_data")
     resolve(recipe.model, "name_or_path")
+    _resolve_reward(recipe, base, resolve)
+
+
+def _resolve_reward(recipe: Recipe, base: Path, resolve: Any) -> None:
+    """An online objective's reward: ``file.py:function`` or a reward run dir next to the recipe."""
+    reward = getattr(recipe.objective, "reward", None)
+    if not reward:
+        return
+    file, sep, function = reward.rpartition(":")
+    if sep and file.endswith(".py") and not Path(file).is_absolute() and (base / file).exists():
+        recipe.objective.reward = f"{(base / file).resolve()}:{function}"
+    else:
+        resolve(recipe.objective, "reward")
 
 
 def dump_yaml(recipe: Recipe) -> str:

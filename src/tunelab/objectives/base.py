@@ -51,6 +51,8 @@ class BaseObjective:
     uses_chat_template = True
     units_are_tokens = True
     """Loss is per token (so perplexity means something); pair/example objectives set False."""
+    online = False
+    """Online RL (ppo, grpo): trained by :func:`tunelab.train.rl.run_online` instead of the engine loop."""
 
     def adapt_to(self, model: nn.Module) -> None:
         return None

@@ -554,6 +554,10 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
             )
         )
     run.set_status("running")
+    if OBJECTIVES.get(recipe.objective.name).impl.online:
+        from tunelab.train.rl import run_online  # noqa: PLC0415  (rl imports this module)
+
+        return run_online(recipe, run, console, resume=resume)
     try:
         if recipe.data.split is not None:
             recipe = recipe.model_copy(deep=True)

@@ -1,0 +1,88 @@
+"""What online objectives (ppo, grpo) share: rollout settings and prompt encoding.
+
+Online objectives read *prompts* only. A prompt comes from any row the data loader understands:
+chat or instruction rows give the conversation before their last assistant turn (the answer, if
+any, is ignored; a chat row may simply end with the user's turn), preference rows give their
+``prompt``, and text rows are used verbatim without a chat template (a file with a plain
+``prompt`` column reads as text with ``data.columns: {text: prompt}``). The training loop is
+:func:`tunelab.train.rl.run_online`; the engine routes there when the class says ``online = True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.templates import render
+from tunelab.objectives.base import BaseObjective, Dropped, ObjectiveConfig
+
+
+class RolloutConfig(ObjectiveConfig):
+    """Settings every online objective has: where rewards come from and how completions are sampled."""
+
+    reward: str = Field(
+        description="reward source: a tunelab reward run dir, a sequence-classification model spec "
+        "(score = its single logit), or a Python function 'module:function' / 'path/file.py:function' "
+        "called as f(prompts, completions) -> list[float]"
+    )
+    max_new_tokens: int = Field(64, ge=1, description="completion budget per rollout")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_minibatches: int = Field(1, ge=1, description="optimizer steps per pass over one rollout batch")
+
+    @model_validator(mode="after")
+    def _reward_given(self) -> RolloutConfig:
+        if not self.reward.strip():
+            raise ValueError("reward: give a reward run dir, a model spec or 'module:function'")
+        return self
+
+
+def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation up to (not including) its last assistant turn; all of it if there is none."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+class OnlineObjective(BaseObjective):
+    """Encodes prompts for generation; the loss lives in the online loop, not in ``loss``."""
+
+    online = True
+
+    def __init__(self, cfg: RolloutConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
+        self.config = cfg
+        self.tokenizer = tokenizer
+        max_length = getattr(data_cfg, "max_length", 1024)
+        self.max_prompt_tokens = max_length - cfg.max_new_tokens
+        if self.max_prompt_tokens < 1:
+            raise ValueError(
+                f"data.max_length={max_length} leaves no room for prompts after "
+                f"objective.max_new_tokens={cfg.max_new_tokens}; raise data.max_length"
+            )
+
+    def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
+        messages = example.get("messages") or example.get("prompt")
+        if messages:
+            messages = prompt_messages(messages)
+            if not messages:
+                return Dropped(row, "no prompt: the conversation starts with the assistant")
+            text = render(self.tokenizer, messages, generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif "text" in example and "label" not in example:
+            messages, text = None, example["text"]
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        else:
+            return Dropped(
+                row, f"{self.config.name} needs prompts (chat, instruction, preference or text rows)"
+            )
+        if len(ids) > self.max_prompt_tokens:
+            return Dropped(
+                row,
+                f"prompt has {len(ids)} tokens; data.max_length - objective.max_new_tokens allows "
+                f"{self.max_prompt_tokens}",
+            )
+        return {"prompt_ids": list(ids), "prompt_text": text, "messages": messages}
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return len(batch.get("prompt_ids", []))

@@ -1,0 +1,556 @@
+"""The online RL loop (objectives ``ppo`` and ``grpo``): sample prompts → generate → score → update.
+
+One *step* is one rollout batch: ``training.batch_size`` prompts (× ``num_generations`` for GRPO)
+are completed by the policy, scored by the reward source, and then learned from for a few passes
+(``ppo_epochs`` / ``num_iterations``), each split into ``num_minibatches`` optimizer steps.
+``training.max_steps`` counts rollout steps (default: ``epochs`` passes over the prompts).
+
+The reference model for the KL penalty is the policy with its adapter disabled for PEFT methods
+(no second copy in memory), otherwise a frozen copy of the model taken before training. Dropout is
+off throughout: the probability ratio π/π_old must be exactly 1 before the first update.
+
+Everything else follows the offline engine: the same run directory, metrics rows, atomic
+checkpoints (``train/checkpoint.py``, with the value head and the adaptive KL coefficient), resume
+from the last complete checkpoint, and the same ``final/`` layout (plus ``value_head.safetensors``
+for PPO).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from safetensors.torch import save_file
+from torch import nn
+from transformers import GenerationConfig, get_scheduler
+
+from tunelab.data.templates import select_template
+from tunelab.methods import METHODS, count_parameters
+from tunelab.methods.lr_structure import structure_learning_rates
+from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
+from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.rl_losses import (
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_estimate,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+    whiten,
+)
+from tunelab.objectives.sft import accepts_logits_to_keep, prepends_virtual_tokens
+from tunelab.recipe import Recipe
+from tunelab.runs.atomic import atomic_directory, atomic_write_json
+from tunelab.runs.plots import plot_loss_curves
+from tunelab.runs.rundir import RunDir
+from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.train.data import prepare_split
+from tunelab.train.engine import (
+    FINAL_META,
+    TrainResult,
+    _progress,
+    build_optimizer,
+    eval_interval,
+    micro_batches_for_step,
+    resolve_mixed_precision,
+    total_steps,
+    warmup_steps,
+)
+from tunelab.train.rewards import load_reward
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the policy's last hidden state: one linear layer, computed in fp32.
+
+    Zero-initialised: a random head's values vary per token by far more than typical rewards do,
+    and that noise would swamp the first advantages; V = 0 starts PPO as REINFORCE.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+class PolicyWithValue(nn.Module):
+    """Policy and optional value head under one module, so checkpoints and the optimizer see both."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead | None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+
+@dataclass
+class RlState:
+    """Loop state saved in every checkpoint."""
+
+    step: int = 0
+    kl_coef: float = 0.0
+    completions_seen: int = 0
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions with everything the updates need (no gradients)."""
+
+    prompt_ids: torch.Tensor  # (B, P), left padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (B, T), pad after the end
+    mask: torch.Tensor  # (B, T) float, 1 on completion tokens up to and including EOS
+    scores: torch.Tensor  # (B,)
+    old_logp: torch.Tensor
+    entropy: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        fields = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return Rollout(**fields)
+
+
+def completion_mask(completions: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it."""
+    if eos_id is None:
+        return torch.ones_like(completions, dtype=torch.float)
+    is_eos = completions == eos_id
+    after = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return (~after).float()
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def adaptive_kl(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: move β by at most ±20% × n/horizon towards ``target``."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return coef * (1.0 + error * n / horizon)
+
+
+class OnlineTrainer:
+    """Holds the pieces of one online run; :meth:`fit` is the loop."""
+
+    def __init__(self, recipe: Recipe, run: RunDir, console: Console) -> None:
+        _check_supported(recipe)
+        self.recipe, self.run, self.console = recipe, run, console
+        self.cfg = recipe.objective
+        self.is_ppo = recipe.objective.name == "ppo"
+        set_seed(recipe.seed)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
+            cpu=recipe.model.device == "cpu",
+        )
+        device = str(self.accelerator.device) if recipe.model.device == "auto" else recipe.model.device
+        spec = recipe.model.name_or_path
+        self.tokenizer = tokenizer_for(spec, trust_remote_code=recipe.model.trust_remote_code)
+        objective_cls = OBJECTIVES.get(self.cfg.name).impl
+        if objective_cls.uses_chat_template:
+            for note in select_template(self.tokenizer, recipe.data.template):
+                console.print(f"[yellow]warning:[/] {note}")
+        self.objective = objective_cls(self.cfg, self.tokenizer, recipe.data)
+        self.prompts = prepare_split(
+            recipe.data.train,
+            self.objective,
+            recipe.data,
+            dropped_path=run.path / "dropped.jsonl",
+            rejects_path=run.path / "rejects.jsonl",
+        )
+        if recipe.data.eval:
+            console.print(
+                f"[yellow]note:[/] data.eval is not used by objective {self.cfg.name} (prompts only)"
+            )
+        model, _ = load_model(
+            spec,
+            dtype=recipe.model.dtype,
+            device=device,
+            trust_remote_code=recipe.model.trust_remote_code,
+            seed=recipe.seed,
+            model_cls=MODEL_CLASSES["causal_lm"],
+        )
+        self.method = METHODS.get(recipe.method.name).impl
+        kl_weight = self.cfg.kl_coef if self.is_ppo else self.cfg.beta
+        self.reference: nn.Module | None = None
+        if kl_weight > 0 and self.method.artifact != "peft":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        prepared = self.method.apply(
+            model,
+            recipe.method,
+            learning_rate=recipe.training.learning_rate,
+            weight_decay=recipe.training.weight_decay,
+        )
+        prepared = structure_learning_rates(prepared, recipe.training)
+        self.is_adapter = prepared.is_adapter
+        self.hooks = prepared.hooks
+        # with no KL weight the reference is still cheap for PEFT (adapter off), so KL is still reported
+        self.use_reference = kl_weight > 0 or hasattr(prepared.model, "disable_adapter")
+        value_head = None
+        if self.is_ppo:
+            value_head = ValueHead(prepared.model.config.hidden_size).to(self.accelerator.device)
+            prepared.param_groups = [
+                *prepared.param_groups,
+                {"params": list(value_head.parameters()), "weight_decay": 0.0, "group": "value_head"},
+            ]
+        self.model = PolicyWithValue(prepared.model, value_head)
+        self.model.eval()
+        self.trainable, self.total_params = count_parameters(self.model)
+        self.steps = total_steps(len(self.prompts.features), recipe.training)
+        optimizer_steps = self.steps * self.passes * self.cfg.num_minibatches
+        optimizer = build_optimizer(prepared, recipe.training.learning_rate)
+        self.scheduler = get_scheduler(
+            "constant_with_warmup"
+            if recipe.training.lr_scheduler == "constant"
+            else recipe.training.lr_scheduler,
+            optimizer,
+            num_warmup_steps=warmup_steps(recipe.training, optimizer_steps),
+            num_training_steps=optimizer_steps,
+        )
+        # prepared for fp16 loss scaling; the model is not wrapped (generation needs it bare)
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.optimizer_steps = optimizer_steps
+        self.reward = load_reward(self.cfg.reward, device=self.accelerator.device)
+        self.state = RlState(kl_coef=self.cfg.kl_coef if self.is_ppo else self.cfg.beta)
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.model.policy
+
+    @property
+    def passes(self) -> int:
+        return self.cfg.ppo_epochs if self.is_ppo else self.cfg.num_iterations
+
+    @property
+    def group(self) -> int:
+        return 1 if self.is_ppo else self.cfg.num_generations
+
+    def resume_from(self, checkpoint: Path) -> None:
+        loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        self.state = RlState(**loop)
+        self.run.truncate_metrics_after(self.state.step)
+        self.console.print(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}")
+
+    # -- rollouts -------------------------------------------------------------------------------
+
+    def forward(
+        self, model: nn.Module, batch: Rollout, *, with_values: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (at the sampling temperature), entropies and values of the completions."""
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        mask = torch.cat([batch.prompt_mask, batch.mask.long()], dim=1)
+        width = batch.completion_ids.size(1)
+        kwargs: dict[str, Any] = {}
+        if not prepends_virtual_tokens(model):
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if accepts_logits_to_keep(model):
+            kwargs["logits_to_keep"] = width + 1
+        with self.accelerator.autocast():
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=False,
+                output_hidden_states=with_values,
+                **kwargs,
+            )
+        logits = out.logits[:, -(width + 1) : -1].float() / self.cfg.temperature
+        logp = token_logprobs(logits, batch.completion_ids)
+        entropy = entropy_from_logits(logits.detach())
+        values = None
+        if with_values:
+            values = self.model.value_head(out.hidden_states[-1][:, -(width + 1) : -1])
+        return logp, entropy, values
+
+    @torch.no_grad()
+    def rollout(self, features: list[dict[str, Any]]) -> Rollout:
+        """Sample completions for ``features`` (each ``group`` times), score them, and record the
+        log-probs, reference log-probs and values the updates compare against."""
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        features = [f for f in features for _ in range(self.group)]
+        prompt_ids, prompt_mask = left_pad([f["prompt_ids"] for f in features], pad)
+        prompt_ids, prompt_mask = (
+            prompt_ids.to(self.accelerator.device),
+            prompt_mask.to(self.accelerator.device),
+        )
+        generation = GenerationConfig(
+            do_sample=True,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=0,
+            max_new_tokens=self.cfg.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        sequences = self.policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation
+        )
+        completions = sequences[:, prompt_ids.size(1) :]
+        mask = completion_mask(completions, eos)
+        completions = torch.where(mask.bool(), completions, torch.full_like(completions, pad))
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        scores = torch.tensor(
+            self.reward([f["prompt_text"] for f in features], texts, [f["messages"] for f in features]),
+            dtype=torch.float,
+            device=self.accelerator.device,
+        )
+        if self.cfg.missing_eos_penalty is not None and eos is not None:
+            scores = scores - self.cfg.missing_eos_penalty * (~(completions == eos).any(dim=1)).float()
+        batch = Rollout(prompt_ids, prompt_mask, completions, mask, scores, old_logp=scores, entropy=scores)
+        batch.old_logp, batch.entropy, batch.values = self.forward(
+            self.policy, batch, with_values=self.is_ppo
+        )
+        if self.use_reference:
+            batch.ref_logp = self.reference_logp(batch)
+        return batch
+
+    def reference_logp(self, batch: Rollout) -> torch.Tensor:
+        if self.reference is not None:
+            return self.forward(self.reference, batch)[0]
+        with self.policy.disable_adapter():
+            return self.forward(self.policy, batch)[0]
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def advantages(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """PPO: KL-shaped per-token rewards → GAE; GRPO: one group-relative advantage per completion."""
+        if not self.is_ppo:
+            return group_advantages(batch.scores, self.group, scale=self.cfg.scale_rewards), None, {}
+        if batch.ref_logp is None:
+            kl = torch.zeros_like(batch.old_logp)
+        else:
+            kl = kl_estimate(batch.old_logp, batch.ref_logp, self.cfg.kl_estimator) * batch.mask
+        rewards = -self.state.kl_coef * kl
+        last = (batch.mask.sum(dim=1).long() - 1).clamp(min=0)
+        rewards[torch.arange(rewards.size(0)), last] += batch.scores
+        if self.cfg.whiten_rewards:
+            rewards = whiten(rewards, batch.mask, shift_mean=False)
+        advantages, returns = gae(rewards, batch.values, batch.mask, self.cfg.gamma, self.cfg.lam)
+        advantages = whiten(advantages, batch.mask)
+        return advantages, returns, {"non_score_reward": float((-self.state.kl_coef * kl).sum(1).mean())}
+
+    def minibatch_loss(
+        self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, _, values = self.forward(self.policy, batch, with_values=self.is_ppo)
+        if self.is_ppo:
+            policy_loss, stats = ppo_policy_loss(
+                logp, batch.old_logp, advantages, batch.mask, self.cfg.clip_range
+            )
+            value_loss, value_clip = ppo_value_loss(
+                values, batch.values, returns, batch.mask, self.cfg.clip_range_value
+            )
+            loss = policy_loss + self.cfg.vf_coef * value_loss
+            stats = {
+                **stats,
+                "value_loss": value_loss,
+                "value_clip_frac": value_clip,
+                "policy_loss": policy_loss,
+            }
+        else:
+            loss, stats = grpo_loss(
+                logp,
+                batch.old_logp,
+                batch.ref_logp,
+                advantages,
+                batch.mask,
+                clip_low=self.cfg.clip_range,
+                clip_high=self.cfg.clip_range_high or self.cfg.clip_range,
+                beta=self.cfg.beta,
+                loss_type=self.cfg.loss_type,
+                max_completion_length=self.cfg.max_new_tokens,
+            )
+            stats.pop("kl", None)  # the step's KL is measured on the rollout, the same way for both
+        return loss, {k: float(v.detach()) for k, v in stats.items()}
+
+    def train_step(self) -> dict[str, float]:
+        """One rollout batch and its ``passes × num_minibatches`` optimizer steps."""
+        cfg = self.recipe.training
+        # the engine's shuffled epoch order, one micro-batch (= one rollout batch of prompts) per step
+        one_batch = SimpleNamespace(batch_size=cfg.batch_size, grad_accum=1)
+        (indices,) = micro_batches_for_step(
+            self.state.step, len(self.prompts.features), one_batch, self.recipe.seed
+        )
+        batch = self.rollout([self.prompts.features[i] for i in indices])
+        advantages, returns, extra = self.advantages(batch)
+        sums: dict[str, float] = {}
+        n_updates = 0
+        lr = self.scheduler.get_last_lr()[0]
+        for _ in range(self.passes):
+            order = torch.randperm(batch.scores.size(0), device=batch.scores.device)
+            for index in order.chunk(self.cfg.num_minibatches):
+                for hook in self.hooks:
+                    hook.on_step_start(self.policy, self.scheduler.last_epoch, self.optimizer_steps)
+                loss, stats = self.minibatch_loss(
+                    batch.select(index), advantages[index], None if returns is None else returns[index]
+                )
+                self.accelerator.backward(loss)
+                if cfg.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                for hook in self.hooks:
+                    hook.before_zero_grad(self.policy, self.scheduler.last_epoch, self.optimizer_steps)
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for key, value in {"loss": float(loss.detach()), **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                n_updates += 1
+        kl = (
+            float((kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.mask).sum(1).mean())
+            if batch.ref_logp is not None
+            else 0.0
+        )
+        row = {
+            "step": self.state.step + 1,
+            **{k: v / n_updates for k, v in sums.items()},
+            "reward_mean": float(batch.scores.mean()),
+            "reward_std": float(batch.scores.std()) if batch.scores.numel() > 1 else 0.0,
+            "kl": kl,
+            "entropy": float(masked_mean(batch.entropy, batch.mask)),
+            "completion_length": float(batch.mask.sum(1).mean()),
+            "lr": lr,
+            **extra,
+        }
+        if self.is_ppo:
+            row["kl_coef"] = self.state.kl_coef
+            if self.cfg.target_kl is not None:
+                self.state.kl_coef = adaptive_kl(
+                    self.state.kl_coef, kl, self.cfg.target_kl, batch.scores.numel(), self.cfg.kl_horizon
+                )
+        self.state.step += 1
+        self.state.completions_seen += batch.scores.numel()
+        return row
+
+    def maybe_checkpoint(self, force: bool = False) -> None:
+        cfg = self.recipe.training
+        every = cfg.save_every or eval_interval(cfg, len(self.prompts.features))
+        if (not force and self.state.step % every) or self.run.checkpoint_dir(self.state.step).exists():
+            return
+        with self.run.writing_checkpoint(self.state.step) as tmp:
+            save_checkpoint(tmp, self.model, self.optimizer, self.scheduler, asdict(self.state))
+        self.run.prune_checkpoints(cfg.keep_checkpoints)
+
+    def fit(self) -> list[float]:
+        losses: list[float] = []
+        started = time.perf_counter()
+        with _progress(self.console) as progress:
+            task = progress.add_task(self.cfg.name, total=self.steps, completed=self.state.step, info="")
+            while self.state.step < self.steps:
+                row = self.train_step()
+                losses.append(row["loss"])
+                row["seconds"] = time.perf_counter() - started
+                if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
+                    self.run.log_metrics(row)
+                self.maybe_checkpoint()
+                info = f"reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  entropy {row['entropy']:.2f}"
+                progress.update(task, completed=self.state.step, info=info)
+        return losses
+
+    def save_final(self) -> Path:
+        """``final/`` in the offline engine's layout, plus the value head for PPO."""
+        with atomic_directory(self.run.final_dir) as tmp:
+            if self.method.save is not None:
+                self.method.save(self.policy, tmp)
+            else:
+                self.policy.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if self.model.value_head is not None:
+                save_file(
+                    {k: v.contiguous() for k, v in self.model.value_head.state_dict().items()},
+                    str(tmp / VALUE_HEAD),
+                )
+            atomic_write_json(
+                tmp / FINAL_META,
+                {
+                    "base_model": self.recipe.model.name_or_path,
+                    "is_adapter": self.is_adapter,
+                    "artifact": self.method.artifact,
+                    "method": self.recipe.method.name,
+                    "method_config": self.recipe.method.model_dump(mode="json"),
+                    "seed": self.recipe.seed,
+                    "objective": self.cfg.name,
+                    "model_kind": "causal_lm",
+                    "model_kwargs": {},
+                    "step": self.state.step,
+                },
+            )
+        return self.run.final_dir
+
+
+def _check_supported(recipe: Recipe) -> None:
+    """Offline-only settings are errors here rather than silently ignored."""
+    problems = []
+    t, d = recipe.training, recipe.data
+    if t.grad_accum != 1:
+        problems.append("training.grad_accum: online RL uses objective.num_minibatches instead; set it to 1")
+    if t.ewc is not None:
+        problems.append("training.ewc is not supported with online objectives")
+    if t.early_stopping is not None:
+        problems.append("training.early_stopping is not supported with online objectives")
+    if d.packing:
+        problems.append("data.packing does not apply to prompts; set it to false")
+    if d.tasks or d.replay is not None or d.split is not None:
+        problems.append(
+            "data.tasks / data.replay / data.split are not supported with online objectives; give data.train"
+        )
+    if problems:
+        raise ValueError(f"objective {recipe.objective.name}: " + "; ".join(problems))
+
+
+def run_online(
+    recipe: Recipe, run: RunDir, console: Console | None = None, *, resume: bool = False
+) -> TrainResult:
+    """Train with an online objective into ``run``; records the final status in its manifest.
+
+    The caller has written the recipe and manifest and set the status to running (as the engine's
+    ``_execute`` does for every run).
+    """
+    console = console or Console(stderr=True)
+    try:
+        trainer = OnlineTrainer(recipe, run, console)
+        checkpoint = run.latest_checkpoint() if resume else None
+        if checkpoint is not None:
+            trainer.resume_from(checkpoint)
+        console.print(
+            f"run [bold]{run.path}[/]: {trainer.trainable:,} of {trainer.total_params:,} parameters train, "
+            f"{trainer.steps} rollout steps of {recipe.training.batch_size * trainer.group} completions"
+        )
+        losses = trainer.fit()
+        trainer.maybe_checkpoint(force=True)
+        trainer.save_final()
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
+    except BaseException as err:
+        run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
+        raise
+    plot_loss_curves(run.read_metrics(), run.path / "loss.png")
+    rows = [r for r in run.read_metrics() if "reward_mean" in r]
+    final = {k: rows[-1][k] for k in ("reward_mean", "kl") if rows}
+    summary = {"train": trainer.prompts.summary()}
+    run.set_status(
+        "completed", steps=trainer.state.step, data_summary=summary, final_eval=final, stopped_early=False
+    )
+    return TrainResult(run.path, trainer.state.step, losses, final, False, summary)
