@@ -80,3 +80,37 @@ def test_sft_reward_ppo_chain_raises_reward(tmp_path: Path) -> None:
     print("ppo reward per step:", [round(r, 3) for r in rewards], "kl:", [round(r["kl"], 2) for r in rows])
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3
     assert max(r["kl"] for r in rows) < 24 * 2.0
+
+
+def test_sft_then_dpo_chain_prefers_chosen_answers(tmp_path: Path) -> None:
+    """SFT → DPO (LoRA, reference = adapters disabled) on SmolLM2: the DPO run's logged pairwise
+    reward accuracy and margin rise and its held-out DPO loss ends below the log 2 it starts at."""
+    smollm2 = "asset:smollm2-135m-instruct"
+    sft = _train(
+        tmp_path,
+        "sft-for-dpo",
+        model={"name_or_path": smollm2},
+        data={"train": str(DATA / "tiny_train.jsonl"), "max_length": 96},
+        method={"name": "full"},
+        training={"max_steps": 3, "batch_size": 8, "learning_rate": 1e-5, "warmup_steps": 0},
+    )
+    dpo = _train(
+        tmp_path,
+        "dpo",
+        model={"name_or_path": str(sft / "final")},
+        data={
+            "train": str(DATA / "tiny_pref_train.jsonl"),
+            "eval": str(DATA / "tiny_pref_eval.jsonl"),
+            "max_length": 128,
+        },
+        method={"name": "lora", "r": 8},
+        objective={"name": "dpo", "beta": 0.1},
+        training={"max_steps": 8, "batch_size": 4, "learning_rate": 5e-4, "warmup_steps": 0, "eval_every": 8},
+    )
+    rows = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "rewards/margins" in r]
+    assert len(steps) == 8
+    first, last = steps[0], steps[-2:]
+    assert sum(r["rewards/margins"] for r in last) / 2 > first["rewards/margins"]
+    final = [r for r in rows if "eval_loss" in r][-1]
+    assert final["eval_loss"] < 0.6931
