@@ -171,6 +171,23 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def start_run(recipe: Recipe, console: Console) -> tuple[Accelerator, str, Any, Any]:
+    """What every run sets up first, offline or online: seed, accelerator, device, tokenizer (with
+    the chat template the objective needs) and the objective itself."""
+    set_seed(recipe.seed)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
+        cpu=recipe.model.device == "cpu",
+    )
+    device = str(accelerator.device) if recipe.model.device == "auto" else recipe.model.device
+    tokenizer = tokenizer_for(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    objective_cls = OBJECTIVES.get(recipe.objective.name).impl
+    if objective_cls.uses_chat_template:
+        for note in select_template(tokenizer, recipe.data.template):
+            console.print(f"[yellow]warning:[/] {note}")
+    return accelerator, device, tokenizer, objective_cls(recipe.objective, tokenizer, recipe.data)
+
+
 class Trainer:
     """Holds the pieces of one run; :meth:`fit` is the loop."""
 
@@ -180,19 +197,8 @@ class Trainer:
         self.recipe = recipe
         self.run = run
         self.console = console or Console(stderr=True)
-        set_seed(recipe.seed)
-        self.accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
-            cpu=recipe.model.device == "cpu",
-        )
-        device = str(self.accelerator.device) if recipe.model.device == "auto" else recipe.model.device
+        self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, self.console)
         spec = recipe.model.name_or_path
-        self.tokenizer = tokenizer_for(spec, trust_remote_code=recipe.model.trust_remote_code)
-        objective_cls = OBJECTIVES.get(recipe.objective.name).impl
-        if objective_cls.uses_chat_template:
-            for note in select_template(self.tokenizer, recipe.data.template):
-                self.console.print(f"[yellow]warning:[/] {note}")
-        self.objective = objective_cls(recipe.objective, self.tokenizer, recipe.data)
         self.train_split, self.eval_split = self._prepare_data()
         run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
         model, _ = load_model(

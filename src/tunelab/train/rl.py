@@ -25,18 +25,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationConfig, get_scheduler
 
-from tunelab.data.templates import select_template
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.lr_structure import structure_learning_rates
-from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
-from tunelab.objectives import OBJECTIVES
+from tunelab.models.load import MODEL_CLASSES, load_model
 from tunelab.objectives.rl_losses import (
     entropy_from_logits,
     gae,
@@ -63,7 +59,7 @@ from tunelab.train.engine import (
     build_optimizer,
     eval_interval,
     micro_batches_for_step,
-    resolve_mixed_precision,
+    start_run,
     total_steps,
     warmup_steps,
 )
@@ -159,19 +155,8 @@ class OnlineTrainer:
         self.recipe, self.run, self.console = recipe, run, console
         self.cfg = recipe.objective
         self.is_ppo = recipe.objective.name == "ppo"
-        set_seed(recipe.seed)
-        self.accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
-            cpu=recipe.model.device == "cpu",
-        )
-        device = str(self.accelerator.device) if recipe.model.device == "auto" else recipe.model.device
+        self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console)
         spec = recipe.model.name_or_path
-        self.tokenizer = tokenizer_for(spec, trust_remote_code=recipe.model.trust_remote_code)
-        objective_cls = OBJECTIVES.get(self.cfg.name).impl
-        if objective_cls.uses_chat_template:
-            for note in select_template(self.tokenizer, recipe.data.template):
-                console.print(f"[yellow]warning:[/] {note}")
-        self.objective = objective_cls(self.cfg, self.tokenizer, recipe.data)
         self.prompts = prepare_split(
             recipe.data.train,
             self.objective,
