@@ -1,8 +1,9 @@
 """The training engine: one readable loop that runs any method × objective pair on accelerate.
 
-Order of a run: run directory → model and tokenizer → data (encoded by the objective) → method
-(which parameters learn) → optimizer and schedule → loop (accumulate, clip, step, log, evaluate,
-early-stop, checkpoint) → final model. A killed run resumes from its last complete checkpoint and
+Order of a run: run directory → tokenizer and objective → data (encoded by the objective, checked
+by the pre-flight audit) → model with the head the objective asks for → method (which parameters
+learn) → optimizer and schedule → loop (accumulate, clip, step, log, evaluate, early-stop,
+checkpoint) → final model. Online objectives (PPO, GRPO) go to ``train/rl.py`` instead. A killed run resumes from its last complete checkpoint and
 continues with exactly the same batches, learning rates and random numbers.
 """
 
