@@ -472,29 +472,56 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
-        model = self.accelerator.unwrap_model(self.model)
-        with atomic_directory(self.run.final_dir) as tmp:
-            if self.method.save is not None:  # custom artifacts; LoRA with PiSSA/OLoRA init converts on save
-                self.method.save(model, tmp)
-            else:
-                model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(
-                tmp / FINAL_META,
-                {
-                    "base_model": self.recipe.model.name_or_path,
-                    "is_adapter": self.is_adapter,
-                    "artifact": self.method.artifact,
-                    "method": self.recipe.method.name,
-                    "method_config": self.recipe.method.model_dump(mode="json"),
-                    "seed": self.recipe.seed,
-                    "objective": self.recipe.objective.name,
-                    "model_kind": self.objective.model_kind,
-                    "model_kwargs": self.objective.model_kwargs(),
-                    "step": self.state.step,
-                },
-            )
-        return self.run.final_dir
+        return write_final(
+            self.run,
+            self.accelerator.unwrap_model(self.model),
+            self.tokenizer,
+            self.method,
+            self.recipe,
+            self.objective,
+            is_adapter=self.is_adapter,
+            step=self.state.step,
+        )
+
+
+def write_final(
+    run: RunDir,
+    model: Any,
+    tokenizer: Any,
+    method: Any,
+    recipe: Recipe,
+    objective: Any,
+    *,
+    is_adapter: bool,
+    step: int,
+    extra: Any = None,
+) -> Path:
+    """``final/`` for any run, offline or online: weights as the method saves them, tokenizer, and
+    ``tunelab.json`` saying how to load it back; ``extra(tmp)`` adds files (e.g. PPO's value head)."""
+    with atomic_directory(run.final_dir) as tmp:
+        if method.save is not None:  # custom artifacts; LoRA with PiSSA/OLoRA init converts on save
+            method.save(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        atomic_write_json(
+            tmp / FINAL_META,
+            {
+                "base_model": recipe.model.name_or_path,
+                "is_adapter": is_adapter,
+                "artifact": method.artifact,
+                "method": recipe.method.name,
+                "method_config": recipe.method.model_dump(mode="json"),
+                "seed": recipe.seed,
+                "objective": recipe.objective.name,
+                "model_kind": objective.model_kind,
+                "model_kwargs": objective.model_kwargs(),
+                "step": step,
+            },
+        )
+    return run.final_dir
 
 
 def _progress(console: Console) -> Progress:

@@ -47,13 +47,11 @@ from tunelab.objectives.rl_losses import (
 )
 from tunelab.objectives.sft import accepts_logits_to_keep, prepends_virtual_tokens
 from tunelab.recipe import Recipe
-from tunelab.runs.atomic import atomic_directory, atomic_write_json
 from tunelab.runs.plots import plot_loss_curves
 from tunelab.runs.rundir import RunDir
 from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.train.data import prepare_split
 from tunelab.train.engine import (
-    FINAL_META,
     TrainResult,
     _progress,
     build_optimizer,
@@ -62,6 +60,7 @@ from tunelab.train.engine import (
     start_run,
     total_steps,
     warmup_steps,
+    write_final,
 )
 from tunelab.train.rewards import load_reward
 
@@ -455,33 +454,23 @@ class OnlineTrainer:
 
     def save_final(self) -> Path:
         """``final/`` in the offline engine's layout, plus the value head for PPO."""
-        with atomic_directory(self.run.final_dir) as tmp:
-            if self.method.save is not None:
-                self.method.save(self.policy, tmp)
-            else:
-                self.policy.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+
+        def value_head(tmp: Path) -> None:
             if self.model.value_head is not None:
-                save_file(
-                    {k: v.contiguous() for k, v in self.model.value_head.state_dict().items()},
-                    str(tmp / VALUE_HEAD),
-                )
-            atomic_write_json(
-                tmp / FINAL_META,
-                {
-                    "base_model": self.recipe.model.name_or_path,
-                    "is_adapter": self.is_adapter,
-                    "artifact": self.method.artifact,
-                    "method": self.recipe.method.name,
-                    "method_config": self.recipe.method.model_dump(mode="json"),
-                    "seed": self.recipe.seed,
-                    "objective": self.cfg.name,
-                    "model_kind": "causal_lm",
-                    "model_kwargs": {},
-                    "step": self.state.step,
-                },
-            )
-        return self.run.final_dir
+                state = self.model.value_head.state_dict()
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / VALUE_HEAD))
+
+        return write_final(
+            self.run,
+            self.policy,
+            self.tokenizer,
+            self.method,
+            self.recipe,
+            self.objective,
+            is_adapter=self.is_adapter,
+            step=self.state.step,
+            extra=value_head,
+        )
 
 
 def _check_supported(recipe: Recipe) -> None:
