@@ -11,7 +11,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint format bench clean
+.PHONY: setup chromium demo test test-all lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,18 @@ demo: setup
 	$(VENV)/bin/tunelab assets fetch smollm2-135m-instruct rotten-tomatoes
 	$(VENV)/bin/tunelab demo
 
+# The HTML report test renders in headless Chromium (Debian's package). Installed when missing and
+# we may (root with apt); otherwise that one test skips with a message saying so.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
+	  || echo "note: chromium not installed; the HTML render test will skip"; }
+
 # Default run: CPU only, without `slow` tests (real assets, long runs). CI runs this.
-test: setup
+test: setup chromium
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
