@@ -1,0 +1,468 @@
+"""The model, its adapters, and the one worker thread that generates with them.
+
+One thread owns the model: requests wait in a bounded queue and run one at a time, so switching
+adapters (``set_adapter``) is never interleaved with another request's forward pass, and a full
+queue is an immediate 429 instead of an unbounded pile-up. Loading and unloading adapters take
+the same lock the worker holds while generating.
+
+Generation is transformers' ``generate`` with a streamer that decodes as tokens arrive and a
+stopping criterion for stop strings, the request deadline and client cancellation. Text that
+might be the start of a stop string is held back while streaming, so a stop string is never sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from tunelab.serve.errors import APIError, queue_full, timed_out
+
+log = logging.getLogger("tunelab.serve")
+DEFAULT_MAX_TOKENS = 256
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` cut before the earliest stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class StopScanner:
+    """Turns a growing decoded text into deltas that are safe to send: nothing past a stop string,
+    and no tail that could still become one (it is held until the next token decides)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.sent = 0
+        self.stopped = False
+        self.text = ""
+
+    def feed(self, text: str) -> str:
+        """The full text so far → the new part that can be sent now."""
+        if self.stopped:
+            return ""
+        cut, self.stopped = truncate_at_stop(text, self.stops)
+        safe = len(cut) if self.stopped else len(text) - self._held_tail(text)
+        self.text = cut
+        delta = text[self.sent : safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return delta
+
+    def flush(self) -> str:
+        """Generation ended: whatever was held back is final text now."""
+        delta = self.text[self.sent :]
+        self.sent = len(self.text)
+        return delta
+
+    def _held_tail(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass
+class Job:
+    """One generation request; ``emit`` is called from the worker thread with each event."""
+
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    stream: bool = False
+    timeout_s: float = 60.0
+    created: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.timeout_s
+
+
+class _Collector(BaseStreamer):
+    """Receives tokens from ``generate`` and emits text deltas; the first ``put`` is the prompt."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock, job: Job, scanner: StopScanner) -> None:
+        self.tokenizer, self.lock, self.job, self.scanner = tokenizer, lock, job, scanner
+        self.ids: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        with self.lock:
+            text = self.tokenizer.decode(
+                self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        if text.endswith("\ufffd"):
+            return  # a multi-byte character is half decoded; the next token completes it
+        delta = self.scanner.feed(text)
+        if delta and self.job.stream:
+            self.job.emit(Delta(delta))
+
+    def end(self) -> None:
+        pass
+
+
+class _Halt(StoppingCriteria):
+    """Stop on a stop string, the request deadline, or a client that went away."""
+
+    def __init__(self, job: Job, scanner: StopScanner) -> None:
+        self.job, self.scanner = job, scanner
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        halt = self.scanner.stopped or self.job.cancelled.is_set() or time.monotonic() > self.job.deadline
+        return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    chat_template: str | None
+
+
+class Engine:
+    """A base model, its named adapters, a bounded job queue and the worker thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        base_name: str,
+        base_key: tuple[str, int | None] | None = None,
+        queue_size: int = 64,
+        max_tokens_limit: int = 1024,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        from tunelab.data.templates import BUILTIN_TEMPLATES  # noqa: PLC0415
+
+        self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
+        self.base_key = base_key or (base_name, None)
+        self.base_template = tokenizer.chat_template or BUILTIN_TEMPLATES["chatml"]
+        self.queue_size, self.max_tokens_limit = queue_size, max_tokens_limit
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.device = next(model.parameters()).device
+        self._load_opts = {"device": device, "dtype": dtype}
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._paused = False
+        self._stopping = False
+        self._model_lock = threading.Lock()
+        # A fast tokenizer is one Rust object; encoding (event loop) and decoding (worker) at the same
+        # time can fail with "Already borrowed", so they take turns.
+        self.tokenizer_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def load(
+        cls,
+        base: str | None,
+        adapters: dict[str, str | Path],
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        **kwargs: Any,
+    ) -> Engine:
+        """Load the base (from ``base``, else the adapters' own ``base_model``) and every adapter."""
+        from tunelab.adapters import adapter_info  # noqa: PLC0415
+        from tunelab.models.load import load_model  # noqa: PLC0415
+
+        infos = {name: adapter_info(path) for name, path in adapters.items()}
+        keys = {info.base_key for info in infos.values()}
+        if base is None and not keys:
+            raise ValueError("nothing to serve: give --base, or at least one --adapter NAME=RUN")
+        if base is None and len(keys) > 1:
+            raise ValueError(
+                f"the adapters were trained on different bases {sorted(keys, key=str)}; give --base"
+            )
+        spec, seed = (base, 0) if base is not None else next(iter(keys))
+        if base is not None and keys:
+            seed = next(iter(keys))[1] or 0
+        model, tokenizer = load_model(spec, device=device, dtype=dtype, seed=seed)
+        model.eval()
+        key = (spec, seed if spec.startswith("tiny:") else None)
+        engine = cls(model, tokenizer, base_name=spec, base_key=key, device=device, dtype=dtype, **kwargs)
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        return engine
+
+    def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Add an adapter run under ``name``; refused if it was trained on another base."""
+        from peft import PeftModel  # noqa: PLC0415
+
+        from tunelab.adapters import adapter_info  # noqa: PLC0415
+
+        info = adapter_info(path)
+        if info.base_key != self.base_key:
+            raise ValueError(
+                f"adapter '{name}' ({info.path}) was trained on {_describe_key(info.base_key)}, but this server "
+                f"serves {_describe_key(self.base_key)}; an adapter only works on its own base"
+            )
+        with self._model_lock:
+            if name in self.adapters:
+                raise ValueError(
+                    f"an adapter named '{name}' is already loaded; unload it first or pick a new name"
+                )
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(info.path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(info.path), adapter_name=name)
+            self.model.eval()
+            loaded = LoadedAdapter(name, info.path, _chat_template_of(info.path))
+            self.adapters[name] = loaded
+        log.info("loaded adapter '%s' from %s", name, info.path)
+        return loaded
+
+    def unload_adapter(self, name: str) -> None:
+        with self._model_lock:
+            if name not in self.adapters:
+                raise KeyError(name)
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+        log.info("unloaded adapter '%s'", name)
+
+    def encode_chat(self, messages: list[dict[str, str]], adapter: str | None) -> list[int]:
+        """Prompt ids with the chat template the adapter was trained with (the base's own otherwise)."""
+        from jinja2 import TemplateError  # noqa: PLC0415
+
+        loaded = self.adapters.get(adapter) if adapter is not None else None
+        template = (loaded.chat_template if loaded else None) or self.base_template
+        with self.tokenizer_lock:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, chat_template=template, tokenize=False, add_generation_prompt=True
+                )
+            except TemplateError as err:  # e.g. a template that requires alternating user/assistant turns
+                raise ValueError(f"the model's chat template rejected these messages: {err}") from None
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_text(self, prompt: str) -> list[int]:
+        with self.tokenizer_lock:
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def resolve_max_tokens(self, n_prompt: int, requested: int | None) -> int:
+        """The number of new tokens to allow, or a 400 that says which limit the request broke."""
+        if requested is not None and requested > self.max_tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens={requested} is over this server's limit of {self.max_tokens_limit}",
+                param="max_tokens",
+            )
+        if self.context is not None and n_prompt >= self.context:
+            raise APIError(
+                400,
+                f"the prompt has {n_prompt} tokens; the model's context is {self.context} tokens. Shorten the prompt.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = (self.context - n_prompt) if self.context is not None else self.max_tokens_limit
+        if requested is not None and requested > room:
+            raise APIError(
+                400,
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({requested}) exceeds the model's context of "
+                f"{self.context} tokens; ask for at most {room}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested if requested is not None else min(DEFAULT_MAX_TOKENS, self.max_tokens_limit, room)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise a 429 when every slot is taken."""
+        with self._cond:
+            if len(self._jobs) >= self.queue_size:
+                raise queue_full(self.queue_size)
+            self._jobs.append(job)
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._jobs)
+
+    def pause(self) -> None:
+        """Stop taking jobs from the queue (those queued wait); for maintenance and for tests."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="tunelab-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (self._paused or not self._jobs):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._jobs.popleft()
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        if time.monotonic() > job.deadline:
+            job.emit(Failed(timed_out(job.timeout_s)))
+            return
+        try:
+            with self._model_lock:
+                done = self.generate(job)
+        except APIError as err:
+            job.emit(Failed(err))
+        except Exception as err:  # noqa: BLE001  (one bad request must not kill the worker)
+            log.exception("generation failed")
+            job.emit(Failed(APIError(500, f"generation failed: {err}", type="server_error")))
+        else:
+            job.emit(done)
+
+    def generate(self, job: Job) -> Done:
+        """Run one job to the end (the caller holds the model lock)."""
+        if job.adapter is not None and job.adapter not in self.adapters:
+            raise APIError(
+                404, f"adapter '{job.adapter}' was unloaded while this request waited", param="model"
+            )
+        scanner = StopScanner(list(job.params.stop))
+        collector = _Collector(self.tokenizer, self.tokenizer_lock, job, scanner)
+        ids = torch.tensor([job.prompt_ids], device=self.device)
+        with self._adapter(job.adapter), _seeded(job.params.seed, self.device), torch.inference_mode():
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=job.params.max_tokens,
+                streamer=collector,
+                stopping_criteria=StoppingCriteriaList([_Halt(job, scanner)]),
+                pad_token_id=self.tokenizer.pad_token_id,
+                **_sampling_kwargs(job.params),
+            )
+        if job.cancelled.is_set() or (time.monotonic() > job.deadline and not scanner.stopped):
+            raise timed_out(job.timeout_s)
+        tail = scanner.flush()
+        if tail and job.stream:
+            job.emit(Delta(tail))
+        return Done(
+            scanner.text,
+            self._finish_reason(collector, scanner, job),
+            len(job.prompt_ids),
+            len(collector.ids),
+        )
+
+    def _finish_reason(self, collector: _Collector, scanner: StopScanner, job: Job) -> str:
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if scanner.stopped or (collector.ids and collector.ids[-1] in eos_ids):
+            return "stop"
+        return "length" if len(collector.ids) >= job.params.max_tokens else "stop"
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str | None) -> Iterator[None]:
+        """Activate one adapter, or none (the base) through PEFT's own ``disable_adapter``."""
+        from peft import PeftModel  # noqa: PLC0415
+
+        if not isinstance(self.model, PeftModel) or not self.adapters:
+            yield
+        elif name is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(name)
+            yield
+
+
+def _sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """temperature 0 means greedy; passing temperature/top_p with greedy only earns warnings."""
+    if params.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Same seed → same sample; the global RNG is restored after, so other requests are unaffected."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _chat_template_of(final: Path) -> str | None:
+    """The chat template saved with the run (training may have installed a built-in one)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    try:
+        return AutoTokenizer.from_pretrained(str(final)).chat_template
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_key(key: tuple[str, int | None]) -> str:
+    spec, seed = key
+    return f"'{spec}' (seed {seed})" if seed is not None else f"'{spec}'"

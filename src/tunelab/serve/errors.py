@@ -1,0 +1,61 @@
+"""Errors in OpenAI's shape, so every client library shows the message instead of a parse failure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error a handler raises; the app turns it into ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002  (OpenAI's field name)
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:  # noqa: A002
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def not_found(model: str, known: list[str]) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model}' does not exist here; served models: {', '.join(known)} (see GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def queue_full(size: int) -> APIError:
+    return APIError(
+        429,
+        f"The server is busy: all {size} queue slots are taken. Retry shortly.",
+        type="rate_limit_error",
+        code="queue_full",
+        headers={"retry-after": "1"},
+    )
+
+
+def timed_out(seconds: float) -> APIError:
+    return APIError(
+        504,
+        f"Generation did not finish within the {seconds:g} s request timeout; ask for fewer max_tokens "
+        "or retry when the server is less busy",
+        type="timeout_error",
+        code="timeout",
+    )

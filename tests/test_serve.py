@@ -1,0 +1,303 @@
+"""`tunelab serve` end to end: the official openai client against a real uvicorn server on loopback,
+serving tiny:llama with two LoRA adapters trained here (on different answers, so they differ)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tunelab.serve.app import ServeSettings, create_app
+from tunelab.serve.engine import Engine
+from tunelab.serve.routing import Router, WatchPolicy
+from tunelab.serve.server import BackgroundServer
+from tunelab.train.engine import train
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ASK = [{"role": "user", "content": "question 1"}]
+GREEDY = {"temperature": 0, "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA runs on the same tiny base that learned different answers."""
+    from tunelab.recipe import parse_recipe
+
+    root = tmp_path_factory.mktemp("serve")
+    made = {}
+    for name, answer in (("yes-bot", "yes yes yes"), ("no-bot", "no no no")):
+        data = root / f"{name}.jsonl"
+        rows = [{"instruction": f"question {i}", "output": answer} for i in range(6)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        raw = {
+            "seed": 0,
+            "model": {"name_or_path": "tiny:llama"},
+            "data": {"train": str(data), "max_length": 64},
+            "method": {"name": "lora", "r": 4, "alpha": 8},
+            "training": {"max_steps": 4, "batch_size": 3, "learning_rate": 5e-2, "warmup_steps": 0},
+            "output": {"dir": str(root / "runs"), "name": name},
+        }
+        made[name] = train(parse_recipe(raw)).run_dir
+    return made
+
+
+def start(
+    runs: dict[str, Path], *, policy: WatchPolicy | None = None, **settings: object
+) -> BackgroundServer:
+    engine = Engine.load(
+        None, runs, device="cpu", queue_size=settings.pop("queue_size", 16), max_tokens_limit=64
+    )
+    # Latency on a shared CI machine is noise: only errors and feedback may roll back in these tests.
+    policy = policy or WatchPolicy(min_samples=3, max_latency_ratio=1e6)
+    router = Router(engine.base_name, list(engine.adapters), policy)
+    router.set_alias("bot", {"yes-bot": 0.5, "no-bot": 0.5})
+    return BackgroundServer(create_app(engine, router, ServeSettings(api_key=KEY, **settings)))
+
+
+@pytest.fixture(scope="module")
+def server(runs: dict[str, Path]) -> Iterator[BackgroundServer]:
+    with start(runs) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def chat(client: openai.OpenAI, model: str, **kw: object) -> tuple[str, str]:
+    """(content, adapter header) of one greedy chat completion."""
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=ASK, **{**GREEDY, **kw})
+    return raw.parse().choices[0].message.content, raw.headers["x-tunelab-adapter"]
+
+
+def engine_of(server: BackgroundServer) -> Engine:
+    return server.app.state.tunelab.engine
+
+
+def test_models_lists_base_adapters_and_alias(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids[:3] == ["tiny:llama", "no-bot", "yes-bot"] and "bot" in ids
+
+
+def test_chat_completion_shape_usage_and_header(client: openai.OpenAI, server: BackgroundServer) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="yes-bot", messages=ASK, **GREEDY)
+    reply = raw.parse()
+    assert raw.headers["x-tunelab-adapter"] == "yes-bot"
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "length"
+    prompt_tokens = len(engine_of(server).encode_chat(ASK, "yes-bot"))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, 8)
+    assert reply.usage.total_tokens == prompt_tokens + 8
+
+
+def test_each_adapter_and_the_base_answer_differently(client: openai.OpenAI) -> None:
+    answers = {model: chat(client, model) for model in ("yes-bot", "no-bot", "tiny:llama")}
+    assert {header for _, header in answers.values()} == {"yes-bot", "no-bot", "tiny:llama"}
+    assert len({text for text, _ in answers.values()}) == 3
+    assert "y" in answers["yes-bot"][0] and "o" in answers["no-bot"][0]
+
+
+def test_streaming_chat_equals_the_non_streamed_answer(
+    client: openai.OpenAI, server: BackgroundServer
+) -> None:
+    whole, _ = chat(client, "no-bot")
+    chunks = list(
+        client.chat.completions.create(
+            model="no-bot", messages=ASK, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+    body = {"model": "no-bot", "messages": ASK, "stream": True, **GREEDY}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=AUTH) as response:
+        assert response.headers["x-tunelab-adapter"] == "no-bot"
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+
+
+def test_text_completion_stops_at_the_stop_string_streamed_or_not(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="yes-bot", prompt="question 2", **GREEDY).choices[0].text
+    stop = full.strip()[1:3]  # a piece from inside the answer
+    expected = full[: full.find(stop)]
+    reply = client.completions.create(model="yes-bot", prompt="question 2", stop=[stop, "zzz"], **GREEDY)
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="yes-bot", prompt="question 2", stop=stop, stream=True, **GREEDY
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+
+def test_same_seed_same_sample(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        kw = {"temperature": 1.0, "max_tokens": 12, "seed": seed}
+        return client.completions.create(model="tiny:llama", prompt="hello", **kw).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
+
+
+def test_alias_is_sticky_per_user_and_answers_like_its_adapter(client: openai.OpenAI) -> None:
+    alone = {name: chat(client, name)[0] for name in ("yes-bot", "no-bot")}
+    seen = set()
+    for user in [f"user-{i}" for i in range(4)]:
+        text, adapter = chat(client, "bot", user=user)
+        assert text == alone[adapter]
+        assert chat(client, "bot", user=user)[1] == adapter  # sticky
+        seen.add(adapter)
+    assert seen == {"yes-bot", "no-bot"}
+    raw = httpx.post(
+        f"{client.base_url}chat/completions",
+        json={"model": "bot", "messages": ASK, **GREEDY},
+        headers={**AUTH, "x-user-id": "user-3"},
+    )
+    assert raw.headers["x-tunelab-adapter"] == chat(client, "bot", user="user-3")[1]
+
+
+def test_concurrent_requests_for_different_adapters_match_each_served_alone(client: openai.OpenAI) -> None:
+    models = ["yes-bot", "no-bot", "tiny:llama"] * 3
+    alone = {m: chat(client, m) for m in set(models)}
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        together = list(pool.map(lambda m: chat(client, m), models))
+    assert together == [alone[m] for m in models]
+
+
+def test_admin_shares_load_unload_and_rollback_by_feedback(
+    client: openai.OpenAI, server: BackgroundServer, runs: dict[str, Path]
+) -> None:
+    admin = httpx.Client(base_url=server.url, headers=AUTH)
+    put = admin.put("/admin/aliases/canary", json={"shares": {"yes-bot": 0.0, "no-bot": 1.0}})
+    assert put.status_code == 200 and put.json()["baseline"] == "yes-bot"
+    assert all(chat(client, "canary", user=f"u{i}")[1] == "no-bot" for i in range(4))
+
+    loaded = admin.post("/admin/adapters", json={"name": "yes-copy", "path": str(runs["yes-bot"])})
+    assert loaded.status_code == 201
+    assert chat(client, "yes-copy")[0] == chat(client, "yes-bot")[0]
+    assert admin.delete("/admin/adapters/no-bot").status_code == 409  # aliases still route to it
+    assert admin.delete("/admin/adapters/yes-copy").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "yes-copy")
+
+    for _ in range(3):  # the baseline is liked, the candidate is not: the watcher moves traffic back
+        admin.post("/v1/feedback", json={"adapter": "yes-bot", "score": 1.0}).raise_for_status()
+    reply = client.chat.completions.create(model="canary", messages=ASK, **GREEDY)
+    for _ in range(3):
+        admin.post("/v1/feedback", json={"id": reply.id, "score": -1.0}).raise_for_status()
+    canary = admin.get("/admin/aliases").json()["canary"]
+    assert canary["shares"] == {"yes-bot": 1.0, "no-bot": 0.0}
+    assert "mean feedback -1.00 vs baseline 1.00" in canary["events"][-1]["message"]
+    assert chat(client, "canary", user="u1")[1] == "yes-bot"
+    # The window is per adapter, so "bot" (same baseline) lost its no-bot share too; restore it.
+    assert admin.get("/admin/aliases").json()["bot"]["shares"]["no-bot"] == 0.0
+    admin.put("/admin/aliases/bot", json={"shares": {"yes-bot": 0.5, "no-bot": 0.5}}).raise_for_status()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "nope", "messages": ASK}, 404, "model"),
+        ({"model": "yes-bot", "messages": ASK, "n": 2}, 400, "n"),
+        ({"model": "yes-bot", "messages": ASK, "max_tokens": 65}, 400, "max_tokens"),
+        ({"model": "yes-bot", "messages": [{"role": "user", "content": "hi " * 600}]}, 400, "messages"),
+        ({"model": "yes-bot", "messages": ASK, "temperature": 3}, 400, "temperature"),
+        ({"model": "yes-bot", "messages": ASK, "logit_bias": {}}, 400, "logit_bias"),
+        ({"model": "yes-bot", "messages": ASK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "yes-bot"}, 400, "messages"),
+        (
+            {"model": "yes-bot", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "messages",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies(
+    server: BackgroundServer, body: dict, status: int, param: str
+) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+
+
+def test_bad_json_and_unknown_routes_are_openai_errors_too(server: BackgroundServer) -> None:
+    bad = httpx.post(
+        f"{server.url}/v1/completions", content=b"{nope", headers={**AUTH, "content-type": "application/json"}
+    )
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    missing = httpx.get(f"{server.url}/v1/nothing", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_key_is_required_everywhere_but_health(server: BackgroundServer) -> None:
+    anonymous = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.chat.completions.create(model="yes-bot", messages=ASK, **GREEDY)
+    for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/admin/aliases")):
+        assert httpx.request(method, f"{server.url}{path}").status_code == 401
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_metrics_count_requests_and_tokens_per_adapter(
+    client: openai.OpenAI, server: BackgroundServer
+) -> None:
+    def counts() -> dict[tuple[str, str, str], float]:
+        text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+        return {
+            (s.name, s.labels.get("adapter", ""), s.labels.get("alias", "")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    before = counts()
+    chat(client, "no-bot")
+    chat(client, "no-bot")
+    chat(client, "yes-bot")
+    after = counts()
+
+    def grew(name: str, adapter: str) -> float:
+        key = (name, adapter, "")
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("tunelab_requests_total", "no-bot") == 2 and grew("tunelab_requests_total", "yes-bot") == 1
+    assert grew("tunelab_completion_tokens_total", "no-bot") == 16
+    assert grew("tunelab_request_latency_seconds_count", "yes-bot") == 1
+
+
+def test_full_queue_is_429_and_a_stuck_request_times_out(runs: dict[str, Path]) -> None:
+    with start(runs, queue_size=1, request_timeout_s=1.0) as small:
+        engine = engine_of(small)
+        client = openai.OpenAI(base_url=f"{small.url}/v1", api_key=KEY, max_retries=0)
+        body = {"model": "yes-bot", "messages": ASK, **GREEDY}
+        engine.pause()  # the worker takes nothing: the first request fills the one queue slot
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                httpx.post, f"{small.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30
+            )
+            _wait_for(lambda: engine.queue_depth == 1)
+            with pytest.raises(openai.RateLimitError) as excinfo:
+                chat(client, "no-bot")
+            stuck = pending.result(timeout=10)
+        engine.resume()
+        assert excinfo.value.status_code == 429 and excinfo.value.body["code"] == "queue_full"
+        assert stuck.status_code == 504 and stuck.json()["error"]["code"] == "timeout"
+        assert stuck.headers["x-tunelab-adapter"] == "yes-bot"
+        later = httpx.post(f"{small.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+        assert later.status_code == 200 and later.json()["choices"][0]["message"]["content"]
+
+
+def _wait_for(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
