@@ -47,8 +47,10 @@ def write_llama_gguf(
     path: str | os.PathLike[str],
     *,
     dtype: str = "f32",
+    name: str | None = None,
 ) -> Path:
     """Write `model` + `tokenizer` to a llama GGUF at `path`; `dtype` is "f32", "f16" or "q8_0".
+    `name` is the file's `general.name` (default: the model's `name_or_path`).
 
     The file is written next to its destination and renamed into place, so a crash never leaves a
     truncated GGUF that a server would later try to load.
@@ -56,16 +58,16 @@ def write_llama_gguf(
     if dtype not in _DTYPES:
         raise ValueError(f"Unsupported GGUF dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
     config = model.config
-    _check_supported(config)
+    check_supported(config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        _add_hparams(writer, config, _DTYPES[dtype][1])
+        _add_hparams(writer, config, _DTYPES[dtype][1], name)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
-        for name, array in _llama_tensors(model):
-            _add_tensor(writer, name, array, _DTYPES[dtype][0])
+        for tensor_name, array in _llama_tensors(model):
+            _add_tensor(writer, tensor_name, array, _DTYPES[dtype][0])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -75,8 +77,9 @@ def write_llama_gguf(
     return path
 
 
-def _check_supported(config: Any) -> None:
-    """Refuse what this writer would silently get wrong rather than export a broken file."""
+def check_supported(config: Any) -> None:
+    """Refuse what this writer would silently get wrong rather than export a broken file; public so
+    that callers (``tunelab export``) can refuse with their own advice before writing anything."""
     if config.model_type != "llama":
         raise ValueError(f"write_llama_gguf writes llama models only, got model_type={config.model_type!r}.")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -95,8 +98,10 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config: Any, file_type: gguf.LlamaFileType) -> None:
-    writer.add_name(str(getattr(config, "name_or_path", "") or "tunelab-model"))
+def _add_hparams(
+    writer: gguf.GGUFWriter, config: Any, file_type: gguf.LlamaFileType, name: str | None = None
+) -> None:
+    writer.add_name(name or str(getattr(config, "name_or_path", "") or "tunelab-model"))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

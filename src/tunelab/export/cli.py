@@ -1,0 +1,81 @@
+"""The ``tunelab export`` command: parse options, call :func:`export_run`, print what was written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.export.run import DTYPES, EXPORT_META, GGUF_TYPES, export_run
+
+
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="a finished run directory (runs/<name>) or its final/")],
+    out: Annotated[Path, typer.Option("--out", help="new folder for the export")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="merged weights as a standard Hugging Face model directory")
+    ] = False,
+    adapter: Annotated[
+        bool, typer.Option("--adapter", help="the adapter alone, in PEFT's format (adapter runs only)")
+    ] = False,
+    gguf: Annotated[
+        str | None, typer.Option("--gguf", help=f"merged weights as one GGUF file: {' or '.join(GGUF_TYPES)}")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help=f"{', '.join(DTYPES)}; auto keeps the base model's stored dtype")
+    ] = "auto",
+    max_shard_size: Annotated[
+        str, typer.Option(help="largest safetensors file of a merged model, e.g. 2GB or 500MB")
+    ] = "2GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder")] = False,
+) -> None:
+    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF (--gguf f16|q8_0)."""
+    chosen = [name for name, on in (("--merge", merge), ("--adapter", adapter), ("--gguf", gguf)) if on]
+    if len(chosen) != 1:
+        given = f" (got {' and '.join(chosen)})" if chosen else ""
+        _fail(f"choose exactly one of --merge, --adapter, --gguf f16|q8_0{given}")
+    kind = {"--merge": "merged", "--adapter": "adapter", "--gguf": "gguf"}[chosen[0]]
+    console = Console()
+    try:
+        with console.status(f"exporting {run} ({kind})"):
+            path = export_run(
+                run,
+                out,
+                kind=kind,
+                gguf_type=gguf,
+                dtype=dtype,
+                overwrite=overwrite,
+                max_shard_size=max_shard_size,
+            )  # type: ignore[arg-type]
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e))
+    console.print(written_table(path, f"{kind} export of {run}"))
+    console.print(f"provenance: {path / EXPORT_META}")
+
+
+def written_table(directory: Path, title: str) -> Table:
+    """Every file of the export with its size, largest last so the weights are easy to spot."""
+    files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: (p.stat().st_size, p.name))
+    table = Table(title=title)
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path in files:
+        table.add_row(str(path.relative_to(directory)), _human(path.stat().st_size))
+    table.add_row("[bold]total[/]", f"[bold]{_human(sum(p.stat().st_size for p in files))}[/]")
+    return table
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/] {message}")
+    raise typer.Exit(2)
