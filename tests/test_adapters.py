@@ -24,7 +24,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """Two LoRA runs on one tiny:llama base (its weights follow the seed) with different data, and a
-    full-FT run beside them."""
+    full-FT run and a bottleneck-adapter run beside them."""
     from tunelab.recipe import parse_recipe
 
     root = tmp_path_factory.mktemp("adapters")
@@ -43,10 +43,11 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
             "output": {"dir": str(runs), "name": name},
         }
         made.append(train(parse_recipe(raw)).run_dir)
-    raw["method"] = {"name": "full"}
-    raw["output"]["name"] = "full-run"
     raw["training"]["max_steps"] = 1
-    train(parse_recipe(raw))
+    for method in ("full", "adapter"):  # not PEFT: a bottleneck adapter's config file has PEFT's name
+        raw["method"] = {"name": method}
+        raw["output"]["name"] = f"{method}-run"
+        train(parse_recipe(raw))
     return runs, made[0], made[1]
 
 

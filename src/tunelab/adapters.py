@@ -61,7 +61,16 @@ def _meta(final: Path) -> dict[str, Any]:
 def _is_peft(final: Path, meta: dict[str, Any]) -> bool:
     """A PEFT adapter folder: the ``peft`` artifact, or a custom one that saves PEFT's format (QLoRA)."""
     artifact = meta.get("artifact") or ("peft" if meta.get("is_adapter") else "full")
-    return artifact == "peft" or (bool(meta.get("is_adapter")) and (final / "adapter_config.json").is_file())
+    return artifact == "peft" or (bool(meta.get("is_adapter")) and _has_peft_config(final))
+
+
+def _has_peft_config(final: Path) -> bool:
+    """PEFT's ``adapter_config.json`` names a ``peft_type``; our bottleneck adapters use the same file
+    name for their own config, so the file's presence alone is not enough."""
+    config = final / "adapter_config.json"
+    if not config.is_file():
+        return False
+    return "peft_type" in json.loads(config.read_text(encoding="utf-8"))
 
 
 def run_name(final: Path) -> str:

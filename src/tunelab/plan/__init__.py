@@ -1,5 +1,14 @@
-"""Planning a run before it starts: recommended settings for a model size and method."""
+"""Planning a run before it starts: recommended settings, and the memory and time it will need."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tunelab.plan.gpus import GPUS
 from tunelab.plan.recommend import (
     Recommendation,
     apply_recommendations,
@@ -8,4 +17,47 @@ from tunelab.plan.recommend import (
     recommend_cmd,
 )
 
-__all__ = ["Recommendation", "apply_recommendations", "count_params", "recommend", "recommend_cmd"]
+
+def plan_cmd(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help=f"plan for this GPU: {', '.join(GPUS)}; default: the visible device"),
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option("--batch", min=1, help="micro-batch to plan; default: training.batch_size")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override, e.g. training.gradient_checkpointing=true")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Predict peak memory (weights, gradients, optimizer, activations, logits) and step time, and the
+    largest micro-batch that fits."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from tunelab.plan.memory import plan_report, plan_table  # noqa: PLC0415  (torch; keep --help fast)
+    from tunelab.recipe import RecipeError, load_recipe  # noqa: PLC0415
+
+    console, errors = Console(), Console(stderr=True)
+    try:
+        plan, largest = plan_report(load_recipe(recipe, overrides=set_), gpu, batch)
+    except (RecipeError, OSError, ValueError) as e:
+        errors.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    if as_json:
+        console.print_json(json.dumps(plan.as_dict() | {"largest_micro_batch": largest}))
+        return
+    console.print(plan_table(plan, largest))
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+__all__ = [
+    "Recommendation",
+    "apply_recommendations",
+    "count_params",
+    "plan_cmd",
+    "recommend",
+    "recommend_cmd",
+]

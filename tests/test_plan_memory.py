@@ -1,0 +1,273 @@
+"""The memory plan against torch's own accounting on CPU.
+
+Parameters, gradients and optimizer states are compared byte for byte with real tiny models after
+an optimizer step. Activations are compared with the tensors autograd actually saves
+(``saved_tensors_hooks``), and a whole training step's peak with a live-bytes tracker (a
+``TorchDispatchMode`` that follows every storage an op creates until it is freed). The ±15%
+against CUDA's ``max_memory_allocated`` needs a GPU: ``benchmarks/gpu_sft.py --plan-check``.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from tunelab.methods import METHODS
+from tunelab.objectives.losses import causal_lm_loss_sum
+from tunelab.plan.gpus import GPUS
+from tunelab.plan.memory import (
+    Regime,
+    estimate,
+    largest_micro_batch,
+    layer_bytes_per_token,
+    model_facts,
+    optimizer_state_bytes,
+    plan_for,
+    plan_inputs,
+    prepared_on_meta,
+)
+
+TOLERANCE = 0.15
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages while active (CPU has no allocator statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, weakref.ref] = {}
+        self.current = self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.live:
+            return
+        size = storage.nbytes()
+        self.current += size
+        self.live[key] = weakref.ref(storage, lambda _, k=key, n=size: self._free(k, n))
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int, size: int) -> None:
+        if self.live.pop(key, None) is not None:
+            self.current -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self.track, out)
+        return out
+
+
+def config(layers: int = 2, vocab: int = 1000, hidden: int = 128, tied: bool = False) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=344,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tied,
+    )
+
+
+def prepared(cfg: LlamaConfig, method: str, dtype: torch.dtype = torch.float32):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(dtype)
+    spec = METHODS.get(method)
+    result = spec.impl.apply(model, spec.config_cls(name=method), learning_rate=1e-3, weight_decay=0.0)
+    result.model.train()
+    return result
+
+
+def padded_batch(batch: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, : seq // 4] = 0  # left padding, as tunelab's SFT batches have
+    return ids, mask
+
+
+def regime(
+    compute_bytes: int, *, autocast: bool = False, checkpointing: bool = False, seq: int = 64
+) -> Regime:
+    return Regime("cpu", compute_bytes, autocast, "adamw", checkpointing, True, seq, 1)
+
+
+def close(predicted: float, measured: float) -> bool:
+    return abs(predicted - measured) <= TOLERANCE * measured
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "ia3"])
+def test_weights_gradients_and_adamw_states_match_real_tensors_exactly(method: str) -> None:
+    cfg = config(tied=True)
+    facts = model_facts(
+        prepared_on_meta(cfg, METHODS.get(method).config_cls(name=method), torch.float32), cfg
+    )
+    real = prepared(cfg, method)
+    optimizer = torch.optim.AdamW(real.param_groups, lr=1e-3)
+    ids, mask = padded_batch(2, 16, cfg.vocab_size)
+    real.model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in real.model.parameters() if p.grad is not None)
+    optimizer.step()
+    states = sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for key, t in state.items()
+        if key != "step"  # one scalar per tensor
+    )
+    weights = sum(p.numel() * p.element_size() for p in real.model.parameters())
+    assert facts.weight_bytes == weights
+    assert facts.trainable_bytes == grads
+    assert optimizer_state_bytes(facts, "adamw") == states
+
+
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, autocast: bool) -> int:
+    """Bytes of distinct storages autograd saves in one forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sum(size for ptr, size in seen.items() if ptr not in params)
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype", "autocast"),
+    [
+        ("full", torch.float32, False),
+        ("lora", torch.float32, False),
+        ("full", torch.bfloat16, False),
+        ("lora", torch.bfloat16, True),  # the GPU default: bf16 weights, bf16 autocast, fp32 adapters
+    ],
+)
+def test_per_layer_activations_match_saved_tensor_hooks(
+    method: str, dtype: torch.dtype, autocast: bool
+) -> None:
+    batch, seq = 2, 64
+    ids, mask = padded_batch(batch, seq, 1000)
+    measured = []
+    for layers in (2, 3):  # the difference is one layer, whatever happens outside the layers
+        model = prepared(config(layers), method, dtype).model
+        measured.append(saved_bytes(model, ids, mask, autocast))
+    per_token = (measured[1] - measured[0]) / (batch * seq)
+    facts = model_facts(model, config(3))
+    compute = 4 if dtype == torch.float32 and not autocast else 2
+    predicted = sum(layer_bytes_per_token(facts, regime(compute, autocast=autocast, seq=seq)).values())
+    assert close(predicted, per_token), (predicted, per_token)
+
+
+def step_peak(
+    method: str, dtype: torch.dtype, checkpointing: bool, cfg: LlamaConfig, batch: int, seq: int
+) -> int:
+    """Peak live bytes over two training steps (the second has optimizer states), as the engine runs them."""
+    result = prepared(cfg, method, dtype)
+    model = result.model
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW(result.param_groups, lr=1e-3)
+    ids, mask = padded_batch(batch, seq, cfg.vocab_size)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    tracker = LiveBytes()
+    with tracker:
+        for param in model.parameters():
+            tracker.track(param)
+        for _ in range(2):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            loss, count = causal_lm_loss_sum(logits, ids)
+            del logits
+            (loss / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype", "checkpointing"),
+    [
+        ("full", torch.float32, False),
+        ("full", torch.float32, True),
+        ("lora", torch.float32, False),
+        ("lora", torch.float32, True),
+        ("lora", torch.bfloat16, True),
+    ],
+)
+def test_step_peak_within_15_percent_of_live_bytes(
+    method: str, dtype: torch.dtype, checkpointing: bool
+) -> None:
+    cfg, batch, seq = config(layers=3, vocab=4000), 2, 128
+    measured = step_peak(method, dtype, checkpointing, cfg, batch, seq)
+    facts = model_facts(prepared(cfg, method, dtype).model, cfg)
+    compute = 4 if dtype == torch.float32 else 2
+    _, predicted = estimate(facts, regime(compute, checkpointing=checkpointing, seq=seq), batch)
+    assert close(predicted, measured), (predicted, measured)
+
+
+def test_checkpointing_cuts_predicted_activations(tiny_recipe) -> None:
+    plain = plan_for(plan_inputs(tiny_recipe("lora"), GPUS["a100-40gb"]), 8)
+    ckpt = plan_for(
+        plan_inputs(tiny_recipe("lora", training__gradient_checkpointing="true"), GPUS["a100-40gb"]), 8
+    )
+    saved = plain.components["activations (saved for backward)"]
+    assert ckpt.components["activations (layer inputs, checkpointed)"] < saved / 5
+    assert ckpt.flops_per_token > plain.flops_per_token  # the forward runs twice
+
+
+def test_largest_micro_batch_is_the_boundary_of_fitting(tiny_recipe) -> None:
+    inputs = plan_inputs(tiny_recipe("full", data__max_length=512), GPUS["t4-16gb"])
+    capacity = 1024**3  # the CUDA context takes half of it
+    best = largest_micro_batch(inputs, capacity)
+    assert best >= 1
+    assert plan_for(inputs, best).device_total <= capacity * 0.92 < plan_for(inputs, best + 1).device_total
+
+
+def test_benchmark_shape_parameter_count_is_llama_3_2_1b() -> None:
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+    facts = model_facts(
+        prepared_on_meta(cfg, METHODS.get("full").config_cls(name="full"), torch.bfloat16), cfg
+    )
+    assert facts.trainable_params == 1_235_814_400  # Llama-3.2-1B's published count
+    assert facts.weight_bytes == 2 * 1_235_814_400
+
+
+def test_plan_command_json_and_table(tiny_recipe, tmp_path) -> None:
+    from tunelab.cli import app
+    from tunelab.recipe import dump_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_yaml(tiny_recipe("lora")), encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", str(path), "--gpu", "rtx4090-24gb", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["device"] == "rtx4090-24gb" and plan["fits"] is True and plan["largest_micro_batch"] >= 8
+    assert plan["peak_allocated_bytes"] >= sum(
+        plan["components_bytes"][k] for k in ("weights", "optimizer states")
+    )
+    table = runner.invoke(app, ["plan", str(path), "--gpu", "a100-40gb", "--batch", "2"])
+    assert "largest micro-batch that fits" in table.stdout and "micro-batch 2" in table.stdout
+    bad = runner.invoke(app, ["plan", str(path), "--gpu", "h1000"])
+    assert bad.exit_code == 2 and "h100-80gb" in bad.output
