@@ -301,3 +301,17 @@ def test_online_run_writes_the_report(tmp_path: Path, qa_rows: list[dict]) -> No
     assert report["key_metric"] == {"name": "reward_mean", "value": result.final_eval["reward_mean"]}
     assert len(report["series"]["train"]["reward_mean"]) == 2
     assert (result.run_dir / "report.html").is_file()
+
+
+def test_confusion_matrix_with_an_out_of_label_column_has_a_header_per_column(tmp_path: Path) -> None:
+    payload = eval_payload()
+    payload["confusion_matrices"] = {
+        "run-7": {
+            "labels": ["negative", "positive"],
+            "columns": ["negative", "positive", "<other>"],
+            "matrix": [[131, 17, 2], [24, 126, 0]],
+        }
+    }
+    _, html_path = write_eval_report(tmp_path / "eval", payload)
+    text = visible_text(html_path.read_text())
+    assert re.search(r"gold \\ predicted\s+negative\s+positive\s+<other>\s+negative\s+131\s+17\s+2", text)

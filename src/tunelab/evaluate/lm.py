@@ -250,3 +250,44 @@ def evaluate_conversations(
     predictions = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores] if labels else []
     loss = loss_sum / max(count, 1)
     return LMEval(len(items), loss, math.exp(min(loss, 50.0)), predictions, generations)
+
+
+@torch.no_grad()
+def text_perplexity(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: Progress | None = None,
+) -> tuple[float, int]:
+    """Token-weighted perplexity of plain text (no chat template) and the number of predicted tokens.
+
+    Uses the SFT objective's own forward (:func:`causal_lm_forward`), so prompt-learning adapters
+    and left padding are handled exactly as in training."""
+    model.eval()
+    encoded = [
+        ids
+        for ids in tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)[
+            "input_ids"
+        ]
+        if len(ids) > 1
+    ]
+    if not encoded:
+        raise ValueError("no text of two or more tokens to measure perplexity on")
+    device = next(model.parameters()).device
+    side = "right" if prepends_virtual_tokens(model) else "left"
+    loss_sum, count = 0.0, 0
+    for batch_ix in _by_length([len(ids) for ids in encoded], batch_size):
+        # the first token has no context to be predicted from (left padding would otherwise supply one)
+        feats = [{"input_ids": encoded[i], "labels": [IGNORE_INDEX, *encoded[i][1:]]} for i in batch_ix]
+        batch = {
+            k: v.to(device) for k, v in pad_causal_batch(feats, tokenizer.pad_token_id, side=side).items()
+        }
+        logits, labels = causal_lm_forward(model, batch)
+        batch_sum, batch_count = causal_lm_loss_sum(logits, labels)
+        loss_sum, count = loss_sum + float(batch_sum), count + int(batch_count)
+        if progress:
+            progress(len(batch_ix))
+    return math.exp(min(loss_sum / count, 50.0)), count

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tunelab.data.formats import prompt_text, target_text
 from tunelab.data.templates import select_template, split_prompt_answer
 from tunelab.evaluate.lm import LMEval, evaluate_conversations
 from tunelab.evaluate.metrics import accuracy, exact_match, normalise_answer
@@ -19,10 +20,16 @@ from tunelab.train.data import read_canonical
 
 FINAL_META = "tunelab.json"
 MAX_INFERRED_LABELS = 20
+PREFERENCE_POLICY_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
+TaskKind = Literal["lm", "classify", "reward", "preference"]
 
 
 @dataclass
 class EvalResult:
+    """One model on one dataset. ``metrics`` is the flat name → value view every table, gate and report
+    reads; ``per_example`` holds the per-example scores (1/0 for correct, or a score) that a paired
+    bootstrap resamples; the named fields before them are kept for callers written against them."""
+
     model: str
     n: int
     loss: float
@@ -30,9 +37,17 @@ class EvalResult:
     accuracy_loglik: float | None
     exact_match: float
     labels: list[str] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_example: dict[str, list[float]] = field(default_factory=dict)
+    generations: list[str] = field(default_factory=list)
+    label_predictions: list[str] = field(default_factory=list)
+    confusion_matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        for bulky in ("per_example", "generations", "label_predictions"):
+            row.pop(bulky)
+        return row
 
 
 def final_dir_of(spec: str) -> Path | None:
@@ -44,10 +59,35 @@ def final_dir_of(spec: str) -> Path | None:
     return None
 
 
-def load_for_eval(spec: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """Load a base model (hub id, dir, .gguf, tiny:llama, asset:NAME) or a tunelab run's trained model."""
+def run_meta(spec: str) -> dict[str, Any] | None:
+    """A run's ``final/tunelab.json`` (objective, head, base model), or None for a plain model spec."""
+    final = final_dir_of(spec)
+    return None if final is None else json.loads((final / FINAL_META).read_text(encoding="utf-8"))
+
+
+def run_dir_of(spec: str) -> Path | None:
+    """The run directory of a run spec (given as the run or as its ``final/``), else None."""
     final = final_dir_of(spec)
     if final is None:
+        return None
+    return final.parent if final.name == "final" else final
+
+
+def load_for_eval(
+    spec: str, *, device: str = "auto", dtype: str = "auto", head_meta: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """Load a base model (hub id, dir, .gguf, tiny:llama, asset:NAME) or a tunelab run's trained model.
+
+    ``head_meta`` (another run's ``tunelab.json``) puts that run's head on a plain base model, so the
+    base of a classification or reward run is measured through the same kind of head."""
+    final = final_dir_of(spec)
+    if final is None:
+        if head_meta and head_meta.get("model_kind", "causal_lm") != "causal_lm":
+            head = {
+                "model_cls": MODEL_CLASSES[head_meta["model_kind"]],
+                "model_kwargs": _head_kwargs(head_meta),
+            }
+            return load_model(spec, device=device, dtype=dtype, seed=head_meta.get("seed", 0), **head)
         return load_model(spec, device=device, dtype=dtype)
     meta = json.loads((final / FINAL_META).read_text(encoding="utf-8"))
     artifact = meta.get("artifact") or ("peft" if meta.get("is_adapter") else "full")
@@ -88,6 +128,94 @@ def infer_labels(golds: list[str]) -> list[str] | None:
     return None
 
 
+@dataclass
+class EvalTask:
+    """The examples every model is measured on, loaded once so base and tuned see identical inputs.
+
+    ``kind`` follows the run's objective: ``lm`` (answers of a chat/instruction model), ``classify``
+    (a classification head), ``reward`` (a reward model ranking pairs), ``preference`` (a DPO-family
+    policy's implicit reward on pairs)."""
+
+    kind: TaskKind
+    data: str
+    conversations: list[list[dict[str, str]]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    golds: list[str] = field(default_factory=list)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[str] | None = None
+    meta: dict[str, Any] | None = None
+    beta: float = 0.1
+
+    @property
+    def n(self) -> int:
+        return len(self.conversations or self.texts or self.pairs)
+
+    @property
+    def main_metric(self) -> str:
+        if self.kind == "classify":
+            return "accuracy"
+        if self.kind == "reward":
+            return "reward_accuracy"
+        if self.kind == "preference":
+            return "implicit_reward_accuracy"
+        return "accuracy_loglik" if self.labels else "exact_match"
+
+
+def task_kind(meta: dict[str, Any] | None, data_format: str) -> TaskKind:
+    objective = (meta or {}).get("objective")
+    if objective in ("classify", "reward"):
+        return objective
+    if objective in PREFERENCE_POLICY_OBJECTIVES and data_format == "preference":
+        return "preference"
+    return "lm"
+
+
+def objective_beta(spec: str, default: float = 0.1) -> float:
+    """The run's ``objective.beta`` from its recipe.yaml (the β its implicit reward was trained with)."""
+    run = run_dir_of(spec)
+    recipe = run / "recipe.yaml" if run else None
+    if recipe is None or not recipe.is_file():
+        return default
+    import yaml  # noqa: PLC0415
+
+    objective = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("objective") or {}
+    return float(objective.get("beta", default))
+
+
+def load_task(
+    data: str,
+    subject: str,
+    *,
+    labels: list[str] | None = None,
+    max_examples: int | None = None,
+) -> EvalTask:
+    """Read ``data`` the way the run ``subject`` (the model being judged) needs it."""
+    meta = run_meta(subject)
+    rows, _, fmt = read_canonical(data)
+    examples = [example for _, example in rows][:max_examples] if max_examples else [e for _, e in rows]
+    kind = task_kind(meta, fmt)
+    task = EvalTask(kind, data, meta=meta, beta=objective_beta(subject))
+    if kind == "lm":
+        task.conversations = [e["messages"] for e in examples if "messages" in e]
+        if not task.conversations:
+            raise ValueError(f"{data}: eval needs instruction or chat data (prompt and answer); found {fmt}")
+        golds = [split_prompt_answer(c)[1] for c in task.conversations]
+        task.labels = labels or infer_labels(golds)
+    elif kind == "classify":
+        usable = [e for e in examples if "label" in e or "messages" in e]
+        if not usable:
+            raise ValueError(f"{data}: a classify run is evaluated on text + label data; found {fmt}")
+        task.texts = [e["text"] if "label" in e else prompt_text(e) for e in usable]
+        task.golds = [e["label"] if "label" in e else target_text(e) or "" for e in usable]
+    else:
+        task.pairs = [e for e in examples if "chosen" in e]
+        if not task.pairs:
+            raise ValueError(
+                f"{data}: a {meta.get('objective')} run is evaluated on preference pairs; found {fmt}"
+            )
+    return task
+
+
 def load_conversations(
     path: str, fmt: str = "auto", columns: dict[str, str] | None = None, limit: int | None = None
 ) -> list[list[dict[str, str]]]:
@@ -125,7 +253,124 @@ def evaluate_model(
         )
     acc = accuracy(raw.label_predictions, golds) if labels else None
     em = sum(exact_match(p, g) for p, g in zip(raw.generations, golds)) / len(golds)
-    return EvalResult(name, raw.n, raw.loss, raw.perplexity, acc, em, labels), raw
+    result = EvalResult(name, raw.n, raw.loss, raw.perplexity, acc, em, labels)
+    result.generations, result.label_predictions = raw.generations, raw.label_predictions
+    result.metrics = {"loss": raw.loss, "perplexity": raw.perplexity, "exact_match": em}
+    result.per_example["exact_match"] = [float(exact_match(p, g)) for p, g in zip(raw.generations, golds)]
+    if labels:
+        result.metrics["accuracy_loglik"] = acc
+        result.per_example["accuracy_loglik"] = [float(p == g) for p, g in zip(raw.label_predictions, golds)]
+        add_label_metrics(result, raw, golds, labels)
+    add_generation_metrics(result, raw.generations, golds)
+    return result, raw
+
+
+def add_generation_metrics(result: EvalResult, generations: list[str], golds: list[str]) -> None:
+    """ROUGE/BLEU/chrF of the generated answers (exact match is already there)."""
+    from tunelab.evaluate.metrics import generation_metrics, per_example_generation_scores  # noqa: PLC0415
+
+    for key, value in generation_metrics(generations, golds).items():
+        result.metrics.setdefault(key, value)
+    for key, values in per_example_generation_scores(generations, golds).items():
+        result.per_example.setdefault(key, values)
+
+
+def as_label(generated: str, labels: list[str]) -> str:
+    """A generated answer as the label it names after normalisation, else the text itself (out of set)."""
+    by_norm = {normalise_answer(label): label for label in labels}
+    return by_norm.get(normalise_answer(generated), generated)
+
+
+def add_label_metrics(result: EvalResult, raw: LMEval, golds: list[str], labels: list[str]) -> None:
+    """Per-class precision/recall/F1 and confusion twice: label chosen by log-likelihood (``*_loglik``)
+    and label named by the free generation (``*_generated``, with its out-of-label-set rate)."""
+    from tunelab.evaluate.metrics import classification_metrics  # noqa: PLC0415
+
+    if set(golds) - set(labels):
+        return  # answers outside the label set: not a classification task, nothing to report per class
+    generated = [as_label(g, labels) for g in raw.generations]
+    for suffix, predictions in (("loglik", raw.label_predictions), ("generated", generated)):
+        report = classification_metrics(predictions, golds, labels)
+        for key, value in report.as_metrics().items():
+            if key == "out_of_label_rate" and suffix == "loglik":
+                continue  # always 0: log-likelihood only ever picks a label
+            result.metrics.setdefault(f"{key}_{suffix}", value)
+        result.confusion_matrices[f"{result.model} ({suffix})"] = confusion_entry(report)
+
+
+def confusion_entry(report: Any) -> dict[str, Any]:
+    """Rows are gold labels; columns the same labels, plus the out-of-label column when it is used."""
+    matrix = report.confusion
+    if any(row[-1] for row in matrix):
+        return {"labels": report.labels, "columns": report.confusion_columns, "matrix": matrix}
+    return {"labels": report.labels, "columns": report.labels, "matrix": [row[:-1] for row in matrix]}
+
+
+def evaluate_task(
+    model: Any,
+    tokenizer: Any,
+    task: EvalTask,
+    *,
+    name: str,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    reference: Any = None,
+    console: Console | None = None,
+) -> EvalResult:
+    """The metrics of ``task.kind`` for one loaded model (``reference``: a DPO-family policy's reference;
+    None uses the adapter switched off, as in training)."""
+    if task.kind == "lm":
+        result, _ = evaluate_model(
+            model,
+            tokenizer,
+            task.conversations,
+            name=name,
+            labels=task.labels,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            console=console,
+        )
+        return result
+    if task.kind == "classify":
+        return _classifier_result(model, tokenizer, task, name, batch_size)
+    return _preference_result(model, tokenizer, task, name, batch_size, reference)
+
+
+def _blank_result(name: str, n: int, labels: list[str] | None = None) -> EvalResult:
+    nan = float("nan")
+    return EvalResult(name, n, nan, nan, None, nan, labels)
+
+
+def _classifier_result(model: Any, tokenizer: Any, task: EvalTask, name: str, batch_size: int) -> EvalResult:
+    from tunelab.evaluate.classify import evaluate_classifier  # noqa: PLC0415
+
+    report, predictions = evaluate_classifier(model, tokenizer, task.texts, task.golds, batch_size=batch_size)
+    result = _blank_result(name, task.n, report.labels)
+    result.metrics = report.as_metrics()
+    result.per_example["accuracy"] = [float(p == g) for p, g in zip(predictions, task.golds)]
+    result.generations = predictions
+    result.confusion_matrices[name] = confusion_entry(report)
+    return result
+
+
+def _preference_result(
+    model: Any, tokenizer: Any, task: EvalTask, name: str, batch_size: int, reference: Any
+) -> EvalResult:
+    from tunelab.evaluate import preference  # noqa: PLC0415
+
+    if task.kind == "reward":
+        out = preference.evaluate_reward_model(model, tokenizer, task.pairs, batch_size=batch_size)
+        margin_key = "reward_margin_mean"
+    else:
+        out = preference.evaluate_dpo_implicit_reward(
+            model, reference, tokenizer, task.pairs, beta=task.beta, batch_size=batch_size
+        )
+        margin_key = "implicit_margin_mean"
+    result = _blank_result(name, task.n)
+    result.metrics = {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
+    result.per_example[task.main_metric] = [float(c) for c in out["per_example"]]
+    result.per_example[margin_key] = [float(m) for m in out["margins"]]
+    return result
 
 
 def run_eval(
@@ -159,7 +404,9 @@ def run_eval(
     return result
 
 
-def write_predictions(path: Path, conversations: list[list[dict[str, str]]], raw: LMEval) -> None:
+def write_predictions(
+    path: Path, conversations: list[list[dict[str, str]]], raw: LMEval | EvalResult
+) -> None:
     """One line per example: gold, generated answer, label choice — for reading errors, not just counts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:

@@ -412,8 +412,9 @@ def _comparison(comparison: dict[str, Any]) -> str:
 def _heat_table(confusion: dict[str, Any]) -> str:
     """A confusion matrix as a table whose cell shading follows the count (rows: gold, columns: predicted)."""
     labels, matrix = confusion.get("labels") or [], confusion.get("matrix") or []
+    columns = confusion.get("columns") or labels  # predicted side may add an "<other>" column
     peak = max((v for row in matrix for v in row), default=0) or 1
-    head = "<th>gold \\ predicted</th>" + "".join(f"<th>{_esc(label)}</th>" for label in labels)
+    head = "<th>gold \\ predicted</th>" + "".join(f"<th>{_esc(label)}</th>" for label in columns)
     rows = []
     for label, row in zip(labels, matrix):
         cells = "".join(
