@@ -89,7 +89,17 @@ def test_resolved_recipe_fills_defaults_and_round_trips(tmp_path):
 
 
 def test_every_shipped_recipe_validates():
-    paths = sorted(REPO.glob("recipes/**/*.yaml")) + sorted(REPO.glob("src/tunelab/resources/**/*.yaml"))
+    recipes = [p for p in REPO.glob("recipes/**/*.yaml") if "sweeps" not in p.parts]
+    paths = sorted(recipes) + sorted(REPO.glob("src/tunelab/resources/**/*.yaml"))
     assert len(paths) == 12, [p.name for p in paths]
     for path in paths:
         load_recipe(path)
+
+
+def test_every_shipped_sweep_space_validates_against_its_recipe():
+    from tunelab.sweep.space import load_space, sweep_base, validate_space
+
+    spaces = sorted(REPO.glob("recipes/sweeps/*.yaml"))
+    assert spaces
+    for path in spaces:
+        validate_space(load_space(path), sweep_base(load_recipe(REPO / "recipes" / "tiny-lora.yaml")))

@@ -12,7 +12,11 @@ from tunelab import __version__
 from tunelab.adapters import app as adapters_app
 from tunelab.assets import app as assets_app
 from tunelab.data.cli import app as data_app
-from tunelab.plan import recommend_cmd
+from tunelab.export import export_cmd
+from tunelab.plan import plan_cmd, recommend_cmd
+from tunelab.runs.cli import app as runs_app
+from tunelab.serve.cli import serve_cmd
+from tunelab.sweep import sweep_cmd
 
 app = typer.Typer(
     help="tunelab: audit data, fine-tune, evaluate, export and serve language models.",
@@ -24,7 +28,12 @@ app.add_typer(assets_app, name="assets")
 app.add_typer(data_app, name="data")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(runs_app, name="runs")
 app.command("recommend")(recommend_cmd)
+app.command("plan")(plan_cmd)
+app.command("serve")(serve_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("export")(export_cmd)
 
 out = Console()
 err = Console(stderr=True)
@@ -92,23 +101,43 @@ def train(
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of the same name")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="processes on this machine, started by accelerate launch (see training.distributed)"
+        ),
+    ] = None,
 ) -> None:
     """Train a model as the recipe says; writes runs/<name>/ (recipe, manifest, metrics, checkpoints, final)."""
     from tunelab.recipe import RecipeError, load_recipe
     from tunelab.runs.rundir import RunExistsError
-    from tunelab.train import engine
+    from tunelab.train import distributed, engine
 
     try:
         if resume is not None:
             if recipe is not None or set_:
                 _fail("--resume continues a run with its saved recipe; do not pass a recipe or --set")
-            result = engine.resume(resume, console=err)
+            processes = distributed.processes_for(nproc, distributed.saved_nproc(resume))
+            if processes > 1:
+                args = distributed.worker_train_args(resume=resume)
+                raise typer.Exit(distributed.launch(processes, args, resume, err))
+            with distributed.reporting_failures():
+                result = engine.resume(resume, console=err)
         else:
             if recipe is None:
                 _fail("give a recipe file, or --resume runs/<name>")
-            result = engine.train(load_recipe(recipe, overrides=set_), overwrite=overwrite, console=err)
+            loaded = load_recipe(recipe, overrides=set_)
+            processes = distributed.processes_for(nproc, loaded.training.distributed.nproc)
+            if processes > 1:
+                args = distributed.worker_train_args(recipe=recipe, overrides=set_, overwrite=overwrite)
+                run_path = Path(loaded.output.dir) / (loaded.output.name or "run")
+                raise typer.Exit(distributed.launch(processes, args, run_path, err))
+            with distributed.reporting_failures():
+                result = engine.train(loaded, overwrite=overwrite, console=err)
     except (RecipeError, RunExistsError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    if not distributed.is_rank_zero():
+        return
     out.print(f"done: {result.steps} steps; final model in {result.run_dir / 'final'}")
     if result.final_eval:
         out.print("  ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()))
@@ -116,10 +145,17 @@ def train(
 
 @app.command("eval")
 def eval_(
+    data: Annotated[str, typer.Option("--data", help="eval data with reference answers (labels, pairs)")],
     model: Annotated[
-        str, typer.Argument(help="hub id, local dir, .gguf, tiny:llama, asset:NAME, or a run dir")
-    ],
-    data: Annotated[str, typer.Option("--data", help="instruction/chat data with reference answers")],
+        str | None,
+        typer.Argument(
+            help="hub id, local dir, .gguf, tiny:llama, asset:NAME, or a run dir (or use --compare)"
+        ),
+    ] = None,
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option("--compare", metavar="BASE TUNED", help="evaluate two models on identical examples"),
+    ] = None,
     labels: Annotated[str | None, typer.Option(help="comma-separated answer set for label accuracy")] = None,
     template: Annotated[
         str | None, typer.Option(help="built-in chat template if the tokenizer has none")
@@ -127,33 +163,85 @@ def eval_(
     max_examples: Annotated[int | None, typer.Option(help="evaluate only the first N examples")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="generation budget for exact match")] = 16,
     batch_size: Annotated[int, typer.Option()] = 16,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CI on the delta")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap, perturbations and text sampling")] = 0,
+    speed: Annotated[bool, typer.Option("--speed", help="also time generation (tokens/s, latency)")] = False,
+    forgetting: Annotated[
+        bool, typer.Option("--forgetting", help="perplexity regression on general text (built-in set)")
+    ] = False,
+    forgetting_data: Annotated[
+        str | None, typer.Option(help="general text for --forgetting (.txt or any data file)")
+    ] = None,
+    max_forgetting: Annotated[
+        float | None, typer.Option(help="fail (exit 3) when perplexity regresses more, e.g. 0.10")
+    ] = None,
+    robustness: Annotated[
+        bool, typer.Option("--robustness", help="main metric under typos, casing, whitespace, distractors")
+    ] = False,
+    safety_classifier: Annotated[
+        str | None, typer.Option(help="sequence-classification model that scores the generations")
+    ] = None,
+    safety_label: Annotated[str | None, typer.Option(help="its unsafe class (name or index)")] = None,
+    safety_threshold: Annotated[float, typer.Option(help="probability above which a text counts")] = 0.5,
+    bias_probe: Annotated[
+        str | None, typer.Option(help="YAML/JSON: templates with a {group} slot, groups, answers")
+    ] = None,
+    gate: Annotated[
+        str | None, typer.Option(help="recipe or run dir whose eval.gate must pass (else exit 3)")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="write report.json/.html here (default: <run>/eval/)")
+    ] = None,
     predictions: Annotated[Path | None, typer.Option(help="write per-example predictions (JSONL)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Loss, perplexity, label accuracy by log-likelihood and exact match of generated answers."""
+    """Evaluate one model, or compare a base and a tuned one (deltas with a paired bootstrap CI);
+    optional forgetting, robustness, safety and bias probes, and a deployment gate."""
     import json
 
-    from tunelab.evaluate.run import results_table, run_eval
+    from tunelab.evaluate.compare import EvalPlan, evaluate_models, json_view, print_payload, write_outputs
+    from tunelab.evaluate.gate import GATE_FAILED_EXIT, GateError, load_gate, with_limits
+    from tunelab.evaluate.run import run_dir_of
+    from tunelab.recipe import RecipeError
 
-    label_list = [x.strip() for x in labels.split(",")] if labels else None
+    if (model is None) == (compare is None):
+        _fail("give one MODEL, or --compare BASE TUNED")
+    roles = [("base", compare[0]), ("tuned", compare[1])] if compare else [("model", model)]
     try:
-        result = run_eval(
-            model,
-            data,
-            labels=label_list,
+        plan = EvalPlan(
+            labels=[x.strip() for x in labels.split(",")] if labels else None,
             template=template,
             max_examples=max_examples,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
-            predictions_path=predictions,
-            console=err,
+            n_boot=n_boot,
+            seed=seed,
+            speed=speed,
+            forgetting=forgetting or max_forgetting is not None,
+            forgetting_data=forgetting_data,
+            robustness=robustness,
+            safety_classifier=safety_classifier,
+            safety_label=safety_label,
+            safety_threshold=safety_threshold,
+            bias_probe=bias_probe,
+            gate=with_limits(load_gate(gate) if gate else None, max_forgetting=max_forgetting),
+            predictions=predictions,
         )
-    except (FileNotFoundError, ValueError) as e:
+        payload = evaluate_models(roles, data, plan, console=err)
+    except (FileNotFoundError, ValueError, RecipeError, GateError) as e:
         _fail(str(e))
     if json_:
-        out.print_json(json.dumps(result.as_row()))
+        out.print_json(json.dumps(json_view(payload)))
     else:
-        out.print(results_table([result]))
+        print_payload(payload, out)
+    run = run_dir_of(roles[-1][1])
+    target = out_dir or (run / "eval" if run else None)
+    if target is not None:
+        written = write_outputs(payload, target)
+        err.print("report: " + ", ".join(str(p) for p in written))
+    if payload.get("gate") and not payload["gate"]["passed"]:
+        err.print("[red]gate failed:[/] " + "; ".join(payload["gate"]["failures"]))
+        raise typer.Exit(GATE_FAILED_EXIT)
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """`tunelab demo`: a real model gets measurably better at a real task, on a laptop CPU.
 
 Steps: fetch the embedded assets → build a review-sentiment instruction set (deterministic,
-stratified split; "plot" rows excluded) → evaluate the base SmolLM2-135M-Instruct on the held-out
-reviews → LoRA fine-tune → evaluate the trained run the same way → before/after table and report.
+stratified split; "plot" rows excluded) → LoRA fine-tune SmolLM2-135M-Instruct → evaluate the base
+and the trained run on the same held-out reviews with the same code (paired bootstrap CI on the
+accuracy gain; perplexity on plot synopses as the forgetting check) → table and report.html.
 The prompt is a plain instruction fixed before any measurement; it is not tuned on the base model.
 """
 
@@ -18,15 +19,17 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from tunelab.assets import asset_path, fetch
-from tunelab.evaluate.run import EvalResult, evaluate_model, load_conversations, load_for_eval
+from tunelab.evaluate.compare import EvalPlan, compare_models, print_payload
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
+from tunelab.runs.report import write_eval_report
 from tunelab.train.engine import train
 
 PROMPT = "Classify the sentiment of this movie review as positive or negative.\n\n{review}"
@@ -117,25 +120,33 @@ def demo_recipe(split: DemoSplit, runs_dir: str, overrides: list[str] | None) ->
     return parse_recipe(raw, source="tunelab demo recipe", overrides=overrides)
 
 
-def before_after_table(before: EvalResult, after: EvalResult) -> Table:
-    table = Table(title=f"held-out reviews (n={before.n}): before vs after LoRA fine-tuning")
-    for column in ("metric", "base", "fine-tuned", "change"):
+DEMO_METRICS = (
+    ("accuracy, label by log-likelihood", "accuracy_loglik", True),
+    ("accuracy, exact match of generated answer", "exact_match", True),
+    ("perplexity of the answer", "perplexity", False),
+    ("perplexity of general text (forgetting)", "general_perplexity", False),
+)
+
+
+def before_after_table(payload: dict[str, Any]) -> Table:
+    """The headline: a few metrics a person reads first, and the main metric's paired-bootstrap CI."""
+    base, tuned = (m["metrics"] for m in payload["models"])
+    comp = payload["comparison"]
+    table = Table(title=f"held-out reviews (n={payload['n']}): before vs after LoRA fine-tuning")
+    for column in ("metric", "base", "fine-tuned", "change", "95% CI of the change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    rows = [
-        (
-            "accuracy, label by log-likelihood",
-            before.accuracy_loglik or 0.0,
-            after.accuracy_loglik or 0.0,
-            True,
-        ),
-        ("accuracy, exact match of generated answer", before.exact_match, after.exact_match, True),
-        ("perplexity of the answer", before.perplexity, after.perplexity, False),
-    ]
-    for name, b, a, pct in rows:
+    for name, key, pct in DEMO_METRICS:
+        if key not in base or key not in tuned:
+            continue
+        b, a = base[key], tuned[key]
+        ci = ""
+        if key == comp["metric"]:
+            lo, hi = comp["ci95"]
+            ci = f"[{100 * lo:+.1f}, {100 * hi:+.1f}] pts" if pct else f"[{lo:+.3f}, {hi:+.3f}]"
         if pct:
-            table.add_row(name, f"{100 * b:.1f}%", f"{100 * a:.1f}%", f"{100 * (a - b):+.1f} pts")
+            table.add_row(name, f"{100 * b:.1f}%", f"{100 * a:.1f}%", f"{100 * (a - b):+.1f} pts", ci)
         else:
-            table.add_row(name, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
+            table.add_row(name, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}", ci)
     return table
 
 
@@ -145,6 +156,7 @@ def run_demo(
     n_eval: int = 300,
     n_train: int = 480,
     seed: int = 0,
+    forgetting_n: int = 40,
     overrides: list[str] | None = None,
     console: Console | None = None,
 ) -> dict[str, object]:
@@ -156,40 +168,28 @@ def run_demo(
         f"data: train {split.counts['train']}, held-out {split.counts['eval']}; excluded {split.excluded}"
     )
     recipe = demo_recipe(split, runs_dir, overrides)
-    conversations = load_conversations(str(split.eval_path))
 
-    def measure(spec: str, name: str) -> EvalResult:
-        """Load ``spec`` and evaluate it on the held-out reviews, identically for base and tuned."""
-        model, tokenizer = load_for_eval(spec)
-        result, _ = evaluate_model(
-            model,
-            tokenizer,
-            conversations,
-            name=name,
-            labels=recipe.eval.labels,
-            max_new_tokens=recipe.eval.max_new_tokens,
-            batch_size=recipe.eval.batch_size,
-            console=console,
-        )
-        return result
-
-    console.rule("1/3 base model")
-    before = measure(recipe.model.name_or_path, "base")
-    console.print(
-        f"base: accuracy {100 * (before.accuracy_loglik or 0):.1f}% (log-lik), "
-        f"exact match {100 * before.exact_match:.1f}%"
-    )
-
-    console.rule("2/3 LoRA fine-tuning")
+    console.rule("1/2 LoRA fine-tuning")
     result = train(recipe, overwrite=True, console=console)
 
-    console.rule("3/3 fine-tuned model")
-    after = measure(str(result.run_dir), "fine-tuned")
-    console.print(before_after_table(before, after))
-    report = {
-        "before": before.as_row(),
-        "after": after.as_row(),
-        "accuracy_loglik_gain_points": 100 * ((after.accuracy_loglik or 0) - (before.accuracy_loglik or 0)),
+    console.rule("2/2 base vs fine-tuned, same held-out reviews, same code")
+    plan = EvalPlan(
+        labels=recipe.eval.labels,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        batch_size=recipe.eval.batch_size,
+        seed=seed,
+        forgetting=True,  # general text: the corpus's plot synopses, never used for training
+        forgetting_n=forgetting_n,
+    )
+    payload = compare_models(
+        recipe.model.name_or_path, str(result.run_dir), str(split.eval_path), plan, console=console
+    )
+    json_path, html_path = write_eval_report(result.run_dir / "eval", payload)
+    print_payload(payload, console)
+    console.rule("result")
+    console.print(before_after_table(payload))
+    summary = {
+        "comparison": payload["comparison"],
         "data": {
             "counts": split.counts,
             "excluded": split.excluded,
@@ -197,11 +197,16 @@ def run_demo(
             "eval": str(split.eval_path),
         },
         "run": str(result.run_dir),
+        "eval_report": str(html_path),
+        "run_report": str(result.run_dir / "report.html"),
         "steps": result.steps,
         "seconds": time.perf_counter() - started,
     }
-    atomic_write_json(result.run_dir / "report.json", report)
+    atomic_write_json(result.run_dir / "demo.json", summary)
     console.print(
-        f"run: {result.run_dir}   report: {result.run_dir / 'report.json'}   took {report['seconds']:.0f} s"
+        f"run: {result.run_dir}\nbefore/after report: {html_path} (data: {json_path})\n"
+        f"training report: {result.run_dir / 'report.html'}\ntook {summary['seconds']:.0f} s. "
+        f"Next: tunelab runs ls {runs_dir} · tunelab export {result.run_dir} --merge --out merged/ · "
+        f"tunelab serve --adapter demo={result.run_dir}"
     )
-    return report
+    return summary

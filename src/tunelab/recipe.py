@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
@@ -109,10 +109,49 @@ class EwcSection(Section):
     batch_size: int = Field(1, ge=1, description="1 = per-example Fisher (the textbook estimate)")
 
 
+class FsdpSection(Section):
+    sharding: Literal["full", "grad_op"] = Field(
+        "full",
+        description="full: parameters re-sharded after forward (ZeRO-3-like, least memory); "
+        "grad_op: kept gathered until backward ends (ZeRO-2-like, less communication)",
+    )
+    auto_wrap: Literal["transformer_blocks", "none"] = Field(
+        "transformer_blocks", description="shard each transformer block as its own unit, or only the root"
+    )
+    cpu_offload: bool = Field(False, description="keep sharded parameters and optimizer state in CPU RAM")
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> DeepSpeedSection:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3 (ZeRO-2 does not partition parameters)")
+        return self
+
+
+class DistributedSection(Section):
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="with more than one process, none means ddp"
+    )
+    nproc: int | None = Field(
+        None, ge=1, description="processes on this machine; `tunelab train --nproc N` overrides"
+    )
+    fsdp: FsdpSection = Field(default_factory=FsdpSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+
 class TrainingSection(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    batch_size: int | Literal["auto"] = Field(
+        8,
+        description="examples per micro-batch, or auto: the largest the memory plan fits on this device, "
+        "checked by a probe step on CUDA (the choice is recorded in manifest.json)",
+    )
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -144,6 +183,21 @@ class TrainingSection(Section):
     gradual_unfreeze_every: int | None = Field(
         None, ge=1, description="start with the top block trainable; unfreeze one more block every N steps"
     )
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="several processes: ddp, fsdp or deepspeed"
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers, logged offline inside the run directory"
+    )
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) >= 1:
+            return int(value)
+        raise ValueError(f"give a positive integer or auto, got {value!r}")
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingSection:
@@ -152,12 +206,23 @@ class TrainingSection(Section):
         return self
 
 
+class GateSection(Section):
+    """Deployment gate read by `tunelab eval --gate`: every threshold must hold or eval exits with 3."""
+
+    min: dict[str, float] = Field(default_factory=dict, description="metric >= value, e.g. {accuracy: 0.8}")
+    max: dict[str, float] = Field(default_factory=dict, description="metric <= value, e.g. {forgetting: 0.1}")
+    min_delta: dict[str, float] = Field(
+        default_factory=dict, description="tuned − base >= value (needs --compare), e.g. {accuracy: 0}"
+    )
+
+
 class EvalSection(Section):
     labels: list[str] | None = Field(None, description="answer set for label accuracy; inferred when small")
     max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1)
     before: bool = Field(False, description="also evaluate the base model before training")
+    gate: GateSection = Field(default_factory=GateSection)
 
 
 class OutputSection(Section):
@@ -183,6 +248,15 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _auto_batch_offline(self) -> Recipe:
+        if self.training.batch_size == "auto" and OBJECTIVES.get(self.objective.name).impl.online:
+            raise ValueError(
+                f"training.batch_size: auto sizes offline micro-batches; objective {self.objective.name} "
+                "batches rollouts, so give an integer"
+            )
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """Plain dict with every default filled in, as written to the run directory."""

@@ -16,16 +16,39 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
 STATE = "trainer_state.json"
+# Several processes: every rank's RNG (dropout differs per rank), and for FSDP-sharded runs the whole
+# optimizer state keyed by parameter name (torch's distributed state-dict API gathers it).
+RNG_PER_RANK = "rng_per_rank.pt"
+OPTIMIZER_BY_NAME = "optimizer_by_name.pt"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for an FSDP2 (``fully_shard``) model, whose parameters are DTensor shards."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters as whole CPU tensors; sharded ones are gathered, so on an FSDP model
+    every rank must call this (in the same order)."""
+    with torch.no_grad():
+        return {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous().cpu()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
 
 
 def capture_rng() -> dict[str, Any]:
@@ -55,26 +78,70 @@ def copy_into_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         raise ValueError(f"{source} does not match the model: unknown parameters {unknown[:3]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            param = params[name]
+            tensor = tensor.to(param.device, param.dtype)
+            if isinstance(param, DTensor):  # FSDP2: keep this rank's shard of the whole tensor
+                tensor = distribute_tensor(tensor, param.device_mesh, param.placements)
+            param.copy_(tensor)
+
+
+def collect_checkpoint(
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    loop_state: dict[str, Any],
+    rng_per_rank: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Everything a checkpoint holds, in memory. On an FSDP model every rank calls this (it gathers
+    shards); then only rank 0 passes the result to :func:`write_checkpoint`."""
+    sharded = is_sharded(model)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    return {
+        WEIGHTS: trainable_state(model),
+        OPTIMIZER_BY_NAME if sharded else OPTIMIZER: (
+            get_optimizer_state_dict(model, inner, options=_FULL) if sharded else optimizer.state_dict()
+        ),
+        SCHEDULER: scheduler.state_dict(),
+        RNG: capture_rng(),
+        RNG_PER_RANK: rng_per_rank,
+        STATE: loop_state,
+    }
+
+
+def write_checkpoint(directory: Path, contents: dict[str, Any]) -> None:
+    """Write collected checkpoint contents into ``directory`` (the caller makes it atomic)."""
+    save_file(contents[WEIGHTS], str(directory / WEIGHTS))
+    # RNG states hold Python tuples; pickled by torch.save and read back with weights_only=False
+    # from our own run directory only.
+    for name in (OPTIMIZER, OPTIMIZER_BY_NAME, SCHEDULER, RNG, RNG_PER_RANK):
+        if contents.get(name) is not None:
+            torch.save(contents[name], directory / name)
+    (directory / STATE).write_text(json.dumps(contents[STATE], indent=2), encoding="utf-8")
 
 
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, loop_state: dict[str, Any]
 ) -> None:
-    """Write one checkpoint into ``directory`` (the caller makes it atomic)."""
-    save_file(trainable_state(model), str(directory / WEIGHTS))
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER)
-    torch.save(scheduler.state_dict(), directory / SCHEDULER)
-    # RNG states hold Python tuples; pickled by torch.save and read back with weights_only=False
-    # from our own run directory only.
-    torch.save(capture_rng(), directory / RNG)
-    (directory / STATE).write_text(json.dumps(loop_state, indent=2), encoding="utf-8")
+    """Write one checkpoint of a single-process run into ``directory`` (the caller makes it atomic)."""
+    write_checkpoint(directory, collect_checkpoint(model, optimizer, scheduler, loop_state))
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``directory``; return the loop state."""
+def load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: int = 0
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG (this ``rank``'s, where each rank's was saved)
+    from ``directory``; return the loop state."""
     copy_into_parameters(model, load_file(str(directory / WEIGHTS)), f"checkpoint {directory}")
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True))
+    if (directory / OPTIMIZER_BY_NAME).exists():
+        inner = getattr(optimizer, "optimizer", optimizer)
+        state = torch.load(directory / OPTIMIZER_BY_NAME, weights_only=True)
+        set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True))
     scheduler.load_state_dict(torch.load(directory / SCHEDULER, weights_only=True))
-    restore_rng(torch.load(directory / RNG, weights_only=False))
+    per_rank = directory / RNG_PER_RANK
+    states = torch.load(per_rank, weights_only=False) if per_rank.exists() else None
+    restore_rng(
+        states[rank] if states and rank < len(states) else torch.load(directory / RNG, weights_only=False)
+    )
     return json.loads((directory / STATE).read_text(encoding="utf-8"))

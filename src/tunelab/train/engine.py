@@ -9,9 +9,10 @@ continues with exactly the same batches, learning rates and random numbers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,24 @@ from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
 from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
-from tunelab.runs.manifest import build_manifest
+from tunelab.runs.manifest import build_manifest, update_manifest
 from tunelab.runs.plots import plot_loss_curves
+from tunelab.runs.report import publish_run_report
 from tunelab.runs.rundir import RunDir
-from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.train import distributed
+from tunelab.train.checkpoint import capture_rng, collect_checkpoint, load_checkpoint, write_checkpoint
 from tunelab.train.continual import EwcHook, mix_replay
 from tunelab.train.data import PreparedSplit, prepare_split
+from tunelab.train.oom import (
+    auto_micro_batch,
+    free_step_memory,
+    is_out_of_memory,
+    next_split,
+    release_cached_memory,
+    split_indices,
+)
 from tunelab.train.preflight import materialise_split, run_preflight
+from tunelab.train.tracking import Tracking, accelerator_options
 
 FINAL_META = "tunelab.json"
 
@@ -53,6 +65,8 @@ class LoopState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    micro_batch_split: int = 1
+    """Chunks each recipe micro-batch runs in; doubled by every out-of-memory recovery (train/oom.py)."""
 
 
 @dataclass
@@ -149,6 +163,16 @@ class WeightedMeans:
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k]}
 
+    @classmethod
+    def combined(cls, parts: list[WeightedMeans]) -> WeightedMeans:
+        """One average over several processes' parts, weighted as if one process had seen it all."""
+        total = cls()
+        for part in parts:
+            for key, value in part.sums.items():
+                total.sums[key] = total.sums.get(key, 0.0) + value
+                total.weights[key] = total.weights.get(key, 0.0) + part.weights[key]
+        return total
+
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a batch, whatever its objective calls its masks."""
@@ -172,13 +196,17 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def start_run(recipe: Recipe, console: Console) -> tuple[Accelerator, str, Any, Any]:
+def start_run(
+    recipe: Recipe, console: Console, run_path: Path | None = None
+) -> tuple[Accelerator, str, Any, Any]:
     """What every run sets up first, offline or online: seed, accelerator, device, tokenizer (with
     the chat template the objective needs) and the objective itself."""
     set_seed(recipe.seed)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
-        cpu=recipe.model.device == "cpu",
+        cpu=distributed.use_cpu_backend(recipe.model.device),
+        **distributed.strategy_options(recipe.training, distributed.world_size_from_env()),
+        **accelerator_options(recipe.training.report_to, run_path, console),
     )
     device = str(accelerator.device) if recipe.model.device == "auto" else recipe.model.device
     tokenizer = tokenizer_for(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
@@ -198,10 +226,15 @@ class Trainer:
         self.recipe = recipe
         self.run = run
         self.console = console or Console(stderr=True)
-        self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, self.console)
+        self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, self.console, run.path)
+        self.writes = distributed.writes_files(run)
+        if not self.writes:
+            self.console = Console(quiet=True)
+        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), self.console)
         spec = recipe.model.name_or_path
         self.train_split, self.eval_split = self._prepare_data()
-        run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
+        if self.writes:
+            run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
         model, _ = load_model(
             spec,
             dtype=recipe.model.dtype,
@@ -236,6 +269,15 @@ class Trainer:
         if recipe.data.packing:
             self._pack(prepared.model)
         self.trainable, self.total_params = count_parameters(prepared.model)
+        if recipe.training.batch_size == "auto":
+            recipe = self.recipe = self._resolve_auto_batch(prepared.model)
+        strategy = distributed.strategy_in_effect(recipe.training.distributed, self.accelerator.num_processes)
+        self._unsharded_twin = None
+        if strategy == "fsdp":
+            self._unsharded_twin = distributed.unsharded_twin(prepared.model)
+            distributed.shard_fsdp2(
+                prepared, recipe.training.distributed.fsdp, self.accelerator.mixed_precision
+            )
         optimizer = build_optimizer(prepared, recipe.training.learning_rate)
         self.steps = total_steps(len(self.train_split.features), recipe.training)
         self.scheduler = get_scheduler(
@@ -246,12 +288,21 @@ class Trainer:
             num_warmup_steps=warmup_steps(recipe.training, self.steps),
             num_training_steps=self.steps,
         )
-        self.model, self.optimizer = self.accelerator.prepare(prepared.model, optimizer)
+        self.model, self.optimizer = distributed.prepare(
+            self.accelerator, prepared.model, optimizer, strategy
+        )
         if recipe.training.ewc is not None:
             self.hooks.append(self._ewc_hook(recipe.training.ewc))
         self.state = LoopState()
+        self.oom_recoveries: list[dict[str, Any]] = []
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.eval_tasks = eval_tasks or []
+        # on_eval(step, metrics, last) after each evaluation (last: no training follows); a sweep's pruner
+        self.on_eval: Callable[[int, dict[str, float], bool], None] | None = None
+
+    def _run_file(self, name: str) -> Path | None:
+        """Where a side file of the run goes; None on ranks other than 0 (one writer per file)."""
+        return self.run.path / name if self.writes else None
 
     def _prepare_data(self) -> tuple[PreparedSplit, PreparedSplit | None]:
         data = self.recipe.data
@@ -259,8 +310,8 @@ class Trainer:
             data.train,
             self.objective,
             data,
-            dropped_path=self.run.path / "dropped.jsonl",
-            rejects_path=self.run.path / "rejects.jsonl",
+            dropped_path=self._run_file("dropped.jsonl"),
+            rejects_path=self._run_file("rejects.jsonl"),
         )
         if data.replay is not None:
             old = prepare_split(data.replay.path, self.objective, data).features
@@ -275,8 +326,8 @@ class Trainer:
                 data.eval,
                 self.objective,
                 data,
-                dropped_path=self.run.path / "dropped.jsonl",
-                rejects_path=self.run.path / "rejects.jsonl",
+                dropped_path=self._run_file("dropped.jsonl"),
+                rejects_path=self._run_file("rejects.jsonl"),
             )
         for split in filter(None, (train, evaluation)):
             if split.dropped or split.rows_rejected:
@@ -321,7 +372,11 @@ class Trainer:
 
     def resume_from(self, checkpoint: Path) -> None:
         loop = load_checkpoint(
-            checkpoint, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler
+            checkpoint,
+            self.accelerator.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            rank=self.accelerator.process_index,
         )
         self.state = LoopState(**loop)
         self.run.truncate_metrics_after(self.state.step)
@@ -331,28 +386,100 @@ class Trainer:
         features = [self.train_split.features[i] for i in indices]
         return {k: v.to(self.accelerator.device) for k, v in self.objective.collate(features).items()}
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches, normalised by their total loss units."""
-        cfg = self.recipe.training
-        batches = [
-            self._batch(ix)
-            for ix in micro_batches_for_step(
-                self.state.step, len(self.train_split.features), cfg, self.recipe.seed
+    def _local_batches(self) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """This rank's share of each micro-batch of the step, with weight 1. A rank whose share is
+        empty runs one example of the micro-batch with weight 0, so it still joins the gradient sync."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batches = []
+        for whole in micro_batches_for_step(
+            self.state.step, len(self.train_split.features), self.recipe.training, self.recipe.seed
+        ):
+            for ix in split_indices(whole, self.state.micro_batch_split):
+                share = distributed.shard_micro_batch(ix, rank, world)
+                batches.append((self._batch(share or ix[:1]), 1.0 if share else 0.0))
+        return batches
+
+    def _resolve_auto_batch(self, model: Any) -> Recipe:
+        """The recipe with ``training.batch_size: auto`` replaced by the micro-batch chosen for this
+        device (a resumed run reuses the one its manifest recorded, so the data order is unchanged)."""
+        recipe = self.recipe.model_copy(deep=True)
+        chosen = self.run.read_manifest().get("auto_batch_size") if self.run.manifest_path.exists() else None
+        if chosen is None:
+            chosen = auto_micro_batch(
+                recipe,
+                device=str(self.accelerator.device),
+                try_step=lambda size: self._probe_step(model, size),
+                say=lambda text: self.console.print(text, highlight=False),
             )
-        ]
+            if self.writes and self.run.manifest_path.exists():
+                update_manifest(self.run.manifest_path, auto_batch_size=chosen)
+        recipe.training.batch_size = int(chosen)
+        return recipe
+
+    def _probe_step(self, model: Any, size: int) -> None:
+        """Forward and backward on the ``size`` longest training examples; gradients dropped after."""
+        features = self.train_split.features
+        longest = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))[:size]
+        try:
+            with self.accelerator.autocast():
+                out = self.objective.loss(model, self._batch(longest))
+            out.loss_sum.backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+            release_cached_memory()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; on out-of-memory, the same step again with micro-batches split in two
+        (same examples, same order, same update: the loss is normalised over the whole step)."""
+        rng = torch.get_rng_state()
+        while True:
+            try:
+                return self._attempt_step()
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                self._recover_from_oom(err)
+                torch.set_rng_state(rng)
+
+    def _recover_from_oom(self, err: BaseException) -> None:
+        cfg = self.recipe.training
+        recovery = next_split(
+            self.state.micro_batch_split, cfg.batch_size, cfg.grad_accum, self.state.step, err
+        )
+        free_step_memory(self.optimizer)
+        self.state.micro_batch_split = recovery.split
+        self.console.print(f"[yellow]{recovery.message()}[/]", highlight=False)
+        self.oom_recoveries.append(recovery.as_dict())
+        if self.writes and self.run.manifest_path.exists():
+            update_manifest(self.run.manifest_path, oom_recoveries=self.oom_recoveries)
+
+    def _attempt_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches, normalised by their total loss units
+        over all ranks, so N processes make the same update (and log the same loss) as one."""
+        cfg = self.recipe.training
+        batches = self._local_batches()
         for hook in self.hooks:
             hook.on_step_start(self.accelerator.unwrap_model(self.model), self.state.step, self.steps)
-        units = max(sum(self.objective.units(b) for b in batches), 1)
+        world = self.accelerator.num_processes
+        units = max(distributed.global_sums([sum(self.objective.units(b) for b, w in batches if w)])[0], 1)
         loss_total = 0.0
         tokens = 0
         extra = WeightedMeans()
-        for batch in batches:
-            with self.accelerator.autocast():
-                out = self.objective.loss(self.model, batch)
-            self.accelerator.backward(out.loss_sum / units)
-            loss_total += float(out.loss_sum.detach())
-            tokens += count_tokens(batch)
-            extra.add(out.metrics, int(out.n_units))
+        for i, (batch, weight) in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    out = self.objective.loss(self.model, batch)
+                # ranks' gradients are averaged (DDP, FSDP, DeepSpeed): × world makes the average a sum
+                self.accelerator.backward(out.loss_sum * weight * world / units)
+            if weight:
+                loss_total += float(out.loss_sum.detach())
+                tokens += count_tokens(batch)
+                extra.add(out.metrics, int(out.n_units))
+        if world > 1:
+            loss_total, tokens = distributed.global_sums([loss_total, tokens])
+            tokens = int(tokens)
+            extra = WeightedMeans.combined(distributed.gathered(extra))
         for hook in self.hooks:
             penalty = hook.penalty(self.accelerator.unwrap_model(self.model))
             if penalty is not None:
@@ -377,6 +504,8 @@ class Trainer:
         }
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
+        if self.state.micro_batch_split > 1:
+            row["micro_batch_split"] = self.state.micro_batch_split
         return row
 
     def maybe_evaluate(self, final: bool = False) -> dict[str, float] | None:
@@ -404,8 +533,11 @@ class Trainer:
                 tag_template=self.recipe.data.mixing.tag,
             )
         self.run.log_metrics({"step": self.state.step, **metrics})
+        self.tracking.log({"step": self.state.step, **metrics})
         self.last_eval = (self.state.step, metrics)
         self._update_early_stopping(metrics)
+        if self.on_eval is not None:
+            self.on_eval(self.state.step, metrics, self.state.step >= self.steps)
         return metrics
 
     def _update_early_stopping(self, metrics: dict[str, float]) -> None:
@@ -429,17 +561,21 @@ class Trainer:
         every = cfg.save_every or eval_interval(cfg, len(self.train_split.features))
         if not force and self.state.step % every:
             return
-        if self.run.checkpoint_dir(self.state.step).exists():
+        if distributed.agreed(self.run.checkpoint_dir(self.state.step).exists()):
             return
-        with self.run.writing_checkpoint(self.state.step) as tmp:
-            save_checkpoint(
-                tmp,
-                self.accelerator.unwrap_model(self.model),
-                self.optimizer,
-                self.scheduler,
-                vars(self.state),
-            )
-        self.run.prune_checkpoints(cfg.keep_checkpoints)
+        # every rank takes part in collecting (sharded weights are gathered); rank 0 writes
+        contents = collect_checkpoint(
+            self.accelerator.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            vars(self.state),
+            rng_per_rank=distributed.gathered(capture_rng()) if self.accelerator.num_processes > 1 else None,
+        )
+        if self.writes:
+            with self.run.writing_checkpoint(self.state.step) as tmp:
+                write_checkpoint(tmp, contents)
+            self.run.prune_checkpoints(cfg.keep_checkpoints)
+        distributed.barrier()
 
     def fit(self) -> list[float]:
         """The loop. Returns the per-step training losses of this process (resumed steps excluded)."""
@@ -456,6 +592,7 @@ class Trainer:
                 row["tokens_per_s"] = (self.state.tokens_seen - tokens_at_start) / elapsed
                 if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
                     self.run.log_metrics(row)
+                    self.tracking.log(row)
                 evaluation = self.maybe_evaluate()
                 self.maybe_checkpoint()
                 info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
@@ -472,16 +609,20 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
-        return write_final(
-            self.run,
-            self.accelerator.unwrap_model(self.model),
-            self.tokenizer,
-            self.method,
-            self.recipe,
-            self.objective,
-            is_adapter=self.is_adapter,
-            step=self.state.step,
-        )
+        model = distributed.consolidated(self.accelerator.unwrap_model(self.model), self._unsharded_twin)
+        if self.writes:
+            write_final(
+                self.run,
+                model,
+                self.tokenizer,
+                self.method,
+                self.recipe,
+                self.objective,
+                is_adapter=self.is_adapter,
+                step=self.state.step,
+            )
+        distributed.barrier()
+        return self.run.final_dir
 
 
 def write_final(
@@ -541,17 +682,21 @@ def train(
     *,
     overwrite: bool = False,
     console: Console | None = None,
+    on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
 ) -> TrainResult:
-    """Start a new run from a recipe (fails if the run exists, unless ``overwrite``)."""
-    run = RunDir.create(recipe.output.dir, recipe.output.name or "run", overwrite=overwrite)
+    """Start a new run from a recipe (fails if the run exists, unless ``overwrite``); ``on_eval(step,
+    metrics, last)`` is called after each evaluation and may raise to stop the run (a sweep's pruner)."""
+    run = distributed.open_run_dir(
+        recipe.output.dir, recipe.output.name or "run", device=recipe.model.device, overwrite=overwrite
+    )
     run.write_recipe(recipe.resolved())
-    return _execute(recipe, run, console=console, resume=False)
+    return _execute(recipe, run, console=console, resume=False, on_eval=on_eval)
 
 
 def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResult:
     """Continue a run from its last complete checkpoint, with the recipe it was started with."""
     path = Path(run_path)
-    run = RunDir.create(path.parent, path.name, resume=True)
+    run = distributed.open_run_dir(path.parent, path.name, device=distributed.saved_device(path), resume=True)
     recipe = parse_recipe(run.read_recipe(), source=str(run.recipe_path))
     return _execute(recipe, run, console=console, resume=True)
 
@@ -579,7 +724,9 @@ def materialise_tasks(recipe: Recipe, run_path: Path) -> tuple[Recipe, list[Any]
     return recipe, eval_tasks
 
 
-def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool) -> TrainResult:
+def _execute(
+    recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool, on_eval: Any = None
+) -> TrainResult:
     data_files = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p and Path(p).exists()]
     if not resume or not run.manifest_path.exists():
         run.write_manifest(
@@ -587,20 +734,23 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
                 recipe=recipe.resolved(), data_files=data_files, seed=recipe.seed, run_name=run.name
             )
         )
-    run.set_status("running")
+    run.set_status("running", world_size=distributed.world_size_from_env())
     if OBJECTIVES.get(recipe.objective.name).impl.online:
+        distributed.refuse_several_processes(f"objective {recipe.objective.name}")
         from tunelab.train.rl import run_online  # noqa: PLC0415  (rl imports this module)
 
         return run_online(recipe, run, console, resume=resume)
     try:
         if recipe.data.split is not None:
             recipe = recipe.model_copy(deep=True)
-            recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
+            with distributed.main_process_first():  # rank 0 writes the split; the others find it
+                recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
             recipe.data.split = None
         eval_tasks = None
         if recipe.data.tasks:
             recipe, eval_tasks = materialise_tasks(recipe, run.path)
         trainer = Trainer(recipe, run, console, eval_tasks=eval_tasks)
+        trainer.on_eval = on_eval
         checkpoint = run.latest_checkpoint() if resume else None
         if checkpoint is not None:
             trainer.resume_from(checkpoint)
@@ -618,7 +768,8 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
         raise
-    plot_loss_curves(run.read_metrics(), run.path / "loss.png")
+    if distributed.writes_files(run):
+        plot_loss_curves(run.read_metrics(), run.path / "loss.png")
     summary = {"train": trainer.train_split.summary()}
     if trainer.eval_split is not None:
         summary["eval"] = trainer.eval_split.summary()
@@ -629,4 +780,7 @@ def _execute(recipe: Recipe, run: RunDir, *, console: Console | None, resume: bo
         final_eval=final_eval,
         stopped_early=trainer.state.stopped_early,
     )
+    trainer.tracking.finish()
+    if distributed.writes_files(run):
+        publish_run_report(run.path, trainer.console)
     return TrainResult(run.path, trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)

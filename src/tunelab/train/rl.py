@@ -48,6 +48,7 @@ from tunelab.objectives.rl_losses import (
 from tunelab.objectives.sft import accepts_logits_to_keep, prepends_virtual_tokens
 from tunelab.recipe import Recipe
 from tunelab.runs.plots import plot_loss_curves
+from tunelab.runs.report import publish_run_report
 from tunelab.runs.rundir import RunDir
 from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.train.data import prepare_split
@@ -63,6 +64,7 @@ from tunelab.train.engine import (
     write_final,
 )
 from tunelab.train.rewards import load_reward
+from tunelab.train.tracking import Tracking
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -154,7 +156,8 @@ class OnlineTrainer:
         self.recipe, self.run, self.console = recipe, run, console
         self.cfg = recipe.objective
         self.is_ppo = recipe.objective.name == "ppo"
-        self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console)
+        self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console, run.path)
+        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
         spec = recipe.model.name_or_path
         self.prompts = prepare_split(
             recipe.data.train,
@@ -447,6 +450,7 @@ class OnlineTrainer:
                 row["seconds"] = time.perf_counter() - started
                 if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
                     self.run.log_metrics(row)
+                    self.tracking.log(row)
                 self.maybe_checkpoint()
                 info = f"reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  entropy {row['entropy']:.2f}"
                 progress.update(task, completed=self.state.step, info=info)
@@ -527,4 +531,6 @@ def run_online(
     run.set_status(
         "completed", steps=trainer.state.step, data_summary=summary, final_eval=final, stopped_early=False
     )
+    trainer.tracking.finish()
+    publish_run_report(run.path, console)
     return TrainResult(run.path, trainer.state.step, losses, final, False, summary)
