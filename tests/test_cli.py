@@ -16,9 +16,13 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("assets", "recipe", "train", "eval", "demo", "data"):
-        assert command in result.output
-    for command in ("assets", "recipe", "train", "eval", "demo", "data"):
+    stages = (
+        "assets", "data", "recipe", "plan", "train", "sweep", "eval", "runs", "export", "serve", "demo",
+        "recommend", "adapters",
+    )  # fmt: skip
+    for command in stages:
+        assert f"│ {command} " in result.output, command
+    for command in stages:
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0 and "Usage" in sub.output
 

@@ -282,7 +282,8 @@ def test_runs_are_evaluated_by_their_objective(objective, tmp_path):
         from tunelab.evaluate.run import load_for_eval, load_task
 
         task = load_task(data, run)
+        assert task.max_length == recipe.data.max_length == 32  # inputs cut as in training
         model, tok = load_for_eval(run)
-        report, _ = evaluate_classifier(model, tok, task.texts, task.golds)
+        report, _ = evaluate_classifier(model, tok, task.texts, task.golds, max_length=32)
         assert tuned == pytest.approx(report.accuracy)
         assert set(payload["confusion_matrices"]) == {"tiny:llama", run}

@@ -501,17 +501,9 @@ def _bias_table(report: dict[str, Any]) -> Table:
 
 
 def write_outputs(payload: dict[str, Any], out_dir: Path) -> list[Path]:
-    """report.json and report.html through the report writer; report.json alone if it is not installed."""
-    try:
-        from tunelab.runs.report import write_eval_report  # noqa: PLC0415
-    except ModuleNotFoundError as err:
-        if err.name != "tunelab.runs.report":
-            raise
-        from tunelab.runs.atomic import atomic_write_json  # noqa: PLC0415
+    """report.json and report.html (see ``runs.report``)."""
+    from tunelab.runs.report import write_eval_report  # noqa: PLC0415
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "report.json", payload)
-        return [out_dir / "report.json"]
     return list(write_eval_report(out_dir, payload))
 
 

@@ -85,7 +85,7 @@ def load_for_eval(
         if head_meta and head_meta.get("model_kind", "causal_lm") != "causal_lm":
             head = {
                 "model_cls": MODEL_CLASSES[head_meta["model_kind"]],
-                "model_kwargs": _head_kwargs(head_meta),
+                "model_kwargs": head_kwargs(head_meta),
             }
             return load_model(spec, device=device, dtype=dtype, seed=head_meta.get("seed", 0), **head)
         return load_model(spec, device=device, dtype=dtype)
@@ -93,7 +93,7 @@ def load_for_eval(
     artifact = meta.get("artifact") or ("peft" if meta.get("is_adapter") else "full")
     head = {
         "model_cls": MODEL_CLASSES[meta.get("model_kind", "causal_lm")],
-        "model_kwargs": _head_kwargs(meta),
+        "model_kwargs": head_kwargs(meta),
     }
     if artifact == "full":
         return load_model(str(final), device=device, dtype=dtype, **head)
@@ -112,7 +112,7 @@ def load_for_eval(
     return entry.impl.load(base, final, cfg), tokenizer
 
 
-def _head_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
+def head_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
     """Head arguments as saved; JSON turned ``id2label``'s integer keys into strings."""
     kwargs = dict(meta.get("model_kwargs") or {})
     if "id2label" in kwargs:
@@ -145,6 +145,7 @@ class EvalTask:
     labels: list[str] | None = None
     meta: dict[str, Any] | None = None
     beta: float = 0.1
+    max_length: int | None = None  # the run's data.max_length (classifier inputs are cut as in training)
 
     @property
     def n(self) -> int:
@@ -170,16 +171,27 @@ def task_kind(meta: dict[str, Any] | None, data_format: str) -> TaskKind:
     return "lm"
 
 
-def objective_beta(spec: str, default: float = 0.1) -> float:
-    """The run's ``objective.beta`` from its recipe.yaml (the β its implicit reward was trained with)."""
+def run_recipe(spec: str) -> dict[str, Any]:
+    """The resolved recipe a run was trained with (``recipe.yaml``); empty for a plain model."""
     run = run_dir_of(spec)
     recipe = run / "recipe.yaml" if run else None
     if recipe is None or not recipe.is_file():
-        return default
+        return {}
     import yaml  # noqa: PLC0415
 
-    objective = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("objective") or {}
+    return yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+
+
+def objective_beta(spec: str, default: float = 0.1) -> float:
+    """The run's ``objective.beta`` (the β its implicit reward was trained with)."""
+    objective = run_recipe(spec).get("objective") or {}
     return float(objective.get("beta", default))
+
+
+def trained_max_length(spec: str) -> int | None:
+    """The run's ``data.max_length``: a classifier is evaluated on the text it was trained to see."""
+    value = (run_recipe(spec).get("data") or {}).get("max_length")
+    return int(value) if value else None
 
 
 def load_task(
@@ -194,7 +206,9 @@ def load_task(
     rows, _, fmt = read_canonical(data)
     examples = [example for _, example in rows][:max_examples] if max_examples else [e for _, e in rows]
     kind = task_kind(meta, fmt)
-    task = EvalTask(kind, data, meta=meta, beta=objective_beta(subject))
+    task = EvalTask(
+        kind, data, meta=meta, beta=objective_beta(subject), max_length=trained_max_length(subject)
+    )
     if kind == "lm":
         task.conversations = [e["messages"] for e in examples if "messages" in e]
         if not task.conversations:
@@ -344,7 +358,9 @@ def _blank_result(name: str, n: int, labels: list[str] | None = None) -> EvalRes
 def _classifier_result(model: Any, tokenizer: Any, task: EvalTask, name: str, batch_size: int) -> EvalResult:
     from tunelab.evaluate.classify import evaluate_classifier  # noqa: PLC0415
 
-    report, predictions = evaluate_classifier(model, tokenizer, task.texts, task.golds, batch_size=batch_size)
+    report, predictions = evaluate_classifier(
+        model, tokenizer, task.texts, task.golds, batch_size=batch_size, max_length=task.max_length or 512
+    )
     result = _blank_result(name, task.n, report.labels)
     result.metrics = report.as_metrics()
     result.per_example["accuracy"] = [float(p == g) for p, g in zip(predictions, task.golds)]

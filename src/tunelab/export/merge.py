@@ -20,7 +20,7 @@ from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.evaluate.run import FINAL_META, MODEL_CLASSES, _head_kwargs, load_for_eval
+from tunelab.evaluate.run import FINAL_META, MODEL_CLASSES, head_kwargs, load_for_eval
 from tunelab.methods.blocks import unwrap
 from tunelab.models.load import load_model
 
@@ -100,7 +100,7 @@ def _merge_qlora(final: Path, meta: dict[str, Any]) -> tuple[PreTrainedModel, Pr
     cfg = cfg.model_copy(update={"compute_dtype": "float32"})
     head = {
         "model_cls": MODEL_CLASSES[meta.get("model_kind", "causal_lm")],
-        "model_kwargs": _head_kwargs(meta),
+        "model_kwargs": head_kwargs(meta),
     }
     base, _ = load_model(meta["base_model"], device="cpu", dtype="float32", seed=meta.get("seed", 0), **head)
     base = dequantize_linears(quantize_4bit(base, cfg))
