@@ -163,3 +163,24 @@ def test_show_unknown_run_names_both_places(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["runs", "show", "nope", "--root", str(tmp_path)])
     assert result.exit_code == 2
     assert "nope" in result.output and "manifest.json" in result.output
+
+
+def test_show_includes_the_runs_last_eval_with_its_ci(tmp_path: Path) -> None:
+    run = write_manifest(tmp_path / "runs", "tuned")
+    payload = {
+        "kind": "eval",
+        "title": "before vs after",
+        "main_metric": "accuracy_loglik",
+        "models": [
+            {"name": "base-model", "role": "base", "metrics": {"accuracy_loglik": 0.6667}},
+            {"name": "runs/tuned", "role": "tuned", "metrics": {"accuracy_loglik": 0.8433}},
+        ],
+        "comparison": {"metric": "accuracy_loglik", "delta": 0.1767, "ci95": [0.12, 0.2367], "n": 300},
+    }
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text(json.dumps(payload))
+    shown = CliRunner().invoke(app, ["runs", "show", str(run)], env=WIDE)
+    assert shown.exit_code == 0, shown.output
+    rows = [line for line in shown.output.splitlines() if "base-model" in line or "Δ" in line]
+    assert fmt(0.6667) in rows[0] and fmt(0.1767) in rows[1] and fmt(0.12) in rows[1] and "n=300" in rows[1]
+    assert str(run / "eval" / "report.html") in shown.output

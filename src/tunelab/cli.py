@@ -203,6 +203,7 @@ def eval_(
     from tunelab.evaluate.gate import GATE_FAILED_EXIT, GateError, load_gate, with_limits
     from tunelab.evaluate.run import run_dir_of
     from tunelab.recipe import RecipeError
+    from tunelab.runs.report import EVAL_DIR
 
     if (model is None) == (compare is None):
         _fail("give one MODEL, or --compare BASE TUNED")
@@ -235,7 +236,7 @@ def eval_(
     else:
         print_payload(payload, out)
     run = run_dir_of(roles[-1][1])
-    target = out_dir or (run / "eval" if run else None)
+    target = out_dir or (run / EVAL_DIR if run else None)
     if target is not None:
         written = write_outputs(payload, target)
         err.print("report: " + ", ".join(str(p) for p in written))

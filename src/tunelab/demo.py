@@ -29,7 +29,7 @@ from tunelab.assets import asset_path, fetch
 from tunelab.evaluate.compare import EvalPlan, compare_models, print_payload
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
-from tunelab.runs.report import write_eval_report
+from tunelab.runs.report import EVAL_DIR, write_eval_report
 from tunelab.train.engine import train
 
 PROMPT = "Classify the sentiment of this movie review as positive or negative.\n\n{review}"
@@ -184,7 +184,7 @@ def run_demo(
     payload = compare_models(
         recipe.model.name_or_path, str(result.run_dir), str(split.eval_path), plan, console=console
     )
-    json_path, html_path = write_eval_report(result.run_dir / "eval", payload)
+    json_path, html_path = write_eval_report(result.run_dir / EVAL_DIR, payload)
     print_payload(payload, console)
     console.rule("result")
     console.print(before_after_table(payload))

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.runs.index import RunRow, refresh_index
-from tunelab.runs.report import REPORT_HTML, flatten, fmt, split_metric_rows
+from tunelab.runs.report import EVAL_DIR, REPORT_HTML, flatten, fmt, split_metric_rows
 from tunelab.runs.rundir import RunDir
 
 app = typer.Typer(help="List, show and compare training runs.", no_args_is_help=True)
@@ -97,9 +97,42 @@ def show_cmd(
     console.print(_key_values_table(f"run {report['title']}", summary, ("field", "value")))
     metrics = {**report["final_eval"], **{f"last train {k}": v for k, v in report["final_train"].items()}}
     console.print(_key_values_table("final metrics", metrics, ("metric", "value")))
+    evaluation = latest_eval(run_dir.path)
+    if evaluation is not None:
+        console.print(_eval_table(evaluation))
     for label, path in (("report", run_dir.path / REPORT_HTML), ("loss plot", run_dir.path / "loss.png")):
         where = str(path) if path.is_file() else f"{path} (missing)"
         console.print(f"{label}: {where}", highlight=False, soft_wrap=True)
+    if evaluation is not None:
+        console.print(
+            f"eval report: {run_dir.path / EVAL_DIR / REPORT_HTML}", highlight=False, soft_wrap=True
+        )
+
+
+def latest_eval(run_path: Path) -> dict[str, Any] | None:
+    """The payload ``tunelab eval`` (or the demo) last wrote for this run, if any."""
+    path = run_path / EVAL_DIR / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def _eval_table(payload: dict[str, Any]) -> Table:
+    """The main metric per evaluated model, and the change with its CI when base and tuned were compared."""
+    main = payload.get("main_metric")
+    table = Table(title=f"last eval: {payload.get('title', '')}")
+    table.add_column("model")
+    table.add_column(str(main), justify="right")
+    for model in payload.get("models") or []:
+        table.add_row(f"{model['name']} ({model['role']})", fmt((model.get("metrics") or {}).get(main)))
+    comp = payload.get("comparison")
+    if comp:
+        lo, hi = comp["ci95"]
+        table.add_row(f"Δ (95% CI {fmt(lo)} … {fmt(hi)}, n={comp['n']})", fmt(comp["delta"]))
+    return table
 
 
 def recipe_differences(recipes: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -27,6 +27,7 @@ from tunelab.runs.rundir import RunDir
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+EVAL_DIR = "eval"  # a run's latest `tunelab eval` payload: <run>/eval/report.{json,html}
 OPTIONAL_EVAL_SECTIONS = ("forgetting", "robustness", "probes")
 _RUN_SUMMARY_KEYS = (
     "status",
@@ -354,17 +355,17 @@ def _eval_body(report: dict[str, Any]) -> str:
         if report.get(key) is not None
     )
     parts = [f"<h1>{_esc(report.get('title') or 'evaluation')}</h1>", f'<div class="sub">{subtitle}</div>']
-    parts.append(_section("Metrics per model", _models_table(models)))
-    parts += _bars_section(models)
-    if report.get("comparison"):
+    if report.get("comparison"):  # the headline first: the main metric's change and its CI
         parts.append(_section("Base vs tuned", _comparison(report["comparison"])))
+    if report.get("gate"):
+        parts.append(_section("Gate", _gate(report["gate"])))
+    parts.append(_section("Metrics per model", _models_table(models)))
     for name, matrix in (report.get("confusion_matrices") or {}).items():
         parts.append(_section(f"Confusion matrix: {name}", _heat_table(matrix)))
     for key in OPTIONAL_EVAL_SECTIONS:
         if report.get(key):
             parts.append(_section(key.capitalize(), _kv_table(report[key])))
-    if report.get("gate"):
-        parts.append(_section("Gate", _gate(report["gate"])))
+    parts += _bars_section(models)
     return "\n".join(parts)
 
 
