@@ -91,6 +91,27 @@ def test_mlflow_holds_exactly_the_logged_metrics(tracked_run: Path, monkeypatch:
     assert not Path("mlruns").exists(), "MLflow wrote outside the run directory"
 
 
+def test_a_failed_run_closes_its_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow would otherwise keep showing the run as RUNNING forever; the manifest says it failed."""
+    from mlflow.tracking import MlflowClient
+
+    from tunelab.train.engine import train
+
+    def stop(step: int, metrics: dict, last: bool) -> None:
+        raise RuntimeError("stop here")
+
+    recipe = _recipe(tmp_path, "failing", ["mlflow"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(recipe, on_eval=stop)
+    run_dir = tmp_path / "runs" / "failing"
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file:{run_dir / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert run.info.status != "RUNNING"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_is_written_in_the_run_dir(tmp_path: Path) -> None:
     from tunelab.train.engine import train
