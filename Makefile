@@ -11,7 +11,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium demo test test-all lint format bench clean
+.PHONY: setup chromium demo test test-all lint format bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/data_audit.py
+	$(PY) benchmarks/serve_load.py
+
+# On a CUDA machine (see benchmarks/RESULTS.md): the contender table of issue 8, then the memory plan check.
+bench-gpu: setup
+	$(PY) benchmarks/gpu_sft.py
+	$(PY) benchmarks/gpu_sft.py --plan-check
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
