@@ -398,6 +398,11 @@ def test_qlora_merges_into_the_dequantised_base_it_trained_against(run_of, tmp_p
     dense_base, _ = load_model("tiny:llama", device="cpu", dtype="float32")
     naive = PeftModel.from_pretrained(dense_base, str(run / "final")).merge_and_unload()
     assert (_logits(naive, ids) - expected).abs().max() > 1e-2
+    # so an adapter-only export says how to load its base; a merged one needs no such note
+    adapter = export_run(run, tmp_path / "adapter", kind="adapter")
+    (note,) = json.loads((adapter / "tunelab_export.json").read_text())["notes"]
+    assert "4-bit NF4" in note and "--merge" in note
+    assert json.loads((out / "tunelab_export.json").read_text())["notes"] == []
 
 
 def _cached_smollm2() -> str | None:

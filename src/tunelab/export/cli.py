@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,8 @@ def export_cmd(
         _fail(str(e))
     console.print(written_table(path, f"{kind} export of {run}"))
     console.print(f"provenance: {path / EXPORT_META}")
+    for note in json.loads((path / EXPORT_META).read_text(encoding="utf-8")).get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 def written_table(directory: Path, title: str) -> Table:

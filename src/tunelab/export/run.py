@@ -238,7 +238,19 @@ def build_provenance(
         "versions": package_versions(),
         "created_at": utc_now(),
         "weights": weight_files(out),
+        "notes": export_notes(kind, meta),
     }
+
+
+def export_notes(kind: str, meta: dict[str, Any]) -> list[str]:
+    """What a user of the artefact must know to get the trained behaviour back."""
+    if kind == "adapter" and meta.get("method") == "qlora":
+        return [
+            "this adapter was trained against the base quantised to 4-bit NF4 (see method_config); load the "
+            "base the same way (bitsandbytes, as in the recipe) to reproduce the trained model. On the dense "
+            "base it is an approximation; `tunelab export --merge` folds it into the de-quantised base exactly."
+        ]
+    return []
 
 
 def weight_files(directory: Path) -> list[dict[str, Any]]:
