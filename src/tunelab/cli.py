@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,12 @@ from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
 from tunelab.serve.cli import serve_cmd
 from tunelab.sweep import sweep_cmd
+
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; the
+# warning is theirs to fix and says nothing to a tunelab user, so the command line does not repeat it.
+warnings.filterwarnings(
+    "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 app = typer.Typer(
     help="tunelab: audit data, fine-tune, evaluate, export and serve language models.",
