@@ -10,18 +10,16 @@ against CUDA's ``max_memory_allocated`` needs a GPU: ``benchmarks/gpu_sft.py --p
 from __future__ import annotations
 
 import json
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from tunelab.methods import METHODS
 from tunelab.objectives.losses import causal_lm_loss_sum
 from tunelab.plan.gpus import GPUS
+from tunelab.plan.live_bytes import LiveBytes
 from tunelab.plan.memory import (
     Regime,
     estimate,
@@ -35,34 +33,6 @@ from tunelab.plan.memory import (
 )
 
 TOLERANCE = 0.15
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages while active (CPU has no allocator statistics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, weakref.ref] = {}
-        self.current = self.peak = 0
-
-    def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0 or key in self.live:
-            return
-        size = storage.nbytes()
-        self.current += size
-        self.live[key] = weakref.ref(storage, lambda _, k=key, n=size: self._free(k, n))
-        self.peak = max(self.peak, self.current)
-
-    def _free(self, key: int, size: int) -> None:
-        if self.live.pop(key, None) is not None:
-            self.current -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self.track, out)
-        return out
 
 
 def config(layers: int = 2, vocab: int = 1000, hidden: int = 128, tied: bool = False) -> LlamaConfig:
@@ -271,3 +241,32 @@ def test_plan_command_json_and_table(tiny_recipe, tmp_path) -> None:
     assert "largest micro-batch that fits" in table.stdout and "micro-batch 2" in table.stdout
     bad = runner.invoke(app, ["plan", str(path), "--gpu", "h1000"])
     assert bad.exit_code == 2 and "h100-80gb" in bad.output
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_loss_transient_matches_the_loss_layer_alone(tiny_recipe, fused: bool, method: str) -> None:
+    """The plan's loss term against live bytes of the loss layer's forward + backward (hidden states
+    and the output weight already exist), for the plain and the fused cross-entropy."""
+    from tunelab.objectives.fused_ce import fused_linear_cross_entropy_sum
+    from tunelab.plan.memory import logits_bytes
+
+    recipe = tiny_recipe(method, objective__name="sft", objective__fused_cross_entropy=str(fused).lower())
+    inputs = plan_inputs(recipe, device="cpu")
+    assert inputs.regime.fused_loss is fused
+    batch, seq = 4, recipe.data.max_length
+    facts, vocab, width = inputs.facts, inputs.facts.arch.vocab, inputs.facts.arch.hidden
+    hidden = torch.randn(batch, seq, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=facts.head_trains)
+    labels = torch.randint(0, vocab, (batch, seq))
+    with LiveBytes() as tracker:
+        for tensor in (hidden, weight, labels):
+            tracker.track(tensor)
+        tracker.peak = before = tracker.current
+        if fused:
+            loss, _ = fused_linear_cross_entropy_sum(hidden, weight, labels)
+        else:
+            loss, _ = causal_lm_loss_sum(hidden @ weight.t(), labels)
+        loss.backward()
+    measured, predicted = tracker.peak - before, logits_bytes(facts, inputs.regime, batch)
+    assert close(predicted, measured), (predicted, measured)

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.packing import collate_packed
 from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_text
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
+from tunelab.objectives.fused_ce import decoder_and_head, fused_ce_problem, fused_linear_cross_entropy_sum
 from tunelab.objectives.losses import causal_lm_loss_sum
 
 
@@ -21,6 +22,9 @@ class SftConfig(ObjectiveConfig):
     """Loss only on assistant tokens (prompt tokens masked). Off = loss on the whole rendered text."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """For multi-turn chats: learn every assistant turn, or only the last one."""
+    fused_cross_entropy: bool = False
+    """Loss computed in chunks from the last hidden states, so the [tokens × vocab] logits never exist
+    whole (objectives/fused_ce.py): a memory lever for large vocabularies; same loss and gradients."""
 
 
 class SftObjective(BaseObjective):
@@ -35,6 +39,14 @@ class SftObjective(BaseObjective):
     def adapt_to(self, model: nn.Module) -> None:
         """Virtual-token methods get right padding (called once the method has shaped the model)."""
         self.padding_side = "right" if prepends_virtual_tokens(model) else "left"
+        if self.config.fused_cross_entropy:
+            self._refuse_fused_ce_on(model)
+
+    @staticmethod
+    def _refuse_fused_ce_on(model: nn.Module) -> None:
+        problem = fused_ce_problem(model)
+        if problem is not None:
+            raise ValueError(f"objective.fused_cross_entropy: cannot be used here: {problem}")
 
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
         if "messages" in example:
@@ -69,6 +81,12 @@ class SftObjective(BaseObjective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        if self.config.fused_cross_entropy:
+            self._refuse_fused_ce_on(model)  # the engine may have wrapped the model since adapt_to
+            hidden, labels = causal_lm_hidden(model, batch)
+            _, head = decoder_and_head(model)
+            loss_sum, count = fused_linear_cross_entropy_sum(hidden, head.weight, labels)
+            return LossOutput(loss_sum, count, {})
         logits, labels = causal_lm_forward(model, batch)
         loss_sum, count = causal_lm_loss_sum(logits, labels)
         return LossOutput(loss_sum, count, {})
@@ -96,12 +114,7 @@ def causal_lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     right-aligned by left padding, ``logits_to_keep`` computes it only for the trailing window that
     holds the labels. Position ids are passed explicitly so left padding does not shift positions.
     """
-    if "position_ids" in batch:  # packed: no 2-D mask, so transformers isolates examples by position restarts
-        mask = None
-        kwargs: dict[str, Any] = {"position_ids": batch["position_ids"]}
-    else:
-        mask = batch["attention_mask"]
-        kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    mask, kwargs = _mask_and_positions(batch)
     if prepends_virtual_tokens(model):
         kwargs.pop("position_ids")  # PEFT places its virtual tokens first and numbers positions itself
     labels = batch["labels"]
@@ -112,6 +125,23 @@ def causal_lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     out = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
     # prompt tuning / p-tuning return logits for their virtual tokens too; those come first
     return out.logits[:, -labels.size(1) :], labels
+
+
+def _mask_and_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    if "position_ids" in batch:  # packed: no 2-D mask, so transformers isolates examples by position restarts
+        return None, {"position_ids": batch["position_ids"]}
+    mask = batch["attention_mask"]
+    return mask, {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def causal_lm_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states and aligned labels for the loss window: :func:`causal_lm_forward` without
+    the output projection (the fused loss applies it chunk by chunk)."""
+    mask, kwargs = _mask_and_positions(batch)
+    keep = loss_window(batch["labels"])
+    decoder, _ = decoder_and_head(model)
+    out = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
+    return out.last_hidden_state[:, -keep:], batch["labels"][:, -keep:]
 
 
 def prepends_virtual_tokens(model: nn.Module) -> bool:

@@ -133,6 +133,7 @@ class Regime:
     padded: bool
     seq_len: int
     grad_accum: int
+    fused_loss: bool = False  # SFT's objective.fused_cross_entropy: no whole logits tensor
 
 
 @dataclass
@@ -331,8 +332,20 @@ def _lora_bytes_per_token(linear: Linear, regime: Regime, lora_bytes: int) -> fl
 
 def logits_bytes(facts: ModelFacts, regime: Regime, batch: int) -> int:
     """The loss's transient at the start of backward: log-softmax output, the cross-entropy's
-    gradient and log-softmax's gradient, all fp32 over the ``k`` kept positions (k = s here)."""
-    return 12 * batch * regime.seq_len * facts.arch.vocab
+    gradient and log-softmax's gradient, all fp32 over the ``k`` kept positions (k = s here).
+
+    The fused loss (objectives/fused_ce.py) instead holds one chunk's fp32 logits, their shifted copy
+    and the probabilities (``12·c·V``) beside the hidden-state gradient it writes and the copy autograd
+    makes of it for the caller (``2·k·h`` in the compute dtype; measured with live bytes) and, when
+    the head trains, an fp32 weight gradient (``4·V·h``)."""
+    tokens, vocab, hidden = batch * regime.seq_len, facts.arch.vocab, facts.arch.hidden
+    if not regime.fused_loss:
+        return 12 * tokens * vocab
+    from tunelab.objectives.fused_ce import chunk_tokens_for  # noqa: PLC0415
+
+    chunk = min(chunk_tokens_for(tokens, hidden, vocab), tokens)
+    head = 4 * vocab * hidden if facts.head_trains else 0
+    return 12 * chunk * vocab + 2 * tokens * hidden * regime.compute_bytes + head
 
 
 def activation_terms(facts: ModelFacts, regime: Regime, batch: int) -> dict[str, int]:
@@ -457,6 +470,7 @@ def plan_inputs(
         padded=not recipe.data.packing,
         seq_len=recipe.data.max_length,
         grad_accum=recipe.training.grad_accum,
+        fused_loss=bool(getattr(recipe.objective, "fused_cross_entropy", False)),
     )
     if not facts.llama_shaped:
         notes.append(
