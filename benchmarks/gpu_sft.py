@@ -35,35 +35,9 @@ from typing import Any
 
 import numpy as np
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    "8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=512,
-        tie_word_embeddings=True,
-    ),
-}
+from tunelab.plan.shapes import LLAMA_SHAPES
+
+SHAPES = LLAMA_SHAPES
 CONTENDERS = ("trl-default", "trl-best", "tunelab", "unsloth")
 PLAN_CHECKS = (("1b", "lora"), ("1b", "full"), ("8b", "qlora"))
 LORA = {"r": 16, "alpha": 32}
@@ -285,7 +259,8 @@ def run_tunelab(workdir: Path, args: argparse.Namespace, *, data: Path | None = 
                 "log_every": 1,
             },
             "output": {"dir": str(workdir / "runs"), "name": f"tunelab-{args.method}"},
-        }
+        },
+        overrides=["objective.name=sft", *args.tunelab_set],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -389,6 +364,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     out = ["--shape", args.shape, "--method", args.method, "--steps", str(args.steps)]
     out += ["--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length)]
     out += ["--examples", str(args.examples), "--measure-from", str(args.measure_from)]
+    out += [x for kv in args.tunelab_set for x in ("--tunelab-set", kv)]
     return out + (["--dry-run"] if args.dry_run else [])
 
 
@@ -473,6 +449,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="tiny shape on CPU: checks the script, measures nothing"
+    )
+    parser.add_argument(
+        "--tunelab-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="recipe override for the tunelab contender, to measure one lever "
+        "(e.g. objective.fused_cross_entropy=true, data.packing=true); repeatable",
     )
     parser.add_argument("--workdir", help="keep model and data here (default: a temporary directory)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -59,3 +59,17 @@ def tiny_recipe(tmp_path: Path, qa_rows: list[dict]):
         return parse_recipe(raw, overrides=[f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def review_files(tmp_path_factory: pytest.TempPathFactory):
+    """The demo's real review data (small split) for slow tests on SmolLM2; skips if not fetched."""
+    from tunelab.assets import AssetMissingError, asset_path
+    from tunelab.demo import build_demo_data
+
+    try:
+        asset_path("smollm2-135m-instruct")
+        asset_path("rotten-tomatoes")
+    except AssetMissingError:
+        pytest.skip("SmolLM2 / reviews not fetched; run `tunelab assets fetch`")
+    return build_demo_data(tmp_path_factory.mktemp("reviews"), n_eval=32, n_train=48, seed=1)

@@ -31,6 +31,7 @@ from tunelab.plan.memory import (
     plan_inputs,
     prepared_on_meta,
 )
+from tunelab.plan.shapes import LLAMA_SHAPES
 
 TOLERANCE = 0.15
 
@@ -207,15 +208,7 @@ def test_largest_micro_batch_is_the_boundary_of_fitting(tiny_recipe) -> None:
 
 
 def test_benchmark_shape_parameter_count_is_llama_3_2_1b() -> None:
-    cfg = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    )
+    cfg = LlamaConfig(**LLAMA_SHAPES["1b"])
     facts = model_facts(
         prepared_on_meta(cfg, METHODS.get("full").config_cls(name="full"), torch.bfloat16), cfg
     )

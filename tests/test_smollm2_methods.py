@@ -9,24 +9,10 @@ import json
 
 import pytest
 
-from tunelab.assets import AssetMissingError, asset_path
-
 pytestmark = pytest.mark.slow
 
 # short-job learning rates per method: adapters with few parameters need larger steps
 METHOD_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 1e-2, "prompt_tuning": 3e-2, "freeze": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def review_files(tmp_path_factory):
-    try:
-        asset_path("smollm2-135m-instruct")
-        asset_path("rotten-tomatoes")
-    except AssetMissingError:
-        pytest.skip("SmolLM2 / reviews not fetched; run `tunelab assets fetch`")
-    from tunelab.demo import build_demo_data
-
-    return build_demo_data(tmp_path_factory.mktemp("reviews"), n_eval=32, n_train=48, seed=1)
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_LR))

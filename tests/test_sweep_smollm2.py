@@ -10,21 +10,7 @@ import json
 import pytest
 from rich.console import Console
 
-from tunelab.assets import AssetMissingError, asset_path
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def review_files(tmp_path_factory):
-    try:
-        asset_path("smollm2-135m-instruct")
-        asset_path("rotten-tomatoes")
-    except AssetMissingError:
-        pytest.skip("SmolLM2 / reviews not fetched; run `tunelab assets fetch`")
-    from tunelab.demo import build_demo_data
-
-    return build_demo_data(tmp_path_factory.mktemp("reviews"), n_eval=32, n_train=48, seed=1)
 
 
 def test_learning_rate_sweep_on_smollm2_picks_the_lowest_held_out_loss(review_files, tmp_path):
