@@ -231,12 +231,14 @@ def test_cli_max_forgetting_fails_a_run_against_its_own_base_and_writes_the_repo
 
     args = ["eval", hard_run["run"], "--data", hard_run["data"], "--max-new-tokens", "2"]
     result = CliRunner().invoke(
-        app, [*args, "--forgetting-data", hard_run["general"], "--max-forgetting", "0.1"]
+        app,
+        [*args, "--forgetting-data", hard_run["general"], "--forgetting-n", "3", "--max-forgetting", "0.1"],
     )
     assert result.exit_code == 3, result.output
     assert "forgetting" in result.output and "above the maximum 0.1000" in result.output
     report = json.loads((Path(hard_run["run"]) / "eval" / "report.json").read_text())
     assert report["kind"] == "eval" and report["forgetting"]["base"] == "tiny:llama"
+    assert report["forgetting"]["n_texts"] == 3  # of the four paragraphs: --forgetting-n is honoured
     assert report["gate"]["passed"] is False
 
 

@@ -13,6 +13,7 @@ from tunelab import __version__
 from tunelab.adapters import app as adapters_app
 from tunelab.assets import app as assets_app
 from tunelab.data.cli import app as data_app
+from tunelab.evaluate.forgetting import DEFAULT_N as FORGETTING_N
 from tunelab.export import export_cmd
 from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
@@ -179,6 +180,9 @@ def eval_(
     forgetting_data: Annotated[
         str | None, typer.Option(help="general text for --forgetting (.txt or any data file)")
     ] = None,
+    forgetting_n: Annotated[
+        int, typer.Option(min=1, help="general texts to score for --forgetting (more: tighter, slower)")
+    ] = FORGETTING_N,
     max_forgetting: Annotated[
         float | None, typer.Option(help="fail (exit 3) when perplexity regresses more, e.g. 0.10")
     ] = None,
@@ -227,6 +231,7 @@ def eval_(
             speed=speed,
             forgetting=forgetting or max_forgetting is not None,
             forgetting_data=forgetting_data,
+            forgetting_n=forgetting_n,
             robustness=robustness,
             safety_classifier=safety_classifier,
             safety_label=safety_label,
