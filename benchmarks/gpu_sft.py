@@ -260,7 +260,7 @@ def run_tunelab(workdir: Path, args: argparse.Namespace, *, data: Path | None = 
             },
             "output": {"dir": str(workdir / "runs"), "name": f"tunelab-{args.method}"},
         },
-        overrides=["objective.name=sft", *args.tunelab_set],
+        overrides=args.tunelab_set,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

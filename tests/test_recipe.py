@@ -103,3 +103,11 @@ def test_every_shipped_sweep_space_validates_against_its_recipe():
     assert spaces
     for path in spaces:
         validate_space(load_space(path), sweep_base(load_recipe(REPO / "recipes" / "tiny-lora.yaml")))
+
+
+def test_an_objective_section_of_sft_settings_needs_no_name():
+    raw = {"model": {"name_or_path": "tiny:llama"}, "data": {"train": "x"}, "method": {"name": "lora"}}
+    recipe = parse_recipe(dict(raw), overrides=["objective.completion_only=false"])
+    assert recipe.objective.name == "sft" and recipe.objective.completion_only is False
+    with pytest.raises(RecipeError, match="objective.name: missing"):
+        parse_recipe(dict(raw), overrides=["objective.beta=0.2"])  # a DPO-family setting: say which one

@@ -356,6 +356,7 @@ def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | Non
         raise RecipeError([f"expected a mapping of sections, got {type(raw).__name__}"], source)
     for assignment in overrides or []:
         set_override(raw, assignment)
+    _default_objective_name(raw)
     problems = _renamed_problems(raw)
     if raw.get("recommended_defaults"):
         raw = _with_recommendations(raw, problems)
@@ -367,6 +368,18 @@ def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | Non
     if problems:
         raise RecipeError(problems, source)
     return recipe
+
+
+def _default_objective_name(raw: dict[str, Any]) -> None:
+    """An ``objective`` section without ``name`` whose keys are all SFT settings is SFT, the default
+    objective (e.g. ``--set objective.completion_only=false``). Other keys keep the "name: missing"
+    error, which lists the objectives, rather than a misleading "unknown key" of SFT."""
+    section = raw.get("objective")
+    if not isinstance(section, dict) or "name" in section:
+        return
+    sft_fields = set(OBJECTIVES.get("sft").config_cls.model_fields)
+    if set(section) <= sft_fields:
+        section["name"] = "sft"
 
 
 def _with_recommendations(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
