@@ -111,3 +111,26 @@ def test_an_objective_section_of_sft_settings_needs_no_name():
     assert recipe.objective.name == "sft" and recipe.objective.completion_only is False
     with pytest.raises(RecipeError, match="objective.name: missing"):
         parse_recipe(dict(raw), overrides=["objective.beta=0.2"])  # a DPO-family setting: say which one
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"name": "classify"},
+        {"name": "reward"},
+        {"name": "dpo"},
+        {"name": "kto"},
+        {"name": "grpo", "reward": "r.py:f"},
+    ],
+)
+def test_packing_is_refused_for_objectives_over_whole_examples(objective):
+    raw = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": "x", "packing": True},
+        "method": {"name": "lora"},
+        "objective": objective,
+    }
+    with pytest.raises(RecipeError, match="data.packing: objective .* set data.packing: false"):
+        parse_recipe(raw)
+    raw["objective"] = {"name": "sft"}
+    assert parse_recipe(raw).data.packing is True

@@ -258,6 +258,15 @@ class Recipe(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _packing_needs_a_token_objective(self) -> Recipe:
+        if self.data.packing and not OBJECTIVES.get(self.objective.name).impl.packs:
+            raise ValueError(
+                f"data.packing: objective {self.objective.name} trains on whole examples (pairs, labelled "
+                "sequences or prompts), which packing would cut apart; set data.packing: false"
+            )
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """Plain dict with every default filled in, as written to the run directory."""
         return self.model_dump(mode="json", by_alias=True)

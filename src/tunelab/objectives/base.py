@@ -53,6 +53,9 @@ class BaseObjective:
     """Loss is per token (so perplexity means something); pair/example objectives set False."""
     online = False
     """Online RL (ppo, grpo): trained by :func:`tunelab.train.rl.run_online` instead of the engine loop."""
+    packs = False
+    """Examples may share one packed sequence (``data.packing``): only a per-token loss can; objectives
+    over whole examples, pairs or prompts cannot (the recipe refuses the combination)."""
 
     def adapt_to(self, model: nn.Module) -> None:
         return None

@@ -142,8 +142,9 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class PairwiseObjective(BaseObjective):
-    """Shared encoding, batching and log-probs of the preference-pair objectives."""
+class ResponseObjective(BaseObjective):
+    """Objectives scored by the log-probability of whole responses (the DPO family, KTO): per-example
+    units, left padding (right for virtual-token methods, as in SFT)."""
 
     units_are_tokens = False
 
@@ -152,13 +153,13 @@ class PairwiseObjective(BaseObjective):
         self.tokenizer = tokenizer
         self.max_length = getattr(data_cfg, "max_length", None)
         self.padding_side = "left"
-        if getattr(data_cfg, "packing", False):
-            raise ValueError(
-                f"data.packing: objective {cfg.name!r} trains on whole pairs; set data.packing: false"
-            )
 
     def adapt_to(self, model: nn.Module) -> None:
         self.padding_side = "right" if prepends_virtual_tokens(model) else "left"
+
+
+class PairwiseObjective(ResponseObjective):
+    """Shared encoding, batching and log-probs of the preference-pair objectives."""
 
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
         if "chosen" not in example:

@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import IGNORE_INDEX, TemplateError
-from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
+from tunelab.objectives.base import OBJECTIVES, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.dpo import (
+    ResponseObjective,
     encode_response,
     model_device,
     precompute,
@@ -31,7 +31,7 @@ from tunelab.objectives.dpo import (
     response_logps,
 )
 from tunelab.objectives.preference_losses import kto_kl_estimate, kto_loss
-from tunelab.objectives.sft import pad_causal_batch, prepends_virtual_tokens
+from tunelab.objectives.sft import pad_causal_batch
 
 
 class KtoConfig(ObjectiveConfig):
@@ -64,23 +64,8 @@ def kl_pairs(features: list[dict[str, Any]]) -> list[list[tuple[list[int], list[
     return out
 
 
-class KtoObjective(BaseObjective):
+class KtoObjective(ResponseObjective):
     """Kahneman–Tversky optimisation against the starting model as reference."""
-
-    units_are_tokens = False
-
-    def __init__(self, cfg: KtoConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
-        self.config = cfg
-        self.tokenizer = tokenizer
-        self.max_length = getattr(data_cfg, "max_length", None)
-        self.padding_side = "left"
-        if getattr(data_cfg, "packing", False):
-            raise ValueError(
-                "data.packing: objective 'kto' trains on whole examples; set data.packing: false"
-            )
-
-    def adapt_to(self, model: nn.Module) -> None:
-        self.padding_side = "right" if prepends_virtual_tokens(model) else "left"
 
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
         if "chosen" in example:

@@ -42,10 +42,6 @@ class RewardObjective(BaseObjective):
         self.config = cfg
         self.tokenizer = tokenizer
         self.max_length = getattr(data_cfg, "max_length", None)
-        if getattr(data_cfg, "packing", False):
-            raise ValueError(
-                "data.packing: objective 'reward' scores whole sequences; set data.packing: false"
-            )
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_labels": 1}

@@ -30,6 +30,8 @@ class SftConfig(ObjectiveConfig):
 class SftObjective(BaseObjective):
     """Next-token loss on the rendered chat (assistant tokens only by default) or on plain text."""
 
+    packs = True
+
     def __init__(self, cfg: SftConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
         self.config = cfg
         self.tokenizer = tokenizer
