@@ -196,6 +196,34 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def load_base_model(
+    recipe: Recipe, device: str, model_kind: str, model_kwargs: dict[str, Any] | None = None
+) -> Any:
+    """The recipe's model with the head the objective asks for (offline and online runs alike)."""
+    model, _ = load_model(
+        recipe.model.name_or_path,
+        dtype=recipe.model.dtype,
+        device=device,
+        trust_remote_code=recipe.model.trust_remote_code,
+        seed=recipe.seed,
+        model_cls=MODEL_CLASSES[model_kind],
+        model_kwargs=model_kwargs,
+    )
+    return model
+
+
+def apply_method(method: Any, recipe: Recipe, model: Any) -> Any:
+    """The method shapes the model (which parameters learn), then the recipe's learning-rate structure
+    (layer-wise decay, multipliers, gradual unfreezing) reshapes its optimizer groups."""
+    prepared = method.apply(
+        model,
+        recipe.method,
+        learning_rate=recipe.training.learning_rate,
+        weight_decay=recipe.training.weight_decay,
+    )
+    return structure_learning_rates(prepared, recipe.training)
+
+
 def start_run(
     recipe: Recipe, console: Console, run_path: Path | None = None
 ) -> tuple[Accelerator, str, Any, Any]:
@@ -231,27 +259,12 @@ class Trainer:
         if not self.writes:
             self.console = Console(quiet=True)
         self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), self.console)
-        spec = recipe.model.name_or_path
         self.train_split, self.eval_split = self._prepare_data()
         if self.writes:
             run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
-        model, _ = load_model(
-            spec,
-            dtype=recipe.model.dtype,
-            device=device,
-            trust_remote_code=recipe.model.trust_remote_code,
-            seed=recipe.seed,
-            model_cls=MODEL_CLASSES[self.objective.model_kind],
-            model_kwargs=self.objective.model_kwargs(),
-        )
+        model = load_base_model(recipe, device, self.objective.model_kind, self.objective.model_kwargs())
         self.method = METHODS.get(recipe.method.name).impl
-        prepared = self.method.apply(
-            model,
-            recipe.method,
-            learning_rate=recipe.training.learning_rate,
-            weight_decay=recipe.training.weight_decay,
-        )
-        prepared = structure_learning_rates(prepared, recipe.training)
+        prepared = apply_method(self.method, recipe, model)
         self.objective.adapt_to(prepared.model)
         self.objective.prepare(
             prepared.model, self.train_split.features, self.eval_split.features if self.eval_split else []

@@ -31,8 +31,6 @@ from torch import nn
 from transformers import GenerationConfig, get_scheduler
 
 from tunelab.methods import METHODS, count_parameters
-from tunelab.methods.lr_structure import structure_learning_rates
-from tunelab.models.load import MODEL_CLASSES, load_model
 from tunelab.objectives.rl_losses import (
     entropy_from_logits,
     gae,
@@ -55,8 +53,10 @@ from tunelab.train.data import prepare_split
 from tunelab.train.engine import (
     TrainResult,
     _progress,
+    apply_method,
     build_optimizer,
     eval_interval,
+    load_base_model,
     micro_batches_for_step,
     start_run,
     total_steps,
@@ -158,7 +158,6 @@ class OnlineTrainer:
         self.is_ppo = recipe.objective.name == "ppo"
         self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console, run.path)
         self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
-        spec = recipe.model.name_or_path
         self.prompts = prepare_split(
             recipe.data.train,
             self.objective,
@@ -170,26 +169,13 @@ class OnlineTrainer:
             console.print(
                 f"[yellow]note:[/] data.eval is not used by objective {self.cfg.name} (prompts only)"
             )
-        model, _ = load_model(
-            spec,
-            dtype=recipe.model.dtype,
-            device=device,
-            trust_remote_code=recipe.model.trust_remote_code,
-            seed=recipe.seed,
-            model_cls=MODEL_CLASSES["causal_lm"],
-        )
+        model = load_base_model(recipe, device, "causal_lm")
         self.method = METHODS.get(recipe.method.name).impl
         kl_weight = self.cfg.kl_coef if self.is_ppo else self.cfg.beta
         self.reference: nn.Module | None = None
         if kl_weight > 0 and self.method.artifact != "peft":
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        prepared = self.method.apply(
-            model,
-            recipe.method,
-            learning_rate=recipe.training.learning_rate,
-            weight_decay=recipe.training.weight_decay,
-        )
-        prepared = structure_learning_rates(prepared, recipe.training)
+        prepared = apply_method(self.method, recipe, model)
         self.is_adapter = prepared.is_adapter
         self.hooks = prepared.hooks
         # with no KL weight the reference is still cheap for PEFT (adapter off), so KL is still reported
@@ -487,8 +473,6 @@ def _check_supported(recipe: Recipe) -> None:
         problems.append("training.ewc is not supported with online objectives")
     if t.early_stopping is not None:
         problems.append("training.early_stopping is not supported with online objectives")
-    if d.packing:
-        problems.append("data.packing does not apply to prompts; set it to false")
     if d.tasks or d.replay is not None or d.split is not None:
         problems.append(
             "data.tasks / data.replay / data.split are not supported with online objectives; give data.train"
