@@ -24,12 +24,7 @@ def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:
         return None
-    import matplotlib  # noqa: PLC0415  (heavy; only when a plot is written)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
     ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
@@ -37,14 +32,12 @@ def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("loss (per loss token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
-def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415  (heavy; only when a plot is drawn)
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported only when a plot is drawn (heavy)."""
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -52,25 +45,33 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_png(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def _png_bytes(fig: Any) -> bytes:
     """Render and close a figure; a report embeds the bytes, so nothing touches the disk."""
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
 def lines_png(lines: list[Line], *, xlabel: str, ylabel: str, log_y: bool = False) -> bytes:
     """Several (x, y) series on one axis, as PNG bytes; points with a missing y are skipped."""
-    fig, ax = _pyplot().subplots(figsize=(7, 3.6), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 3.6), dpi=100)
     for line in lines:
         points = [(x, y) for x, y in zip(line.xs, line.ys) if y is not None]
         if points:
             ax.plot(*zip(*points), line.style, label=line.label, linewidth=1.4, markersize=4)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))  # steps are whole numbers
+    ax.xaxis.set_major_locator(pyplot().MaxNLocator(integer=True))  # steps are whole numbers
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -82,7 +83,7 @@ def lines_png(lines: list[Line], *, xlabel: str, ylabel: str, log_y: bool = Fals
 def grouped_bars_png(metrics: list[str], models: list[str], values: dict[str, dict[str, float]]) -> bytes:
     """One small panel per metric with one bar per model (before/after at a glance; panels because
     metrics live on different scales)."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(len(metrics), 3)
     rows = -(-len(metrics) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), dpi=100, squeeze=False)
@@ -100,7 +101,7 @@ def grouped_bars_png(metrics: list[str], models: list[str], values: dict[str, di
 
 def interval_png(label: str, delta: float, low: float, high: float) -> bytes:
     """A difference with its confidence interval against the zero line: does the CI exclude zero?"""
-    fig, ax = _pyplot().subplots(figsize=(7, 1.6), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 1.6), dpi=100)
     ax.errorbar([delta], [0], xerr=[[delta - low], [high - delta]], fmt="o", capsize=6, linewidth=2)
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks([])
@@ -111,7 +112,7 @@ def interval_png(label: str, delta: float, low: float, high: float) -> bytes:
 
 def compare_loss_curves(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path | None:
     """Training loss (solid) and eval loss (dots) of several runs on one axis, written as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     drawn = False
     for index, (name, rows) in enumerate(runs):
@@ -131,7 +132,4 @@ def compare_loss_curves(runs: list[tuple[str, list[dict[str, Any]]]], path: Path
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from tunelab.recipe import dump_yaml, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
+from tunelab.runs.plots import pyplot, save_png
 from tunelab.sweep.space import apply_values
 
 
@@ -164,12 +165,7 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | No
     points = [(r["trial"], r[metric], r["state"]) for r in rows if r[metric] is not None]
     if not points:
         return None
-    import matplotlib  # noqa: PLC0415  (heavy; only when a plot is written)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=110)
     for state, marker, colour in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:gray")):
         chosen = [(t, v) for t, v, s in points if s == state]
         if chosen:
@@ -181,10 +177,7 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | No
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def print_report(report: SweepReport, fields: list[str], metric: str, console: Console) -> None:
