@@ -182,15 +182,15 @@ def run_recipe(spec: str) -> dict[str, Any]:
     return yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
 
 
-def objective_beta(spec: str, default: float = 0.1) -> float:
+def objective_beta(recipe: dict[str, Any], default: float = 0.1) -> float:
     """The run's ``objective.beta`` (the β its implicit reward was trained with)."""
-    objective = run_recipe(spec).get("objective") or {}
+    objective = recipe.get("objective") or {}
     return float(objective.get("beta", default))
 
 
-def trained_max_length(spec: str) -> int | None:
+def trained_max_length(recipe: dict[str, Any]) -> int | None:
     """The run's ``data.max_length``: a classifier is evaluated on the text it was trained to see."""
-    value = (run_recipe(spec).get("data") or {}).get("max_length")
+    value = (recipe.get("data") or {}).get("max_length")
     return int(value) if value else None
 
 
@@ -203,11 +203,12 @@ def load_task(
 ) -> EvalTask:
     """Read ``data`` the way the run ``subject`` (the model being judged) needs it."""
     meta = run_meta(subject)
+    trained = run_recipe(subject)  # read once: β and max_length come from it
     rows, _, fmt = read_canonical(data)
     examples = [example for _, example in rows][:max_examples] if max_examples else [e for _, e in rows]
     kind = task_kind(meta, fmt)
     task = EvalTask(
-        kind, data, meta=meta, beta=objective_beta(subject), max_length=trained_max_length(subject)
+        kind, data, meta=meta, beta=objective_beta(trained), max_length=trained_max_length(trained)
     )
     if kind == "lm":
         task.conversations = [e["messages"] for e in examples if "messages" in e]
