@@ -33,10 +33,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
     ) -> torch.Tensor:
-        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if ctx.needs_input_grad[1]
+            else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
@@ -57,20 +58,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(probs.t(), h.float())  # in place: no second [vocab × hidden] buffer
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.save_for_backward(grad_hidden, grad_weight)  # None where no gradient is wanted
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        saved = iter(ctx.saved_tensors)
-        grad_hidden = grad_weight = None
+        grad_hidden, grad_weight = ctx.saved_tensors
         # in place: the gradients were made for this one backward (a second one is not supported)
-        if ctx.has[0]:
-            grad_hidden = next(saved).mul_(grad_out)
-        if ctx.has[1]:
-            grad_weight = next(saved).mul_(grad_out).to(ctx.weight_dtype)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_out)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_out).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 
