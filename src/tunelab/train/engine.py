@@ -196,6 +196,12 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def log_row(run: RunDir, tracking: Tracking, row: dict[str, Any]) -> None:
+    """One metrics row: to metrics.jsonl (the record) first, then to the trackers (views of it)."""
+    run.log_metrics(row)
+    tracking.log(row)
+
+
 def load_base_model(
     recipe: Recipe, device: str, model_kind: str, model_kwargs: dict[str, Any] | None = None
 ) -> Any:
@@ -545,8 +551,7 @@ class Trainer:
                 device=self.accelerator.device,
                 tag_template=self.recipe.data.mixing.tag,
             )
-        self.run.log_metrics({"step": self.state.step, **metrics})
-        self.tracking.log({"step": self.state.step, **metrics})
+        log_row(self.run, self.tracking, {"step": self.state.step, **metrics})
         self.last_eval = (self.state.step, metrics)
         self._update_early_stopping(metrics)
         if self.on_eval is not None:
@@ -604,8 +609,7 @@ class Trainer:
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 row["tokens_per_s"] = (self.state.tokens_seen - tokens_at_start) / elapsed
                 if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
-                    self.run.log_metrics(row)
-                    self.tracking.log(row)
+                    log_row(self.run, self.tracking, row)
                 evaluation = self.maybe_evaluate()
                 self.maybe_checkpoint()
                 info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"

@@ -57,6 +57,7 @@ from tunelab.train.engine import (
     build_optimizer,
     eval_interval,
     load_base_model,
+    log_row,
     micro_batches_for_step,
     start_run,
     total_steps,
@@ -435,8 +436,7 @@ class OnlineTrainer:
                 losses.append(row["loss"])
                 row["seconds"] = time.perf_counter() - started
                 if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
-                    self.run.log_metrics(row)
-                    self.tracking.log(row)
+                    log_row(self.run, self.tracking, row)
                 self.maybe_checkpoint()
                 info = f"reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  entropy {row['entropy']:.2f}"
                 progress.update(task, completed=self.state.step, info=info)
