@@ -224,7 +224,7 @@ def test_cli_fetch_and_list(monkeypatch: pytest.MonkeyPatch, data_spec: AssetSpe
     path = runner.invoke(assets.app, ["path", "fake-data"])
     assert path.output.strip().endswith("corpus.csv.bz2")
     unknown = runner.invoke(assets.app, ["fetch", "nope-asset"])
-    assert unknown.exit_code == 1
+    assert unknown.exit_code == 2 and "nope-asset" in unknown.output
 
 
 @pytest.mark.slow

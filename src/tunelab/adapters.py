@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from tunelab.console import fail, make_console
 
 FINAL_META = "tunelab.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -275,7 +276,7 @@ def _save_merged(model: Any, name: str, infos: list[AdapterInfo], out: Path, **h
 
 
 app = typer.Typer(help="Many task adapters on one base model: list and merge them.", no_args_is_help=True)
-_out = Console()
+_out = make_console()
 
 
 def adapters_table(infos: list[AdapterInfo]) -> Table:
@@ -337,5 +338,4 @@ def merge_cmd(
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
+    fail(make_console(stderr=True), message)

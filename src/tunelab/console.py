@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 from rich.console import Console, ConsoleDimensions
@@ -66,6 +68,16 @@ class TunelabConsole(Console):
             kwargs.setdefault("soft_wrap", True)
         super().print(*objects, **kwargs)
 
+    def rule(self, title="", **kwargs) -> None:
+        # A rule fills the width; at the unlimited width it would be a megabyte of dashes.
+        if self.size.width < UNLIMITED:
+            super().rule(title, **kwargs)
+            return
+        line = Text("── ")
+        line.append(title if isinstance(title, Text) else Text(str(title)))
+        line.append(" ──")
+        self.print(line)
+
 
 def make_console(*, stderr: bool = False, **kwargs) -> TunelabConsole:
     """The console for stdout (results) or stderr (errors, notes, progress)."""
@@ -100,3 +112,53 @@ def fail(console: Console, message: str, code: int = 2) -> NoReturn:
 
     console.print(labelled("error", str(message)))
     raise typer.Exit(code)
+
+
+class PlainProgress:
+    """Progress as plain lines for logs (nohup, CI, Slurm, `| tee`), where a redrawn bar shows nothing.
+
+    One line at most every `every_s` seconds, and always one at the end: `label: done/total (pct),
+    elapsed, ETA`. The clock is injectable so the arithmetic is tested without sleeping.
+    """
+
+    def __init__(self, console: Console, label: str, total: int | None, *, every_s: float = 10.0, clock=None):
+        import time
+
+        self.console, self.label, self.total, self.every_s = console, label, total, every_s
+        self.clock = clock or time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.console.print(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        if not self.total:
+            return f"{self.label}: {self.done:,} done, {elapsed:.0f} s"
+        pct = 100 * self.done / self.total
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        eta_text = f", ETA {eta:.0f} s" if self.done < self.total and self.done else ""
+        return f"{self.label}: {self.done:,}/{self.total:,} ({pct:.0f}%), {elapsed:.0f} s{eta_text}"
+
+    def finish(self) -> None:
+        self.console.print(self.line(self.clock()))
+
+
+@contextmanager
+def progress(console: Console, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n)`: a transient rich bar on a terminal, plain lines (PlainProgress) otherwise."""
+    if console.is_terminal and not console.is_dumb_terminal:
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n=1: bar.advance(task, n)
+        return
+    plain = PlainProgress(console, label, total)
+    yield plain.advance
+    plain.finish()

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.assets import asset_path, fetch
+from tunelab.console import make_console
 from tunelab.evaluate.compare import EvalPlan, compare_models, print_payload
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
@@ -160,7 +161,7 @@ def run_demo(
     overrides: list[str] | None = None,
     console: Console | None = None,
 ) -> dict[str, object]:
-    console = console or Console()
+    console = console or make_console()
     started = time.perf_counter()
     fetch(["smollm2-135m-instruct", "rotten-tomatoes"])
     split = build_demo_data(Path(runs_dir) / "demo-data", n_eval=n_eval, n_train=n_train, seed=seed)

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from tunelab.console import labelled, make_console, styled
 from tunelab.data.templates import render, select_template, split_prompt_answer
 from tunelab.evaluate.forgetting import DEFAULT_N, DEFAULT_SOURCE, default_general_texts, load_general_texts
 from tunelab.evaluate.gate import check_gate, gate_values
@@ -92,12 +94,12 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
-def _delta_cell(metric: str, delta: float) -> str:
+def _delta_cell(metric: str, delta: float) -> Text | str:
     if math.isnan(delta):
         return "—"
     better = delta < 0 if metric in LOWER_IS_BETTER else delta > 0
     colour = "green" if better else ("red" if delta != 0 else "white")
-    return f"[{colour}]{delta:+.4f}[/]"
+    return styled(f"{delta:+.4f}", colour)
 
 
 def side_by_side_table(payload: dict[str, Any]) -> Table:
@@ -113,7 +115,7 @@ def side_by_side_table(payload: dict[str, Any]) -> Table:
     names = list(dict.fromkeys(k for entry in models for k in entry["metrics"]))
     for name in names:
         values = [entry["metrics"].get(name) for entry in models]
-        row = [f"[bold]{name}[/]" if name == payload["main_metric"] else name, *map(_fmt, values)]
+        row = [styled(name, "bold") if name == payload["main_metric"] else name, *map(_fmt, values)]
         if pair:
             ok = all(isinstance(v, (int, float)) for v in values)
             row.append(_delta_cell(name, values[1] - values[0]) if ok else "—")
@@ -192,7 +194,7 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """``models``: (role, spec) pairs, roles ``base``/``tuned`` or a single ``model``. The last one is
     the model being judged: its run decides how the data is read and scored."""
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     task = load_task(data, models[-1][1], labels=plan.labels, max_examples=plan.max_examples)
     general, source = _general_texts(plan)
     probe = load_bias_probe(plan.bias_probe) if plan.bias_probe else None
@@ -464,13 +466,15 @@ def print_payload(payload: dict[str, Any], console: Console) -> None:
             f"safety ({safety['classifier']}, label {safety['label']!r} > {safety['threshold']}): {shares}"
         )
     for note in payload.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(labelled("note", note))
     gate = payload.get("gate")
     if gate:
         if gate["passed"]:
-            console.print("[green]gate passed[/]")
+            console.print(styled("gate passed", "green"))
         else:
-            console.print("[red]gate failed:[/]\n" + "\n".join(f"  - {f}" for f in gate["failures"]))
+            console.print(styled("gate failed:", "red"))
+            for failure in gate["failures"]:
+                console.print(f"  - {failure}")
 
 
 def _robustness_table(report: dict[str, Any]) -> Table:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
+from tunelab.console import make_console, progress
 from tunelab.data.formats import prompt_text, target_text
 from tunelab.data.templates import select_template, split_prompt_answer
 from tunelab.evaluate.lm import LMEval, evaluate_conversations
@@ -255,8 +255,7 @@ def evaluate_model(
     """All metrics for one model on one set of conversations."""
     golds = [split_prompt_answer(c)[1] for c in conversations]
     labels = labels or infer_labels(golds)
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"eval {name}", total=len(conversations))
+    with progress(console or make_console(stderr=True), f"eval {name}", len(conversations)) as advance:
         raw = evaluate_conversations(
             model,
             tokenizer,
@@ -264,7 +263,7 @@ def evaluate_model(
             labels=labels,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
-            progress=lambda n: progress.advance(task, n),
+            progress=advance,
         )
     acc = accuracy(raw.label_predictions, golds) if labels else None
     em = sum(exact_match(p, g) for p, g in zip(raw.generations, golds)) / len(golds)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tunelab.console import fail, labelled, make_console, styled
 from tunelab.export.run import DTYPES, EXPORT_META, GGUF_TYPES, export_run
 
 
@@ -39,7 +39,7 @@ def export_cmd(
         given = f" (got {' and '.join(chosen)})" if chosen else ""
         _fail(f"choose exactly one of --merge, --adapter, --gguf f16|q8_0{given}")
     kind = {"--merge": "merged", "--adapter": "adapter", "--gguf": "gguf"}[chosen[0]]
-    console = Console()
+    console = make_console()
     try:
         with console.status(f"exporting {run} ({kind})"):
             path = export_run(
@@ -56,7 +56,7 @@ def export_cmd(
     console.print(written_table(path, f"{kind} export of {run}"))
     console.print(f"provenance: {path / EXPORT_META}")
     for note in json.loads((path / EXPORT_META).read_text(encoding="utf-8")).get("notes", []):
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(labelled("note", note))
 
 
 def written_table(directory: Path, title: str) -> Table:
@@ -67,7 +67,7 @@ def written_table(directory: Path, title: str) -> Table:
     table.add_column("size", justify="right")
     for path in files:
         table.add_row(str(path.relative_to(directory)), _human(path.stat().st_size))
-    table.add_row("[bold]total[/]", f"[bold]{_human(sum(p.stat().st_size for p in files))}[/]")
+    table.add_row(styled("total", "bold"), styled(_human(sum(p.stat().st_size for p in files)), "bold"))
     return table
 
 
@@ -80,5 +80,4 @@ def _human(size: int) -> str:
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
+    fail(make_console(stderr=True), message)

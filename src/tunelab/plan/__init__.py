@@ -34,23 +34,21 @@ def plan_cmd(
 ) -> None:
     """Predict peak memory (weights, gradients, optimizer, activations, logits) and step time, and the
     largest micro-batch that fits."""
-    from rich.console import Console  # noqa: PLC0415
-
+    from tunelab.console import fail, labelled, make_console  # noqa: PLC0415
     from tunelab.plan.memory import plan_report, plan_table  # noqa: PLC0415  (torch; keep --help fast)
     from tunelab.recipe import RecipeError, load_recipe  # noqa: PLC0415
 
-    console, errors = Console(), Console(stderr=True)
+    console = make_console()
     try:
         plan, largest = plan_report(load_recipe(recipe, overrides=set_), gpu, batch)
     except (RecipeError, OSError, ValueError) as e:
-        errors.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(make_console(stderr=True), str(e))
     if as_json:
         console.print_json(json.dumps(plan.as_dict() | {"largest_micro_batch": largest}))
         return
     console.print(plan_table(plan, largest))
     for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(labelled("note", note))
 
 
 __all__ = [

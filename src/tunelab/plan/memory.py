@@ -573,6 +573,8 @@ def plan_table(plan: MemoryPlan, largest: int | None) -> Any:
     """A rich table: each component, the predicted peak, what must fit, and the suggestion."""
     from rich.table import Table  # noqa: PLC0415
 
+    from tunelab.console import styled  # noqa: PLC0415
+
     table = Table(
         title=f"memory plan: {plan.method} on {plan.model}, micro-batch {plan.micro_batch} × {plan.seq_len} "
         f"tokens, {plan.device}",
@@ -589,13 +591,14 @@ def plan_table(plan: MemoryPlan, largest: int | None) -> Any:
     for name, value in plan.components.items():
         table.add_row(name, gib(value))
     table.add_section()
-    table.add_row("[bold]predicted peak allocated[/]", f"[bold]{gib(plan.peak_allocated)}[/]")
+    table.add_row(styled("predicted peak allocated", "bold"), styled(gib(plan.peak_allocated), "bold"))
     if plan.device_total != plan.peak_allocated:
         table.add_row("+ CUDA context", gib(plan.device_total - plan.peak_allocated))
     if plan.capacity is not None:
-        verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+        verdict = styled("fits", "green") if plan.fits else styled("does not fit", "red")
         table.add_row(
-            f"device memory (×{FIT_HEADROOM} headroom)", f"{gib(plan.capacity * FIT_HEADROOM)} {verdict}"
+            f"device memory (×{FIT_HEADROOM} headroom)",
+            styled(f"{gib(plan.capacity * FIT_HEADROOM)} ", "") + verdict,
         )
     if largest is not None:
         table.add_row("largest micro-batch that fits", str(largest))

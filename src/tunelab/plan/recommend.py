@@ -306,16 +306,15 @@ def recommend_cmd(
     ] = False,
 ) -> None:
     """Learning rate, rank/alpha, batch and schedule for a model size and method, with each rule's source."""
-    from rich.console import Console  # noqa: PLC0415
+    from tunelab.console import fail, make_console  # noqa: PLC0415
 
-    console, errors = Console(), Console(stderr=True)
+    console = make_console()
     try:
         params = count_params(model)
         recs = recommend(params, method, dataset_rows=rows)
     except (OSError, ValueError) as e:
-        errors.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(make_console(stderr=True), str(e))
     if as_set:
-        console.print(" ".join(f"--set {r.field}={r.value}" for r in recs), highlight=False)
+        console.print(" ".join(f"--set {r.field}={r.value}" for r in recs))
         return
     console.print(recommendations_table(model, params, method, recs))

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.console import fail, make_console
 from tunelab.runs.index import RunRow, refresh_index
 from tunelab.runs.report import EVAL_DIR, REPORT_HTML, flatten, fmt, split_metric_rows
 from tunelab.runs.rundir import RunDir
@@ -25,13 +26,11 @@ RootOption = Annotated[Path, typer.Option("--root", help="folder of run director
 
 
 def _out() -> Console:
-    # Built per call, not at import, so the width follows the terminal (and COLUMNS) of this call.
-    return Console()
+    return make_console()
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
+    fail(make_console(stderr=True), message)
 
 
 def resolve_run(name_or_path: str, root: Path) -> RunDir:

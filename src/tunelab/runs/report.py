@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
+from tunelab.console import labelled, make_console
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
 from tunelab.runs.plots import Line, grouped_bars_png, interval_png, lines_png
 from tunelab.runs.rundir import RunDir
@@ -196,14 +196,17 @@ def publish_run_report(run_path: str | Path, console: Console | None = None) -> 
     """
     from tunelab.runs.index import INDEX_FILE, refresh_index  # noqa: PLC0415  (index imports this module)
 
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     run_path = Path(run_path)
     try:
         html_path = write_run_report(run_path)[1]
     except Exception as err:  # noqa: BLE001  (a report must never fail a finished run)
         console.print(
-            f"[yellow]warning:[/] could not write the report of {run_path}: {type(err).__name__}: {escape(str(err))}. "
-            "The run itself completed; retry with `tunelab runs show` after fixing the cause."
+            labelled(
+                "warning",
+                f"could not write the report of {run_path}: {type(err).__name__}: {err}. "
+                "The run itself completed; retry with `tunelab runs show` after fixing the cause.",
+            )
         )
         return None
     if (run_path.parent / INDEX_FILE).exists():
@@ -211,7 +214,7 @@ def publish_run_report(run_path: str | Path, console: Console | None = None) -> 
             refresh_index(run_path.parent)
         except Exception as err:  # noqa: BLE001
             console.print(
-                f"[yellow]warning:[/] could not refresh the runs index of {run_path.parent}: {escape(str(err))}"
+                labelled("warning", f"could not refresh the runs index of {run_path.parent}: {err}")
             )
     return html_path
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from tunelab.console import fail, labelled, make_console, styled
+
+err = make_console(stderr=True)
 
 
 def sweep_cmd(
@@ -77,13 +78,12 @@ def sweep_cmd(
                 console=err,
             )
     except (RecipeError, SpaceError, SweepError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(err, str(e))
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] rerun the same command (or use --resume) to continue the sweep")
+        err.print(labelled("interrupted", "rerun the same command (or use --resume) to continue the sweep"))
         raise typer.Exit(130) from None
     for note in result.notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(labelled("note", note))
     if result.report.best is None:
-        err.print("[red]no trial completed[/]; see the errors in results.json")
+        err.print(styled("no trial completed", "red") + "; see the errors in results.json")
         raise typer.Exit(1)

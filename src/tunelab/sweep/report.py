@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.console import styled
 from tunelab.recipe import dump_yaml, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
 from tunelab.runs.plots import pyplot, save_png
@@ -202,7 +203,7 @@ def print_report(report: SweepReport, fields: list[str], metric: str, console: C
             highlight=False,
         )
     elif report.importance_note:
-        console.print(f"[dim]{report.importance_note}[/]")
+        console.print(styled(report.importance_note, "dim"))
     for name, path in report.files.items():
         console.print(f"  {name}: {path}", highlight=False)
 

@@ -28,7 +28,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.text import Text
 
+from tunelab.console import make_console, styled
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.registry import did_you_mean
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text, remove_tree
@@ -143,7 +145,7 @@ def run_sweep(
     ``on_eval(step, metrics, last)`` after each evaluation so the pruner can stop a poor trial early.
     Tests inject a planted objective here; the default trains through the engine.
     """
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     settings = settings.checked()
     base_raw = sweep_base(base)
     _require_eval_data(base)
@@ -163,7 +165,7 @@ def run_sweep(
     done = counted_trials(study)
     to_run = _trials_to_run(settings, grid, done)
     if done:
-        console.print(f"continuing sweep [bold]{sweep_dir}[/]: {done} trial(s) done, {to_run} to run")
+        console.print(f"continuing sweep {sweep_dir}: {done} trial(s) done, {to_run} to run")
     trial_fn = train_fn or default_train_fn(console)
     objective = _objective(space, base_raw, settings, sweep_dir, trial_fn, console)
     _prepare_next_trial(study, settings, grid)
@@ -325,7 +327,7 @@ def _objective(
         trial.set_user_attr("run_dir", str(sweep_dir / run_name))
         recipe = parse_recipe(_trial_raw(base_raw, values, sweep_dir, run_name), source=run_name)
         shown = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        console.rule(f"[bold]{run_name}[/]  {shown}", align="left")
+        console.rule(styled(run_name, "bold") + f"  {shown}", align="left")
         reporter = PruningReporter(trial, settings.metric)
         try:
             final = train_fn(recipe, reporter)
@@ -396,7 +398,7 @@ def _after_trial(
         value = trial.value if trial.value is not None else _last_reported(trial)
         text = f"{settings.metric} {value:.4f}" if value is not None else trial.user_attrs.get("error", "")
         best = _best_text(study, settings.metric)
-        console.print(f"trial {trial.number}: [bold]{state}[/]  {text}{best}", highlight=False)
+        console.print(Text.assemble(f"trial {trial.number}: ", (state, "bold"), f"  {text}{best}"))
         _prepare_next_trial(study, settings, grid)
 
     return callback
