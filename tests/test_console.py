@@ -153,3 +153,14 @@ def test_recipe_show_prints_user_values_verbatim(tmp_path: Path, qa_rows: list[d
     result = CliRunner().invoke(app, ["recipe", "show", str(recipe)])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["output"]["name"] == name
+
+
+def test_no_module_builds_a_rich_console_directly() -> None:
+    """Every console comes from make_console(), so the rules above hold everywhere."""
+    src = Path(__file__).parents[1] / "src" / "tunelab"
+    offenders = [
+        str(p.relative_to(src))
+        for p in src.rglob("*.py")
+        if p.name != "console.py" and ("Console(" in p.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
