@@ -20,7 +20,8 @@ import yaml
 from rich.console import Console
 
 from tunelab.runs import report as report_module
-from tunelab.runs.report import fmt, write_eval_report, write_run_report
+from tunelab.runs.report import write_eval_report, write_run_report
+from tunelab.runs.summary import fmt
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import tunelab.runs.index as index_module
 from tunelab.cli import app
 from tunelab.runs.index import INDEX_FILE, refresh_index
-from tunelab.runs.report import fmt
+from tunelab.runs.summary import fmt
 
 WIDE = {"COLUMNS": "240"}  # rich wraps tables to the terminal; CliRunner has none
 

@@ -17,8 +17,9 @@ from rich.table import Table
 
 from tunelab.console import fail, make_console
 from tunelab.runs.index import RunRow, refresh_index
-from tunelab.runs.report import EVAL_DIR, REPORT_HTML, flatten, fmt, split_metric_rows
+from tunelab.runs.report import EVAL_DIR, REPORT_HTML
 from tunelab.runs.rundir import RunDir
+from tunelab.runs.summary import flatten, fmt, split_metric_rows
 
 app = typer.Typer(help="List, show and compare training runs.", no_args_is_help=True)
 

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from tunelab.runs.manifest import read_manifest
-from tunelab.runs.report import duration_seconds, key_metric, split_metric_rows
 from tunelab.runs.rundir import RunDir
+from tunelab.runs.summary import duration_seconds, key_metric, split_metric_rows
 
 INDEX_FILE = ".tunelab-index.sqlite"
 SCHEMA_VERSION = 1
