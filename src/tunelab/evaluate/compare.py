@@ -38,6 +38,7 @@ from tunelab.evaluate.run import (
     write_predictions,
 )
 from tunelab.recipe import GateSection
+from tunelab.runs.summary import fmt
 
 N_BOOT = 1000
 SPEED_PROMPTS = 32
@@ -88,12 +89,6 @@ def comparison_block(
     }
 
 
-def _fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
-
-
 def _delta_cell(metric: str, delta: float) -> Text | str:
     if math.isnan(delta):
         return "—"
@@ -115,7 +110,7 @@ def side_by_side_table(payload: dict[str, Any]) -> Table:
     names = list(dict.fromkeys(k for entry in models for k in entry["metrics"]))
     for name in names:
         values = [entry["metrics"].get(name) for entry in models]
-        row = [styled(name, "bold") if name == payload["main_metric"] else name, *map(_fmt, values)]
+        row = [styled(name, "bold") if name == payload["main_metric"] else name, *map(fmt, values)]
         if pair:
             ok = all(isinstance(v, (int, float)) for v in values)
             row.append(_delta_cell(name, values[1] - values[0]) if ok else "—")
@@ -484,9 +479,9 @@ def _robustness_table(report: dict[str, Any]) -> Table:
     for name in models:
         table.add_column(name, justify="right")
         table.add_column("drop", justify="right")
-    table.add_row("clean", *[x for m in models for x in (_fmt(report["clean"][m]), "")])
+    table.add_row("clean", *[x for m in models for x in (fmt(report["clean"][m]), "")])
     for pert, by_model in report["perturbations"].items():
-        cells = [x for m in models for x in (_fmt(by_model[m]["value"]), f"{by_model[m]['drop']:+.4f}")]
+        cells = [x for m in models for x in (fmt(by_model[m]["value"]), f"{by_model[m]['drop']:+.4f}")]
         table.add_row(pert, *cells)
     return table
 
@@ -500,7 +495,7 @@ def _bias_table(report: dict[str, Any]) -> Table:
         table.add_column(group, justify="right")
     table.add_column("spread (max − min)", justify="right")
     for name, entry in models.items():
-        table.add_row(name, *[_fmt(entry["per_group"][g]) for g in groups], _fmt(entry["spread"]))
+        table.add_row(name, *[fmt(entry["per_group"][g]) for g in groups], fmt(entry["spread"]))
     return table
 
 

@@ -21,6 +21,7 @@ from tunelab.console import styled
 from tunelab.recipe import dump_yaml, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
 from tunelab.runs.plots import pyplot, save_png
+from tunelab.runs.summary import fmt
 from tunelab.sweep.space import apply_values
 
 
@@ -192,7 +193,7 @@ def print_report(report: SweepReport, fields: list[str], metric: str, console: C
         if r["at_step"] is not None:
             shown += f" @{r['at_step']}"
         style = "bold green" if r["trial"] == best_trial else None
-        params = [_fmt(r["params"].get(f)) for f in fields]
+        params = [fmt(r["params"].get(f)) for f in fields]
         table.add_row(str(r["trial"]), r["state"], *params, shown, style=style)
     console.print(table)
     if report.best is not None:
@@ -214,7 +215,3 @@ def _headers(fields: list[str]) -> list[str]:
     return [s if short.count(s) == 1 else f for s, f in zip(short, fields)]
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -36,6 +36,7 @@ from tunelab.registry import did_you_mean
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text, remove_tree
 from tunelab.runs.manifest import utc_now
 from tunelab.runs.rundir import RunDir
+from tunelab.runs.summary import fmt
 from tunelab.sweep.report import SweepReport, trial_state, write_report
 from tunelab.sweep.space import apply_values, dump_space, grid_points, suggest, sweep_base, validate_space
 
@@ -326,7 +327,7 @@ def _objective(
         run_name = f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(sweep_dir / run_name))
         recipe = parse_recipe(_trial_raw(base_raw, values, sweep_dir, run_name), source=run_name)
-        shown = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        shown = "  ".join(f"{k}={fmt(v)}" for k, v in values.items())
         console.rule(styled(run_name, "bold") + f"  {shown}", align="left")
         reporter = PruningReporter(trial, settings.metric)
         try:
@@ -415,5 +416,3 @@ def _best_text(study: optuna.Study, metric: str) -> str:
     return f"   (best so far: trial {study.best_trial.number}, {metric} {study.best_value:.4f})"
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
