@@ -24,7 +24,17 @@ from tunelab.methods.base import MethodConfig, Prepared, decay_groups, peft_task
 # reloads exactly (``from_pretrained`` re-runs the decomposition on the untouched base); ``save_lora``
 # goes further and writes an ordinary LoRA that leaves the base alone (see there).
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
-_REWRITES_BASE = ("pissa", "olora")
+# Inits (ours, or PEFT's ``init_lora_weights`` values such as "pissa_niter_4") that move part of the
+# base weights into the adapter; tunelab offers pissa and olora, PEFT also corda and loftq.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def rewrites_base(init: object) -> bool:
+    """True when the init moves part of the base weights into the adapter: with the adapter switched
+    off, such a model is not the one training started from (DPO's reference), and saving it as a plain
+    adapter needs the conversion in ``save_lora``."""
+    return isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)
+
 
 # PiSSA/OLoRA runs: the adapter as initialised, which ``save_lora`` subtracts; kept for the model's lifetime
 _INITIAL_ADAPTERS: weakref.WeakKeyDictionary[nn.Module, tempfile.TemporaryDirectory] = (
@@ -72,7 +82,7 @@ class LoraConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _convertible(self) -> LoraConfig:
-        if self.init in _REWRITES_BASE and (self.use_dora or self.modules_to_save):
+        if rewrites_base(self.init) and (self.use_dora or self.modules_to_save):
             extra = "use_dora" if self.use_dora else "modules_to_save"
             raise ValueError(
                 f"method.init: {self.init} is saved as a plain LoRA (A·B minus its starting value), which has no "
@@ -139,7 +149,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:
         raise ValueError(f"method.target_modules: {err}") from err
-    if cfg.init in _REWRITES_BASE:
+    if rewrites_base(cfg.init):
         initial = tempfile.TemporaryDirectory(prefix="tunelab-initial-adapter-")
         peft_model.save_pretrained(Path(initial.name) / "initial", safe_serialization=True)
         _INITIAL_ADAPTERS[peft_model] = initial

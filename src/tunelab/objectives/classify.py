@@ -57,6 +57,7 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
+@OBJECTIVES.register("classify", ClassifyConfig)
 class ClassifyObjective(BaseObjective):
     """Cross-entropy over labels; reports accuracy. Plain text in, no chat template."""
 
@@ -139,6 +140,3 @@ class ClassifyObjective(BaseObjective):
         loss = F.cross_entropy(logits, batch["labels"], weight=weight, reduction="sum")
         accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
         return LossOutput(loss, torch.tensor(batch["labels"].numel()), {"accuracy": accuracy})
-
-
-OBJECTIVES.register("classify", ClassifyConfig)(ClassifyObjective)

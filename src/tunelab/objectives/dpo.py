@@ -24,14 +24,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import IGNORE_INDEX, Encoded, TemplateError, assistant_spans
+from tunelab.methods.lora import rewrites_base
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.preference_losses import dpo_loss, orpo_log_odds_ratio, orpo_loss, simpo_loss
 from tunelab.objectives.sft import causal_lm_forward, pad_causal_batch, prepends_virtual_tokens
 
 REFERENCE_BATCH = 8
-# LoRA inits that move part of the base weights into the adapter: switching the adapter off then
-# gives a different model from the one training started with, so the reference must be precomputed.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 class DpoConfig(ObjectiveConfig):
@@ -109,8 +107,8 @@ def reference_by_disabling(model: nn.Module) -> bool:
     if peft is None:
         return False
     for config in peft.peft_config.values():
-        init = getattr(config, "init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        # Such inits moved base weights into the adapter: the reference must be precomputed instead.
+        if rewrites_base(getattr(config, "init_lora_weights", True)):
             return False
     return True
 
@@ -216,6 +214,7 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
     }
 
 
+@OBJECTIVES.register("dpo", DpoConfig)
 class DpoObjective(PairwiseObjective):
     """Direct preference optimisation against a frozen reference (Rafailov et al., 2023) and variants."""
 
@@ -267,6 +266,7 @@ class DpoObjective(PairwiseObjective):
         return LossOutput(losses.sum(), torch.tensor(losses.numel()), metrics)
 
 
+@OBJECTIVES.register("simpo", SimpoConfig)
 class SimpoObjective(PairwiseObjective):
     """SimPO (Meng et al., 2024): reference-free, rewards are β × length-averaged log-probs."""
 
@@ -279,6 +279,7 @@ class SimpoObjective(PairwiseObjective):
         return LossOutput(losses.sum(), torch.tensor(losses.numel()), metrics)
 
 
+@OBJECTIVES.register("orpo", OrpoConfig)
 class OrpoObjective(PairwiseObjective):
     """ORPO (Hong et al., 2024): SFT on the chosen answer plus an odds-ratio preference term, no reference.
 
@@ -295,8 +296,3 @@ class OrpoObjective(PairwiseObjective):
         metrics = pair_metrics(cfg.beta * chosen_avg, cfg.beta * rejected_avg)
         metrics |= {"nll": float(-chosen_avg.detach().mean()), "log_odds_ratio": float(ratio.detach().mean())}
         return LossOutput(losses.sum(), torch.tensor(losses.numel()), metrics)
-
-
-OBJECTIVES.register("dpo", DpoConfig)(DpoObjective)
-OBJECTIVES.register("simpo", SimpoConfig)(SimpoObjective)
-OBJECTIVES.register("orpo", OrpoConfig)(OrpoObjective)

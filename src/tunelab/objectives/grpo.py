@@ -26,8 +26,6 @@ class GrpoConfig(RolloutConfig):
     )
 
 
+@OBJECTIVES.register("grpo", GrpoConfig)
 class GrpoObjective(OnlineObjective):
     """Group-relative policy optimisation."""
-
-
-OBJECTIVES.register("grpo", GrpoConfig)(GrpoObjective)

@@ -64,6 +64,7 @@ def kl_pairs(features: list[dict[str, Any]]) -> list[list[tuple[list[int], list[
     return out
 
 
+@OBJECTIVES.register("kto", KtoConfig)
 class KtoObjective(ResponseObjective):
     """Kahneman–Tversky optimisation against the starting model as reference."""
 
@@ -167,6 +168,3 @@ class KtoObjective(ResponseObjective):
 
 def kl_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[f"kl_{k}"] for k in ("input_ids", "labels", "attention_mask")}
-
-
-OBJECTIVES.register("kto", KtoConfig)(KtoObjective)

@@ -33,8 +33,6 @@ class PpoConfig(RolloutConfig):
     )
 
 
+@OBJECTIVES.register("ppo", PpoConfig)
 class PpoObjective(OnlineObjective):
     """PPO with a value head on the policy's last hidden state (saved as ``value_head.safetensors``)."""
-
-
-OBJECTIVES.register("ppo", PpoConfig)(PpoObjective)

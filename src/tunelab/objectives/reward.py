@@ -30,6 +30,7 @@ class RewardConfig(ObjectiveConfig):
     )
 
 
+@OBJECTIVES.register("reward", RewardConfig)
 class RewardObjective(BaseObjective):
     """``-log σ(r(x, y_c) - r(x, y_r) - margin)``; metrics pairwise accuracy and mean margin."""
 
@@ -95,6 +96,3 @@ class RewardObjective(BaseObjective):
         margins = (chosen - rejected).detach()
         metrics = {"accuracy": float((margins > 0).float().mean()), "margin": float(margins.mean())}
         return LossOutput(losses.sum(), torch.tensor(losses.numel()), metrics)
-
-
-OBJECTIVES.register("reward", RewardConfig)(RewardObjective)

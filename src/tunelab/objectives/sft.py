@@ -27,6 +27,7 @@ class SftConfig(ObjectiveConfig):
     whole (objectives/fused_ce.py): a memory lever for large vocabularies; same loss and gradients."""
 
 
+@OBJECTIVES.register("sft", SftConfig)
 class SftObjective(BaseObjective):
     """Next-token loss on the rendered chat (assistant tokens only by default) or on plain text."""
 
@@ -170,6 +171,3 @@ def pad_causal_batch(
         labels[i, cols] = torch.tensor(f["labels"])
         mask[i, cols] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-OBJECTIVES.register("sft", SftConfig)(SftObjective)

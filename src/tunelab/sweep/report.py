@@ -213,5 +213,3 @@ def _headers(fields: list[str]) -> list[str]:
     """Short column names (``learning_rate`` for ``training.learning_rate``) where they stay unique."""
     short = [f.split(".")[0] if f.endswith(".name") else f.rsplit(".", 1)[-1] for f in fields]
     return [s if short.count(s) == 1 else f for s, f in zip(short, fields)]
-
-

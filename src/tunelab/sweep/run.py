@@ -414,5 +414,3 @@ def _best_text(study: optuna.Study, metric: str) -> str:
     if not any(t.state == TrialState.COMPLETE for t in study.trials):
         return ""
     return f"   (best so far: trial {study.best_trial.number}, {metric} {study.best_value:.4f})"
-
-
