@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# OpenAI's seed is a signed 64-bit integer; torch takes any of them, and nothing larger.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,7 +32,7 @@ class _Sampling(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
