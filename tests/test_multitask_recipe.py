@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
+from tunelab.plan.recommend import count_params, recommend
 from tunelab.recipe import parse_recipe
 from tunelab.runs.rundir import RunDir
 from tunelab.train.engine import Trainer, train
@@ -62,7 +64,13 @@ def test_replay_mixes_earlier_data_into_training(tmp_path):
     )
     recipe = parse_recipe(raw)
     trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))
-    assert len(trainer.train_split.features) == 16  # 12 new + 4 old = 25% replay
+    texts = [trainer.tokenizer.decode(f["input_ids"]) for f in trainer.train_split.features]
+    questions = [re.search(r"(new|old) question (\d+)", t).groups() for t in texts]
+    new = sorted(int(i) for source, i in questions if source == "new")
+    old = [int(i) for source, i in questions if source == "old"]
+    assert new == list(range(12))  # every new example, once
+    assert len(old) == 4 and len(set(old)) == 4  # 4 / (12 + 4) = 25%, drawn without replacement
+    assert len(texts) == 16
 
 
 def test_ewc_section_anchors_at_the_start_and_penalises_drift(tmp_path):
@@ -94,6 +102,20 @@ def test_recommended_defaults_fill_only_what_is_omitted(tmp_path):
     raw["training"].pop("learning_rate")
     recipe = parse_recipe(raw)
     plain = parse_recipe({**raw, "recommended_defaults": False})
-    assert recipe.training.learning_rate != plain.training.learning_rate  # filled by a rule
-    assert recipe.training.max_steps == 2  # what the user wrote wins
-    assert torch.isfinite(torch.tensor(recipe.training.learning_rate))
+    rules = {r.field: r.value for r in recommend(count_params("tiny:llama"), "lora")}
+    filled, unfilled = recipe.resolved(), plain.resolved()
+
+    def value(resolved: dict, field: str) -> object:
+        section, key = field.split(".")
+        return resolved[section][key]
+
+    written = {"training.batch_size": 4, "training.max_steps": 2, "training.warmup_steps": 0}
+    for field, expected in written.items():  # what the user wrote wins
+        assert value(filled, field) == expected, field
+    # warmup_steps was given, so the recommended warmup_ratio is not added next to it
+    assert value(filled, "training.warmup_ratio") == value(unfilled, "training.warmup_ratio")
+    omitted = {f: v for f, v in rules.items() if f not in written and f != "training.warmup_ratio"}
+    assert "training.learning_rate" in omitted and "method.r" in omitted
+    for field, expected in omitted.items():  # every omitted field is the rule's value
+        assert value(filled, field) == expected, field
+    assert recipe.training.learning_rate != plain.training.learning_rate  # and the rule changed it
