@@ -80,6 +80,12 @@ def chat(client: openai.OpenAI, model: str, **kw: object) -> tuple[str, str]:
     return raw.parse().choices[0].message.content, raw.headers["x-tunelab-adapter"]
 
 
+def post_json(url: str, body: object) -> httpx.Response:
+    """POST as Python's json module writes it: \\uXXXX escapes and NaN/Infinity, as clients may send."""
+    headers = {**AUTH, "content-type": "application/json"}
+    return httpx.post(url, content=json.dumps(body), headers=headers, timeout=30)
+
+
 def engine_of(server: BackgroundServer) -> Engine:
     return server.app.state.tunelab.engine
 
@@ -233,12 +239,20 @@ def test_admin_shares_load_unload_and_rollback_by_feedback(
         ({"model": "yes-bot", "messages": []}, 400, "messages"),
         ({"model": "yes-bot", "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
         ({"model": "yes-bot", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+        (
+            {"model": "yes-bot", "messages": [{"role": "user", "content": "\ud800"}]},
+            400,
+            "messages.0.content",
+        ),
+        ({"model": "yes-bot", "messages": ASK, "stop": ["\udfff"]}, 400, "stop"),
+        ({"model": "yes-bot", "messages": ASK, "temperature": float("nan")}, 400, "temperature"),
+        ({"model": "yes-bot", "messages": ASK, "top_p": float("inf")}, 400, "top_p"),
     ],
 )
 def test_bad_requests_get_openai_error_bodies(
     server: BackgroundServer, body: dict, status: int, param: str
 ) -> None:
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
+    response = post_json(f"{server.url}/v1/chat/completions", body)
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
@@ -253,6 +267,7 @@ def test_bad_requests_get_openai_error_bodies(
         (["a", "b"], "give one string"),
         ([[1, 2]], "prompt"),
         ("hi " * 600, "context"),
+        ("a lone surrogate \ud800", "lone UTF-16 surrogate"),
     ],
 )
 def test_bad_completion_prompts_are_400s_naming_the_prompt(
@@ -260,11 +275,11 @@ def test_bad_completion_prompts_are_400s_naming_the_prompt(
 ) -> None:
     """An empty prompt once reached torch and came back as a 500 quoting its internal error."""
     body = {"model": "yes-bot", "prompt": prompt, "max_tokens": 4}
-    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)
+    response = post_json(f"{server.url}/v1/completions", body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "prompt" and message in error["message"]
-    assert "tensor" not in error["message"].lower()
+    assert "tensor" not in error["message"].lower() and "Value error" not in error["message"]
 
 
 def test_the_extreme_valid_seeds_work(client: openai.OpenAI) -> None:

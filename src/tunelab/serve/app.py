@@ -488,6 +488,7 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
         elif e.get("type") == "extra_forbidden":
             parts.append(f"'{field}' is not a parameter this server supports")
         else:
-            parts.append(f"{field or 'body'}: {e.get('msg')}")
+            message = str(e.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for our checks
+            parts.append(f"{field or 'body'}: {message}")
         params.append(field or None)
     return "; ".join(dict.fromkeys(parts)), next((p for p in params if p), None)
