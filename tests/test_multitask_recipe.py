@@ -51,9 +51,14 @@ def test_tasks_are_mixed_by_weight_and_evaluated_per_task(tmp_path):
     result = train(parse_recipe(raw))
     names = (result.run_dir / "data" / "mixture.tasks.txt").read_text().split()
     assert names.count("alpha") == 30 and names.count("beta") == 10
-    first = json.loads((result.run_dir / "data" / "mixture.jsonl").read_text().splitlines()[0])
-    assert first["messages"][0]["content"].startswith("[")
+    mixture = [
+        json.loads(line) for line in (result.run_dir / "data" / "mixture.jsonl").read_text().splitlines()
+    ]
+    for name, row in zip(names, mixture, strict=True):  # each row tagged with its own task, from it
+        prompt = row["messages"][0]["content"]
+        assert prompt.startswith(f"[{name}] {name} question "), (name, prompt)
     assert {"alpha/eval_loss", "beta/eval_loss", "eval_loss"} <= set(result.final_eval)
+    assert result.final_eval["alpha/eval_loss"] != result.final_eval["beta/eval_loss"]
 
 
 def test_replay_mixes_earlier_data_into_training(tmp_path):
