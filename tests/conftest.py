@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+_CHECKOUT = pytest.StashKey[dict[str, str] | None]()
+
+
+def checkout_state(root: Path) -> dict[str, str] | None:
+    """`git status --porcelain` of the checkout, each entry with a hash of the file as it is now
+    (so a test that changes an already modified file is seen too); None outside a git checkout."""
+    try:
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all", "-z"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    state = {}
+    for entry in filter(None, status.split("\0")):
+        path = root / entry[3:]
+        state[entry] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return state
+
+
+def describe_change(before: dict[str, str], after: dict[str, str]) -> str:
+    """The entries the session added, removed or rewrote, as one line."""
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    return ", ".join(dict.fromkeys(entry[3:] for entry, _ in changed))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_CHECKOUT] = checkout_state(REPO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests write only under tmp dirs: fail the session if the checkout changed while it ran
+    (e.g. a tracker's default store such as ./mlflow.db landing in the working directory)."""
+    before = session.config.stash.get(_CHECKOUT, None)
+    after = checkout_state(REPO) if before is not None else None
+    if before is None or after is None or before == after:
+        return
+    message = f"the test session changed the checkout (git status): {describe_change(before, after)}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"ERROR: {message}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

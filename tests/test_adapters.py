@@ -100,16 +100,69 @@ def test_cat_merge_is_the_weighted_sum_of_updates(two_runs: tuple[Path, Path, Pa
     assert not torch.allclose(delta["task-a"], delta["task-b"])
 
 
+def factors(out: Path) -> dict[str, torch.Tensor]:
+    """The merged adapter's saved LoRA A and B matrices, by tensor name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def deltas(out: Path) -> dict[str, torch.Tensor]:
+    """ΔW = B·A of every adapted module (the scaling is the same in every merge compared here)."""
+    tensors = factors(out)
+    return {
+        name.removesuffix(".lora_A.weight"): tensors[name.replace("lora_A", "lora_B")] @ a
+        for name, a in tensors.items()
+        if name.endswith(".lora_A.weight")
+    }
+
+
+def nonzero_fraction(out: Path) -> float:
+    tensors = list(factors(out).values())
+    return sum(int((t != 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)
+
+
 @pytest.mark.parametrize("combination", ["ties", "dare_linear", "dare_ties"])
-def test_pruning_merges_write_loadable_adapters(
+def test_pruning_merges_honour_density_and_weights(
     two_runs: tuple[Path, Path, Path], tmp_path: Path, combination: Combination
 ) -> None:
+    """Each adapter is pruned to `density` before combining (TIES: top magnitudes, DARE: a seeded
+    random keep-mask), so the merged factors keep at most that share per adapter; the weights scale
+    the merged update (×4 on both weights → ×4 on every ΔW, the masks being the same)."""
     _, run_a, run_b = two_runs
-    out = merge_adapters([run_a, run_b], tmp_path / combination, combination=combination, density=0.5)
-    merged, _ = load_for_eval(str(out), device="cpu")
+
+    def merge(name: str, density: float, weights: list[float]) -> Path:
+        return merge_adapters(
+            [run_a, run_b], tmp_path / name, combination=combination, density=density, weights=weights
+        )
+
+    sparse, dense = merge("sparse", 0.2, [0.3, 0.7]), merge("dense", 0.9, [0.3, 0.7])
+    assert nonzero_fraction(run_a / "final") > 0.99  # the inputs are dense
+    # Two adapters each keep ≤ 20% of entries: the merge has at most their union, 1 - 0.8² = 36%
+    # for DARE's independent masks and ≤ 40% for TIES' top-k (a little slack for the random masks).
+    assert nonzero_fraction(sparse) <= 0.42
+    assert nonzero_fraction(dense) > nonzero_fraction(sparse) + 0.3
+    scaled = deltas(merge("scaled", 0.2, [1.2, 2.8]))
+    for name, delta in deltas(sparse).items():
+        torch.testing.assert_close(scaled[name], 4 * delta, rtol=1e-4, atol=1e-7)
+    swapped = deltas(merge("swapped", 0.2, [0.7, 0.3]))
+    assert not all(torch.allclose(swapped[n], d, atol=1e-6) for n, d in deltas(sparse).items())
+    merged, _ = load_for_eval(str(sparse), device="cpu")
     base, _ = load_for_eval("tiny:llama", device="cpu")
     assert torch.isfinite(logits(merged)).all()
     assert not torch.allclose(logits(merged), logits(base), atol=1e-5)
+
+
+def test_dare_at_full_density_is_the_linear_merge(two_runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A keep-mask of density 1 drops nothing and rescales by 1: DARE reduces to the weighted sum."""
+    _, run_a, run_b = two_runs
+    dare = merge_adapters(
+        [run_a, run_b], tmp_path / "dare", combination="dare_linear", density=1.0, weights=[0.3, 0.7]
+    )
+    linear = merge_adapters([run_a, run_b], tmp_path / "linear", combination="linear", weights=[0.3, 0.7])
+    expected = factors(linear)
+    for name, tensor in factors(dare).items():
+        torch.testing.assert_close(tensor, expected[name])
 
 
 def test_merge_refuses_bad_arguments(two_runs: tuple[Path, Path, Path], tmp_path: Path) -> None:

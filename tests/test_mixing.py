@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def test_write_mixture_and_per_task_eval(tmp_path: Path) -> None:
     from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
     from tunelab.objectives.sft import SftConfig, SftObjective
     from tunelab.recipe import DataSection
+    from tunelab.train.engine import evaluate_loss
 
     for name in ("a", "b"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(name, 3)))
@@ -111,6 +113,22 @@ def test_write_mixture_and_per_task_eval(tmp_path: Path) -> None:
     assert len(data.read_text().splitlines()) == len(task_file.read_text().splitlines()) == 6
     tokenizer = build_tiny_tokenizer()
     objective = SftObjective(SftConfig(), tokenizer, DataSection(train=str(data), max_length=64))
-    metrics = evaluate_per_task(build_tiny_llama(tokenizer), objective, tasks, tag_template="[{task}] ")
+    model = build_tiny_llama(tokenizer)
+    metrics = evaluate_per_task(model, objective, tasks, tag_template="[{task}] ")
     assert set(metrics) == {"a/eval_loss", "a/eval_perplexity", "b/eval_loss", "b/eval_perplexity"}
-    assert all(v > 0 for v in metrics.values())
+
+    def loss_of(rows: list[dict]) -> float:
+        features = [objective.encode(i, r) for i, r in enumerate(rows)]
+        return evaluate_loss(model, objective, [_untruncated(f) for f in features], 16, "cpu")["eval_loss"]
+
+    for task in tasks:  # each task's own rows, tagged as in training, and nothing else
+        tagged = loss_of([tag_row(r, f"[{task.name}] ") for r in task.rows])
+        assert metrics[f"{task.name}/eval_loss"] == pytest.approx(tagged, rel=1e-6)
+        assert metrics[f"{task.name}/eval_perplexity"] == pytest.approx(math.exp(tagged), rel=1e-6)
+        assert tagged != pytest.approx(loss_of(task.rows), rel=1e-6)  # the tag is really in the prompt
+    assert metrics["a/eval_loss"] != pytest.approx(metrics["b/eval_loss"], rel=1e-6)
+
+
+def _untruncated(feature: dict) -> dict:
+    feature.pop("truncated", None)  # encode's bookkeeping; collate takes tensors only
+    return feature

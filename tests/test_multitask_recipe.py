@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
+from tunelab.plan.recommend import count_params, recommend
 from tunelab.recipe import parse_recipe
 from tunelab.runs.rundir import RunDir
 from tunelab.train.engine import Trainer, train
@@ -49,9 +51,14 @@ def test_tasks_are_mixed_by_weight_and_evaluated_per_task(tmp_path):
     result = train(parse_recipe(raw))
     names = (result.run_dir / "data" / "mixture.tasks.txt").read_text().split()
     assert names.count("alpha") == 30 and names.count("beta") == 10
-    first = json.loads((result.run_dir / "data" / "mixture.jsonl").read_text().splitlines()[0])
-    assert first["messages"][0]["content"].startswith("[")
+    mixture = [
+        json.loads(line) for line in (result.run_dir / "data" / "mixture.jsonl").read_text().splitlines()
+    ]
+    for name, row in zip(names, mixture, strict=True):  # each row tagged with its own task, from it
+        prompt = row["messages"][0]["content"]
+        assert prompt.startswith(f"[{name}] {name} question "), (name, prompt)
     assert {"alpha/eval_loss", "beta/eval_loss", "eval_loss"} <= set(result.final_eval)
+    assert result.final_eval["alpha/eval_loss"] != result.final_eval["beta/eval_loss"]
 
 
 def test_replay_mixes_earlier_data_into_training(tmp_path):
@@ -62,7 +69,13 @@ def test_replay_mixes_earlier_data_into_training(tmp_path):
     )
     recipe = parse_recipe(raw)
     trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))
-    assert len(trainer.train_split.features) == 16  # 12 new + 4 old = 25% replay
+    texts = [trainer.tokenizer.decode(f["input_ids"]) for f in trainer.train_split.features]
+    questions = [re.search(r"(new|old) question (\d+)", t).groups() for t in texts]
+    new = sorted(int(i) for source, i in questions if source == "new")
+    old = [int(i) for source, i in questions if source == "old"]
+    assert new == list(range(12))  # every new example, once
+    assert len(old) == 4 and len(set(old)) == 4  # 4 / (12 + 4) = 25%, drawn without replacement
+    assert len(texts) == 16
 
 
 def test_ewc_section_anchors_at_the_start_and_penalises_drift(tmp_path):
@@ -94,6 +107,20 @@ def test_recommended_defaults_fill_only_what_is_omitted(tmp_path):
     raw["training"].pop("learning_rate")
     recipe = parse_recipe(raw)
     plain = parse_recipe({**raw, "recommended_defaults": False})
-    assert recipe.training.learning_rate != plain.training.learning_rate  # filled by a rule
-    assert recipe.training.max_steps == 2  # what the user wrote wins
-    assert torch.isfinite(torch.tensor(recipe.training.learning_rate))
+    rules = {r.field: r.value for r in recommend(count_params("tiny:llama"), "lora")}
+    filled, unfilled = recipe.resolved(), plain.resolved()
+
+    def value(resolved: dict, field: str) -> object:
+        section, key = field.split(".")
+        return resolved[section][key]
+
+    written = {"training.batch_size": 4, "training.max_steps": 2, "training.warmup_steps": 0}
+    for field, expected in written.items():  # what the user wrote wins
+        assert value(filled, field) == expected, field
+    # warmup_steps was given, so the recommended warmup_ratio is not added next to it
+    assert value(filled, "training.warmup_ratio") == value(unfilled, "training.warmup_ratio")
+    omitted = {f: v for f, v in rules.items() if f not in written and f != "training.warmup_ratio"}
+    assert "training.learning_rate" in omitted and "method.r" in omitted
+    for field, expected in omitted.items():  # every omitted field is the rule's value
+        assert value(filled, field) == expected, field
+    assert recipe.training.learning_rate != plain.training.learning_rate  # and the rule changed it

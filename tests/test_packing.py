@@ -80,9 +80,30 @@ def test_training_with_packing_is_refused_when_examples_would_mix(tiny_recipe, m
         engine.train(tiny_recipe("lora", data__packing="true"))
 
 
-def test_training_with_packing_runs_fewer_sequences(tiny_recipe):
+def test_training_with_packing_runs_fewer_sequences_with_the_same_loss(tiny_recipe):
+    """Six 19-23-token examples fill three packs of at most 64 tokens (first fit: 19+21+21, 23+22,
+    23): one micro-batch of 3 → one step (unpacked at batch 3: two). Packed or not, that step sees
+    the same tokens with the same starting weights, so its loss is the same."""
+    from io import StringIO
+
+    from tunelab.console import make_console
     from tunelab.train.engine import train
 
-    result = train(tiny_recipe("lora", data__packing="true", training__max_steps="null", training__epochs=1))
-    # six ~20-token examples make two 64-token packs: one micro-batch of 3 → one step (unpacked: two)
-    assert result.steps == 1
+    log = StringIO()
+    packed = train(
+        tiny_recipe("lora", data__packing="true", training__max_steps="null", training__epochs=1),
+        console=make_console(file=log),
+    )
+    assert "packing: 6 examples in 3 sequences of at most 64 tokens" in log.getvalue()
+    assert packed.steps == 1
+    unpacked = train(
+        tiny_recipe(
+            "lora",
+            training__max_steps="null",
+            training__epochs=1,
+            training__batch_size=6,
+            output__name="unpacked",
+        )
+    )
+    assert unpacked.steps == 1  # all six examples in one step, as the packed run had them
+    assert packed.losses[0] == pytest.approx(unpacked.losses[0], rel=1e-4)

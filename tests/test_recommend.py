@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from tunelab.plan import apply_recommendations, count_params, recommend, recommend_cmd
-from tunelab.plan.recommend import METHODS
+from tunelab.plan.recommend import METHODS, human_params
 from tunelab.recipe import parse_recipe
 
 SIZES = [int(135e6), int(1.7e9), int(7e9), int(70e9)]
@@ -64,14 +65,47 @@ def test_dataset_size_sets_batch_and_epochs() -> None:
     assert value(recommend(SIZES[0], "lora", dataset_rows=5_000), "training.epochs") == 3
 
 
+def _states_its_value(rec, recs: list, params: int) -> bool:
+    """Whether a rule's text says the value it recommends (so rule and value cannot drift apart)."""
+    v, rule = rec.value, rec.rule
+    if rec.field == "training.learning_rate":
+        fixed = re.search(r"LR (\d(?:\.\d+)?e-\d+):", rule)
+        if fixed:
+            return float(fixed.group(1)) == v
+        return rule.endswith(f"→ {v:.2g} at {human_params(params)}")
+    if rec.field == "training.grad_accum":
+        stated = re.search(r"^effective batch (\d+):.*grad_accum = (\d+) / (\d+)$", rule)
+        published, numerator, micro = (int(x) for x in stated.groups())
+        lowered = re.search(r"; lowered to (\d+) so", rule)  # small data sets: fewer rows per step
+        effective = int(lowered.group(1)) if lowered else published
+        batch = value(recs, "training.batch_size")
+        return effective == numerator and micro == batch and v == effective // micro
+    checks = {
+        "training.batch_size": lambda: rule.startswith(f"micro-batch {v}:"),
+        "training.epochs": lambda: rule.startswith(f"{v} epochs"),
+        "training.lr_scheduler": lambda: v in ("cosine", "constant") and rule.startswith(v),
+        "training.warmup_ratio": lambda: rule.startswith(f"{v:.0%} warmup:"),
+        "training.weight_decay": lambda: v == 0 and rule.startswith("no weight decay:"),
+        "training.max_grad_norm": lambda: rule.startswith(f"gradient clipping at {v:g}:"),
+        "method.r": lambda: rule.startswith(f"rank {v}:"),
+        "method.alpha": lambda: rule.startswith("alpha = 2·r:") and v == 2 * value(recs, "method.r"),
+        "method.target_modules": lambda: v == "all-linear" and rule.startswith("all linear layers:"),
+        "method.num_virtual_tokens": lambda: rule.startswith(f"{v} virtual tokens:"),
+    }
+    return checks[rec.field]()  # a KeyError: a new field needs its check here
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_row_states_its_rule(method: str) -> None:
     for n in SIZES:
-        recs = recommend(n, method, dataset_rows=1000)
-        fields = [r.field for r in recs]
-        assert len(fields) == len(set(fields)) and "training.learning_rate" in fields
-        for rec in recs:
-            assert len(rec.rule) > 15 and ":" in rec.rule, rec  # "<what>: <source>"
+        for rows in (None, 200, 500_000):
+            recs = recommend(n, method, dataset_rows=rows)
+            fields = [r.field for r in recs]
+            assert len(fields) == len(set(fields)) and "training.learning_rate" in fields
+            for rec in recs:
+                what, _, source = rec.rule.partition(":")  # "<what>: <source>"
+                assert what and len(source.strip()) > 3, rec
+                assert _states_its_value(rec, recs, n), rec
 
 
 def test_unknown_method_has_no_guess() -> None:

@@ -4,6 +4,7 @@ serving tiny:llama with two LoRA adapters trained here (on different answers, so
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,12 @@ def chat(client: openai.OpenAI, model: str, **kw: object) -> tuple[str, str]:
     """(content, adapter header) of one greedy chat completion."""
     raw = client.chat.completions.with_raw_response.create(model=model, messages=ASK, **{**GREEDY, **kw})
     return raw.parse().choices[0].message.content, raw.headers["x-tunelab-adapter"]
+
+
+def post_json(url: str, body: object) -> httpx.Response:
+    """POST as Python's json module writes it: \\uXXXX escapes and NaN/Infinity, as clients may send."""
+    headers = {**AUTH, "content-type": "application/json"}
+    return httpx.post(url, content=json.dumps(body), headers=headers, timeout=30)
 
 
 def engine_of(server: BackgroundServer) -> Engine:
@@ -219,15 +226,87 @@ def test_admin_shares_load_unload_and_rollback_by_feedback(
             400,
             "messages",
         ),
+        ({"model": "yes-bot", "messages": ASK, "seed": 2**80}, 400, "seed"),
+        ({"model": "yes-bot", "messages": ASK, "seed": -(2**63) - 1}, 400, "seed"),
+        ({"model": "yes-bot", "messages": ASK, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "yes-bot", "messages": ASK, "max_tokens": 10**30}, 400, "max_tokens"),
+        ({"model": "yes-bot", "messages": ASK, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+        ({"model": "yes-bot", "messages": ASK, "temperature": -0.5}, 400, "temperature"),
+        ({"model": "yes-bot", "messages": ASK, "top_p": 0}, 400, "top_p"),
+        ({"model": "yes-bot", "messages": ASK, "top_p": 1.5}, 400, "top_p"),
+        ({"model": "yes-bot", "messages": ASK, "n": 0}, 400, "n"),
+        ({"model": "yes-bot", "messages": ASK, "stop": [1]}, 400, "stop"),
+        ({"model": "yes-bot", "messages": []}, 400, "messages"),
+        ({"model": "yes-bot", "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+        ({"model": "yes-bot", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+        (
+            {"model": "yes-bot", "messages": [{"role": "user", "content": "\ud800"}]},
+            400,
+            "messages.0.content",
+        ),
+        ({"model": "yes-bot", "messages": ASK, "stop": ["\udfff"]}, 400, "stop"),
+        ({"model": "yes-bot", "messages": ASK, "temperature": float("nan")}, 400, "temperature"),
+        ({"model": "yes-bot", "messages": ASK, "top_p": float("inf")}, 400, "top_p"),
     ],
 )
 def test_bad_requests_get_openai_error_bodies(
     server: BackgroundServer, body: dict, status: int, param: str
 ) -> None:
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
+    response = post_json(f"{server.url}/v1/chat/completions", body)
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+    assert error["type"] != "server_error"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("", "the prompt is empty"),
+        ([], "give one string"),
+        (["a", "b"], "give one string"),
+        ([[1, 2]], "prompt"),
+        ("hi " * 600, "context"),
+        ("a lone surrogate \ud800", "lone UTF-16 surrogate"),
+    ],
+)
+def test_bad_completion_prompts_are_400s_naming_the_prompt(
+    server: BackgroundServer, prompt: object, message: str
+) -> None:
+    """An empty prompt once reached torch and came back as a 500 quoting its internal error."""
+    body = {"model": "yes-bot", "prompt": prompt, "max_tokens": 4}
+    response = post_json(f"{server.url}/v1/completions", body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and message in error["message"]
+    assert "tensor" not in error["message"].lower() and "Value error" not in error["message"]
+
+
+def test_the_extreme_valid_seeds_work(client: openai.OpenAI) -> None:
+    for seed in (2**63 - 1, -(2**63), 0):
+        reply = client.completions.create(model="tiny:llama", prompt="hi", max_tokens=2, seed=seed)
+        assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_an_unexpected_error_is_logged_and_answered_without_its_text(
+    server: BackgroundServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("secret detail at /srv/internal/path.py")
+
+    monkeypatch.setattr(server.app.state.tunelab, "model_list", broken)
+    with caplog.at_level(logging.ERROR, logger="tunelab.serve"):
+        response = httpx.get(f"{server.url}/v1/models", headers=AUTH)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert (
+        "secret" not in response.text and "/srv" not in response.text and "RuntimeError" not in response.text
+    )
+    (record,) = [r for r in caplog.records if r.name == "tunelab.serve" and r.exc_info]
+    assert "secret detail" in str(record.exc_info[1])
+    ref = error["message"].split("reference ")[1].split(";")[0]
+    assert ref in record.getMessage()
 
 
 def test_bad_json_and_unknown_routes_are_openai_errors_too(server: BackgroundServer) -> None:
@@ -301,3 +380,53 @@ def _wait_for(condition: object, timeout: float = 10.0) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def test_client_errors_never_count_against_an_adapter_but_engine_faults_do(
+    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad requests once came back as 500s and were counted as the adapter's errors, which is the
+    number the rollback watcher acts on: a client could roll back a healthy adapter."""
+    with start(runs) as own:
+        admin = httpx.Client(base_url=own.url, headers=AUTH, timeout=30)
+
+        def post(path: str, **body: object) -> httpx.Response:
+            return admin.post(path, json={"model": "no-bot", **GREEDY, **body})
+
+        def health(name: str) -> dict:
+            return admin.get("/admin/adapters").json()[name]["health"]
+
+        for model in ("yes-bot", "no-bot") * 3:  # both sides of alias "bot" have a clean record
+            assert post("/v1/chat/completions", model=model, messages=ASK).status_code == 200
+        bad = [
+            ("/v1/completions", {"prompt": ""}),
+            ("/v1/chat/completions", {"messages": ASK, "seed": 2**80}),
+            ("/v1/chat/completions", {"messages": ASK, "max_tokens": 65}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}),
+            ("/v1/chat/completions", {"messages": ASK, "n": 3}),
+            ("/v1/chat/completions", {"messages": ASK, "top_p": 0}),
+        ]
+        for path, body in bad * 3:
+            for model in ("no-bot", "bot"):
+                assert post(path, **{**body, "model": model}).status_code == 400, body
+        assert health("no-bot")["error_rate"] == 0 and health("no-bot")["requests"] == 3
+        assert admin.get("/admin/aliases").json()["bot"]["shares"] == {"yes-bot": 0.5, "no-bot": 0.5}
+
+        engine = engine_of(own)
+        real = engine.generate
+
+        def faulty(job):  # a genuine engine fault, for the no-bot adapter only
+            if job.adapter == "no-bot":
+                raise RuntimeError("CUDA error: device-side assert at /opt/kernels.cu")
+            return real(job)
+
+        monkeypatch.setattr(engine, "generate", faulty)
+        for _ in range(3):
+            fault = post("/v1/chat/completions", messages=ASK)
+            assert fault.status_code == 500 and fault.json()["error"]["code"] == "internal_error"
+            assert "CUDA" not in fault.text and "/opt" not in fault.text
+        assert health("no-bot")["error_rate"] == 0.5 and health("yes-bot")["error_rate"] == 0
+        bot = admin.get("/admin/aliases").json()["bot"]
+        assert bot["shares"] == {"yes-bot": 1.0, "no-bot": 0.0}
+        # The first fault (1 of 4 requests) was already past the 5-point threshold.
+        assert "error rate 25.0% vs baseline 0.0%" in bot["events"][-1]["message"]

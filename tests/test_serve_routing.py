@@ -218,3 +218,27 @@ def test_serve_command_refuses_a_public_bind_without_a_key(monkeypatch: pytest.M
     result = CliRunner().invoke(app, ["serve", "--base", "tiny:llama", "--host", "0.0.0.0"])
     assert result.exit_code == 2
     assert "without an API key" in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port", "99999"], "error: --port 99999: give a port from 1 to 65535"),
+        (["--port", "0"], "error: --port 0: give a port from 1 to 65535"),
+        (["--queue-size", "0"], "error: --queue-size 0: give a whole number of at least 1"),
+        (["--request-timeout", "0"], "error: --request-timeout 0: give a number of seconds above 0"),
+    ],
+)
+def test_serve_command_refuses_out_of_range_numbers_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, options: list[str], message: str
+) -> None:
+    """`--port 99999` once loaded the model and then died in the socket layer with a traceback."""
+    from tunelab.cli import app
+
+    def never(config: object) -> None:
+        raise AssertionError("the server must not start")
+
+    monkeypatch.setattr("tunelab.serve.server.serve", never)
+    result = CliRunner().invoke(app, ["serve", "--base", "tiny:llama", *options])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [message]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
-from rich.table import Table
 
 from tunelab.console import make_console, progress
 from tunelab.data.formats import prompt_text, target_text
@@ -42,12 +41,6 @@ class EvalResult:
     generations: list[str] = field(default_factory=list)
     label_predictions: list[str] = field(default_factory=list)
     confusion_matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def as_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        for bulky in ("per_example", "generations", "label_predictions"):
-            row.pop(bulky)
-        return row
 
 
 def final_dir_of(spec: str) -> Path | None:
@@ -436,15 +429,3 @@ def write_predictions(
             if raw.label_predictions:
                 row["label_choice"] = raw.label_predictions[i]
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def results_table(results: list[EvalResult], title: str = "evaluation") -> Table:
-    table = Table(title=title)
-    for column in ("model", "n", "loss", "perplexity", "accuracy (log-lik)", "exact match"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in results:
-        acc = "—" if r.accuracy_loglik is None else f"{100 * r.accuracy_loglik:.1f}%"
-        table.add_row(
-            r.model, str(r.n), f"{r.loss:.4f}", f"{r.perplexity:.3f}", acc, f"{100 * r.exact_match:.1f}%"
-        )
-    return table

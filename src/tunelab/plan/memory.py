@@ -552,16 +552,6 @@ def largest_micro_batch(inputs: PlanInputs, capacity: int | None = None) -> int:
     return min(low, MAX_SEARCH_BATCH)
 
 
-def plan_recipe(
-    recipe: Any, gpu: Gpu | None = None, micro_batch: int | None = None
-) -> tuple[MemoryPlan, int]:
-    """The plan at the recipe's micro-batch (or ``micro_batch``) and the largest one that fits."""
-    inputs = plan_inputs(recipe, gpu)
-    size = micro_batch or (recipe.training.batch_size if isinstance(recipe.training.batch_size, int) else 8)
-    best = largest_micro_batch(inputs) if inputs.capacity is not None else 0
-    return plan_for(inputs, size), best
-
-
 # ---------------------------------------------------------------- presentation
 
 

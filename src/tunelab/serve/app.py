@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.serve.engine import Delta, Done, Engine, Event, Failed, Job, SamplingParams
-from tunelab.serve.errors import APIError, error_body, not_found, timed_out
+from tunelab.serve.errors import APIError, error_body, internal_error, not_found, timed_out
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.routing import Router
 from tunelab.serve.schemas import (
@@ -46,6 +47,7 @@ from tunelab.serve.schemas import (
 )
 from tunelab.serve.security import check_bearer
 
+log = logging.getLogger("tunelab.serve")
 ADAPTER_HEADER = "x-tunelab-adapter"
 ALIAS_HEADER = "x-tunelab-alias"
 USER_HEADER = "x-user-id"
@@ -233,12 +235,23 @@ class _AppState:
             else:
                 prompt_ids = self.engine.encode_text(body.prompt_text())
         except ValueError as err:  # content parts we cannot read, or a template that rejects the turns
+            raise APIError(400, str(err), param=_prompt_param(body)) from None
+        if not prompt_ids:  # generate() has nothing to continue from; it would fail inside torch
             raise APIError(
-                400, str(err), param="messages" if hasattr(body, "messages") else "prompt"
-            ) from None
+                400,
+                "the prompt is empty and this model's tokenizer adds no start token, so there is "
+                "nothing to continue; send at least some text",
+                param=_prompt_param(body),
+            )
         requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        try:
+            max_tokens = self.engine.resolve_max_tokens(len(prompt_ids), requested)
+        except APIError as err:
+            if err.param == "messages":  # the engine does not know which endpoint asked
+                err.param = _prompt_param(body)
+            raise
         params = SamplingParams(
-            max_tokens=self.engine.resolve_max_tokens(len(prompt_ids), requested),
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             stop=tuple(body.stop_list()),
@@ -429,6 +442,10 @@ def _text_response(response_id: str, model: str, done: Done) -> Completion:
     return Completion(id=response_id, model=model, choices=[choice], usage=_usage(done))
 
 
+def _prompt_param(body: ChatCompletionRequest | CompletionRequest) -> str:
+    return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error leaves in OpenAI's shape; user mistakes are 4xx, never a 500."""
 
@@ -447,8 +464,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(err.detail), type=kind), status_code=err.status_code)
 
     @app.exception_handler(Exception)
-    async def crashed(_: Request, err: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {err}", type="server_error"), status_code=500)
+    async def crashed(request: Request, err: Exception) -> JSONResponse:
+        # The traceback goes to the server log; the client gets a reference to it and nothing of the
+        # exception's text, which can hold paths, tensor shapes or other internals.
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=err)
+        return JSONResponse(internal_error(ref).body(), status_code=500)
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -467,6 +488,7 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
         elif e.get("type") == "extra_forbidden":
             parts.append(f"'{field}' is not a parameter this server supports")
         else:
-            parts.append(f"{field or 'body'}: {e.get('msg')}")
+            message = str(e.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for our checks
+            parts.append(f"{field or 'body'}: {message}")
         params.append(field or None)
     return "; ".join(dict.fromkeys(parts)), next((p for p in params if p), None)

@@ -6,7 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from tunelab.console import fail, make_console
+
+# Ports a server can listen on. Options are checked before the model loads, so a typo is one line
+# naming the option instead of an OverflowError traceback from the socket layer after the load.
+PORT_RANGE = (1, 65535)
 
 
 def _parse_adapter(text: str) -> tuple[str, str]:
@@ -18,6 +23,32 @@ def _parse_adapter(text: str) -> tuple[str, str]:
 
     final = Path(text) / "final"
     return run_name(final if final.is_dir() else Path(text)), text
+
+
+def check_numbers(
+    *,
+    port: int,
+    queue_size: int,
+    request_timeout: float,
+    max_tokens_limit: int,
+    rollout_every: int,
+    min_samples: int,
+) -> str | None:
+    """The first out-of-range numeric option as an error message with the fix, or None."""
+    low, high = PORT_RANGE
+    if not low <= port <= high:
+        return f"--port {port}: give a port from {low} to {high}"
+    for option, value in (
+        ("--queue-size", queue_size),
+        ("--max-tokens-limit", max_tokens_limit),
+        ("--rollout-every", rollout_every),
+        ("--min-samples", min_samples),
+    ):
+        if value < 1:
+            return f"{option} {value}: give a whole number of at least 1"
+    if not request_timeout > 0:
+        return f"--request-timeout {request_timeout:g}: give a number of seconds above 0"
+    return None
 
 
 def serve_cmd(
@@ -61,7 +92,17 @@ def serve_cmd(
     from tunelab.serve.security import api_key_from, check_bind  # noqa: PLC0415
     from tunelab.serve.server import ServeConfig, serve  # noqa: PLC0415
 
-    errors = Console(stderr=True)
+    errors = make_console(stderr=True)
+    problem = check_numbers(
+        port=port,
+        queue_size=queue_size,
+        request_timeout=request_timeout,
+        max_tokens_limit=max_tokens_limit,
+        rollout_every=rollout_every,
+        min_samples=min_samples,
+    )
+    if problem:
+        fail(errors, problem)
     try:
         key = api_key_from(api_key)
         check_bind(host, key)
@@ -88,5 +129,4 @@ def serve_cmd(
         )
         serve(config)
     except (OSError, ValueError) as e:
-        errors.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(errors, str(e))

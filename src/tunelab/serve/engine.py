@@ -16,6 +16,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from tunelab.serve.errors import APIError, queue_full, timed_out
+from tunelab.serve.errors import APIError, internal_error, queue_full, timed_out
 
 log = logging.getLogger("tunelab.serve")
 DEFAULT_MAX_TOKENS = 256
@@ -375,9 +376,10 @@ class Engine:
                 done = self.generate(job)
         except APIError as err:
             job.emit(Failed(err))
-        except Exception as err:  # noqa: BLE001  (one bad request must not kill the worker)
-            log.exception("generation failed")
-            job.emit(Failed(APIError(500, f"generation failed: {err}", type="server_error")))
+        except Exception:  # noqa: BLE001  (one bad request must not kill the worker)
+            ref = uuid.uuid4().hex[:12]
+            log.exception("generation failed (reference %s, adapter %s)", ref, job.adapter or "base")
+            job.emit(Failed(internal_error(ref)))
         else:
             job.emit(done)
 

@@ -59,3 +59,14 @@ def timed_out(seconds: float) -> APIError:
         type="timeout_error",
         code="timeout",
     )
+
+
+def internal_error(ref: str) -> APIError:
+    """A fault of the server's own: a reference to its log entry, never the exception's text."""
+    return APIError(
+        500,
+        f"The server had an internal error while processing the request (reference {ref}; the "
+        "server log has the details). Retry, or report it with the reference.",
+        type="server_error",
+        code="internal_error",
+    )

@@ -11,9 +11,31 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# OpenAI's seed is a signed 64-bit integer; torch takes any of them, and nothing larger.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # JSON from Python clients may carry NaN/Infinity; no sampling parameter means anything with them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _utf8(value: Any) -> Any:
+    """Strings (also inside lists and content parts) must be encodable text: JSON's \\ud800 escapes
+    decode to lone surrogates, which the tokenizer rejects with an internal TypeError."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in texts:
+        if isinstance(text, dict):
+            text = text.get("text")
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not a character; "
+                    "send valid Unicode text"
+                ) from None
+    return value
 
 
 class StreamOptions(_Strict):
@@ -29,7 +51,7 @@ class _Sampling(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -39,7 +61,7 @@ class _Sampling(_Strict):
     def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
-        return value
+        return _utf8(value)
 
     @field_validator("temperature", "top_p", "n", "stream", mode="before")
     @classmethod
@@ -57,6 +79,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]]
+
+    _valid_text = field_validator("content")(_utf8)
 
     def text(self) -> str:
         """OpenAI's content parts → plain text; only text parts exist for a text-only model."""
@@ -77,6 +101,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+
+    _valid_text = field_validator("prompt")(_utf8)
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):

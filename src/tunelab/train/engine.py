@@ -50,7 +50,7 @@ from tunelab.train.oom import (
     split_indices,
 )
 from tunelab.train.preflight import materialise_split, run_preflight
-from tunelab.train.tracking import Tracking, accelerator_options
+from tunelab.train.tracking import Tracking, accelerator_options, finish_open_trackers
 
 FINAL_META = "tunelab.json"
 
@@ -741,12 +741,6 @@ def materialise_tasks(recipe: Recipe, run_path: Path) -> tuple[Recipe, list[Any]
     return recipe, eval_tasks
 
 
-def _close_trackers(trainer: Trainer | None) -> None:
-    """A stopped run flushes and closes its trackers too (the manifest says how it ended)."""
-    if trainer is not None:
-        trainer.tracking.finish()
-
-
 def _execute(
     recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool, on_eval: Any = None
 ) -> TrainResult:
@@ -763,7 +757,6 @@ def _execute(
         from tunelab.train.rl import run_online  # noqa: PLC0415  (rl imports this module)
 
         return run_online(recipe, run, console, resume=resume)
-    trainer = None
     try:
         if recipe.data.split is not None:
             recipe = recipe.model_copy(deep=True)
@@ -788,11 +781,11 @@ def _execute(
         trainer.save_final()
     except KeyboardInterrupt:
         run.set_status("interrupted")
-        _close_trackers(trainer)
+        finish_open_trackers(run.path)  # also when Trainer() itself failed
         raise
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
-        _close_trackers(trainer)
+        finish_open_trackers(run.path)  # also when Trainer() itself failed
         raise
     if distributed.writes_files(run):
         plot_loss_curves(run.read_metrics(), run.path / "loss.png")

@@ -65,7 +65,7 @@ from tunelab.train.engine import (
     write_final,
 )
 from tunelab.train.rewards import load_reward
-from tunelab.train.tracking import Tracking
+from tunelab.train.tracking import Tracking, finish_open_trackers
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -504,9 +504,11 @@ def run_online(
         trainer.save_final()
     except KeyboardInterrupt:
         run.set_status("interrupted")
+        finish_open_trackers(run.path)  # a stopped run closes its trackers (MLflow shows it ended)
         raise
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
+        finish_open_trackers(run.path)
         raise
     plot_loss_curves(run.read_metrics(), run.path / "loss.png")
     rows = [r for r in run.read_metrics() if "reward_mean" in r]

@@ -15,6 +15,7 @@ rest of the process.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,6 +103,18 @@ def accelerator_options(report_to: list[str], run_path: Path | None, console: Co
     }
 
 
+# Runs whose trackers were started and not yet finished, by run directory. A run that fails before
+# (or while) its trainer exists must still close them: MLflow's own exit hook would otherwise end the
+# open run with the default tracking URI and create ./mlflow.db in whatever directory tunelab ran in.
+_OPEN: dict[Path, Tracking] = {}
+
+
+def finish_open_trackers(run_path: Path | None = None) -> None:
+    """Finish the still-open trackers of one run (or of every run, at interpreter exit)."""
+    for path in [p for p in _OPEN if run_path is None or p == Path(run_path)]:
+        _OPEN[path].finish()
+
+
 class Tracking:
     """The started trackers of one run; every call is isolated, so a tracker failure never stops training."""
 
@@ -127,6 +140,12 @@ class Tracking:
             )
             if started:
                 accelerator.trackers.append(tracker)
+        if tracking.active:
+            _OPEN[tracking.run_path] = tracking
+            # Registered after the trackers imported their packages, so it runs before their own exit
+            # hooks (atexit is last in, first out); registering the same function again is harmless.
+            atexit.unregister(finish_open_trackers)
+            atexit.register(finish_open_trackers)
         return tracking
 
     @property
@@ -147,6 +166,8 @@ class Tracking:
         for tracker in self.active:
             self._call(tracker, "finish", tracker.finish)
         self.accelerator.trackers.clear()
+        if _OPEN.get(self.run_path) is self:
+            del _OPEN[self.run_path]
 
     def _call(self, tracker: Any, what: str, call: Callable[[], Any]) -> bool:
         """Run one tracker call in its environment; on error warn naming it and switch it off."""
