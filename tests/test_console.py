@@ -164,3 +164,24 @@ def test_no_module_builds_a_rich_console_directly() -> None:
         if p.name != "console.py" and ("Console(" in p.read_text(encoding="utf-8"))
     ]
     assert offenders == []
+
+
+def test_library_progress_bars_are_off_in_logs() -> None:
+    """transformers' tqdm bars (GGUF conversion, loading weights) filled CI logs with \\r redraws.
+    In a fresh process, as tqdm reads its TQDM_* defaults once, at import."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import io; from typer.testing import CliRunner; from tunelab.cli import app\n"
+        "CliRunner().invoke(app, ['runs', 'ls', '/nonexistent-root'])\n"
+        "import tqdm; buffer = io.StringIO()\n"
+        "for _ in tqdm.tqdm(range(3), file=buffer): pass\n"
+        "print(repr(buffer.getvalue()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.stdout.strip() == "''", done.stdout + done.stderr

@@ -64,6 +64,20 @@ def main(
     ] = False,
 ) -> None:
     """tunelab: from raw data to a deployed fine-tuned language model."""
+    quiet_library_bars()
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, the tqdm bars of transformers and huggingface_hub (loading, converting, writing
+    shards) are carriage-return redraws that fill logs with one long line; tunelab's own progress prints
+    plain lines there instead. tqdm reads TQDM_* variables as its defaults (tqdm >= 4.66), so this reaches
+    every library bar without importing the libraries; a user's own TQDM_DISABLE wins."""
+    import os
+
+    from tunelab.console import is_terminal
+
+    if not is_terminal():
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @recipe_app.command("show")
