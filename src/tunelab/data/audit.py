@@ -23,12 +23,12 @@ from tunelab.data import neardup, pii
 from tunelab.data.formats import (
     FormatError,
     canonical_text,
-    detect_format,
+    detect_file_format,
     prompt_text,
     target_text,
     to_canonical,
 )
-from tunelab.data.loaders import LoadReport, iter_records
+from tunelab.data.loaders import DataError, LoadReport, iter_records
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -473,7 +473,7 @@ def audit_records(
     st = _TrainStats(s)
     for chunk in _chunks(records, CHUNK):
         if s.fmt is None:
-            s.fmt = detect_format(chunk[0][1], columns)
+            s.fmt = detect_file_format(source, chunk[0][0], chunk[0][1], columns)
         st.raw(chunk)
         rows, canon = _canonicalise(chunk, s.fmt, columns, st.fmt_errors, st.n_fmt_errors)
         if canon:
@@ -598,7 +598,16 @@ def audit(
         iter_records(path, skip_bad=skip_bad, report=load), eval_sets=evals, source=str(path), **kw
     )
     report["rows_rejected"] = load.rows_rejected
+    if report["rows"] == 0:
+        raise DataError(path, 0, "", no_rows_reason(load))
     return report
+
+
+def no_rows_reason(load: LoadReport) -> str:
+    """Why a file gave no records, for the error that refuses to audit/clean/split nothing."""
+    if load.rows_rejected:
+        return f"no readable rows ({load.rows_rejected} skipped as unreadable); nothing to do"
+    return "no data rows (the file is empty); nothing to do"
 
 
 def blocking_problems(report: dict) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from tunelab.data import neardup
-from tunelab.data.audit import text_hash
-from tunelab.data.formats import FormatError, canonical_text, detect_format, prompt_text, to_canonical
-from tunelab.data.loaders import DataError, iter_records
+from tunelab.data.audit import no_rows_reason, text_hash
+from tunelab.data.formats import FormatError, canonical_text, detect_file_format, prompt_text, to_canonical
+from tunelab.data.loaders import DataError, LoadReport, iter_records
+from tunelab.data.outputs import atomic_open, check_output_dir, check_outputs
 
 __all__ = ["SPLIT_NAMES", "STRATEGIES", "split", "parse_ratios", "split_names"]
 
@@ -31,11 +33,15 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 def parse_ratios(text: str | tuple[float, ...] | list[float]) -> tuple[float, ...]:
     """``"0.8,0.1,0.1"`` -> (0.8, 0.1, 0.1); two or three positive ratios summing to 1."""
-    vals = tuple(float(x) for x in (text.split(",") if isinstance(text, str) else text))
-    if not 2 <= len(vals) <= 3 or any(v <= 0 for v in vals) or abs(sum(vals) - 1) > 1e-6:
-        raise ValueError(
-            f"ratios must be 2 or 3 positive numbers summing to 1, e.g. 0.8,0.1,0.1; got {text!r}"
-        )
+    shown = text if isinstance(text, str) else ",".join(map(str, text))
+    problem = f"--ratios must be 2 or 3 positive numbers summing to 1, e.g. 0.8,0.1,0.1; got '{shown}'"
+    try:
+        vals = tuple(float(x) for x in (text.split(",") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
+        raise ValueError(problem) from None
+    bad = any(not v > 0 or v == float("inf") for v in vals)  # "not >" also catches nan
+    if not 2 <= len(vals) <= 3 or bad or abs(sum(vals) - 1) > 1e-6:
+        raise ValueError(problem)
     return vals
 
 
@@ -100,25 +106,33 @@ def split(
     fmt: str | None = None,
     columns: dict[str, str] | None = None,
     near_threshold: float = 0.8,
+    overwrite: bool = False,
 ) -> dict:
     """Split ``path`` into ``train.jsonl``, ``validation.jsonl`` [, ``test.jsonl``] under ``out_dir``.
 
     ``by``: random | stratified (by the label, or by ``key``) | group (rows sharing ``key`` stay
     together) | time (``key`` is a timestamp; oldest rows go to train). Returns a summary, also
-    written to ``out_dir/split.json``.
+    written to ``out_dir/split.json``. Outputs are checked before any work: an input is never
+    overwritten, an existing file only with ``overwrite`` (see :mod:`tunelab.data.outputs`).
     """
     ratios = parse_ratios(ratios)
     if by not in STRATEGIES:
-        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got {by!r}")
+        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got '{by}'")
     if by in ("group", "time") and not key:
         raise ValueError(f"--by {by} needs --key COLUMN")
+    out = Path(out_dir)
+    names = split_names(len(ratios))
+    files = {name: out / f"{name}.jsonl" for name in names}
+    check_output_dir(out)
+    check_outputs([path], [*files.values(), out / "split.json"], overwrite=overwrite)
     path_s = str(path)
+    load = LoadReport()
     texts, hashes, prompts, keys, labels, rows = [], [], [], [], [], []
     sigs = []
-    for row, rec in iter_records(path):
+    for row, rec in iter_records(path, report=load):
         rows.append(row)
         if fmt is None:
-            fmt = detect_format(rec, columns)
+            fmt = detect_file_format(path_s, row, rec, columns)
         try:
             c = to_canonical(rec, fmt, columns)
             text, prompt = canonical_text(c), prompt_text(c)
@@ -142,6 +156,8 @@ def split(
     if texts:
         sigs.append(neardup.minhash(texts))
     n = len(rows)
+    if n == 0:
+        raise DataError(path, 0, "", no_rows_reason(load))
     if by == "stratified" and any(lab is None for lab in labels):
         raise ValueError("--by stratified needs classification data (a label) or --key COLUMN")
     # Units: near-duplicate clusters + exact duplicates + identical prompts + shared keys.
@@ -173,19 +189,11 @@ def split(
     else:
         assign = _cut(rng.permutation(roots).tolist(), sizes, ratios)
     which = np.array([assign[u] for u in unit.tolist()], dtype=np.int64) if n else np.zeros(0, np.int64)
-    names = split_names(len(ratios))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {name: out / f"{name}.jsonl" for name in names}
-    handles = {name: open(f.with_name(f.name + ".tmp"), "w", encoding="utf-8") for name, f in files.items()}  # noqa: SIM115
-    try:
+    with ExitStack() as stack:
+        handles = {name: stack.enter_context(atomic_open(f)) for name, f in files.items()}
         for i, (_row, rec) in enumerate(iter_records(path)):
             handles[names[which[i]]].write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        for h in handles.values():
-            h.close()
-    for f in files.values():
-        os.replace(f.with_name(f.name + ".tmp"), f)
     counts = np.bincount(which, minlength=len(names)).tolist()
     summary = {
         "input": path_s,
@@ -199,5 +207,6 @@ def split(
         "files": {name: str(f) for name, f in files.items()},
         "counts": dict(zip(names, counts, strict=True)),
     }
-    (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_open(out / "split.json") as fh:
+        fh.write(json.dumps(summary, indent=2) + "\n")
     return summary
