@@ -25,16 +25,15 @@ COMMANDS = ("audit", "clean", "split", "show")
 DEEP = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def tiny_tokenizer():
-    """`data show --model tiny:llama` without building the tokenizer for every call."""
+@pytest.fixture(autouse=True)
+def no_tokenizer(monkeypatch):
+    """`data show` must reject bad input before it loads a tokenizer (validation before work)."""
     import tunelab.models.load as load
-    from tunelab.models.tiny import build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(load, "tokenizer_for", lambda spec, **kw: tok)
-        yield
+    def refuse(spec, **kw):
+        raise AssertionError("the tokenizer was loaded before the input was checked")
+
+    monkeypatch.setattr(load, "tokenizer_for", refuse)
 
 
 def run(command: str, path: Path | str, out: Path, *extra: str):

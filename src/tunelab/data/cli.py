@@ -407,17 +407,19 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Render examples exactly as they will be tokenized; loss tokens highlighted, masked tokens dimmed."""
-    from tunelab.data.show import DataShowConfig, preview_examples, render_preview
+    from tunelab.data.show import DataShowConfig, first_examples, preview_examples, render_preview
     from tunelab.objectives.sft import SftConfig
 
     with _errors():
         _at_least("-n", n, 0)
         _at_least("--max-length", max_length, 1)
         fmt, cols = _format(fmt), _columns(columns)
+        rows = first_examples(str(file), n, fmt or "auto", cols)  # check the input before loading a model
         previews, notes = preview_examples(
             str(file),
             _tokenizer(model),
             n=n,
+            rows=rows,
             template=template,
             objective=SftConfig(
                 train_on="last_assistant" if last_turn_only else "all_assistant",

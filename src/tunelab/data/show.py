@@ -80,12 +80,16 @@ def preview_examples(
     template: str | None = None,
     objective: SftConfig | None = None,
     data: DataShowConfig | None = None,
+    rows: list[tuple[int, dict]] | None = None,
 ) -> tuple[list[Preview], list[str]]:
-    """The first ``n`` examples of ``path`` encoded by the SFT objective, plus template warnings."""
+    """The first ``n`` examples of ``path`` encoded by the SFT objective, plus template warnings.
+    ``rows``: those examples already read by :func:`first_examples` (the CLI reads them before it
+    loads a tokenizer, so bad input fails fast)."""
     data = data or DataShowConfig()
+    if rows is None:
+        rows = first_examples(path, n, data.format, data.columns)
     notes = select_template(tokenizer, template)
     sft = SftObjective(objective or SftConfig(), tokenizer, data)
-    rows = first_examples(path, n, data.format, data.columns)
     bound = char_bound(tokenizer, data.max_length)
     previews = []
     for row, example in rows:
