@@ -200,3 +200,10 @@ def test_empty_file_is_an_error_everywhere(tmp_path):
             and res.stderr == f"error: {empty}: no data rows (the file is empty); nothing to do\n"
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]
+
+
+def test_column_names_in_the_audit_table_print_as_written(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("text,[red]c:smile:\nhello there world,\nanother row here,x\n", encoding="utf-8")
+    res = runner.invoke(app, ["audit", str(p)])
+    assert res.exit_code == 0 and "'[red]c:smile:' missing/empty/blank" in res.stdout
