@@ -238,12 +238,28 @@ def clean(
         extra = _rebalance(rebalance, rows, drops, labels, seed)
     paths["output"].parent.mkdir(parents=True, exist_ok=True)
     counts = _write(path, paths, drops, extra, redact_pii, skip_bad)
+    summary = _summary(path, paths, fmt, len(rows), drops, load, counts)
+    with atomic_open(paths["summary"]) as fh:
+        fh.write(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary(
+    path: str | os.PathLike,
+    paths: dict[str, Path],
+    fmt: str,
+    n_rows: int,
+    drops: dict[int, dict],
+    load: LoadReport,
+    counts: dict[str, Counter],
+) -> dict:
+    """The summary; it adds up: input = kept + dropped, output = kept + added."""
     dropped: Counter = Counter(d["reason"] for d in drops.values())
     if load.rows_rejected:
         dropped["unreadable"] += load.rows_rejected
-    input_rows = len(rows) + load.rows_rejected
+    input_rows = n_rows + load.rows_rejected
     kept = input_rows - sum(dropped.values())
-    summary = {
+    return {
         "input": str(path),
         "output": str(paths["output"]),
         "changes": str(paths["changes"]),
@@ -256,9 +272,6 @@ def clean(
         "added": dict(counts["added"]),
         "output_rows": kept + sum(counts["added"].values()),
     }
-    with atomic_open(paths["summary"]) as fh:
-        fh.write(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def _write(
