@@ -207,3 +207,14 @@ def test_column_names_in_the_audit_table_print_as_written(tmp_path):
     p.write_text("text,[red]c:smile:\nhello there world,\nanother row here,x\n", encoding="utf-8")
     res = runner.invoke(app, ["audit", str(p)])
     assert res.exit_code == 0 and "'[red]c:smile:' missing/empty/blank" in res.stdout
+
+
+def test_a_file_named_like_the_temporary_file_survives(tmp_path):
+    """Outputs go through fresh temporary names: an existing OUT.tmp of the user's is never clobbered."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(_rows(4), encoding="utf-8")
+    mine = tmp_path / "c.jsonl.tmp"
+    mine.write_text("mine\n", encoding="utf-8")
+    res = runner.invoke(app, ["clean", str(src), "-o", str(tmp_path / "c.jsonl"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert mine.read_text() == "mine\n" and not list(tmp_path.glob(".*.tmp"))

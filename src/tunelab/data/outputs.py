@@ -2,13 +2,14 @@
 
 Nothing is lost: an output that is (or resolves to, through symlinks, hard links or relative
 paths) an input is refused even with ``overwrite``; an existing output is replaced only with
-``overwrite``; two outputs may not be the same file. Files are written to a temporary name
-in the same directory and renamed into place, and the temporary file is removed on failure.
+``overwrite``; two outputs may not be the same file. Files are written to a fresh hidden temporary
+name in the same directory and renamed into place; the temporary file is removed on failure.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,11 +56,19 @@ def check_output_dir(out_dir: str | os.PathLike) -> None:
 
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """Write ``path`` through ``path.tmp``; renamed into place on success, removed on failure."""
+    """Write ``path`` through a new hidden temporary file beside it, renamed into place on success
+    and removed on failure. The temporary name is fresh (exclusive create), so no file of the
+    user's, an input included, can ever be the one written."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as umask allows
+            break
+        except FileExistsError:
+            continue
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(fd, "w", encoding="utf-8") as fh:
             yield fh
         os.replace(tmp, path)
     finally:
