@@ -8,7 +8,7 @@ files. A JSON *array* must be parsed whole (the standard library has no streamin
 use JSONL for big data.
 
 A malformed line raises :class:`DataError` naming the file, the line and a snippet. With
-``skip_bad=True`` the line is written to a rejects JSONL instead (``{"line", "reason", "raw"}``)
+``skip_bad=True`` the line is written to a rejects JSONL instead (``{"file", "line", "reason", "raw"}``)
 and counted in the :class:`LoadReport` passed as ``report``.
 
 A record nested deeper than :data:`MAX_DEPTH` levels is a bad row like any other: the JSON parser
