@@ -10,6 +10,12 @@ audit's own. Peers, on the same data in this run:
   * exact duplicates: pandas ``drop_duplicates`` on the same normalised text.
 1M rows is extrapolated linearly from the largest measured size (the pipeline is linear apart
 from LSH bucketing), and labelled so.
+
+Hostile input: ``--long-mb 50`` (default; 0 skips it) also writes a file whose first row is one
+line of that many MB (plus 100 ordinary rows) and measures `audit`, `clean` and `split` on it,
+each in a fresh process, with the peak RSS of the same command on the ordinary rows alone as the
+baseline: memory must grow by a small multiple of the line, not hundreds of times it.
+``--only-long`` runs just that case.
 """
 
 from __future__ import annotations
@@ -135,8 +141,69 @@ def run_pandas_exact(path: str) -> dict:
     return {"seconds": time.perf_counter() - t, "exact_rows": len(texts) - kept}
 
 
+def generate_long(path: Path, megabytes: int, with_long: bool = True) -> None:
+    """One row of ``megabytes`` MB of words (if ``with_long``), then 100 ordinary rows."""
+    rng = np.random.default_rng(1)
+    vocab = np.array([f"w{k}" for k in range(5000)])
+    with open(path, "w", encoding="utf-8") as fh:
+        if with_long:
+            words = rng.choice(vocab, size=megabytes * 1_000_000 // 6)
+            fh.write(json.dumps({"instruction": "a short question", "output": " ".join(words)}) + "\n")
+        for i in range(100):
+            row = {"instruction": f"question {i} " + " ".join(rng.choice(vocab, 20)), "output": f"answer {i}"}
+            fh.write(json.dumps(row) + "\n")
+
+
+def run_command(mode: str, path: str) -> dict:
+    """One `tunelab data` function on ``path`` (outputs to a temporary directory)."""
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        if mode == "clean":
+            from tunelab.data.clean import clean
+
+            clean(path, Path(out) / "clean.jsonl")
+        elif mode == "split":
+            from tunelab.data.split import split
+
+            split(path, Path(out) / "split")
+        else:
+            from tunelab.data.audit import audit
+
+            audit(path)
+    return {"seconds": time.perf_counter() - t}
+
+
+def long_line_table(console, megabytes: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"one {megabytes} MB line + 100 ordinary rows (each command in a fresh process)")
+    for col in ("command", "seconds", "peak RSS MB", "baseline RSS MB", "growth MB", "growth / line size"):
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        long_path, base_path = Path(tmp) / "long.jsonl", Path(tmp) / "base.jsonl"
+        generate_long(long_path, megabytes)
+        generate_long(base_path, megabytes, with_long=False)
+        size_mb = (long_path.stat().st_size - base_path.stat().st_size) / 2**20
+        for mode in ("audit", "clean", "split"):
+            base = measure(f"cmd_{mode}", base_path)
+            r = measure(f"cmd_{mode}", long_path)
+            growth = r["peak_rss_mb"] - base["peak_rss_mb"]
+            table.add_row(
+                mode,
+                f"{r['seconds']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{base['peak_rss_mb']:.0f}",
+                f"{growth:.0f}",
+                f"{growth / size_mb:.1f}x",
+            )
+    console.print(table)
+
+
 def child(mode: str, path: str, n: int) -> None:
     fn = {
+        "cmd_audit": lambda: run_command("audit", path),
+        "cmd_clean": lambda: run_command("clean", path),
+        "cmd_split": lambda: run_command("split", path),
         "audit": lambda: run_audit(path),
         "peer_near": lambda: run_peer_near(path, n, 0.8),
         "ours_near": lambda: run_ours_near(path, n, 0.8),
@@ -161,12 +228,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--peer-rows", type=int, default=10000)
+    ap.add_argument("--long-mb", type=int, default=50, help="size of the one long line (0: skip)")
+    ap.add_argument("--only-long", action="store_true", help="run only the long-line case")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    if args.long_mb:
+        long_line_table(console, args.long_mb)
+    if args.only_long:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for n in sizes:

@@ -32,6 +32,7 @@ def test_detect_error_lists_columns_and_candidates():
     for fmt in FORMATS:
         assert f"{fmt}: needs" in msg
     assert "Closest: instruction" in msg and "data.columns" in msg
+    assert "\n" not in msg  # printed as one error line
 
 
 def test_column_renames():

@@ -107,7 +107,7 @@ def test_skip_bad_writes_rejects(tmp_path):
     assert (report.rows_read, report.rows_rejected) == (2, 3)
     rejects = [json.loads(x) for x in (tmp_path / "rej.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejects] == [2, 3, 4]
-    assert all(set(r) == {"line", "reason", "raw"} for r in rejects)
+    assert all(set(r) == {"file", "line", "reason", "raw"} and r["file"] == str(p) for r in rejects)
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,12 +24,12 @@ from tunelab.data import neardup, pii
 from tunelab.data.formats import (
     FormatError,
     canonical_text,
-    detect_format,
+    detect_file_format,
     prompt_text,
     target_text,
     to_canonical,
 )
-from tunelab.data.loaders import LoadReport, iter_records
+from tunelab.data.loaders import DataError, LoadReport, iter_records
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -46,19 +47,55 @@ EXAMPLES = 5
 CHUNK = 8192
 SHORT_WORDS = 3  # a full example with fewer words than this is a "too short" outlier
 LONG_FACTOR = 10  # ... and one longer than this many times the median is "too long"
+LONG_TEXT = 1 << 20  # texts over this many characters are measured window by window
+TOKEN_TEXT = 1 << 20  # ... and their token counts estimated from this many leading characters
 
 Progress = Callable[[str, int], None]
 
 
+_SPACES = re.compile(r"\s+")  # the same whitespace as str.split() (both use str.isspace)
+_WINDOW = 1 << 16  # characters normalised at a time in a long text
+
+
 def normalize_text(text: str) -> str:
     """Light normalisation for exact-duplicate checks: NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    if len(text) <= LONG_TEXT:
+        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return "".join(_normalized_pieces(text))
+
+
+def _normalized_pieces(text: str) -> Iterator[str]:
+    """:func:`normalize_text` of a long text in pieces, without a list of one string per word (about
+    12x the text's size). Pieces end just after whitespace, a starter that NFKC never composes with
+    what follows, so normalising piece by piece gives the same text; spaces at piece boundaries
+    are collapsed through ``pending``."""
+    emitted, pending, start = False, False, 0
+    while start < len(text):
+        end = min(start + _WINDOW, len(text))
+        if end < len(text):
+            cut = _SPACES.search(text, end)  # extend to the next whitespace (none: to the end)
+            end = cut.start() + 1 if cut else len(text)
+        piece = _SPACES.sub(" ", unicodedata.normalize("NFKC", text[start:end]).casefold())
+        start = end
+        core = piece.strip(" ")
+        if not core:
+            pending = pending or bool(piece)
+            continue
+        if emitted and (pending or piece[0] == " "):
+            yield " "
+        yield core
+        emitted, pending = True, piece[-1] == " "
 
 
 def text_hash(text: str) -> int:
     """64-bit hash of the normalised text (signed, so it fits numpy int64)."""
-    digest = hashlib.blake2b(normalize_text(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    h = hashlib.blake2b(digest_size=8)
+    if len(text) <= LONG_TEXT:
+        h.update(normalize_text(text).encode("utf-8", "surrogatepass"))
+    else:
+        for piece in _normalized_pieces(text):
+            h.update(piece.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 _SPACE = np.zeros(256, dtype=bool)
@@ -67,11 +104,49 @@ _CONTROL = np.zeros(256, dtype=bool)
 _CONTROL[[*range(0, 9), 11, 12, *range(14, 32), 127]] = True
 
 
+def _flags(u: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte-wise control / mojibake / U+FFFD flags of ``u[:n]`` (``u`` has 3 bytes of lookahead)."""
+    bad = _CONTROL[u[:n]]
+    bad |= (u[:n] == 0xC2) & (u[1 : n + 1] >= 0x80) & (u[1 : n + 1] <= 0x9F)  # C1 controls
+    moj = (u[:n] == 0xC3) & ((u[1 : n + 1] == 0x82) | (u[1 : n + 1] == 0x83)) & (u[2 : n + 2] == 0xC2)  # "Ã©"
+    moj |= (u[:n] == 0xC3) & (u[1 : n + 1] == 0xA2) & (u[2 : n + 2] == 0xE2) & (u[3 : n + 3] == 0x82)  # "â€"
+    rep = (u[:n] == 0xEF) & (u[1 : n + 1] == 0xBF) & (u[2 : n + 2] == 0xBD)
+    return bad, moj, rep
+
+
+def _long_stats(text: str) -> tuple[int, bool, bool, bool, float]:
+    """:func:`byte_stats` of one long text, a window of ``LONG_TEXT`` bytes at a time (bounded memory)."""
+    b = text.encode("utf-8", "surrogatepass")
+    u = np.frombuffer(b, dtype=np.uint8)
+    n = len(u)
+    words = high = 0
+    control = mojibake = replacement = False
+    for s in range(0, n, LONG_TEXT):
+        m = min(LONG_TEXT, n - s)
+        seg = u[s : s + m + 3]
+        if len(seg) < m + 3:
+            seg = np.concatenate([seg, np.zeros(m + 3 - len(seg), np.uint8)])
+        ns = ~_SPACE[seg[:m]]
+        start = ns.copy()
+        start[1:] &= ~ns[:-1]
+        start[0] &= s == 0 or bool(_SPACE[u[s - 1]])  # a word continued from the previous window
+        words += int(start.sum())
+        bad, moj, rep = _flags(seg, m)
+        control, mojibake, replacement = control or bad.any(), mojibake or moj.any(), replacement or rep.any()
+        high += int((seg[:m] >= 0x80).sum())
+    return words, bool(control), bool(mojibake), bool(replacement), high / max(n, 1)
+
+
 def byte_stats(texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Per text, computed on UTF-8 bytes in numpy: ``words`` (whitespace-separated), ``control``
     (C0/C1 control characters other than tab and newlines), ``mojibake`` (UTF-8 decoded as
-    Latin-1/cp1252, e.g. ``Ã©``, ``â€™``), ``replacement`` (U+FFFD) and ``non_ascii`` (share of bytes)."""
+    Latin-1/cp1252, e.g. ``Ã©``, ``â€™``), ``replacement`` (U+FFFD) and ``non_ascii`` (share of bytes).
+    Texts over ``LONG_TEXT`` characters are measured window by window, so memory stays bounded."""
     keys = ("words", "control", "mojibake", "replacement", "non_ascii")
+    texts_in = texts
+    long_rows = [i for i, t in enumerate(texts) if len(t) > LONG_TEXT]
+    if long_rows:
+        texts = [t if len(t) <= LONG_TEXT else "" for t in texts]
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, len(texts), 2048):
         block = [t.encode("utf-8", "surrogatepass") for t in texts[start : start + 2048]]
@@ -83,26 +158,33 @@ def byte_stats(texts: Sequence[str]) -> dict[str, np.ndarray]:
         word_start = ns.copy()
         word_start[1:] &= ~ns[:-1]
         out["words"].append(np.add.reduceat(word_start, starts, dtype=np.int64))
-        bad = _CONTROL[u[:n]]
-        bad |= (u[:n] == 0xC2) & (u[1 : n + 1] >= 0x80) & (u[1 : n + 1] <= 0x9F)  # C1 controls
+        bad, moj, rep = _flags(u, n)
         out["control"].append(np.logical_or.reduceat(bad, starts))
-        moj = (
-            (u[:n] == 0xC3) & ((u[1 : n + 1] == 0x82) | (u[1 : n + 1] == 0x83)) & (u[2 : n + 2] == 0xC2)
-        )  # "Ã©"
-        moj |= (
-            (u[:n] == 0xC3) & (u[1 : n + 1] == 0xA2) & (u[2 : n + 2] == 0xE2) & (u[3 : n + 3] == 0x82)
-        )  # "â€"
         out["mojibake"].append(np.logical_or.reduceat(moj, starts))
-        rep = (u[:n] == 0xEF) & (u[1 : n + 1] == 0xBF) & (u[2 : n + 2] == 0xBD)
         out["replacement"].append(np.logical_or.reduceat(rep, starts))
         hi = np.add.reduceat(u[:n] >= 0x80, starts, dtype=np.int64)
         out["non_ascii"].append(hi / np.maximum(lens - 1, 1))
-    return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
+    res = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
+    for i in long_rows:
+        for k, v in zip(keys, _long_stats(texts_in[i]), strict=True):
+            res[k][i] = v
+    return res
 
 
 def count_tokens(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
     """Token counts of ``texts`` without special tokens. ``tokenizer`` is a Hugging Face tokenizer
-    (batched, fast) or any callable mapping a string to a sequence of tokens."""
+    (batched, fast) or any callable mapping a string to a sequence of tokens.
+
+    A text over ``TOKEN_TEXT`` characters is not tokenised whole: its count is estimated from its
+    first ``TOKEN_TEXT`` characters, scaled by its length (time and memory stay bounded)."""
+    scale = np.array([max(1.0, len(t) / TOKEN_TEXT) for t in texts])
+    if (scale > 1).any():
+        texts = [t[:TOKEN_TEXT] for t in texts]
+        return np.rint(_count_tokens(tokenizer, texts) * scale).astype(np.int64)
+    return _count_tokens(tokenizer, texts)
+
+
+def _count_tokens(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
     if any(c.__name__ == "PreTrainedTokenizerBase" for c in type(tokenizer).__mro__):
         out = np.empty(len(texts), dtype=np.int64)
         for s in range(0, len(texts), 1024):
@@ -473,7 +555,7 @@ def audit_records(
     st = _TrainStats(s)
     for chunk in _chunks(records, CHUNK):
         if s.fmt is None:
-            s.fmt = detect_format(chunk[0][1], columns)
+            s.fmt = detect_file_format(source, chunk[0][0], chunk[0][1], columns)
         st.raw(chunk)
         rows, canon = _canonicalise(chunk, s.fmt, columns, st.fmt_errors, st.n_fmt_errors)
         if canon:
@@ -598,7 +680,16 @@ def audit(
         iter_records(path, skip_bad=skip_bad, report=load), eval_sets=evals, source=str(path), **kw
     )
     report["rows_rejected"] = load.rows_rejected
+    if report["rows"] == 0:
+        raise DataError(path, 0, "", no_rows_reason(load))
     return report
+
+
+def no_rows_reason(load: LoadReport) -> str:
+    """Why a file gave no records, for the error that refuses to audit/clean/split nothing."""
+    if load.rows_rejected:
+        return f"no readable rows ({load.rows_rejected} skipped as unreadable); nothing to do"
+    return "no data rows (the file is empty); nothing to do"
 
 
 def blocking_problems(report: dict) -> list[str]:

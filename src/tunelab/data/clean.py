@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from tunelab.data import neardup, pii
-from tunelab.data.audit import byte_stats, count_tokens, text_hash
-from tunelab.data.formats import FormatError, canonical_text, detect_format, target_text, to_canonical
-from tunelab.data.loaders import LoadReport, iter_records
+from tunelab.data.audit import byte_stats, count_tokens, no_rows_reason, text_hash
+from tunelab.data.formats import FormatError, canonical_text, detect_file_format, target_text, to_canonical
+from tunelab.data.loaders import DataError, LoadReport, iter_records
+from tunelab.data.outputs import atomic_open, check_outputs
 
 __all__ = ["clean", "redact_record"]
 
@@ -67,6 +68,7 @@ def _decide(
     drop_empty_targets: bool,
     skip_bad: bool,
     load: LoadReport,
+    rejects_path: Path | None,
 ) -> tuple[list[int], dict[int, dict], list[str | None], str]:
     """Pass 1: row numbers in order, drop decisions by row index, and labels."""
     rows: list[int] = []
@@ -97,10 +99,11 @@ def _decide(
         texts.clear()
         idx_buf.clear()
 
-    for i, (row, rec) in enumerate(iter_records(path, skip_bad=skip_bad, report=load)):
+    records = iter_records(path, skip_bad=skip_bad, report=load, rejects_path=rejects_path)
+    for i, (row, rec) in enumerate(records):
         rows.append(row)
         if fmt is None:
-            fmt = detect_format(rec, columns)
+            fmt = detect_file_format(str(path), row, rec, columns)
         try:
             c = to_canonical(rec, fmt, columns)
         except FormatError as e:
@@ -159,6 +162,27 @@ def _rebalance(
     return dict(extra)
 
 
+def check_lengths(min_length: int | None, max_length: int | None) -> None:
+    """Length bounds are non-negative and ordered (else every row would silently be dropped)."""
+    for name, v in (("--min-length", min_length), ("--max-length", max_length)):
+        if v is not None and v < 0:
+            raise ValueError(f"{name} must be 0 or more, got {v}")
+    if min_length is not None and max_length is not None and min_length > max_length:
+        raise ValueError(f"--min-length ({min_length}) is larger than --max-length ({max_length})")
+
+
+def output_paths(out: Path, changes_path: str | os.PathLike | None, skip_bad: bool) -> dict[str, Path]:
+    """Every file ``clean`` writes: the data, the changes log, the summary and (with skip_bad) rejects."""
+    paths = {
+        "output": out,
+        "changes": Path(changes_path) if changes_path else out.with_name(out.name + ".changes.jsonl"),
+        "summary": out.with_name(out.name + ".summary.json"),
+    }
+    if skip_bad:
+        paths["rejects"] = out.with_name(out.name + ".rejects.jsonl")
+    return paths
+
+
 def clean(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -177,14 +201,18 @@ def clean(
     rebalance: str | None = None,
     seed: int = 0,
     skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Clean ``path`` into the JSONL file ``out``; log every dropped/changed/added row with its reason
     to ``changes_path`` (default: ``<out>.changes.jsonl``). Lengths are words, or tokens when a
-    ``tokenizer`` is given. Returns the summary (also written to ``<out>.summary.json``)."""
+    ``tokenizer`` is given. With ``skip_bad``, unreadable rows go to ``<out>.rejects.jsonl``.
+    Outputs are checked first (see :mod:`tunelab.data.outputs`): an input is never overwritten, an
+    existing file only with ``overwrite``. Returns the summary (also ``<out>.summary.json``)."""
     if rebalance is not None and rebalance not in REBALANCE:
-        raise ValueError(f"rebalance must be one of {', '.join(REBALANCE)}, got {rebalance!r}")
-    out = Path(out)
-    changes_path = Path(changes_path) if changes_path else out.with_name(out.name + ".changes.jsonl")
+        raise ValueError(f"--rebalance must be one of {', '.join(REBALANCE)}, got {rebalance!r}")
+    check_lengths(min_length, max_length)
+    paths = output_paths(Path(out), changes_path, skip_bad)
+    check_outputs([path], list(paths.values()), overwrite=overwrite)
     load = LoadReport()
     rows, drops, labels, fmt = _decide(
         path,
@@ -199,26 +227,74 @@ def clean(
         drop_empty_targets=drop_empty_targets,
         skip_bad=skip_bad,
         load=load,
+        rejects_path=paths.get("rejects"),
     )
+    if not rows:
+        raise DataError(path, 0, "", no_rows_reason(load))
     extra: dict[int, int] = {}
     if rebalance:
         if fmt != "classification":
-            raise ValueError(f"rebalancing needs classification data, this file is {fmt}")
+            raise ValueError(f"--rebalance needs classification data, this file is {fmt}")
         extra = _rebalance(rebalance, rows, drops, labels, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    paths["output"].parent.mkdir(parents=True, exist_ok=True)
+    counts = _write(path, paths, drops, extra, redact_pii, skip_bad)
+    summary = _summary(path, paths, fmt, len(rows), drops, load, counts)
+    with atomic_open(paths["summary"]) as fh:
+        fh.write(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary(
+    path: str | os.PathLike,
+    paths: dict[str, Path],
+    fmt: str,
+    n_rows: int,
+    drops: dict[int, dict],
+    load: LoadReport,
+    counts: dict[str, Counter],
+) -> dict:
+    """The summary; it adds up: input = kept + dropped, output = kept + added."""
     dropped: Counter = Counter(d["reason"] for d in drops.values())
+    if load.rows_rejected:
+        dropped["unreadable"] += load.rows_rejected
+    input_rows = n_rows + load.rows_rejected
+    kept = input_rows - sum(dropped.values())
+    return {
+        "input": str(path),
+        "output": str(paths["output"]),
+        "changes": str(paths["changes"]),
+        "rejects": str(paths["rejects"]) if load.rows_rejected else None,
+        "format": fmt,
+        "input_rows": input_rows,
+        "kept": kept,
+        "dropped": dict(sorted(dropped.items())),
+        "changed": dict(counts["changed"]),
+        "added": dict(counts["added"]),
+        "output_rows": kept + sum(counts["added"].values()),
+    }
+
+
+def _write(
+    path: str | os.PathLike,
+    paths: dict[str, Path],
+    drops: dict[int, dict],
+    extra: dict[int, int],
+    redact_pii: bool,
+    skip_bad: bool,
+) -> dict[str, Counter]:
+    """Pass 2: write kept rows in their original shape and log every change, one line per row."""
     changed: Counter = Counter()
     added: Counter = Counter()
     copies: list[tuple[int, int, dict]] = []
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fo, open(changes_path, "w", encoding="utf-8") as fc:
+    with atomic_open(paths["output"]) as fo, atomic_open(paths["changes"]) as fc:
 
         def log(entry: dict) -> None:
             fc.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-        if load.rows_rejected:
-            log({"row": None, "action": "dropped", "reason": "unreadable", "count": load.rows_rejected})
-        for i, (row, rec) in enumerate(iter_records(path, skip_bad=skip_bad)):
+        def rejected(line: int, reason: str, raw: str) -> None:
+            log({"row": line, "action": "dropped", "reason": "unreadable", "error": reason})
+
+        for i, (row, rec) in enumerate(iter_records(path, skip_bad=skip_bad, on_reject=rejected)):
             if i in drops:
                 log({"row": row, "action": "dropped", **drops[i]})
                 continue
@@ -235,24 +311,4 @@ def clean(
                 fo.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 added["rebalance_over"] += 1
                 log({"row": row, "action": "added", "reason": "rebalance_over"})
-    os.replace(tmp, out)
-    if load.rows_rejected:
-        dropped["unreadable"] += load.rows_rejected
-    input_rows = len(rows) + load.rows_rejected
-    kept = input_rows - sum(dropped.values())
-    summary = {
-        "input": str(path),
-        "output": str(out),
-        "changes": str(changes_path),
-        "format": fmt,
-        "input_rows": input_rows,
-        "kept": kept,
-        "dropped": dict(sorted(dropped.items())),
-        "changed": dict(changed),
-        "added": dict(added),
-        "output_rows": kept + sum(added.values()),
-    }
-    out.with_name(out.name + ".summary.json").write_text(
-        json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-    )
-    return summary
+    return {"changed": changed, "added": added}

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from tunelab.console import fail, is_terminal, labelled, make_console, styled
 from tunelab.data.formats import FORMATS, FormatError
 from tunelab.data.loaders import DataError
 
@@ -19,8 +21,8 @@ app = typer.Typer(
     help="Audit, clean and split fine-tuning data: duplicates, leakage, lengths, PII, formats.",
     no_args_is_help=True,
 )
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 ColumnsOpt = Annotated[
     str | None,
@@ -32,17 +34,33 @@ FormatOpt = Annotated[
     str | None, typer.Option("--format", help=f"Data format ({', '.join(FORMATS)}); default: detect.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report to stdout.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace output files that already exist (never the input).")
+]
 
 
 def _columns(text: str | None) -> dict[str, str] | None:
     if not text:
         return None
     pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
-    if any(len(p) != 2 for p in pairs):
-        raise typer.BadParameter(
-            "use canonical=source pairs, e.g. instruction=question", param_hint="--columns"
-        )
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise ValueError(f"--columns takes canonical=source pairs, e.g. instruction=question; got '{text}'")
     return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _format(fmt: str | None) -> str | None:
+    """--format: one of FORMATS (or auto/none = detect from the columns)."""
+    if fmt is None or fmt == "auto":
+        return None
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (or auto), got '{fmt}'")
+    return fmt
+
+
+def _at_least(name: str, value: int | None, low: int) -> int | None:
+    if value is not None and value < low:
+        raise ValueError(f"{name} must be {low} or more, got {value}")
+    return value
 
 
 def _tokenizer(model: str | None) -> Any:
@@ -53,18 +71,25 @@ def _tokenizer(model: str | None) -> Any:
     return tokenizer_for(model)
 
 
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 @contextmanager
 def _errors():
+    """Input problems end the command with one line on stderr and exit code 2, never a traceback."""
     try:
         yield
     except (DataError, FormatError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(err, _one_line(str(e)))
+    except OSError as e:  # a directory where a file belongs, permissions, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        fail(err, _one_line(f"{where}{e.strerror or e}"))
 
 
 @contextmanager
 def _progress(enabled: bool):
-    if not enabled:
+    if not enabled or not is_terminal():
         yield None
         return
     with Progress(
@@ -83,11 +108,13 @@ def _ex(rows: list) -> str:
 
 
 def render_audit(report: dict, console: Console = out) -> None:
-    """Print an audit report as rich tables."""
-    console.print(
-        f"[bold]{report['file']}[/bold]: {report['rows']:,} rows, format [cyan]{report['format']}[/cyan]"
-        + (f", {report['rows_rejected']} unreadable rows skipped" if report["rows_rejected"] else "")
-    )
+    """Print an audit report as rich tables (user text, such as the file name, printed as written)."""
+    head = Text(report["file"], style="bold")
+    head.append(f": {report['rows']:,} rows, format ")
+    head.append(report["format"], style="cyan")
+    if report["rows_rejected"]:
+        head.append(f", {report['rows_rejected']} unreadable rows skipped")
+    console.print(head)
     t = Table(title="Audit", show_lines=False)
     t.add_column("check")
     t.add_column("found", justify="right")
@@ -95,7 +122,7 @@ def render_audit(report: dict, console: Console = out) -> None:
 
     def add(name: str, n: Any, detail: str = "", bad: bool = False) -> None:
         style = "red" if bad and n else ("yellow" if n else "green")
-        t.add_row(name, f"[{style}]{n}[/{style}]", detail)
+        t.add_row(name, styled(str(n), style), detail)
 
     add(
         "format errors",
@@ -173,7 +200,7 @@ def render_audit(report: dict, console: Console = out) -> None:
             bt.add_row(str(lab), str(n))
         console.print(bt)
     for p in report["blocking"]:
-        console.print(f"[red]blocking:[/red] {p}")
+        console.print(labelled("blocking", p))
 
 
 @app.command()
@@ -206,6 +233,8 @@ def audit(
     from tunelab.data.audit import audit as run_audit
 
     with _errors():
+        _at_least("--max-length", max_length, 1)
+        fmt, cols = _format(fmt), _columns(columns)
         tok = _tokenizer(model)
         with _progress(not as_json) as progress:
             report = run_audit(
@@ -213,7 +242,7 @@ def audit(
                 eval_paths=eval or [],
                 skip_bad=skip_bad,
                 fmt=fmt,
-                columns=_columns(columns),
+                columns=cols,
                 tokenizer=tok,
                 max_length=max_length,
                 near_threshold=near_threshold,
@@ -263,19 +292,25 @@ def clean(
     seed: int = 0,
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip unreadable rows; each goes to OUT.rejects.jsonl.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Deduplicate, filter, redact and rebalance a data file; every change is logged with its reason."""
+    from tunelab.data.clean import check_lengths
     from tunelab.data.clean import clean as run_clean
 
     with _errors():
+        check_lengths(min_length, max_length)  # before loading a tokenizer
+        fmt, cols = _format(fmt), _columns(columns)
         summary = run_clean(
             file,
             output,
             changes_path=changes,
             fmt=fmt,
-            columns=_columns(columns),
+            columns=cols,
             exact=exact,
             near=near,
             near_threshold=near_threshold,
@@ -287,9 +322,15 @@ def clean(
             rebalance=rebalance,
             seed=seed,
             skip_bad=skip_bad,
+            overwrite=overwrite,
+        )
+    if summary["rejects"]:
+        n = summary["dropped"].get("unreadable", 0)
+        err.print(
+            labelled("note", f"{n} unreadable rows skipped; each is in {summary['rejects']} with its reason")
         )
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
         return
     t = Table(title=f"clean: {summary['input_rows']:,} rows in, {summary['output_rows']:,} rows out")
     t.add_column("")
@@ -299,7 +340,7 @@ def clean(
         for reason, n in summary[group].items():
             t.add_row(f"{group}: {reason}", str(n))
     out.print(t)
-    out.print(f"wrote {summary['output']}; reasons per row in {summary['changes']}")
+    out.print(Text(f"wrote {summary['output']}; reasons per row in {summary['changes']}"))
 
 
 @app.command()
@@ -319,12 +360,14 @@ def split(
     near_threshold: Annotated[float, typer.Option("--near-threshold", min=0.0, max=1.0)] = 0.8,
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Split a data file; duplicates and near-duplicate clusters never straddle splits."""
     from tunelab.data.split import split as run_split
 
     with _errors():
+        fmt, cols = _format(fmt), _columns(columns)
         summary = run_split(
             file,
             output,
@@ -333,11 +376,12 @@ def split(
             key=key,
             seed=seed,
             fmt=fmt,
-            columns=_columns(columns),
+            columns=cols,
             near_threshold=near_threshold,
+            overwrite=overwrite,
         )
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
         return
     t = Table(title=f"split by {by} (seed {seed}): {summary['rows']:,} rows, {summary['units']:,} units")
     t.add_column("split")
@@ -363,32 +407,41 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Render examples exactly as they will be tokenized; loss tokens highlighted, masked tokens dimmed."""
-    from tunelab.data.show import DataShowConfig, preview_examples, render_preview
+    from tunelab.data.show import DataShowConfig, first_examples, preview_examples, render_preview
     from tunelab.objectives.sft import SftConfig
 
     with _errors():
+        _at_least("-n", n, 0)
+        _at_least("--max-length", max_length, 1)
+        fmt, cols = _format(fmt), _columns(columns)
+        rows = first_examples(str(file), n, fmt or "auto", cols)  # check the input before loading a model
         previews, notes = preview_examples(
             str(file),
             _tokenizer(model),
             n=n,
+            rows=rows,
             template=template,
             objective=SftConfig(
                 train_on="last_assistant" if last_turn_only else "all_assistant",
                 completion_only=not full_text_loss,
             ),
-            data=DataShowConfig(max_length=max_length, format=fmt or "auto", columns=_columns(columns) or {}),
+            data=DataShowConfig(max_length=max_length, format=fmt or "auto", columns=cols or {}),
         )
     if as_json:
         out.print_json(json.dumps({"warnings": notes, "examples": [p.as_json() for p in previews]}))
         return
     for note in notes:
-        err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
+        err.print(labelled("warning", note))
     for preview in previews:
         loss_tokens = sum(preview.loss_mask)
-        out.rule(
-            f"row {preview.row}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
-            + (" (truncated)" if preview.truncated else "")
+        # A heading line, not a rule: a rule pads to the console width, unlimited off a terminal.
+        out.print(
+            styled(
+                f"── row {preview.row}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
+                + (" (truncated)" if preview.truncated else ""),
+                "bold",
+            )
         )
         out.print(render_preview(preview))
         for warning in preview.warnings:
-            err.print(f"[yellow]warning:[/yellow] row {preview.row}: {warning}", highlight=False)
+            err.print(labelled("warning", f"row {preview.row}: {warning}"))

@@ -23,6 +23,7 @@ __all__ = [
     "OPTIONAL",
     "FormatError",
     "detect_format",
+    "detect_file_format",
     "to_canonical",
     "rows_to_canonical",
     "iter_canonical",
@@ -107,20 +108,36 @@ def detect_format(columns: Iterable[str], mapping: dict[str, str] | None = None)
     for fmt in _PRECEDENCE:
         if _matches(fmt, names, mapping):
             return fmt
-    lines = []
+    needs = []
     for fmt in FORMATS:
         fields = ("messages", "conversations") if fmt == "chat" else REQUIRED[fmt] + OPTIONAL[fmt]
         have = [f for f in fields if _has(f, names, mapping)]
-        hint = f" — has {', '.join(have)}" if have else ""
-        lines.append(f"  {fmt}: needs {_needs(fmt)}{hint}")
-    partial = [ln.split(":")[0].strip() for ln in lines if " — has " in ln]
-    closest = f"Closest: {', '.join(partial)}. " if partial else ""
+        needs.append(f"{fmt}: needs {_needs(fmt)}" + (f" (has {', '.join(have)})" if have else ""))
+    partial = [fmt for fmt, need in zip(FORMATS, needs, strict=True) if " (has " in need]
+    closest = f"Closest: {', '.join(partial)}; " if partial else ""
+    # One line: errors are printed as a single line (docs/architecture.md, "Output").
     raise FormatError(
-        f"Cannot tell the data format from the columns found: {', '.join(sorted(names)) or '(none)'}.\n"
-        "Formats and the columns they need:\n" + "\n".join(lines) + "\n"
-        f"{closest}Set data.format, and map columns with data.columns, e.g. "
-        "data.columns: {instruction: question, output: answer}."
+        f"Cannot tell the data format from the columns found: {', '.join(sorted(names)) or '(none)'}; "
+        + "; ".join(needs)
+        + f"; {closest}set the format (--format / data.format) and map columns with --columns "
+        "instruction=question,output=answer (data.columns in a recipe)"
     )
+
+
+def detect_file_format(path: str, row: int, record: dict, mapping: dict[str, str] | None = None) -> str:
+    """:func:`detect_format` for the first record of a file; the error names the file and line, and
+    for CSV/TSV says when the header row looks like data (a file without a header row)."""
+    try:
+        return detect_format(record, mapping)
+    except FormatError as e:
+        if str(path).lower().endswith((".csv", ".tsv")):
+            cols = ", ".join(f"'{c[:40]}'" for c in list(record)[:8])
+            raise FormatError(
+                f"{path}:1: the header row ({cols}) names no known column; if the file has no header "
+                "row, add one (e.g. text,label or instruction,output), else map columns with --columns "
+                "instruction=question,output=answer"
+            ) from None
+        raise FormatError(f"{path}:{row}: {e}") from None
 
 
 def _get(row: dict, field: str, columns: dict[str, str] | None, required: bool = True) -> Any:
@@ -128,6 +145,8 @@ def _get(row: dict, field: str, columns: dict[str, str] | None, required: bool =
     value = row.get(col)
     if value is None and required:
         where = f" (read from column '{col}')" if col != field else ""
+        if col in row:
+            raise FormatError(f"field '{field}'{where} is null; give it a value or drop the row", field)
         raise FormatError(
             f"missing required field '{field}'{where}; row has: {', '.join(row) or '(none)'}", field
         )

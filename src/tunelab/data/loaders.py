@@ -8,8 +8,11 @@ files. A JSON *array* must be parsed whole (the standard library has no streamin
 use JSONL for big data.
 
 A malformed line raises :class:`DataError` naming the file, the line and a snippet. With
-``skip_bad=True`` the line is written to a rejects JSONL instead (``{"line", "reason", "raw"}``)
+``skip_bad=True`` the line is written to a rejects JSONL instead (``{"file", "line", "reason", "raw"}``)
 and counted in the :class:`LoadReport` passed as ``report``.
+
+A record nested deeper than :data:`MAX_DEPTH` levels is a bad row like any other: the JSON parser
+and everything after it (redaction, writing) recurse, so such a row would otherwise crash later.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +32,10 @@ __all__ = ["DataError", "LoadReport", "iter_records", "load_records", "SUFFIXES"
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PARQUET_BATCH = 4096
+MAX_DEPTH = 100  # nesting levels a record may have; real data uses fewer than 10
+_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+OnReject = Callable[[int, str, str], None]  # (line, reason, raw text) of each skipped row
 
 
 class DataError(ValueError):
@@ -43,7 +50,7 @@ class DataError(ValueError):
         where = f"{self.path}:{line}" if line else self.path
         text = f"{where}: {reason}"
         if self.snippet:
-            text += f" (near: {self.snippet!r})"
+            text += f" (near: '{self.snippet}')"
         super().__init__(text)
 
 
@@ -62,8 +69,16 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _snip(text: str, width: int = 80) -> str:
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    # Printable text stays as written (brackets, backslashes, emoji codes); control characters
+    # are shown escaped so a snippet is one line and cannot drive the terminal.
+    text = text[: width * 4]  # bound the work on a huge line before escaping
+    text = _CONTROL.sub(
+        lambda m: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(m[0], f"\\x{ord(m[0]):02x}"), text
+    )
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -71,23 +86,32 @@ class _Rejects:
     """Routes bad rows to an exception or, with skip_bad, to a rejects JSONL file."""
 
     def __init__(
-        self, path: Path, skip_bad: bool, rejects_path: str | os.PathLike | None, report: LoadReport
+        self,
+        path: Path,
+        skip_bad: bool,
+        rejects_path: str | os.PathLike | None,
+        report: LoadReport,
+        on_reject: OnReject | None = None,
     ):
         self.path, self.skip_bad, self.report = path, skip_bad, report
         self.rejects_path = Path(rejects_path) if rejects_path else None
+        self.on_reject = on_reject
         self._fh: IO[str] | None = None
 
     def bad(self, line: int, raw: str, reason: str) -> None:
         if not self.skip_bad:
             raise DataError(self.path, line, raw, reason)
         self.report.rows_rejected += 1
+        if self.on_reject is not None:
+            self.on_reject(line, reason, raw)
         if self.rejects_path is None:
             return
         if self._fh is None:
             self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.rejects_path, "w", encoding="utf-8")  # noqa: SIM115
             self.report.rejects_path = str(self.rejects_path)
-        self._fh.write(json.dumps({"line": line, "reason": reason, "raw": raw}, ensure_ascii=False) + "\n")
+        entry = {"file": str(self.path), "line": line, "reason": reason, "raw": raw}
+        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         if self._fh is not None:
@@ -104,8 +128,39 @@ def _decode(raw: bytes, first: bool) -> tuple[str | None, str]:
         return None, f"invalid UTF-8 byte {raw[e.start : e.start + 1]!r} at column {e.start + 1}"
 
 
+def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when ``obj`` nests lists/dicts more than ``limit`` levels (checked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
+
+
+def _parse(text: str) -> tuple[Any, str]:
+    """json.loads one row; returns (value, "") or (None, reason), also for absurd nesting."""
+    if text.count("[") + text.count("{") > MAX_DEPTH:  # cheap test first: few rows need the walk
+        try:
+            obj = json.loads(text)
+        except RecursionError:
+            return None, f"JSON nested more than {MAX_DEPTH} levels deep"
+        except ValueError as e:
+            return None, f"invalid JSON: {getattr(e, 'msg', e)}"
+        if too_deep(obj):
+            return None, f"JSON nested more than {MAX_DEPTH} levels deep"
+        return obj, ""
+    try:
+        return json.loads(text), ""
+    except ValueError as e:
+        return None, f"invalid JSON: {getattr(e, 'msg', e)}"
+
+
 def _iter_jsonl(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
-    loads = json.loads
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             text, reason = _decode(raw, lineno == 1)
@@ -115,10 +170,9 @@ def _iter_jsonl(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
             if not text.strip():
                 rej.report.blank_lines += 1
                 continue
-            try:
-                obj = loads(text)
-            except ValueError as e:
-                rej.bad(lineno, text.rstrip("\r\n"), f"invalid JSON: {getattr(e, 'msg', e)}")
+            obj, reason = _parse(text)
+            if reason:
+                rej.bad(lineno, text.rstrip("\r\n"), reason)
                 continue
             if not isinstance(obj, dict):
                 rej.bad(lineno, text.rstrip("\r\n"), f"expected a JSON object, got {type(obj).__name__}")
@@ -147,10 +201,14 @@ def _iter_json(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
         lines = text.splitlines()
         snippet = lines[e.lineno - 1] if 0 < e.lineno <= len(lines) else ""
         raise DataError(path, e.lineno, snippet, f"invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(path, 1, "", f"JSON nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(arr, list):
         raise DataError(path, 1, text[:80], f"expected a JSON array of objects, got {type(arr).__name__}")
     for i, obj in enumerate(arr, 1):
-        if isinstance(obj, dict):
+        if isinstance(obj, dict) and too_deep(obj):
+            rej.bad(i, "", f"element {i} is nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(obj, dict):
             yield i, obj
         else:
             rej.bad(
@@ -237,9 +295,19 @@ def _pick_split(dd: Any, split: str | None, where: str) -> Any:
 
 
 def _iter_disk(path: Path, split: str | None) -> Iterator[tuple[int, dict]]:
+    if not any((path / m).is_file() for m in _DATASET_MARKERS):
+        raise DataError(
+            path,
+            0,
+            "",
+            "is a directory, not a data file or a saved dataset (no dataset_info.json); give a file",
+        )
     from datasets import DatasetDict, load_from_disk
 
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # datasets raises several unrelated types for a broken directory
+        raise DataError(path, 0, "", f"unreadable saved dataset: {e}") from None
     if isinstance(ds, DatasetDict):
         ds = _pick_split(ds, split, str(path))
     yield from _iter_dataset(ds)
@@ -267,17 +335,18 @@ def iter_records(
     rejects_path: str | os.PathLike | None = None,
     report: LoadReport | None = None,
     split: str | None = None,
+    on_reject: OnReject | None = None,
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(row, record)`` from a data file, directory or hub dataset id.
 
-    ``skip_bad`` writes malformed rows to ``rejects_path`` (if given) instead of raising;
-    ``report`` is filled with counts as rows are read; ``split`` picks a split of a
-    `DatasetDict` directory or hub dataset (default ``train``).
+    ``skip_bad`` writes malformed rows to ``rejects_path`` (if given) instead of raising, and
+    calls ``on_reject(line, reason, raw)`` for each; ``report`` is filled with counts as rows are
+    read; ``split`` picks a split of a `DatasetDict` directory or hub dataset (default ``train``).
     """
     p = Path(path)
     report = report if report is not None else LoadReport()
     report.path = str(p)
-    rej = _Rejects(p, skip_bad, rejects_path, report)
+    rej = _Rejects(p, skip_bad, rejects_path, report, on_reject)
     suffix = p.suffix.lower()
     if p.is_dir():
         it = _iter_disk(p, split)

@@ -108,11 +108,18 @@ class _Hasher:
         return out
 
 
-def _blocks(texts: Iterable[str]) -> Iterable[list[bytes]]:
+def _blocks(texts: Iterable[str]) -> Iterable[list[bytes] | bytes]:
+    """Blocks of about ``_BLOCK_BYTES`` of short texts; a longer text comes alone, as bytes."""
     block: list[bytes] = []
     size = 0
     for t in texts:
         b = t.lower().encode("utf-8", "surrogatepass")
+        if len(b) > _BLOCK_BYTES:
+            if block:
+                yield block
+                block, size = [], 0
+            yield b
+            continue
         block.append(b)
         size += len(b) + 1
         if size >= _BLOCK_BYTES:
@@ -122,15 +129,58 @@ def _blocks(texts: Iterable[str]) -> Iterable[list[bytes]]:
         yield block
 
 
+def _windows(buf: bytes) -> Iterable[bytes]:
+    """``buf`` in pieces of at most ``_BLOCK_BYTES``, each cut just after a separator byte (so no
+    word is split, unless one word is longer than a whole piece)."""
+    u = np.frombuffer(buf, dtype=np.uint8)
+    start, n = 0, len(u)
+    while start < n:
+        end = min(start + _BLOCK_BYTES, n)
+        if end < n:
+            seps = np.flatnonzero(_SEP[u[start:end]])
+            if len(seps):
+                end = start + int(seps[-1]) + 1
+        yield buf[start:end]
+        start = end
+
+
+def _long_signature(hasher: _Hasher, buf: bytes) -> np.ndarray:
+    """Signature of one long text, one window at a time, so memory stays that of one block instead
+    of ``num_perm`` x 8 bytes per shingle of the whole text. Each window's words are shingled with
+    the last ``ngram - 1`` words of the previous ones, so the shingles are exactly the text's."""
+    k = hasher.ngram
+    sig = np.full((1, hasher.a.shape[0]), _EMPTY, dtype=np.uint32)
+    carry = np.empty(0, _U64)
+    shingled = False
+    for piece in _windows(buf):
+        words, _ = hasher.words(piece, np.zeros(1, np.int64))
+        if len(words) == 0:
+            continue
+        words = np.concatenate([carry, words])
+        if len(words) >= k:
+            sh, sdoc = hasher.shingles(words, np.zeros(len(words), np.int64), 1)
+            np.minimum(sig, hasher.signatures(sh, sdoc, 1), out=sig)
+            shingled = True
+        carry = words[len(words) - (k - 1) :] if len(words) >= k else words
+    if not shingled and len(carry):  # fewer than ngram words in all: one short shingle, as for a block
+        sh, sdoc = hasher.shingles(carry, np.zeros(len(carry), np.int64), 1)
+        sig = hasher.signatures(sh, sdoc, 1)
+    return sig
+
+
 def minhash(texts: Iterable[str], *, num_perm: int = 128, ngram: int = 3, seed: int = 0) -> np.ndarray:
     """MinHash signatures, shape ``(len(texts), num_perm)``, uint32.
 
     Text is lower-cased and split into words at whitespace and ASCII punctuation; shingles are
     ``ngram`` consecutive words. A row with no words gets an all-``0xFFFFFFFF`` signature.
+    Texts longer than a block are hashed window by window (same signature, bounded memory).
     """
     hasher = _Hasher(num_perm, ngram, seed)
     parts = []
     for block in _blocks(texts):
+        if isinstance(block, bytes):
+            parts.append(_long_signature(hasher, block))
+            continue
         lens = np.fromiter((len(b) + 1 for b in block), dtype=np.int64, count=len(block))
         doc_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         words, doc = hasher.words(b"\0".join(block), doc_starts)

@@ -94,8 +94,19 @@ def mask(value: str, kind: str = "") -> str:
     return "".join(c if (i in show or not c.isalnum()) else "*" for i, c in enumerate(value))
 
 
-def _overlaps(span: tuple[int, int], taken: list[tuple[int, int]]) -> bool:
-    return any(span[0] < e and s < span[1] for s, e in taken)
+class _Taken:
+    """Character positions already claimed by a finding: one byte per character, so checking a new
+    span costs its length, not the number of earlier findings (a list scan is quadratic on a row
+    full of PII)."""
+
+    def __init__(self, n: int):
+        self.mask = bytearray(n)
+
+    def claim(self, start: int, end: int) -> bool:
+        if self.mask.find(1, start, end) != -1:
+            return False
+        self.mask[start:end] = b"\x01" * (end - start)
+        return True
 
 
 def find_pii(text: str, hints: tuple[bool, bool, bool, bool] | None = None) -> list[PiiMatch]:
@@ -107,11 +118,10 @@ def find_pii(text: str, hints: tuple[bool, bool, bool, bool] | None = None) -> l
     if hints is None:
         hints = ("@" in text, _IBAN_HINT.search(text) is not None, text.count(":") >= 2, True)
     found: list[PiiMatch] = []
-    taken: list[tuple[int, int]] = []
+    taken = _Taken(len(text))
 
     def add(kind: str, m: re.Match) -> None:
-        if not _overlaps(m.span(), taken):
-            taken.append(m.span())
+        if taken.claim(*m.span()):
             found.append(PiiMatch(kind, m.start(), m.end(), mask(m.group(), kind)))
 
     if hints[0]:
@@ -200,9 +210,21 @@ def _block_flags(block: list[bytes]) -> np.ndarray:
     return flags
 
 
+def _text_hints(text: str) -> np.ndarray:
+    return np.array([["@" in text, _IBAN_HINT.search(text) is not None, text.count(":") >= 2, True]])
+
+
 def _hints(texts: Sequence[str], block_bytes: int = 1 << 16) -> np.ndarray:
     out, block, size = [], [], 0
     for t in texts:
+        if len(t) > block_bytes:
+            # A long text alone: the scalar checks of find_pii, as the byte-wise prefilter would
+            # hold several arrays of 1-8 bytes per byte of it.
+            if block:
+                out.append(_block_flags(block))
+                block, size = [], 0
+            out.append(_text_hints(t))
+            continue
         block.append(t.encode("utf-8", "surrogatepass"))
         size += len(block[-1])
         if size >= block_bytes:

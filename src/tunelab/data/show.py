@@ -2,6 +2,10 @@
 
 The preview calls the objective's own ``encode`` — the function the trainer uses — so what is shown
 is what is trained, not a re-implementation that could drift from it.
+
+Only the first ``n`` rows are read, and with a ``max_length`` every text is first cut to a
+character bound that still yields more than ``max_length`` tokens, so a preview of a huge row
+costs what the preview shows, not what the row holds.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from typing import Any
 
 from rich.text import Text
 
+from tunelab.data.audit import no_rows_reason
+from tunelab.data.formats import FormatError, detect_file_format, to_canonical
+from tunelab.data.loaders import DataError, LoadReport, iter_records
 from tunelab.data.templates import IGNORE_INDEX, encode_prompt, select_template, split_prompt_answer
 from tunelab.objectives.base import Dropped
 from tunelab.objectives.sft import SftConfig, SftObjective
-from tunelab.train.data import read_canonical
+
+TOKEN_MARGIN = 16  # extra tokens' worth of characters kept past max_length (template tokens etc.)
 
 
 @dataclass
@@ -72,14 +80,20 @@ def preview_examples(
     template: str | None = None,
     objective: SftConfig | None = None,
     data: DataShowConfig | None = None,
+    rows: list[tuple[int, dict]] | None = None,
 ) -> tuple[list[Preview], list[str]]:
-    """The first ``n`` examples of ``path`` encoded by the SFT objective, plus template warnings."""
+    """The first ``n`` examples of ``path`` encoded by the SFT objective, plus template warnings.
+    ``rows``: those examples already read by :func:`first_examples` (the CLI reads them before it
+    loads a tokenizer, so bad input fails fast)."""
     data = data or DataShowConfig()
+    if rows is None:
+        rows = first_examples(path, n, data.format, data.columns)
     notes = select_template(tokenizer, template)
     sft = SftObjective(objective or SftConfig(), tokenizer, data)
-    rows, _, _ = read_canonical(path, data.format, data.columns)
+    bound = char_bound(tokenizer, data.max_length)
     previews = []
-    for row, example in rows[:n]:
+    for row, example in rows:
+        example = cut_texts(example, bound)
         encoded = sft.encode(row, example)
         if isinstance(encoded, Dropped):
             previews.append(Preview(row, [], [], [], dropped=encoded.reason))
@@ -97,6 +111,54 @@ def preview_examples(
             preview.warnings.append(mismatch)
         previews.append(preview)
     return previews, notes
+
+
+def first_examples(path: str, n: int, fmt: str, columns: dict[str, str] | None) -> list[tuple[int, dict]]:
+    """The first ``n`` rows of ``path`` in canonical shape, reading no further than needed."""
+    load = LoadReport()
+    out: list[tuple[int, dict]] = []
+    detected = None if fmt == "auto" else fmt
+    if n == 0:
+        return out
+    for row, record in iter_records(path, report=load):
+        detected = detected or detect_file_format(path, row, record, columns or None)
+        try:
+            out.append((row, to_canonical(record, detected, columns or None)))
+        except FormatError as e:
+            raise DataError(path, row, "", str(e)) from None
+        if len(out) >= n:
+            break
+    if not out:
+        raise DataError(path, 0, "", no_rows_reason(load))
+    return out
+
+
+def char_bound(tokenizer: Any, max_length: int | None) -> int | None:
+    """Characters of text that surely give more than ``max_length`` tokens: no token of the
+    vocabulary is longer than the longest vocabulary entry (byte-level entries have one character
+    per byte, so decoded text is never longer)."""
+    if not max_length:
+        return None
+    try:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=64)
+    except (AttributeError, TypeError, NotImplementedError):
+        longest = 64
+    return (max_length + TOKEN_MARGIN) * max(longest, 1)
+
+
+def cut_texts(example: dict[str, Any], bound: int | None) -> dict[str, Any]:
+    """``example`` with every text cut to ``bound`` characters (the rest is past the window anyway)."""
+    if bound is None:
+        return example
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str):
+            return value[:bound]
+        if isinstance(value, list):
+            return [{**m, "content": cut(m.get("content"))} if isinstance(m, dict) else cut(m) for m in value]
+        return value
+
+    return {k: cut(v) for k, v in example.items()}
 
 
 def render_preview(preview: Preview) -> Text:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from tunelab.data import neardup
-from tunelab.data.audit import text_hash
-from tunelab.data.formats import FormatError, canonical_text, detect_format, prompt_text, to_canonical
-from tunelab.data.loaders import DataError, iter_records
+from tunelab.data.audit import no_rows_reason, text_hash
+from tunelab.data.formats import FormatError, canonical_text, detect_file_format, prompt_text, to_canonical
+from tunelab.data.loaders import DataError, LoadReport, iter_records
+from tunelab.data.outputs import atomic_open, check_output_dir, check_outputs
 
 __all__ = ["SPLIT_NAMES", "STRATEGIES", "split", "parse_ratios", "split_names"]
 
@@ -31,11 +34,15 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 def parse_ratios(text: str | tuple[float, ...] | list[float]) -> tuple[float, ...]:
     """``"0.8,0.1,0.1"`` -> (0.8, 0.1, 0.1); two or three positive ratios summing to 1."""
-    vals = tuple(float(x) for x in (text.split(",") if isinstance(text, str) else text))
-    if not 2 <= len(vals) <= 3 or any(v <= 0 for v in vals) or abs(sum(vals) - 1) > 1e-6:
-        raise ValueError(
-            f"ratios must be 2 or 3 positive numbers summing to 1, e.g. 0.8,0.1,0.1; got {text!r}"
-        )
+    shown = text if isinstance(text, str) else ",".join(map(str, text))
+    problem = f"--ratios must be 2 or 3 positive numbers summing to 1, e.g. 0.8,0.1,0.1; got '{shown}'"
+    try:
+        vals = tuple(float(x) for x in (text.split(",") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
+        raise ValueError(problem) from None
+    bad = any(not v > 0 or v == float("inf") for v in vals)  # "not >" also catches nan
+    if not 2 <= len(vals) <= 3 or bad or abs(sum(vals) - 1) > 1e-6:
+        raise ValueError(problem)
     return vals
 
 
@@ -89,6 +96,90 @@ def _cut(units: list[int], sizes: np.ndarray, ratios: tuple[float, ...]) -> dict
     return dict(zip(units, which.tolist(), strict=True))
 
 
+@dataclass
+class _Rows:
+    """What the first pass keeps per row: no text, only hashes, keys, labels and signatures."""
+
+    rows: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    prompts: list[Any] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)
+    sigs: list[np.ndarray] = field(default_factory=list)
+
+
+def _key_value(rec: dict, row: int, key: str, by: str, path: str) -> Any:
+    if rec.get(key) is None:
+        what = f"column '{key}' is null" if key in rec else f"missing key column '{key}'"
+        raise DataError(path, row, "", f"{what}; --key needs a value in every row")
+    return _timestamp(rec[key], row, key, path) if by == "time" else json.dumps(rec[key])
+
+
+def _read(path: str, fmt: str | None, columns: dict[str, str] | None, by: str, key: str | None) -> _Rows:
+    """Pass 1: hash, key and label every row; MinHash signatures 8192 texts at a time."""
+    load = LoadReport()
+    r = _Rows()
+    texts: list[str] = []
+    for row, rec in iter_records(path, report=load):
+        r.rows.append(row)
+        if fmt is None:
+            fmt = detect_file_format(path, row, rec, columns)
+        try:
+            c = to_canonical(rec, fmt, columns)
+            text, prompt = canonical_text(c), prompt_text(c)
+        except FormatError:
+            c, text = {}, json.dumps(rec, sort_keys=True, ensure_ascii=False)
+            prompt = text
+        texts.append(text)
+        r.hashes.append(text_hash(text))
+        # Rows asking the same question stay together too (else the audit reports prompt leaks).
+        r.prompts.append(text_hash(prompt) if prompt.strip() else ("row", row))
+        if key is not None:
+            r.keys.append(_key_value(rec, row, key, by, path))
+        r.labels.append(json.dumps(rec[key]) if (by == "stratified" and key) else c.get("label"))
+        if len(texts) >= 8192:
+            r.sigs.append(neardup.minhash(texts))
+            texts.clear()
+    if texts:
+        r.sigs.append(neardup.minhash(texts))
+    if not r.rows:
+        raise DataError(path, 0, "", no_rows_reason(load))
+    if by == "stratified" and any(lab is None for lab in r.labels):
+        raise ValueError("--by stratified needs classification data (a label) or --key COLUMN")
+    return r
+
+
+def _units(r: _Rows, by: str, near_threshold: float) -> np.ndarray:
+    """Unit of each row: near-duplicate clusters + exact duplicates + identical prompts + shared keys."""
+    all_sigs = np.concatenate(r.sigs) if r.sigs else np.zeros((0, 128), np.uint32)
+    unit = neardup.near_duplicates(all_sigs, near_threshold).labels
+    for keys in (r.hashes, r.prompts, *([r.keys] if by == "group" else [])):
+        unit = _union(unit, *_edges_from_keys(keys))
+    return unit
+
+
+def _assign(unit: np.ndarray, r: _Rows, by: str, seed: int, ratios: tuple[float, ...]) -> np.ndarray:
+    """Split index of each row: whole units cut by cumulative share, in the order ``by`` asks."""
+    sizes = np.bincount(unit, minlength=len(unit))
+    roots = np.flatnonzero(sizes)
+    rng = np.random.default_rng(seed)
+    assign: dict[int, int] = {}
+    if by == "time":
+        first_time: dict[int, float] = {}
+        for k, u in enumerate(unit.tolist()):
+            first_time[u] = min(first_time.get(u, np.inf), r.keys[k])
+        assign = _cut(sorted(roots.tolist(), key=lambda u: (first_time[u], u)), sizes, ratios)
+    elif by == "stratified":
+        by_label: dict[str, list[int]] = {}
+        for u in roots.tolist():
+            by_label.setdefault(r.labels[u], []).append(u)
+        for _lab, us in sorted(by_label.items()):
+            assign.update(_cut(rng.permutation(us).tolist(), sizes, ratios))
+    else:
+        assign = _cut(rng.permutation(roots).tolist(), sizes, ratios)
+    return np.array([assign[u] for u in unit.tolist()], dtype=np.int64)
+
+
 def split(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -100,104 +191,46 @@ def split(
     fmt: str | None = None,
     columns: dict[str, str] | None = None,
     near_threshold: float = 0.8,
+    overwrite: bool = False,
 ) -> dict:
     """Split ``path`` into ``train.jsonl``, ``validation.jsonl`` [, ``test.jsonl``] under ``out_dir``.
 
     ``by``: random | stratified (by the label, or by ``key``) | group (rows sharing ``key`` stay
     together) | time (``key`` is a timestamp; oldest rows go to train). Returns a summary, also
-    written to ``out_dir/split.json``.
+    written to ``out_dir/split.json``. Outputs are checked before any work: an input is never
+    overwritten, an existing file only with ``overwrite`` (see :mod:`tunelab.data.outputs`).
     """
     ratios = parse_ratios(ratios)
     if by not in STRATEGIES:
-        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got {by!r}")
+        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got '{by}'")
     if by in ("group", "time") and not key:
         raise ValueError(f"--by {by} needs --key COLUMN")
-    path_s = str(path)
-    texts, hashes, prompts, keys, labels, rows = [], [], [], [], [], []
-    sigs = []
-    for row, rec in iter_records(path):
-        rows.append(row)
-        if fmt is None:
-            fmt = detect_format(rec, columns)
-        try:
-            c = to_canonical(rec, fmt, columns)
-            text, prompt = canonical_text(c), prompt_text(c)
-        except FormatError:
-            c, text = {}, json.dumps(rec, sort_keys=True, ensure_ascii=False)
-            prompt = text
-        texts.append(text)
-        hashes.append(text_hash(text))
-        # Rows asking the same question stay together too (else the audit reports prompt leaks).
-        prompts.append(text_hash(prompt) if prompt.strip() else ("row", row))
-        if key is not None:
-            if rec.get(key) is None:
-                raise DataError(
-                    path_s, row, json.dumps(rec, ensure_ascii=False)[:80], f"missing key column '{key}'"
-                )
-            keys.append(_timestamp(rec[key], row, key, path_s) if by == "time" else json.dumps(rec[key]))
-        labels.append(json.dumps(rec[key]) if (by == "stratified" and key) else c.get("label"))
-        if len(texts) >= 8192:
-            sigs.append(neardup.minhash(texts))
-            texts.clear()
-    if texts:
-        sigs.append(neardup.minhash(texts))
-    n = len(rows)
-    if by == "stratified" and any(lab is None for lab in labels):
-        raise ValueError("--by stratified needs classification data (a label) or --key COLUMN")
-    # Units: near-duplicate clusters + exact duplicates + identical prompts + shared keys.
-    all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, 128), np.uint32)
-    res = neardup.near_duplicates(all_sigs, near_threshold)
-    unit = res.labels
-    ei, ej = _edges_from_keys(hashes)
-    unit = _union(unit, ei, ej)
-    pi, pj = _edges_from_keys(prompts)
-    unit = _union(unit, pi, pj)
-    if by == "group":
-        gi, gj = _edges_from_keys(keys)
-        unit = _union(unit, gi, gj)
-    sizes = np.bincount(unit, minlength=n)
-    roots = np.flatnonzero(sizes)
-    rng = np.random.default_rng(seed)
-    assign: dict[int, int] = {}
-    if by == "time":
-        first_time = {}
-        for k, u in enumerate(unit.tolist()):
-            first_time[u] = min(first_time.get(u, np.inf), keys[k])
-        assign = _cut(sorted(roots.tolist(), key=lambda u: (first_time[u], u)), sizes, ratios)
-    elif by == "stratified":
-        by_label: dict[str, list[int]] = {}
-        for u in roots.tolist():
-            by_label.setdefault(labels[u], []).append(u)
-        for _lab, us in sorted(by_label.items()):
-            assign.update(_cut(rng.permutation(us).tolist(), sizes, ratios))
-    else:
-        assign = _cut(rng.permutation(roots).tolist(), sizes, ratios)
-    which = np.array([assign[u] for u in unit.tolist()], dtype=np.int64) if n else np.zeros(0, np.int64)
-    names = split_names(len(ratios))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    names = split_names(len(ratios))
     files = {name: out / f"{name}.jsonl" for name in names}
-    handles = {name: open(f.with_name(f.name + ".tmp"), "w", encoding="utf-8") for name, f in files.items()}  # noqa: SIM115
-    try:
+    check_output_dir(out)
+    check_outputs([path], [*files.values(), out / "split.json"], overwrite=overwrite)
+    r = _read(str(path), fmt, columns, by, key)
+    unit = _units(r, by, near_threshold)
+    which = _assign(unit, r, by, seed, ratios)
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        handles = {name: stack.enter_context(atomic_open(f)) for name, f in files.items()}
         for i, (_row, rec) in enumerate(iter_records(path)):
             handles[names[which[i]]].write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        for h in handles.values():
-            h.close()
-    for f in files.values():
-        os.replace(f.with_name(f.name + ".tmp"), f)
-    counts = np.bincount(which, minlength=len(names)).tolist()
+    n, n_units = len(r.rows), int(np.count_nonzero(np.bincount(unit, minlength=len(unit))))
     summary = {
-        "input": path_s,
+        "input": str(path),
         "by": by,
         "key": key,
         "seed": seed,
         "ratios": list(ratios),
         "rows": n,
-        "units": int(len(roots)),
-        "rows_in_shared_units": int(n - len(roots)),
+        "units": n_units,
+        "rows_in_shared_units": n - n_units,
         "files": {name: str(f) for name, f in files.items()},
-        "counts": dict(zip(names, counts, strict=True)),
+        "counts": dict(zip(names, np.bincount(which, minlength=len(names)).tolist(), strict=True)),
     }
-    (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_open(out / "split.json") as fh:
+        fh.write(json.dumps(summary, indent=2) + "\n")
     return summary
