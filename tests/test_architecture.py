@@ -25,7 +25,6 @@ KNOWN: set[str] = {
     "cycle among: tunelab.data.mixing, tunelab.train.engine, tunelab.train.rl",
     "layer: tunelab.data.mixing imports tunelab.train.data",
     "layer: tunelab.data.mixing imports tunelab.train.engine",
-    "layer: tunelab.data.show imports tunelab.train.data",
     "private: tunelab.train.rl imports tunelab.train.engine._progress",
 }
 

@@ -185,3 +185,15 @@ def test_library_progress_bars_are_off_in_logs() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
     )
     assert done.stdout.strip() == "''", done.stdout + done.stderr
+
+
+def test_status_and_progress_labels_are_not_markup_on_a_terminal() -> None:
+    """rich's spinner and default progress columns parse markup even on a markup-free console."""
+    buffer = io.StringIO()
+    console = make_console(file=buffer, force_terminal=True, width=200)
+    with console.status("exporting runs/[/]x"):
+        pass
+    with progress(console, "eval [/]:smile:", 2) as advance:
+        advance(2)
+    console.print("after")  # reached: neither raised MarkupError
+    assert "after" in buffer.getvalue()

@@ -68,6 +68,10 @@ class TunelabConsole(Console):
             kwargs.setdefault("soft_wrap", True)
         super().print(*objects, **kwargs)
 
+    def status(self, status, **kwargs):
+        # rich's spinner parses a str status as markup whatever the console's setting; ours never is.
+        return super().status(Text(status) if isinstance(status, str) else status, **kwargs)
+
     def rule(self, title="", **kwargs) -> None:
         # A rule fills the width; at the unlimited width it would be a megabyte of dashes.
         if self.size.width < UNLIMITED:
@@ -153,9 +157,11 @@ class PlainProgress:
 def progress(console: Console, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """Yield `advance(n)`: a transient rich bar on a terminal, plain lines (PlainProgress) otherwise."""
     if console.is_terminal and not console.is_dumb_terminal:
-        from rich.progress import Progress
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(console=console, transient=True) as bar:
+        # The label may hold user text (a model name); rich's default description column parses markup.
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
             task = bar.add_task(label, total=total)
             yield lambda n=1: bar.advance(task, n)
         return
