@@ -197,3 +197,26 @@ def test_status_and_progress_labels_are_not_markup_on_a_terminal() -> None:
         advance(2)
     console.print("after")  # reached: neither raised MarkupError
     assert "after" in buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data", "clean", "x.jsonl", "-o", "y.jsonl", "--min-length", "abc"], "'--min-length'"),
+        (["data", "audit"], "Missing argument 'file'"),
+        (["train", "--nproc", "0"], "'--nproc'"),
+        (["no-such-stage"], "No such command 'no-such-stage'"),
+    ],
+)
+def test_usage_errors_are_one_line_from_the_real_entry_point(args: list[str], expected: str) -> None:
+    """typer printed a multi-line usage box for a bad option value; `tunelab` prints one error line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
+    assert "--help" in lines[0]

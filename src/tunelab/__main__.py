@@ -1,5 +1,5 @@
 """`python -m tunelab` = the `tunelab` command."""
 
-from tunelab.cli import app
+from tunelab.cli import run
 
-app(prog_name="tunelab")
+run()

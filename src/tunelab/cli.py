@@ -281,3 +281,32 @@ def demo(
     from tunelab.demo import run_demo
 
     run_demo(runs_dir=runs_dir, n_train=n_train, n_eval=n_eval, overrides=set_, console=out)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The `tunelab` entry point: the typer app, with its usage errors (a bad option value, a missing
+    argument) as one `error:` line on stderr and exit 2, like every other input error, instead of
+    typer's multi-line usage box."""
+    import sys
+
+    try:
+        code = app(args=argv, prog_name="tunelab", standalone_mode=False)
+    except typer.Abort:
+        err.print("aborted")
+        code = 130
+    except Exception as e:
+        # typer vendors click privately (typer._click), so its exception classes have no public name;
+        # click's ClickException interface (format_message, exit_code, ctx) is the stable contract.
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        code = _usage_error(e)
+    sys.exit(code or 0)
+
+
+def _usage_error(e: Exception) -> int:
+    if type(e).__name__ == "NoArgsIsHelpError":  # `tunelab data`: typer has printed the group's help
+        return 2
+    ctx = getattr(e, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    err.print(labelled("error", f"{e.format_message()}{where}"))
+    return e.exit_code
