@@ -11,13 +11,13 @@ import pytest
 
 from tunelab.data.mixing import (
     TaskSpec,
-    evaluate_per_task,
     load_task,
     mix_tasks,
     tag_row,
     task_probabilities,
     write_mixture,
 )
+from tunelab.evaluate.tasks import evaluate_per_task
 
 
 def rows(prefix: str, n: int) -> list[dict]:
@@ -114,7 +114,7 @@ def test_write_mixture_and_per_task_eval(tmp_path: Path) -> None:
     tokenizer = build_tiny_tokenizer()
     objective = SftObjective(SftConfig(), tokenizer, DataSection(train=str(data), max_length=64))
     model = build_tiny_llama(tokenizer)
-    metrics = evaluate_per_task(model, objective, tasks, tag_template="[{task}] ")
+    metrics = evaluate_per_task(model, objective, tasks, loss=evaluate_loss, tag_template="[{task}] ")
     assert set(metrics) == {"a/eval_loss", "a/eval_perplexity", "b/eval_loss", "b/eval_perplexity"}
 
     def loss_of(rows: list[dict]) -> float:

@@ -1,4 +1,5 @@
-"""Multi-task data: several datasets mixed into one training set, with per-task evaluation.
+"""Multi-task data: several datasets mixed into one training set (per-task evaluation of the
+mixture is :mod:`tunelab.evaluate.tasks`).
 
 Each task's share of the mixture comes from explicit weights (``p_i ∝ w_i``) or from
 temperature-based sampling over dataset sizes (``p_i ∝ n_i^(1/T)``; T=1 keeps natural
@@ -16,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tunelab.data.canonical import read_canonical
 
 DEFAULT_TAG = "[{task}] "
 
@@ -131,8 +134,6 @@ def load_task(
     name: str, path: str, weight: float = 1.0, fmt: str = "auto", columns: dict[str, str] | None = None
 ) -> TaskSpec:
     """A task from a data file, its rows in canonical form (so tasks of different formats can mix)."""
-    from tunelab.train.data import read_canonical  # noqa: PLC0415
-
     rows, _, _ = read_canonical(path, fmt, columns)
     return TaskSpec(name, [example for _, example in rows], weight)
 
@@ -154,34 +155,3 @@ def write_mixture(mixed: Sequence[tuple[str, dict[str, Any]]], path: str | Path)
     )
     tasks_path.write_text("".join(f"{t}\n" for t, _ in mixed), encoding="utf-8")
     return rows_path, tasks_path
-
-
-def evaluate_per_task(
-    model: Any,
-    objective: Any,
-    eval_tasks: Sequence[TaskSpec],
-    *,
-    batch_size: int = 16,
-    device: Any = "cpu",
-    tag_template: str | None = None,
-) -> dict[str, float]:
-    """``{"<task>/eval_loss": ..., "<task>/eval_perplexity": ...}`` for each task's eval rows.
-
-    Rows are canonical examples (as :func:`load_task` gives), tagged like the training mixture,
-    encoded by the run's objective; rows the objective drops are skipped.
-    """
-    from tunelab.objectives.base import Dropped  # noqa: PLC0415
-    from tunelab.train.engine import evaluate_loss  # noqa: PLC0415
-
-    metrics: dict[str, float] = {}
-    for task in eval_tasks:
-        tag = tag_template.format(task=task.name) if tag_template else None
-        encoded = [objective.encode(i, tag_row(r, tag) if tag else r) for i, r in enumerate(task.rows)]
-        features = [e for e in encoded if not isinstance(e, Dropped)]
-        for f in features:
-            f.pop("truncated", None)
-        if not features:
-            raise ValueError(f"task '{task.name}': every eval example was dropped by the objective")
-        for key, value in evaluate_loss(model, objective, features, batch_size, device).items():
-            metrics[f"{task.name}/{key}"] = value
-    return metrics

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "NGRAM",
+    "NUM_PERM",
     "NearDupResult",
     "minhash",
     "lsh_params",
@@ -24,6 +26,9 @@ __all__ = [
     "near_duplicates",
     "cross_duplicates",
 ]
+
+NUM_PERM = 128  # MinHash width: the estimator's error is about 0.2/sqrt(NUM_PERM/32)
+NGRAM = 3  # words per shingle
 
 _U64 = np.uint64
 _EMPTY = np.uint32(0xFFFFFFFF)
@@ -168,7 +173,9 @@ def _long_signature(hasher: _Hasher, buf: bytes) -> np.ndarray:
     return sig
 
 
-def minhash(texts: Iterable[str], *, num_perm: int = 128, ngram: int = 3, seed: int = 0) -> np.ndarray:
+def minhash(
+    texts: Iterable[str], *, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed: int = 0
+) -> np.ndarray:
     """MinHash signatures, shape ``(len(texts), num_perm)``, uint32.
 
     Text is lower-cased and split into words at whitespace and ASCII punctuation; shingles are
@@ -299,8 +306,8 @@ def near_duplicates(
     texts: Sequence[str] | np.ndarray,
     threshold: float = 0.8,
     *,
-    num_perm: int = 128,
-    ngram: int = 3,
+    num_perm: int = NUM_PERM,
+    ngram: int = NGRAM,
     seed: int = 0,
 ) -> NearDupResult:
     """Find near-duplicate pairs and clusters among ``texts`` (or precomputed signatures)."""

@@ -10,12 +10,12 @@ from typing import Any, Literal
 from rich.console import Console
 
 from tunelab.console import make_console, progress
+from tunelab.data.canonical import read_canonical
 from tunelab.data.formats import prompt_text, target_text
 from tunelab.data.templates import select_template, split_prompt_answer
 from tunelab.evaluate.lm import LMEval, evaluate_conversations
 from tunelab.evaluate.metrics import accuracy, exact_match, normalise_answer
 from tunelab.models.load import MODEL_CLASSES, load_model
-from tunelab.train.data import read_canonical
 
 FINAL_META = "tunelab.json"
 MAX_INFERRED_LABELS = 20

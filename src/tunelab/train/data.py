@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import FormatError, detect_format, to_canonical
-from tunelab.data.loaders import DataError, LoadReport, iter_records
+from tunelab.data.canonical import read_canonical
+from tunelab.data.loaders import DataError
 from tunelab.objectives.base import Dropped, Objective
 from tunelab.runs.atomic import append_jsonl
 
@@ -38,29 +38,6 @@ class PreparedSplit:
             "examples_truncated": self.truncated,
             "examples_used": len(self.features),
         }
-
-
-def read_canonical(
-    path: str,
-    fmt: str = "auto",
-    columns: dict[str, str] | None = None,
-    *,
-    skip_bad: bool = False,
-    rejects_path: Path | None = None,
-) -> tuple[list[tuple[int, dict[str, Any]]], LoadReport, str]:
-    """Load a data file and map each row to its canonical shape; errors name the file and row."""
-    report = LoadReport()
-    records = list(iter_records(path, skip_bad=skip_bad, rejects_path=rejects_path, report=report))
-    if not records:
-        raise DataError(path, 0, "", "no usable rows")
-    detected = detect_format(records[0][1].keys(), columns or None) if fmt == "auto" else fmt
-    out = []
-    for row, record in records:
-        try:
-            out.append((row, to_canonical(record, detected, columns or None)))
-        except FormatError as err:
-            raise DataError(path, row, str(record), str(err)) from None
-    return out, report, detected
 
 
 def prepare_split(

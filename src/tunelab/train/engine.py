@@ -24,9 +24,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
-from tunelab.data.mixing import evaluate_per_task, load_task, mix_tasks, tag_row, write_mixture
+from tunelab.data.mixing import load_task, mix_tasks, tag_row, write_mixture
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.data.templates import select_template
+from tunelab.evaluate.tasks import evaluate_per_task
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.lr_structure import structure_learning_rates
 from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
@@ -547,6 +548,7 @@ class Trainer:
                 self.model,
                 self.objective,
                 self.eval_tasks,
+                loss=evaluate_loss,
                 batch_size=self.recipe.eval.batch_size,
                 device=self.accelerator.device,
                 tag_template=self.recipe.data.mixing.tag,

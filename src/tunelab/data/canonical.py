@@ -1,0 +1,199 @@
+"""Canonical rows from data files: read whole (for training) or streamed in chunks (for audit, clean
+and split), with the normalised hashes and MinHash signatures that duplicate checks compare.
+
+:func:`read_canonical` loads a whole file into canonical examples; a row that does not fit the
+format is an error naming the file and row. :func:`stream_canonical` reads a file once, ``CHUNK``
+rows at a time, and yields each chunk's canonical rows with their text hashes (and, on request,
+prompt hashes and MinHash signatures); texts are dropped chunk by chunk, so a caller that keeps
+only hashes and signatures keeps memory bounded by those, not by the size of the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.data import neardup
+from tunelab.data.formats import (
+    FormatError,
+    canonical_text,
+    detect_file_format,
+    detect_format,
+    prompt_text,
+    to_canonical,
+)
+from tunelab.data.loaders import DataError, LoadReport, iter_records
+
+__all__ = [
+    "CHUNK",
+    "LONG_TEXT",
+    "CanonicalChunk",
+    "normalize_text",
+    "read_canonical",
+    "stream_canonical",
+    "text_hash",
+]
+
+CHUNK = 8192  # rows canonicalised, hashed and MinHashed at a time (the texts of one chunk in memory)
+LONG_TEXT = 1 << 20  # texts over this many characters are normalised window by window
+
+_SPACES = re.compile(r"\s+")  # the same whitespace as str.split() (both use str.isspace)
+_WINDOW = 1 << 16  # characters normalised at a time in a long text
+
+
+def read_canonical(
+    path: str,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    *,
+    skip_bad: bool = False,
+    rejects_path: Path | None = None,
+) -> tuple[list[tuple[int, dict[str, Any]]], LoadReport, str]:
+    """Load a data file and map each row to its canonical shape; errors name the file and row."""
+    report = LoadReport()
+    records = list(iter_records(path, skip_bad=skip_bad, rejects_path=rejects_path, report=report))
+    if not records:
+        raise DataError(path, 0, "", "no usable rows")
+    detected = detect_format(records[0][1].keys(), columns or None) if fmt == "auto" else fmt
+    out = []
+    for row, record in records:
+        try:
+            out.append((row, to_canonical(record, detected, columns or None)))
+        except FormatError as err:
+            raise DataError(path, row, str(record), str(err)) from None
+    return out, report, detected
+
+
+def normalize_text(text: str) -> str:
+    """Light normalisation for exact-duplicate checks: NFKC, case-folded, whitespace collapsed."""
+    if len(text) <= LONG_TEXT:
+        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return "".join(_normalized_pieces(text))
+
+
+def _normalized_pieces(text: str) -> Iterator[str]:
+    """:func:`normalize_text` of a long text in pieces, without a list of one string per word (about
+    12x the text's size). Pieces end just after whitespace, a starter that NFKC never composes with
+    what follows, so normalising piece by piece gives the same text; spaces at piece boundaries
+    are collapsed through ``pending``."""
+    emitted, pending, start = False, False, 0
+    while start < len(text):
+        end = min(start + _WINDOW, len(text))
+        if end < len(text):
+            cut = _SPACES.search(text, end)  # extend to the next whitespace (none: to the end)
+            end = cut.start() + 1 if cut else len(text)
+        piece = _SPACES.sub(" ", unicodedata.normalize("NFKC", text[start:end]).casefold())
+        start = end
+        core = piece.strip(" ")
+        if not core:
+            pending = pending or bool(piece)
+            continue
+        if emitted and (pending or piece[0] == " "):
+            yield " "
+        yield core
+        emitted, pending = True, piece[-1] == " "
+
+
+def text_hash(text: str) -> int:
+    """64-bit hash of the normalised text (signed, so it fits numpy int64)."""
+    h = hashlib.blake2b(digest_size=8)
+    if len(text) <= LONG_TEXT:
+        h.update(normalize_text(text).encode("utf-8", "surrogatepass"))
+    else:
+        for piece in _normalized_pieces(text):
+            h.update(piece.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _hashes(texts: list[str]) -> np.ndarray:
+    return np.fromiter((text_hash(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
+@dataclass
+class CanonicalChunk:
+    """One chunk of a file: the records as read and, for those that fit the format, their canonical
+    form, text and hashes. ``index[k]`` is the position in ``records`` of canonical row ``k``."""
+
+    records: list[tuple[int, dict]]
+    fmt: str
+    index: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    canon: list[dict] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (position in records, message)
+    prompts: list[str] | None = None
+    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    prompt_hashes: np.ndarray | None = None
+    sigs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What :func:`stream_canonical` computes besides canonical rows and text hashes."""
+
+    prompts: bool = False  # prompt texts and their hashes
+    signatures: bool = True  # MinHash signatures of the texts
+    num_perm: int = neardup.NUM_PERM
+    ngram: int = neardup.NGRAM
+    # A row that does not fit the format is kept as the example ``{}`` with this text (and prompt)
+    # instead of only being listed in ``errors``; None: it is only listed.
+    fallback: Callable[[dict], str] | None = None
+
+
+def stream_canonical(
+    records: Iterable[tuple[int, dict]],
+    fmt: str | None,
+    columns: dict[str, str] | None,
+    *,
+    source: str = "<records>",
+    chunk: int = CHUNK,
+    options: StreamOptions = StreamOptions(),
+) -> Iterator[CanonicalChunk]:
+    """Chunks of ``chunk`` ``(row, record)`` pairs, canonicalised. With ``fmt`` None the format is
+    detected from the first record, as soon as it is read (so a file whose first row names no
+    known column fails there, before any later row is read)."""
+    it = iter(records)
+    first = next(it, None)
+    if first is None:
+        return
+    if fmt is None:
+        fmt = detect_file_format(source, first[0], first[1], columns)
+    it = chain([first], it)
+    while part := list(islice(it, chunk)):
+        yield _canonical_chunk(part, fmt, columns, options)
+
+
+def _canonical_chunk(
+    records: list[tuple[int, dict]], fmt: str, columns: dict[str, str] | None, opt: StreamOptions
+) -> CanonicalChunk:
+    ch = CanonicalChunk(records, fmt)
+    prompts: list[str] = []
+    for k, (row, rec) in enumerate(records):
+        try:
+            c = to_canonical(rec, fmt, columns)
+            text, prompt = canonical_text(c), (prompt_text(c) if opt.prompts else "")
+        except FormatError as e:
+            ch.errors.append((k, str(e)))
+            if opt.fallback is None:
+                continue
+            c, text = {}, opt.fallback(rec)
+            prompt = text
+        ch.index.append(k)
+        ch.rows.append(row)
+        ch.canon.append(c)
+        ch.texts.append(text)
+        prompts.append(prompt)
+    ch.hashes = _hashes(ch.texts)
+    if opt.prompts:
+        ch.prompts, ch.prompt_hashes = prompts, _hashes(prompts)
+    if opt.signatures:
+        ch.sigs = neardup.minhash(ch.texts, num_perm=opt.num_perm, ngram=opt.ngram)
+    return ch
