@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from tunelab.data import audit, neardup, pii
+from tunelab.data import audit, canonical, neardup, pii
 
 
 def _words(n: int, seed: int = 0) -> str:
@@ -63,8 +63,8 @@ def test_normalised_hash_in_pieces_equals_the_whole(monkeypatch):
     ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(400))) for _ in range(1000)]
     expected = [(audit.normalize_text(t), audit.text_hash(t)) for t in texts]
-    monkeypatch.setattr(audit, "LONG_TEXT", 8)
-    monkeypatch.setattr(audit, "_WINDOW", 5)
+    monkeypatch.setattr(canonical, "LONG_TEXT", 8)  # normalize_text and text_hash live in canonical
+    monkeypatch.setattr(canonical, "_WINDOW", 5)
     assert [(audit.normalize_text(t), audit.text_hash(t)) for t in texts] == expected
 
 

@@ -8,27 +8,24 @@ whose schema is documented in ``docs/data.md`` and versioned by ``schema_version
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
 
 from tunelab.data import neardup, pii
-from tunelab.data.formats import (
-    FormatError,
-    canonical_text,
-    detect_file_format,
-    prompt_text,
-    target_text,
-    to_canonical,
+from tunelab.data.canonical import (
+    LONG_TEXT,
+    CanonicalChunk,
+    StreamOptions,
+    normalize_text,
+    stream_canonical,
+    text_hash,
 )
+from tunelab.data.formats import canonical_text, target_text
 from tunelab.data.loaders import DataError, LoadReport, iter_records
 
 __all__ = [
@@ -44,58 +41,11 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 EXAMPLES = 5
-CHUNK = 8192
 SHORT_WORDS = 3  # a full example with fewer words than this is a "too short" outlier
 LONG_FACTOR = 10  # ... and one longer than this many times the median is "too long"
-LONG_TEXT = 1 << 20  # texts over this many characters are measured window by window
-TOKEN_TEXT = 1 << 20  # ... and their token counts estimated from this many leading characters
+TOKEN_TEXT = 1 << 20  # token counts of longer texts are estimated from this many leading characters
 
 Progress = Callable[[str, int], None]
-
-
-_SPACES = re.compile(r"\s+")  # the same whitespace as str.split() (both use str.isspace)
-_WINDOW = 1 << 16  # characters normalised at a time in a long text
-
-
-def normalize_text(text: str) -> str:
-    """Light normalisation for exact-duplicate checks: NFKC, case-folded, whitespace collapsed."""
-    if len(text) <= LONG_TEXT:
-        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-    return "".join(_normalized_pieces(text))
-
-
-def _normalized_pieces(text: str) -> Iterator[str]:
-    """:func:`normalize_text` of a long text in pieces, without a list of one string per word (about
-    12x the text's size). Pieces end just after whitespace, a starter that NFKC never composes with
-    what follows, so normalising piece by piece gives the same text; spaces at piece boundaries
-    are collapsed through ``pending``."""
-    emitted, pending, start = False, False, 0
-    while start < len(text):
-        end = min(start + _WINDOW, len(text))
-        if end < len(text):
-            cut = _SPACES.search(text, end)  # extend to the next whitespace (none: to the end)
-            end = cut.start() + 1 if cut else len(text)
-        piece = _SPACES.sub(" ", unicodedata.normalize("NFKC", text[start:end]).casefold())
-        start = end
-        core = piece.strip(" ")
-        if not core:
-            pending = pending or bool(piece)
-            continue
-        if emitted and (pending or piece[0] == " "):
-            yield " "
-        yield core
-        emitted, pending = True, piece[-1] == " "
-
-
-def text_hash(text: str) -> int:
-    """64-bit hash of the normalised text (signed, so it fits numpy int64)."""
-    h = hashlib.blake2b(digest_size=8)
-    if len(text) <= LONG_TEXT:
-        h.update(normalize_text(text).encode("utf-8", "surrogatepass"))
-    else:
-        for piece in _normalized_pieces(text):
-            h.update(piece.encode("utf-8", "surrogatepass"))
-    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 _SPACE = np.zeros(256, dtype=bool)
@@ -206,6 +156,15 @@ class _Rows:
     sigs: list[np.ndarray] = field(default_factory=list)
     empty_text: list[np.ndarray] = field(default_factory=list)
 
+    def add(self, ch: CanonicalChunk) -> None:
+        self.row.append(np.asarray(ch.rows, dtype=np.int64))
+        self.hash.append(ch.hashes)
+        self.prompt_hash.append(ch.prompt_hashes)
+        self.empty_text.append(
+            np.fromiter((not t.strip() for t in ch.texts), dtype=bool, count=len(ch.texts))
+        )
+        self.sigs.append(ch.sigs)
+
     def arrays(self, num_perm: int) -> dict[str, np.ndarray]:
         cat = {
             "row": np.concatenate(self.row) if self.row else np.zeros(0, np.int64),
@@ -215,31 +174,6 @@ class _Rows:
         }
         cat["sigs"] = np.concatenate(self.sigs) if self.sigs else np.zeros((0, num_perm), np.uint32)
         return cat
-
-
-def _chunks(it: Iterable[tuple[int, dict]], size: int) -> Iterator[list[tuple[int, dict]]]:
-    it = iter(it)
-    while chunk := list(islice(it, size)):
-        yield chunk
-
-
-def _canonicalise(
-    chunk: list[tuple[int, dict]],
-    fmt: str,
-    columns: dict[str, str] | None,
-    errors: list[dict],
-    n_err: list[int],
-) -> tuple[list[int], list[dict]]:
-    rows, canon = [], []
-    for row, rec in chunk:
-        try:
-            canon.append(to_canonical(rec, fmt, columns))
-            rows.append(row)
-        except FormatError as e:
-            n_err[0] += 1
-            if len(errors) < EXAMPLES:
-                errors.append({"row": row, "error": str(e)})
-    return rows, canon
 
 
 @dataclass
@@ -275,7 +209,7 @@ class _TrainStats:
         self.kept = _Rows()
         self.n = 0
         self.fmt_errors: list[dict] = []
-        self.n_fmt_errors = [0]
+        self.n_fmt_errors = 0
         self.col_counts: dict[str, Counter] = {}
         self.col_examples: dict[str, list[int]] = {}
         self.shapes: dict[tuple, int] = {}  # (column, type) signature -> id
@@ -314,21 +248,20 @@ class _TrainStats:
         self.shape_id.append(ids)
         self.all_rows.append(np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk)))
 
-    def canonical(self, rows: list[int], canon: list[dict], fmt: str) -> None:
-        texts = [canonical_text(c) for c in canon]
-        prompts = [prompt_text(c) for c in canon]
+    def format_errors(self, ch: CanonicalChunk) -> None:
+        """Rows that do not fit the format: counted, the first few kept as examples."""
+        self.n_fmt_errors += len(ch.errors)
+        for k, message in ch.errors[: max(0, EXAMPLES - len(self.fmt_errors))]:
+            self.fmt_errors.append({"row": ch.records[k][0], "error": message})
+
+    def canonical(self, ch: CanonicalChunk) -> None:
+        rows, canon, texts, prompts = ch.rows, ch.canon, ch.texts, ch.prompts
         targets = [target_text(c) for c in canon]
-        self.kept.row.append(np.asarray(rows, dtype=np.int64))
-        self.kept.hash.append(np.fromiter((text_hash(t) for t in texts), dtype=np.int64, count=len(texts)))
-        self.kept.prompt_hash.append(
-            np.fromiter((text_hash(t) for t in prompts), dtype=np.int64, count=len(texts))
-        )
-        self.kept.empty_text.append(np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts)))
-        self.kept.sigs.append(neardup.minhash(texts, num_perm=self.s.num_perm, ngram=self.s.ngram))
-        self._lengths(rows, canon, prompts, targets, fmt, texts)
+        self.kept.add(ch)
+        self._lengths(rows, canon, prompts, targets, ch.fmt, texts)
         self._hygiene(rows, texts)
         self._pii(rows, texts)
-        self._targets(rows, canon, targets, fmt)
+        self._targets(rows, canon, targets, ch.fmt)
 
     def _measure(self, texts: Sequence[str]) -> np.ndarray:
         if self.s.tokenizer is not None:
@@ -542,8 +475,8 @@ def audit_records(
     tokenizer: Any = None,
     max_length: int | None = None,
     near_threshold: float = 0.8,
-    num_perm: int = 128,
-    ngram: int = 3,
+    num_perm: int = neardup.NUM_PERM,
+    ngram: int = neardup.NGRAM,
     progress: Progress | None = None,
     source: str = "<records>",
 ) -> dict:
@@ -553,14 +486,14 @@ def audit_records(
     """
     s = _Settings(fmt, columns, tokenizer, max_length, near_threshold, num_perm, ngram)
     st = _TrainStats(s)
-    for chunk in _chunks(records, CHUNK):
-        if s.fmt is None:
-            s.fmt = detect_file_format(source, chunk[0][0], chunk[0][1], columns)
-        st.raw(chunk)
-        rows, canon = _canonicalise(chunk, s.fmt, columns, st.fmt_errors, st.n_fmt_errors)
-        if canon:
-            st.canonical(rows, canon, s.fmt)
-        st.n += len(chunk)
+    options = StreamOptions(prompts=True, num_perm=num_perm, ngram=ngram)
+    for ch in stream_canonical(records, fmt, columns, source=source, options=options):
+        s.fmt = ch.fmt
+        st.raw(ch.records)
+        st.format_errors(ch)
+        if ch.canon:
+            st.canonical(ch)
+        st.n += len(ch.records)
         if progress:
             progress("train", st.n)
     fmt = s.fmt or (fmt or "text")
@@ -569,45 +502,41 @@ def audit_records(
         progress("near-duplicates", st.n)
     reps, exact = _exact(arr)
     near = _near(arr, reps, near_threshold)
-    leakage = []
-    for name, recs in (eval_sets or {}).items():
-        ev = _Rows()
-        done = 0
-        ev_errors: list[dict] = []
-        n_ev_errors = [0]
-        for chunk in _chunks(recs, CHUNK):
-            rows, canon = _canonicalise(chunk, fmt, columns, ev_errors, n_ev_errors)
-            texts = [canonical_text(c) for c in canon]
-            ev.row.append(np.asarray(rows, dtype=np.int64))
-            ev.hash.append(np.fromiter((text_hash(t) for t in texts), dtype=np.int64, count=len(texts)))
-            ev.prompt_hash.append(
-                np.fromiter((text_hash(prompt_text(c)) for c in canon), dtype=np.int64, count=len(texts))
-            )
-            ev.empty_text.append(np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts)))
-            ev.sigs.append(neardup.minhash(texts, num_perm=num_perm, ngram=ngram))
-            done += len(chunk)
-            if progress:
-                progress(f"eval {name}", done)
-        lk = _leakage(arr, reps, ev.arrays(num_perm), near_threshold)
-        leakage.append({"eval_file": name, **lk, "format_errors": n_ev_errors[0]})
+    leakage = [
+        _eval_leakage(name, recs, fmt, s, (arr, reps), options, progress)
+        for name, recs in (eval_sets or {}).items()
+    ]
     return _report(st, arr, fmt, source, exact, near, leakage)
+
+
+def _eval_leakage(
+    name: str,
+    records: Iterable[tuple[int, dict]],
+    fmt: str,
+    s: _Settings,
+    train: tuple[dict[str, np.ndarray], np.ndarray],
+    options: StreamOptions,
+    progress: Progress | None,
+) -> dict:
+    """Stream one eval file (in the training file's format) and check it against the training rows
+    ``train`` (their arrays and keep-first representatives)."""
+    ev = _Rows()
+    done = n_errors = 0
+    for ch in stream_canonical(records, fmt, s.columns, source=name, options=options):
+        n_errors += len(ch.errors)
+        ev.add(ch)
+        done += len(ch.records)
+        if progress:
+            progress(f"eval {name}", done)
+    lk = _leakage(*train, ev.arrays(s.num_perm), s.near_threshold)
+    return {"eval_file": name, **lk, "format_errors": n_errors}
 
 
 def _report(
     st: _TrainStats, arr: dict, fmt: str, source: str, exact: dict, near: dict, leakage: list
 ) -> dict:
     s = st.s
-    lengths = np.concatenate(st.lengths) if st.lengths else np.zeros(0, np.int64)
-    words = np.concatenate(st.words) if st.words else np.zeros(0, np.int64)
-    long_limit = LONG_FACTOR * max(float(np.median(words)) if len(words) else 0.0, 1.0)
-    long_idx = np.flatnonzero(words > long_limit)
     unit = "tokens" if s.tokenizer is not None else "words"
-    labels = None
-    if fmt == "classification":
-        counts = dict(sorted(st.labels.items(), key=lambda kv: (-kv[1], kv[0])))
-        vals = list(counts.values())
-        labels = {"counts": counts, "imbalance_ratio": round(max(vals) / min(vals), 3) if vals else None}
-    chat_like = fmt not in ("text", "classification")
     report = {
         "schema_version": SCHEMA_VERSION,
         "file": source,
@@ -621,49 +550,72 @@ def _report(
             "num_perm": s.num_perm,
             "ngram": s.ngram,
         },
-        "format_errors": {"rows": st.n_fmt_errors[0], "examples": st.fmt_errors},
+        "format_errors": {"rows": st.n_fmt_errors, "examples": st.fmt_errors},
         "completeness": _completeness(st),
         "schema": _schema(st),
         "exact_duplicates": exact,
         "near_duplicates": near,
         "leakage": leakage,
-        "lengths": {
-            "unit": unit,
-            **_summary(lengths),
-            "over_max_length": st.found_n["over"] if s.max_length else None,
-            "over_examples": st.found["over"],
-            "response_cut_entirely": st.found_n["cut"] if s.max_length and chat_like else None,
-            "cut_examples": st.found["cut"],
-        },
-        "labels": labels,
+        "lengths": _lengths_section(st, fmt, unit),
+        "labels": _labels_section(st) if fmt == "classification" else None,
         "preference": {"chosen_equals_rejected": st.found_n["pref_equal"], "examples": st.found["pref_equal"]}
         if fmt == "preference"
         else None,
         "empty_targets": {"rows": st.found_n["empty_target"], "examples": st.found["empty_target"]},
-        "hygiene": {
-            "control_chars": {"rows": st.hyg_n["control"], "examples": st.hyg["control"]},
-            "mojibake": {"rows": st.hyg_n["mojibake"], "examples": st.hyg["mojibake"]},
-            "replacement_char": {"rows": st.hyg_n["replacement"], "examples": st.hyg["replacement"]},
-            "too_short": {"rows": st.hyg_n["short"], "min_words": SHORT_WORDS, "examples": st.hyg["short"]},
-            "too_long": {
-                "rows": int(len(long_idx)),
-                "max_words": long_limit,
-                "examples": arr["row"][long_idx[:EXAMPLES]].tolist(),
-            },
-            "mostly_non_ascii": {"rows": st.hyg_n["non_ascii"]},
-        },
-        "pii": {
-            kind: {
-                "occurrences": st.pii_n[kind]["occurrences"],
-                "rows": st.pii_n[kind]["rows"],
-                "row_numbers": st.pii_rows[kind][:100],
-                "examples": st.pii_examples[kind],
-            }
-            for kind in pii.PII_KINDS
-        },
+        "hygiene": _hygiene_section(st, arr),
+        "pii": _pii_section(st),
     }
     report["blocking"] = blocking_problems(report)
     return report
+
+
+def _lengths_section(st: _TrainStats, fmt: str, unit: str) -> dict:
+    lengths = np.concatenate(st.lengths) if st.lengths else np.zeros(0, np.int64)
+    chat_like = fmt not in ("text", "classification")
+    return {
+        "unit": unit,
+        **_summary(lengths),
+        "over_max_length": st.found_n["over"] if st.s.max_length else None,
+        "over_examples": st.found["over"],
+        "response_cut_entirely": st.found_n["cut"] if st.s.max_length and chat_like else None,
+        "cut_examples": st.found["cut"],
+    }
+
+
+def _labels_section(st: _TrainStats) -> dict:
+    counts = dict(sorted(st.labels.items(), key=lambda kv: (-kv[1], kv[0])))
+    vals = list(counts.values())
+    return {"counts": counts, "imbalance_ratio": round(max(vals) / min(vals), 3) if vals else None}
+
+
+def _hygiene_section(st: _TrainStats, arr: dict) -> dict:
+    words = np.concatenate(st.words) if st.words else np.zeros(0, np.int64)
+    long_limit = LONG_FACTOR * max(float(np.median(words)) if len(words) else 0.0, 1.0)
+    long_idx = np.flatnonzero(words > long_limit)
+    return {
+        "control_chars": {"rows": st.hyg_n["control"], "examples": st.hyg["control"]},
+        "mojibake": {"rows": st.hyg_n["mojibake"], "examples": st.hyg["mojibake"]},
+        "replacement_char": {"rows": st.hyg_n["replacement"], "examples": st.hyg["replacement"]},
+        "too_short": {"rows": st.hyg_n["short"], "min_words": SHORT_WORDS, "examples": st.hyg["short"]},
+        "too_long": {
+            "rows": int(len(long_idx)),
+            "max_words": long_limit,
+            "examples": arr["row"][long_idx[:EXAMPLES]].tolist(),
+        },
+        "mostly_non_ascii": {"rows": st.hyg_n["non_ascii"]},
+    }
+
+
+def _pii_section(st: _TrainStats) -> dict:
+    return {
+        kind: {
+            "occurrences": st.pii_n[kind]["occurrences"],
+            "rows": st.pii_n[kind]["rows"],
+            "row_numbers": st.pii_rows[kind][:100],
+            "examples": st.pii_examples[kind],
+        }
+        for kind in pii.PII_KINDS
+    }
 
 
 def audit(
