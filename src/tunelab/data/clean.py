@@ -12,14 +12,16 @@ import json
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tunelab.data import neardup, pii
-from tunelab.data.audit import byte_stats, count_tokens, no_rows_reason, text_hash
-from tunelab.data.formats import FormatError, canonical_text, detect_file_format, target_text, to_canonical
+from tunelab.data.audit import byte_stats, count_tokens, no_rows_reason
+from tunelab.data.canonical import CanonicalChunk, StreamOptions, stream_canonical
+from tunelab.data.formats import target_text
 from tunelab.data.loaders import DataError, LoadReport, iter_records
 from tunelab.data.outputs import atomic_open, check_outputs
 
@@ -54,6 +56,19 @@ def redact_record(value: Any) -> tuple[Any, Counter]:
     return value, counts
 
 
+@dataclass
+class _Pass1:
+    """What the first pass keeps: no text, only decisions, labels, hashes and signatures."""
+
+    rows: list[int] = field(default_factory=list)  # row number of every record, in order
+    drops: dict[int, dict] = field(default_factory=dict)  # record index -> why it is dropped
+    labels: list[str | None] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)  # indices still kept after per-row filters
+    hashes: list[int] = field(default_factory=list)  # ... their text hashes
+    sigs: list[np.ndarray] = field(default_factory=list)  # ... and MinHash signatures, in order
+    fmt: str | None = None
+
+
 def _decide(
     path: str | os.PathLike,
     fmt: str | None,
@@ -71,71 +86,82 @@ def _decide(
     rejects_path: Path | None,
 ) -> tuple[list[int], dict[int, dict], list[str | None], str]:
     """Pass 1: row numbers in order, drop decisions by row index, and labels."""
-    rows: list[int] = []
-    drops: dict[int, dict] = {}
-    labels: list[str | None] = []
-    hashes: list[int] = []
-    sigs: list[np.ndarray] = []
-    candidates: list[int] = []  # indices still kept after the per-row filters
-    texts: list[str] = []
-    idx_buf: list[int] = []
-
-    def flush() -> None:
-        if not texts:
-            return
-        if min_length is not None or max_length is not None:
-            n = count_tokens(tokenizer, texts) if tokenizer is not None else byte_stats(texts)["words"]
-            for k, length in zip(list(idx_buf), n.tolist(), strict=True):
-                if min_length is not None and length < min_length:
-                    drops[k] = {"reason": "too_short", "length": length}
-                elif max_length is not None and length > max_length:
-                    drops[k] = {"reason": "too_long", "length": length}
-        keep = [j for j, k in enumerate(idx_buf) if k not in drops]
-        if near and keep:
-            sigs.append(neardup.minhash([texts[j] for j in keep]))
-        for j in keep:
-            candidates.append(idx_buf[j])
-            hashes.append(text_hash(texts[j]))
-        texts.clear()
-        idx_buf.clear()
-
+    p = _Pass1(fmt=fmt)
     records = iter_records(path, skip_bad=skip_bad, report=load, rejects_path=rejects_path)
-    for i, (row, rec) in enumerate(records):
-        rows.append(row)
-        if fmt is None:
-            fmt = detect_file_format(str(path), row, rec, columns)
-        try:
-            c = to_canonical(rec, fmt, columns)
-        except FormatError as e:
-            drops[i] = {"reason": "format_error", "error": str(e)}
-            labels.append(None)
-            continue
-        labels.append(c.get("label"))
+    for ch in stream_canonical(
+        records, fmt, columns, source=str(path), options=StreamOptions(signatures=near)
+    ):
+        p.fmt = ch.fmt
+        keep = _row_filters(ch, p, drop_empty_targets)
+        keep = _length_filter(ch, keep, p, (min_length, max_length), tokenizer)
+        offset, sel = len(p.rows), np.asarray(keep, dtype=np.intp)
+        p.candidates += [offset + ch.index[j] for j in keep]
+        p.hashes += ch.hashes[sel].tolist()
+        if near and keep:
+            p.sigs.append(ch.sigs[sel])
+        p.rows += [row for row, _ in ch.records]
+    _drop_duplicates(p, exact, near, near_threshold)
+    return p.rows, p.drops, p.labels, p.fmt or "text"
+
+
+def _row_filters(ch: CanonicalChunk, p: _Pass1, drop_empty_targets: bool) -> list[int]:
+    """Drop the chunk's rows that do not fit the format (and, if asked, those with an empty
+    target); note every record's label. Returns the positions in ``ch.canon`` still kept."""
+    offset = len(p.rows)
+    labels: list[str | None] = [None] * len(ch.records)
+    for k, message in ch.errors:
+        p.drops[offset + k] = {"reason": "format_error", "error": message}
+    keep = []
+    for j, (k, c) in enumerate(zip(ch.index, ch.canon, strict=True)):
+        labels[k] = c.get("label")
         t = target_text(c)
         if drop_empty_targets and t is not None and not t.strip():
-            drops[i] = {"reason": "empty_target"}
-            continue
-        texts.append(canonical_text(c))
-        idx_buf.append(i)
-        if len(texts) >= 8192:
-            flush()
-    flush()
+            p.drops[offset + k] = {"reason": "empty_target"}
+        else:
+            keep.append(j)
+    p.labels += labels
+    return keep
+
+
+def _length_filter(
+    ch: CanonicalChunk, keep: list[int], p: _Pass1, bounds: tuple[int | None, int | None], tokenizer: Any
+) -> list[int]:
+    """Drop kept rows shorter than ``min_length`` or longer than ``max_length`` (words, or tokens
+    with a tokenizer); returns the positions still kept."""
+    min_length, max_length = bounds
+    if (min_length is None and max_length is None) or not keep:
+        return keep
+    texts = [ch.texts[j] for j in keep]
+    n = count_tokens(tokenizer, texts) if tokenizer is not None else byte_stats(texts)["words"]
+    offset, still = len(p.rows), []
+    for j, length in zip(keep, n.tolist(), strict=True):
+        if min_length is not None and length < min_length:
+            p.drops[offset + ch.index[j]] = {"reason": "too_short", "length": length}
+        elif max_length is not None and length > max_length:
+            p.drops[offset + ch.index[j]] = {"reason": "too_long", "length": length}
+        else:
+            still.append(j)
+    return still
+
+
+def _drop_duplicates(p: _Pass1, exact: bool, near: bool, near_threshold: float) -> None:
+    """Drop exact duplicates, then near duplicates among the rest; the first of each is kept."""
     first_of: dict[int, int] = {}
     survivors = []
-    for k, h in zip(candidates, hashes, strict=True):
+    for k, h in zip(p.candidates, p.hashes, strict=True):
         if exact and h in first_of:
-            drops[k] = {"reason": "exact_duplicate", "duplicate_of": rows[first_of[h]]}
+            p.drops[k] = {"reason": "exact_duplicate", "duplicate_of": p.rows[first_of[h]]}
         else:
             first_of.setdefault(h, k)
             survivors.append(k)
     if near and survivors:
-        all_sigs = np.concatenate(sigs)
-        pos = {k: j for j, k in enumerate(candidates)}
+        all_sigs = np.concatenate(p.sigs)
+        pos = {k: j for j, k in enumerate(p.candidates)}
         sel = np.array([pos[k] for k in survivors])
         res = neardup.near_duplicates(all_sigs[sel], near_threshold)
         for j in res.redundant_rows():
-            drops[survivors[j]] = {"reason": "near_duplicate", "duplicate_of": rows[survivors[res.labels[j]]]}
-    return rows, drops, labels, fmt or "text"
+            first = p.rows[survivors[res.labels[j]]]
+            p.drops[survivors[j]] = {"reason": "near_duplicate", "duplicate_of": first}
 
 
 def _rebalance(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from tunelab.data import neardup
-from tunelab.data.audit import no_rows_reason, text_hash
-from tunelab.data.formats import FormatError, canonical_text, detect_file_format, prompt_text, to_canonical
+from tunelab.data.audit import no_rows_reason
+from tunelab.data.canonical import StreamOptions, stream_canonical
 from tunelab.data.loaders import DataError, LoadReport, iter_records
 from tunelab.data.outputs import atomic_open, check_output_dir, check_outputs
 
@@ -115,33 +116,39 @@ def _key_value(rec: dict, row: int, key: str, by: str, path: str) -> Any:
     return _timestamp(rec[key], row, key, path) if by == "time" else json.dumps(rec[key])
 
 
+def _record_text(rec: dict) -> str:
+    # A row that does not fit the format is still split: its whole record stands in for its text.
+    return json.dumps(rec, sort_keys=True, ensure_ascii=False)
+
+
+def _keyed(
+    records: Iterator[tuple[int, dict]], r: _Rows, key: str, by: str, path: str
+) -> Iterator[tuple[int, dict]]:
+    """Pass records through, noting each one's ``key`` value. The value is read just after the
+    record is handed on, so a bad one fails after the format is detected from the first row and
+    before the next row is read, as if each row were handled whole before reading the next."""
+    for row, rec in records:
+        yield row, rec
+        r.keys.append(_key_value(rec, row, key, by, path))
+
+
 def _read(path: str, fmt: str | None, columns: dict[str, str] | None, by: str, key: str | None) -> _Rows:
-    """Pass 1: hash, key and label every row; MinHash signatures 8192 texts at a time."""
+    """Pass 1: hash, key and label every row, with MinHash signatures, one chunk at a time."""
     load = LoadReport()
     r = _Rows()
-    texts: list[str] = []
-    for row, rec in iter_records(path, report=load):
-        r.rows.append(row)
-        if fmt is None:
-            fmt = detect_file_format(path, row, rec, columns)
-        try:
-            c = to_canonical(rec, fmt, columns)
-            text, prompt = canonical_text(c), prompt_text(c)
-        except FormatError:
-            c, text = {}, json.dumps(rec, sort_keys=True, ensure_ascii=False)
-            prompt = text
-        texts.append(text)
-        r.hashes.append(text_hash(text))
+    records: Iterator[tuple[int, dict]] = iter_records(path, report=load)
+    if key is not None:
+        records = _keyed(records, r, key, by, path)
+    options = StreamOptions(prompts=True, fallback=_record_text)
+    for ch in stream_canonical(records, fmt, columns, source=path, options=options):
+        r.rows += ch.rows
+        r.hashes += ch.hashes.tolist()
         # Rows asking the same question stay together too (else the audit reports prompt leaks).
-        r.prompts.append(text_hash(prompt) if prompt.strip() else ("row", row))
-        if key is not None:
-            r.keys.append(_key_value(rec, row, key, by, path))
-        r.labels.append(json.dumps(rec[key]) if (by == "stratified" and key) else c.get("label"))
-        if len(texts) >= 8192:
-            r.sigs.append(neardup.minhash(texts))
-            texts.clear()
-    if texts:
-        r.sigs.append(neardup.minhash(texts))
+        for h, prompt, row in zip(ch.prompt_hashes.tolist(), ch.prompts, ch.rows, strict=True):
+            r.prompts.append(h if prompt.strip() else ("row", row))
+        for (_, rec), c in zip(ch.records, ch.canon, strict=True):  # with a fallback, every record
+            r.labels.append(json.dumps(rec[key]) if (by == "stratified" and key) else c.get("label"))
+        r.sigs.append(ch.sigs)
     if not r.rows:
         raise DataError(path, 0, "", no_rows_reason(load))
     if by == "stratified" and any(lab is None for lab in r.labels):
@@ -151,7 +158,7 @@ def _read(path: str, fmt: str | None, columns: dict[str, str] | None, by: str, k
 
 def _units(r: _Rows, by: str, near_threshold: float) -> np.ndarray:
     """Unit of each row: near-duplicate clusters + exact duplicates + identical prompts + shared keys."""
-    all_sigs = np.concatenate(r.sigs) if r.sigs else np.zeros((0, 128), np.uint32)
+    all_sigs = np.concatenate(r.sigs) if r.sigs else np.zeros((0, neardup.NUM_PERM), np.uint32)
     unit = neardup.near_duplicates(all_sigs, near_threshold).labels
     for keys in (r.hashes, r.prompts, *([r.keys] if by == "group" else [])):
         unit = _union(unit, *_edges_from_keys(keys))
@@ -200,24 +207,16 @@ def split(
     written to ``out_dir/split.json``. Outputs are checked before any work: an input is never
     overwritten, an existing file only with ``overwrite`` (see :mod:`tunelab.data.outputs`).
     """
-    ratios = parse_ratios(ratios)
-    if by not in STRATEGIES:
-        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got '{by}'")
-    if by in ("group", "time") and not key:
-        raise ValueError(f"--by {by} needs --key COLUMN")
+    ratios = _check_strategy(ratios, by, key)
     out = Path(out_dir)
-    names = split_names(len(ratios))
-    files = {name: out / f"{name}.jsonl" for name in names}
+    files = {name: out / f"{name}.jsonl" for name in split_names(len(ratios))}
     check_output_dir(out)
     check_outputs([path], [*files.values(), out / "split.json"], overwrite=overwrite)
     r = _read(str(path), fmt, columns, by, key)
     unit = _units(r, by, near_threshold)
     which = _assign(unit, r, by, seed, ratios)
     out.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        handles = {name: stack.enter_context(atomic_open(f)) for name, f in files.items()}
-        for i, (_row, rec) in enumerate(iter_records(path)):
-            handles[names[which[i]]].write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _write(path, files, which)
     n, n_units = len(r.rows), int(np.count_nonzero(np.bincount(unit, minlength=len(unit))))
     summary = {
         "input": str(path),
@@ -229,8 +228,27 @@ def split(
         "units": n_units,
         "rows_in_shared_units": n - n_units,
         "files": {name: str(f) for name, f in files.items()},
-        "counts": dict(zip(names, np.bincount(which, minlength=len(names)).tolist(), strict=True)),
+        "counts": dict(zip(files, np.bincount(which, minlength=len(files)).tolist(), strict=True)),
     }
     with atomic_open(out / "split.json") as fh:
         fh.write(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_strategy(ratios: str | tuple[float, ...], by: str, key: str | None) -> tuple[float, ...]:
+    """The parsed ratios, once ``by`` is known and has the ``key`` it needs."""
+    parsed = parse_ratios(ratios)
+    if by not in STRATEGIES:
+        raise ValueError(f"--by must be one of {', '.join(STRATEGIES)}, got '{by}'")
+    if by in ("group", "time") and not key:
+        raise ValueError(f"--by {by} needs --key COLUMN")
+    return parsed
+
+
+def _write(path: str | os.PathLike, files: dict[str, Path], which: np.ndarray) -> None:
+    """Pass 2: each row to its split's file, in its original shape and order."""
+    names = list(files)
+    with ExitStack() as stack:
+        handles = {name: stack.enter_context(atomic_open(f)) for name, f in files.items()}
+        for i, (_row, rec) in enumerate(iter_records(path)):
+            handles[names[which[i]]].write(json.dumps(rec, ensure_ascii=False) + "\n")
