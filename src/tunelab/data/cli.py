@@ -107,6 +107,20 @@ def _ex(rows: list) -> str:
     return ", ".join(str(r) for r in rows[:5])
 
 
+class _Checks:
+    """The audit's main table: one row per check, its count coloured by how bad a hit is."""
+
+    def __init__(self) -> None:
+        self.table = Table(title="Audit", show_lines=False)
+        self.table.add_column("check")
+        self.table.add_column("found", justify="right")
+        self.table.add_column("example rows / detail")
+
+    def add(self, name: str, n: Any, detail: str = "", bad: bool = False) -> None:
+        style = "red" if bad and n else ("yellow" if n else "green")
+        self.table.add_row(name, styled(str(n), style), detail)
+
+
 def render_audit(report: dict, console: Console = out) -> None:
     """Print an audit report as rich tables (user text, such as the file name, printed as written)."""
     head = Text(report["file"], style="bold")
@@ -115,66 +129,66 @@ def render_audit(report: dict, console: Console = out) -> None:
     if report["rows_rejected"]:
         head.append(f", {report['rows_rejected']} unreadable rows skipped")
     console.print(head)
-    t = Table(title="Audit", show_lines=False)
-    t.add_column("check")
-    t.add_column("found", justify="right")
-    t.add_column("example rows / detail")
+    checks = _Checks()
+    for section in (_shape_checks, _duplicate_checks, _target_checks, _content_checks):
+        section(checks, report)
+    console.print(checks.table)
+    console.print(_lengths_table(report["lengths"]))
+    if report["labels"]:
+        console.print(_labels_table(report["labels"]))
+    for p in report["blocking"]:
+        console.print(labelled("blocking", p))
 
-    def add(name: str, n: Any, detail: str = "", bad: bool = False) -> None:
-        style = "red" if bad and n else ("yellow" if n else "green")
-        t.add_row(name, styled(str(n), style), detail)
 
-    add(
-        "format errors",
-        report["format_errors"]["rows"],
-        _ex([e["row"] for e in report["format_errors"]["examples"]]),
-        True,
-    )
+def _shape_checks(checks: _Checks, report: dict) -> None:
+    """Rows that do not fit the format, missing or blank columns, odd keys or types."""
+    errors = report["format_errors"]
+    checks.add("format errors", errors["rows"], _ex([e["row"] for e in errors["examples"]]), True)
     for col, c in report["completeness"].items():
         n = c["missing"] + c["empty"] + c["whitespace"]
-        add(
-            f"'{col}' missing/empty/blank",
-            n,
-            f"{c['missing']}/{c['empty']}/{c['whitespace']}; rows {_ex(c['examples'])}" if n else "",
-        )
+        detail = f"{c['missing']}/{c['empty']}/{c['whitespace']}; rows {_ex(c['examples'])}" if n else ""
+        checks.add(f"'{col}' missing/empty/blank", n, detail)
     sch = report["schema"]
-    add("rows with odd keys/types", sch["inconsistent_rows"], _ex([e["row"] for e in sch["examples"]]))
+    checks.add("rows with odd keys/types", sch["inconsistent_rows"], _ex([e["row"] for e in sch["examples"]]))
+
+
+def _duplicate_checks(checks: _Checks, report: dict) -> None:
+    """Exact and near duplicates within the file, and leaks into each eval file."""
     ex = report["exact_duplicates"]
-    add("exact duplicate rows", ex["rows"], "; ".join("=".join(map(str, g)) for g in ex["examples"][:3]))
+    checks.add(
+        "exact duplicate rows", ex["rows"], "; ".join("=".join(map(str, g)) for g in ex["examples"][:3])
+    )
     nd = report["near_duplicates"]
-    add(
+    checks.add(
         f"near-duplicate rows (J≥{nd['threshold']})",
         nd["rows"],
         "; ".join(f"{a}~{b} ({e['similarity']})" for e in nd["examples"][:3] for a, b in [e["rows"]]),
     )
     for lk in report["leakage"]:
         name = Path(lk["eval_file"]).name
-        add(
-            f"leaked into {name} (exact)",
-            lk["exact"],
-            _ex([e["eval_row"] for e in lk["examples"] if e["kind"] == "exact"]),
-            True,
-        )
-        add(
-            f"leaked into {name} (near)",
-            lk["near"],
-            _ex([e["eval_row"] for e in lk["examples"] if e["kind"] == "near"]),
-            True,
-        )
-        add(f"same prompt in {name}", lk["prompt_exact"])
-    add("empty targets", report["empty_targets"]["rows"], _ex(report["empty_targets"]["examples"]), True)
+        for kind in ("exact", "near"):
+            rows = [e["eval_row"] for e in lk["examples"] if e["kind"] == kind]
+            checks.add(f"leaked into {name} ({kind})", lk[kind], _ex(rows), True)
+        checks.add(f"same prompt in {name}", lk["prompt_exact"])
+
+
+def _target_checks(checks: _Checks, report: dict) -> None:
+    """Empty targets, rows over the length limit, cut responses, identical preference pairs."""
+    empty = report["empty_targets"]
+    checks.add("empty targets", empty["rows"], _ex(empty["examples"]), True)
     ln = report["lengths"]
     if ln["over_max_length"] is not None:
-        add(
-            f"over max length ({report['settings']['max_length']} {ln['unit']})",
-            ln["over_max_length"],
-            _ex(ln["over_examples"]),
-        )
+        limit = f"{report['settings']['max_length']} {ln['unit']}"
+        checks.add(f"over max length ({limit})", ln["over_max_length"], _ex(ln["over_examples"]))
     if ln["response_cut_entirely"] is not None:
-        add("response cut entirely", ln["response_cut_entirely"], _ex(ln["cut_examples"]), True)
+        checks.add("response cut entirely", ln["response_cut_entirely"], _ex(ln["cut_examples"]), True)
     if report["preference"] is not None:
         pr = report["preference"]
-        add("chosen == rejected", pr["chosen_equals_rejected"], _ex(pr["examples"]), True)
+        checks.add("chosen == rejected", pr["chosen_equals_rejected"], _ex(pr["examples"]), True)
+
+
+def _content_checks(checks: _Checks, report: dict) -> None:
+    """Text hygiene and PII."""
     hy = report["hygiene"]
     for key, label in (
         ("control_chars", "control characters"),
@@ -183,24 +197,30 @@ def render_audit(report: dict, console: Console = out) -> None:
         ("too_short", "too short"),
         ("too_long", "too long (outliers)"),
     ):
-        add(label, hy[key]["rows"], _ex(hy[key]["examples"]))
+        checks.add(label, hy[key]["rows"], _ex(hy[key]["examples"]))
     for kind, p in report["pii"].items():
-        add(f"PII: {kind}", p["rows"], "; ".join(f"row {e['row']}: {e['masked']}" for e in p["examples"][:3]))
-    console.print(t)
-    lt = Table(title=f"Lengths ({ln['unit']})")
-    for col in ("count", "min", "mean", "p50", "p90", "p99", "max"):
-        lt.add_column(col, justify="right")
-    lt.add_row(*(str(ln[c]) for c in ("count", "min", "mean", "p50", "p90", "p99", "max")))
-    console.print(lt)
-    if report["labels"]:
-        bt = Table(title=f"Labels (imbalance ratio {report['labels']['imbalance_ratio']})")
-        bt.add_column("label")
-        bt.add_column("rows", justify="right")
-        for lab, n in report["labels"]["counts"].items():
-            bt.add_row(str(lab), str(n))
-        console.print(bt)
-    for p in report["blocking"]:
-        console.print(labelled("blocking", p))
+        found = "; ".join(f"row {e['row']}: {e['masked']}" for e in p["examples"][:3])
+        checks.add(f"PII: {kind}", p["rows"], found)
+
+
+_LENGTH_STATS = ("count", "min", "mean", "p50", "p90", "p99", "max")
+
+
+def _lengths_table(ln: dict) -> Table:
+    table = Table(title=f"Lengths ({ln['unit']})")
+    for col in _LENGTH_STATS:
+        table.add_column(col, justify="right")
+    table.add_row(*(str(ln[c]) for c in _LENGTH_STATS))
+    return table
+
+
+def _labels_table(labels: dict) -> Table:
+    table = Table(title=f"Labels (imbalance ratio {labels['imbalance_ratio']})")
+    table.add_column("label")
+    table.add_column("rows", justify="right")
+    for lab, n in labels["counts"].items():
+        table.add_row(str(lab), str(n))
+    return table
 
 
 @app.command()
@@ -304,13 +324,12 @@ def clean(
 
     with _errors():
         check_lengths(min_length, max_length)  # before loading a tokenizer
-        fmt, cols = _format(fmt), _columns(columns)
         summary = run_clean(
             file,
             output,
             changes_path=changes,
-            fmt=fmt,
-            columns=cols,
+            fmt=_format(fmt),
+            columns=_columns(columns),
             exact=exact,
             near=near,
             near_threshold=near_threshold,
@@ -324,6 +343,11 @@ def clean(
             skip_bad=skip_bad,
             overwrite=overwrite,
         )
+    _print_clean(summary, as_json)
+
+
+def _print_clean(summary: dict, as_json: bool) -> None:
+    """The clean summary: a note on stderr for skipped rows, then JSON or a table on stdout."""
     if summary["rejects"]:
         n = summary["dropped"].get("unreadable", 0)
         err.print(
