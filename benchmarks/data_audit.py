@@ -129,7 +129,7 @@ def run_ours_near(path: str, n: int, threshold: float) -> dict:
 def run_pandas_exact(path: str) -> dict:
     import pandas as pd
 
-    from tunelab.data.audit import normalize_text
+    from tunelab.data.canonical import normalize_text
     from tunelab.data.loaders import iter_records
 
     t = time.perf_counter()

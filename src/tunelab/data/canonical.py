@@ -154,12 +154,12 @@ def stream_canonical(
     columns: dict[str, str] | None,
     *,
     source: str = "<records>",
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     options: StreamOptions = StreamOptions(),
 ) -> Iterator[CanonicalChunk]:
-    """Chunks of ``chunk`` ``(row, record)`` pairs, canonicalised. With ``fmt`` None the format is
-    detected from the first record, as soon as it is read (so a file whose first row names no
-    known column fails there, before any later row is read)."""
+    """Chunks of ``chunk`` (default :data:`CHUNK`) ``(row, record)`` pairs, canonicalised. With
+    ``fmt`` None the format is detected from the first record, as soon as it is read (so a file
+    whose first row names no known column fails there, before any later row is read)."""
     it = iter(records)
     first = next(it, None)
     if first is None:
@@ -167,7 +167,8 @@ def stream_canonical(
     if fmt is None:
         fmt = detect_file_format(source, first[0], first[1], columns)
     it = chain([first], it)
-    while part := list(islice(it, chunk)):
+    size = chunk or CHUNK  # read at call time, so one setting changes every caller
+    while part := list(islice(it, size)):
         yield _canonical_chunk(part, fmt, columns, options)
 
 

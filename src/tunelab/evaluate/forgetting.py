@@ -49,8 +49,8 @@ def load_general_texts(path: str, limit: int | None = None) -> list[str]:
         raw = file.read_text(encoding="utf-8")
         texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
     else:
-        from tunelab.data.formats import canonical_text  # noqa: PLC0415
         from tunelab.data.canonical import read_canonical  # noqa: PLC0415
+        from tunelab.data.formats import canonical_text  # noqa: PLC0415
 
         rows, _, _ = read_canonical(path)
         texts = [canonical_text(example).strip() for _, example in rows]
