@@ -87,16 +87,17 @@ def recipe_show(
 @recipe_app.command("check")
 def recipe_check(paths: Annotated[list[Path], typer.Argument(help="recipe YAML files")]) -> None:
     """Validate recipes; exits non-zero if any has a problem."""
+    from tunelab.console import styled
     from tunelab.recipe import RecipeError, load_recipe
 
     failed = 0
     for path in paths:
         try:
             load_recipe(path)
-            out.print(f"[green]ok[/]  {path}")
+            out.print(styled("ok", "green") + f"  {path}", markup=False, highlight=False)
         except RecipeError as e:
             failed += 1
-            err.print(f"[red]bad[/] {e}")
+            err.print(styled("bad", "red") + f" {e}", markup=False, highlight=False)
     if failed:
         raise typer.Exit(1)
 
