@@ -211,3 +211,63 @@ def test_ppo_without_reward_names_objective_reward() -> None:
     with pytest.raises(RecipeError) as info:
         parse_recipe({**raw, "objective": {"name": "grpo", "rewrd": "f.py:g"}})
     assert "objective.rewrd: unknown key. Did you mean 'reward'?" in info.value.problems
+
+
+# -- 9: tunelab's own calls use the current transformers / PEFT APIs ----------------------------
+
+
+def _calls_from_tunelab(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """FutureWarnings whose deprecated API was called directly by a tunelab frame.
+
+    transformers warns without a stacklevel, so a warning filter on module="tunelab" alone would
+    never fire; the spy looks at who called the function that warned."""
+    import sys
+    import warnings
+
+    found: list[str] = []
+    real = warnings.warn
+
+    def spy(message, category=None, stacklevel=1, source=None, **kwargs):
+        kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(kind, FutureWarning):
+            frame = sys._getframe(1)  # the deprecated function (or its deprecation wrapper)
+            for caller in (frame.f_back, getattr(frame.f_back, "f_back", None)):
+                if caller is not None and caller.f_globals.get("__name__", "").startswith("tunelab"):
+                    found.append(f"{message} (called at {caller.f_code.co_filename}:{caller.f_lineno})")
+                    break
+        return real(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", spy)
+    return found
+
+
+@pytest.mark.slow
+def test_train_and_eval_make_no_future_warning_from_tunelab_calls(
+    tiny_recipe, tmp_path: Path, qa_rows: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    from tunelab.evaluate.compare import EvalPlan, evaluate_models
+    from tunelab.train.engine import train
+
+    found = _calls_from_tunelab(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning, module="tunelab")
+        run = train(tiny_recipe("lora", training__max_steps=1, training__gradient_checkpointing=True)).run_dir
+        train(tiny_recipe("full", training__max_steps=1, training__gradient_checkpointing=True))
+        data = _write_jsonl(tmp_path / "qa-eval.jsonl", qa_rows[:3])
+        evaluate_models([("model", str(run))], data, EvalPlan(max_examples=3, speed=True))
+    assert found == []
+
+
+def test_the_spy_sees_a_deprecated_call_made_by_tunelab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above would catch the observed call (gradient_checkpointing_enable from the engine)."""
+    from tunelab.models.load import load_model
+
+    found = _calls_from_tunelab(monkeypatch)
+    model, _ = load_model("tiny:llama", device="cpu")
+    exec(  # a frame that counts as tunelab's own code
+        compile("model.gradient_checkpointing_enable()", "tunelab-probe", "exec"),
+        {"__name__": "tunelab.probe", "model": model},
+    )
+    assert len(found) == 1 and "gradient_checkpointing_enable" in found[0]

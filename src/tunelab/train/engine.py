@@ -280,8 +280,9 @@ class Trainer:
         for key, value in prepared.notes.items():
             self.console.print(f"[yellow]note:[/] {key}: {value}", highlight=False)
         if recipe.training.gradient_checkpointing:
-            prepared.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            # transformers 5 renamed gradient checkpointing to activation checkpointing (old name warns)
+            prepared.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
             if hasattr(prepared.model, "enable_input_require_grads"):
                 prepared.model.enable_input_require_grads()
