@@ -119,8 +119,9 @@ def train(
 ) -> None:
     """Train a model as the recipe says; writes runs/<name>/ (recipe, manifest, metrics, checkpoints, final)."""
     from tunelab.recipe import RecipeError, load_recipe
-    from tunelab.runs.rundir import RunExistsError
+    from tunelab.runs.rundir import RunExistsError, RunLockedError
     from tunelab.train import distributed, engine
+    from tunelab.train.checkpoint import DiskFullError
 
     try:
         if resume is not None:
@@ -143,7 +144,7 @@ def train(
                 raise typer.Exit(distributed.launch(processes, args, run_path, err))
             with distributed.reporting_failures():
                 result = engine.train(loaded, overwrite=overwrite, console=err)
-    except (RecipeError, RunExistsError, FileNotFoundError, ValueError) as e:
+    except (RecipeError, RunExistsError, RunLockedError, DiskFullError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if not distributed.is_rank_zero():
         return
