@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -271,3 +272,269 @@ def test_the_spy_sees_a_deprecated_call_made_by_tunelab(monkeypatch: pytest.Monk
         {"__name__": "tunelab.probe", "model": model},
     )
     assert len(found) == 1 and "gradient_checkpointing_enable" in found[0]
+
+
+# -- 3: a full disk while checkpointing: clear error, last checkpoint intact --------------------
+
+TORCH_DISK_FULL = "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"
+
+
+def _fail_second_checkpoint(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """torch.save raises as on a full disk from the second checkpoint on (the first one is written)."""
+    real = torch.save
+    calls = {"checkpoints": set()}
+
+    def save(obj, path, *args, **kwargs):
+        calls["checkpoints"].add(Path(path).parent)
+        if len(calls["checkpoints"]) >= 2:
+            raise error
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError(TORCH_DISK_FULL), OSError(28, "No space left on device")], ids=["torch", "enospc"]
+)
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    from tunelab.runs.rundir import RunDir
+    from tunelab.train.checkpoint import DiskFullError
+    from tunelab.train.engine import resume, train
+
+    recipe = tiny_recipe("lora", training__max_steps=4, training__save_every=2)
+    run = RunDir(Path(recipe.output.dir) / recipe.output.name)
+    _fail_second_checkpoint(monkeypatch, error)
+    with pytest.raises(DiskFullError) as info:
+        train(recipe)
+    message = str(info.value)
+    assert message.startswith(f"disk full: could not write checkpoint step-4 in {run.path} (")
+    assert f"the last complete checkpoint, {run.checkpoint_dir(2)}, is intact" in message
+    assert f"tunelab train --resume {run.path}" in message
+    assert [p.name for p in run.checkpoints_dir.iterdir()] == ["step-2"]  # no torn step-4, no temp dir
+    assert run.read_manifest()["status"] == "failed"
+    monkeypatch.undo()  # space freed
+    assert resume(run.path).steps == 4
+
+
+def test_disk_full_from_the_cli_is_one_line_and_exit_2(
+    tmp_path: Path, qa_rows: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": _write_jsonl(tmp_path / "t.jsonl", qa_rows), "max_length": 64},
+        "method": {"name": "lora"},
+        "training": {"max_steps": 4, "batch_size": 3, "save_every": 2},
+        "output": {"dir": str(tmp_path / "runs"), "name": "full-disk"},
+    }
+    _fail_second_checkpoint(monkeypatch, RuntimeError(TORCH_DISK_FULL))
+    result = runner.invoke(app, ["train", str(_write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 2, result.output
+    # (cli.py's error console is converted to make_console elsewhere; until then rich may fold the line)
+    text = " ".join(result.output.split())
+    assert "error: disk full: could not write checkpoint step-4 in " in text and "is intact" in text
+    assert "Traceback" not in result.output
+
+
+def test_only_disk_full_errors_are_reported_as_disk_full() -> None:
+    from tunelab.train.checkpoint import is_disk_full
+
+    assert is_disk_full(RuntimeError(TORCH_DISK_FULL))
+    assert is_disk_full(OSError(28, "No space left on device"))
+    assert not is_disk_full(RuntimeError("CUDA out of memory"))
+    assert not is_disk_full(OSError(13, "Permission denied"))
+
+
+# -- 4: one process per run directory -----------------------------------------------------------
+
+
+def test_a_second_process_on_a_locked_run_is_refused_naming_the_pid(tmp_path: Path) -> None:
+    import os
+
+    from tunelab.runs.rundir import RunDir, RunLockedError
+
+    run = RunDir.create(tmp_path, "busy", lock=True)
+    run.write_recipe({"seed": 0})
+    try:
+        for kwargs in ({"resume": True}, {"overwrite": True}):
+            with pytest.raises(RunLockedError) as info:
+                RunDir.create(tmp_path, "busy", lock=True, **kwargs)  # a second open file = a second holder
+            assert info.value.pid == os.getpid()
+            assert f"in use by another tunelab process (PID {os.getpid()})" in str(info.value)
+        assert run.recipe_path.exists(), "--overwrite deleted a run that is training"
+    finally:
+        run.release()
+    RunDir.create(tmp_path, "busy", lock=True, resume=True).release()  # free again once released
+
+
+_HOLD = """
+import sys, time
+from tunelab.runs.rundir import RunDir
+run = RunDir.create(sys.argv[1], "held", lock=True)
+run.write_recipe({"seed": 0})
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tunelab.runs.rundir import LOCK_FILE, RunDir, RunLockedError
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"PID {holder.pid}"):
+            RunDir.create(tmp_path, "held", resume=True, lock=True)
+        result = runner.invoke(app, ["train", "--resume", str(tmp_path / "held")])
+        assert result.exit_code == 2 and f"(PID {holder.pid})" in result.output
+        assert "Traceback" not in result.output
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run = RunDir.create(tmp_path, "held", resume=True, lock=True)  # the stale lock is taken over
+    try:
+        assert (run.path / LOCK_FILE).read_text().strip() == str(os.getpid())
+    finally:
+        run.release()
+
+
+def test_train_holds_the_lock_while_it_runs_and_releases_it(tiny_recipe) -> None:
+    from tunelab.runs.rundir import RunDir, RunLockedError
+    from tunelab.train.engine import train
+
+    seen = []
+
+    def probe(step: int, metrics: dict, last: bool) -> None:
+        with pytest.raises(RunLockedError):
+            RunDir.create(recipe.output.dir, recipe.output.name, resume=True, lock=True)
+        seen.append(step)
+
+    recipe = tiny_recipe("lora", training__max_steps=2, training__eval_every=1)
+    result = train(recipe, on_eval=probe)
+    assert seen == [1, 2]
+    RunDir.create(result.run_dir.parent, result.run_dir.name, resume=True, lock=True).release()
+
+
+# -- 5: a run refused before training leaves no directory ---------------------------------------
+
+
+def test_a_run_failing_validation_leaves_no_directory_and_the_rerun_needs_no_overwrite(
+    tiny_recipe, tmp_path: Path
+) -> None:
+    from tunelab.train.engine import train
+    from tunelab.train.preflight import PreflightError
+
+    strict = tiny_recipe("lora", training__max_steps=1, data__strict=True)  # eval rows leak from train
+    with pytest.raises(PreflightError):
+        train(strict)
+    run_dir = Path(strict.output.dir) / strict.output.name
+    assert not run_dir.exists()
+    assert [p.name for p in Path(strict.output.dir).iterdir()] == []  # no hidden leftovers either
+    assert train(tiny_recipe("lora", training__max_steps=1)).steps == 1
+
+
+def test_a_resumed_run_failing_setup_keeps_its_directory_and_says_failed(tiny_recipe) -> None:
+    from tunelab.train.engine import resume, train
+
+    result = train(tiny_recipe("lora", training__max_steps=2, training__save_every=1))
+    data = Path(tiny_recipe("lora").data.train)
+    data.rename(data.with_suffix(".moved"))
+    with pytest.raises(ValueError, match="file not found"):
+        resume(result.run_dir)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "file not found" in manifest["error"]
+
+
+# -- 8: progress lines when stderr is not a terminal --------------------------------------------
+
+
+def test_training_off_a_terminal_prints_progress_lines(tmp_path: Path, qa_rows: list[dict]) -> None:
+    raw = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": _write_jsonl(tmp_path / "t.jsonl", qa_rows), "max_length": 64},
+        "method": {"name": "lora"},
+        "training": {"max_steps": 5, "batch_size": 3, "log_every": 2},
+        "output": {"dir": str(tmp_path / "runs"), "name": "plain"},
+    }
+    result = runner.invoke(app, ["train", str(_write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("train step ")]
+    assert [x.split()[2] for x in lines] == ["2/5", "4/5", "5/5"]  # every log_every, and the last step
+    assert all(" loss " in x and " lr " in x and " tok/s " in x and " ETA " in x for x in lines), lines
+    assert "━" not in result.output  # no bar redraws in a log file
+
+
+def test_online_training_off_a_terminal_prints_progress_lines(tmp_path: Path, qa_rows: list[dict]) -> None:
+    raw = _pair_recipe(tmp_path, "full", "grpo")
+    raw["training"] = {"max_steps": 2, "batch_size": 2}
+    result = runner.invoke(app, ["train", str(_write_recipe(tmp_path / "g.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("grpo step ")]
+    assert [x.split()[2] for x in lines] == ["1/2", "2/2"]
+    assert all(" reward " in x and " lr " in x and " ETA " in x for x in lines), lines
+
+
+def test_progress_lines_at_least_every_30_seconds_and_at_the_last_step() -> None:
+    import io
+
+    from tunelab.console import make_console
+    from tunelab.train.progress import StepProgress
+
+    stream, now = io.StringIO(), [0.0]
+    console = make_console(file=stream)
+    with StepProgress(console, "train", total=5, every=100, clock=lambda: now[0]) as progress:
+        for step, t in [(1, 10.0), (2, 31.0), (3, 40.0), (4, 50.0), (5, 55.0)]:
+            now[0] = t
+            progress.update(step, "loss 1.0")
+    lines = stream.getvalue().splitlines()
+    assert [x.split()[2] for x in lines] == ["2/5", "5/5"]
+    assert lines[0] == "train step 2/5  loss 1.0  ETA 0:00:46"  # 15.5 s a step, 3 steps to go
+
+
+# -- 10: a failed online run closes its trackers -------------------------------------------------
+
+
+def test_a_ppo_run_failing_midway_finishes_its_trackers_and_the_manifest_says_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tunelab.train.engine import train
+
+    script = tmp_path / "flaky.py"
+    script.write_text(
+        "calls = []\n"
+        "def reward(prompts, completions):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        raise RuntimeError('reward server went away')\n"
+        "    return [0.5 for _ in completions]\n"
+    )
+    raw = _pair_recipe(tmp_path, "full", "ppo")
+    raw["objective"]["reward"] = f"{script}:reward"
+    raw["training"] = {"max_steps": 4, "batch_size": 2, "report_to": ["mlflow"]}
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        train(parse_recipe(raw))
+    run_dir = tmp_path / "runs" / "full-ppo"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "reward server went away" in manifest["error"]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file:{run_dir / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "reward_mean")] == [1, 2]
+
+
+def test_rl_uses_the_engine_lifecycle_not_a_copy() -> None:
+    source = (REPO / "src" / "tunelab" / "train" / "rl.py").read_text()
+    assert "run_lifecycle(" in source and "set_status(" not in source
+    assert "from tunelab.train.engine import" in source and "_progress" not in source

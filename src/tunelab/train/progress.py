@@ -80,4 +80,4 @@ class StepProgress:
         done = step - self.first_step
         eta = (now - self.started) / done * (self.total - step) if done > 0 else 0.0
         line = f"{self.description} step {step}/{self.total}  {info}  ETA {format_eta(eta)}"
-        self.console.print(Text(line))
+        self.console.print(Text(line), soft_wrap=True)  # one line in the log, however long
