@@ -293,6 +293,7 @@ def _fail_second_checkpoint(monkeypatch: pytest.MonkeyPatch, error: BaseExceptio
     monkeypatch.setattr(torch, "save", save)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "error", [RuntimeError(TORCH_DISK_FULL), OSError(28, "No space left on device")], ids=["torch", "enospc"]
 )
@@ -318,6 +319,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(
     assert resume(run.path).steps == 4
 
 
+@pytest.mark.slow
 def test_disk_full_from_the_cli_is_one_line_and_exit_2(
     tmp_path: Path, qa_rows: list[dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -407,6 +409,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
         run.release()
 
 
+@pytest.mark.slow
 def test_train_holds_the_lock_while_it_runs_and_releases_it(tiny_recipe) -> None:
     from tunelab.runs.rundir import RunDir, RunLockedError
     from tunelab.train.engine import train
@@ -427,6 +430,7 @@ def test_train_holds_the_lock_while_it_runs_and_releases_it(tiny_recipe) -> None
 # -- 5: a run refused before training leaves no directory ---------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_failing_validation_leaves_no_directory_and_the_rerun_needs_no_overwrite(
     tiny_recipe, tmp_path: Path
 ) -> None:
@@ -442,6 +446,7 @@ def test_a_run_failing_validation_leaves_no_directory_and_the_rerun_needs_no_ove
     assert train(tiny_recipe("lora", training__max_steps=1)).steps == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_run_failing_setup_keeps_its_directory_and_says_failed(tiny_recipe) -> None:
     from tunelab.train.engine import resume, train
 
@@ -457,6 +462,7 @@ def test_a_resumed_run_failing_setup_keeps_its_directory_and_says_failed(tiny_re
 # -- 8: progress lines when stderr is not a terminal --------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_off_a_terminal_prints_progress_lines(tmp_path: Path, qa_rows: list[dict]) -> None:
     raw = {
         "model": {"name_or_path": "tiny:llama"},
@@ -473,6 +479,7 @@ def test_training_off_a_terminal_prints_progress_lines(tmp_path: Path, qa_rows: 
     assert "━" not in result.output  # no bar redraws in a log file
 
 
+@pytest.mark.slow
 def test_online_training_off_a_terminal_prints_progress_lines(tmp_path: Path, qa_rows: list[dict]) -> None:
     raw = _pair_recipe(tmp_path, "full", "grpo")
     raw["training"] = {"max_steps": 2, "batch_size": 2}
@@ -503,6 +510,7 @@ def test_progress_lines_at_least_every_30_seconds_and_at_the_last_step() -> None
 # -- 10: a failed online run closes its trackers -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_ppo_run_failing_midway_finishes_its_trackers_and_the_manifest_says_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
