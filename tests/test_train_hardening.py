@@ -124,8 +124,7 @@ def _pairs() -> list:
     marks = []
     for m in METHODS.names():
         for o in OBJECTIVES.names():
-            needs_gpu = [pytest.mark.gpu] if m == "qlora" else []
-            marks.append(pytest.param(m, o, marks=[pytest.mark.slow, *needs_gpu], id=f"{m}-{o}"))
+            marks.append(pytest.param(m, o, marks=pytest.mark.slow, id=f"{m}-{o}"))
     return marks
 
 
