@@ -145,6 +145,22 @@ def test_every_method_objective_pair_trains_a_step_or_is_refused_naming_both(
     assert result.steps == 1 and (result.run_dir / "final" / "tunelab.json").is_file()
 
 
+# -- 1: recipe values and paths print as written ------------------------------------------------
+
+
+def test_recipe_check_prints_paths_and_values_verbatim(tmp_path: Path) -> None:
+    folder = tmp_path / "[red]recipes"
+    folder.mkdir()
+    _write_jsonl(folder / "t.jsonl", [{"text": "x"}])
+    base = {"model": {"name_or_path": "tiny:llama"}, "method": {"name": "lora"}}
+    good = _write_recipe(folder / "good.yaml", {**base, "data": {"train": "t.jsonl"}})
+    bad = _write_recipe(folder / "bad.yaml", {**base, "data": {"train": "[bold]gone[/].jsonl"}})
+    result = runner.invoke(app, ["recipe", "check", str(good), str(bad)])
+    assert result.exit_code == 1
+    assert f"ok  {good}" in result.output
+    assert "data.train: [bold]gone[/].jsonl: file not found" in result.output
+
+
 # -- 6: every data file field is checked, and named ---------------------------------------------
 
 
@@ -468,10 +484,12 @@ def test_training_off_a_terminal_prints_progress_lines(tmp_path: Path, qa_rows: 
         "data": {"train": _write_jsonl(tmp_path / "t.jsonl", qa_rows), "max_length": 64},
         "method": {"name": "lora"},
         "training": {"max_steps": 5, "batch_size": 3, "log_every": 2},
-        "output": {"dir": str(tmp_path / "runs"), "name": "plain"},
+        "output": {"dir": str(tmp_path / "[bold]runs"), "name": "plain"},  # markup-like: printed as is
     }
     result = runner.invoke(app, ["train", str(_write_recipe(tmp_path / "r.yaml", raw))])
     assert result.exit_code == 0, result.output
+    run = tmp_path / "[bold]runs" / "plain"
+    assert f"run {run}: " in result.output and f"final model in {run / 'final'}" in result.output
     lines = [x for x in result.output.splitlines() if x.startswith("train step ")]
     assert [x.split()[2] for x in lines] == ["2/5", "4/5", "5/5"]  # every log_every, and the last step
     assert all(" loss " in x and " lr " in x and " tok/s " in x and " ETA " in x for x in lines), lines
