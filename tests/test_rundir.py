@@ -149,6 +149,20 @@ def test_overwrite_replaces_the_old_run(run: RunDir) -> None:
     assert fresh.checkpoints_dir.is_dir()
 
 
+def test_overwrite_can_keep_the_old_run_until_the_new_one_settles(run: RunDir) -> None:
+    run.write_recipe({"lr": 1e-4})
+    _save_checkpoint(run, 10)
+    failed = RunDir.create(run.path.parent, "exp1", overwrite=True, lock=True, keep_replaced=True)
+    assert failed.list_checkpoints() == []  # the new run starts empty
+    failed.discard()  # its checks failed: the old run comes back whole
+    assert run.read_recipe() == {"lr": 1e-4} and [s for s, _ in run.list_checkpoints()] == [10]
+    fresh = RunDir.create(run.path.parent, "exp1", overwrite=True, lock=True, keep_replaced=True)
+    fresh.settle()  # its checks passed: the old run is deleted
+    fresh.release()
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["exp1"]
+    assert not fresh.recipe_path.exists() and fresh.list_checkpoints() == []
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")

@@ -458,7 +458,14 @@ def test_a_run_failing_validation_leaves_no_directory_and_the_rerun_needs_no_ove
     run_dir = Path(strict.output.dir) / strict.output.name
     assert not run_dir.exists()
     assert [p.name for p in Path(strict.output.dir).iterdir()] == []  # no hidden leftovers either
-    assert train(tiny_recipe("lora", training__max_steps=1)).steps == 1
+    done = train(tiny_recipe("lora", training__max_steps=1))
+    assert done.steps == 1
+    # --overwrite with a run that fails its checks: the run it was to replace is still there, whole
+    with pytest.raises(PreflightError):
+        train(strict, overwrite=True)
+    assert json.loads((done.run_dir / "manifest.json").read_text())["status"] == "completed"
+    assert (done.run_dir / "final" / "tunelab.json").is_file()
+    assert [p.name for p in Path(strict.output.dir).iterdir()] == [done.run_dir.name]
 
 
 @pytest.mark.slow

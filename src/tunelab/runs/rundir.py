@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,10 +32,12 @@ from typing import Any
 import yaml
 
 from tunelab.runs.atomic import (
+    OLD_SUFFIX,
     append_jsonl,
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
+    hidden_sibling,
     remove_tree,
 )
 from tunelab.runs.manifest import read_manifest, update_manifest, utc_now
@@ -117,18 +120,28 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
         self._lock = RunLock(self._path)
+        self._replaced: Path | None = None  # an overwritten run kept aside until settle()
 
     def __repr__(self) -> str:
         return f"RunDir({str(self._path)!r})"
 
     @classmethod
     def create(
-        cls, root: str | Path, name: str, *, overwrite: bool = False, resume: bool = False, lock: bool = False
+        cls,
+        root: str | Path,
+        name: str,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        lock: bool = False,
+        keep_replaced: bool = False,
     ) -> RunDir:
         """Create (or, with ``resume``, reopen) ``root/name``; refuses to silently reuse a run.
 
         ``lock``: take the run's lock for this process (released by :meth:`release`); a run another
         process is training is then neither resumed nor overwritten (:class:`RunLockedError`).
+        ``keep_replaced``: an overwritten run is only moved aside, deleted by :meth:`settle` once the
+        new run has passed its checks, and put back by :meth:`discard` if it has not.
         """
         _check_name(name)
         if overwrite and resume:
@@ -141,13 +154,19 @@ class RunDir:
             )
         if exists and not (resume or overwrite):
             raise RunExistsError(path)
+        replaced = None
         if exists and overwrite:
             _check_looks_like_run(path)
             old = RunLock(path).acquire() if lock else None  # never delete a run that is training
-            remove_tree(path)
+            if keep_replaced:
+                replaced = hidden_sibling(path, OLD_SUFFIX)
+                os.replace(path, replaced)
+            else:
+                remove_tree(path)
             if old is not None:
                 old.release()
         run = cls(path)
+        run._replaced = replaced
         run.path.mkdir(parents=True, exist_ok=True)
         if lock:
             run._lock.acquire()
@@ -159,9 +178,19 @@ class RunDir:
         self._lock.release()
 
     def discard(self) -> None:
-        """Delete the run directory (a new run whose setup failed), then release its lock."""
+        """Delete the run directory (a new run whose setup failed), put back the run it was to
+        replace, if any, then release the lock."""
         remove_tree(self._path)
+        if self._replaced is not None:
+            os.replace(self._replaced, self._path)
+            self._replaced = None
         self.release()
+
+    def settle(self) -> None:
+        """The new run passed its checks: delete the run it replaces (``keep_replaced``), if any."""
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
 
     @property
     def path(self) -> Path:

@@ -229,9 +229,9 @@ def open_run_dir(
     ends the launch, as any rank-0 error does, so no rank waits on another's lock)."""
     state = process_state(device)
     if state.num_processes == 1:
-        return RunDir.create(root, name, overwrite=overwrite, resume=resume, lock=True)
+        return RunDir.create(root, name, overwrite=overwrite, resume=resume, lock=True, keep_replaced=True)
     run = (
-        RunDir.create(root, name, overwrite=overwrite, resume=resume, lock=True)
+        RunDir.create(root, name, overwrite=overwrite, resume=resume, lock=True, keep_replaced=True)
         if state.is_main_process
         else None
     )

@@ -2,7 +2,7 @@
 
 A run has two phases. *Setup* checks and prepares everything (data, pre-flight audit, model,
 method, resume point); a new run whose setup fails leaves no directory behind, so the corrected
-rerun needs no ``--overwrite``. *Training* follows; whatever ends it, the manifest says how
+rerun needs no ``--overwrite`` (and a run it was to overwrite is put back). *Training* follows; whatever ends it, the manifest says how
 (completed, failed with the error, interrupted) and the trackers are closed with that status, so
 MLflow never shows a dead run as RUNNING. Only after success are the loss plot and the run report
 written.
@@ -61,10 +61,11 @@ def run_lifecycle(
         session = setup()
     except BaseException as err:
         if fresh:
-            run.discard()
+            run.discard()  # and a run it was to --overwrite is put back
         else:
             _record_end(run, None, err)
         raise
+    run.settle()  # only now is a run replaced with --overwrite deleted
     try:
         outcome = body(session)
     except BaseException as err:
