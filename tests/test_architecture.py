@@ -23,7 +23,6 @@ UPPER_LAYERS = ("tunelab.train", "tunelab.evaluate", "tunelab.serve")
 
 KNOWN: set[str] = {
     "cycle among: tunelab.train.engine, tunelab.train.rl",
-    "private: tunelab.train.rl imports tunelab.train.engine._progress",
 }
 
 

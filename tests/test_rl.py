@@ -31,7 +31,7 @@ from tunelab.objectives.rl_losses import (
 from tunelab.recipe import parse_recipe
 from tunelab.train.engine import resume, train
 from tunelab.train.rewards import load_reward
-from tunelab.train.rl import completion_mask
+from tunelab.train.rl import adaptive_kl, completion_mask
 
 REPO = Path(__file__).resolve().parents[1]
 REWARDS = REPO / "recipes" / "rewards.py"
@@ -330,12 +330,27 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path: Path, qa_rows: list[dict]) 
     assert (result.run_dir / "final" / "value_head.safetensors").exists()
 
 
+def test_adaptive_kl_controller_by_hand() -> None:
+    # error = clip(kl / target - 1, ±0.2); β ← β (1 + error · n / horizon)
+    assert adaptive_kl(0.1, kl=0.02, target=0.01, n=6, horizon=10) == pytest.approx(0.1 * (1 + 0.2 * 0.6))
+    assert adaptive_kl(0.1, kl=0.0, target=0.01, n=6, horizon=10) == pytest.approx(0.1 * (1 - 0.2 * 0.6))
+    assert adaptive_kl(0.1, kl=0.011, target=0.01, n=10, horizon=10) == pytest.approx(0.1 * 1.1)
+
+
 def test_ppo_adaptive_kl_coefficient_moves(tmp_path: Path, qa_rows: list[dict]) -> None:
+    """Each step β moves towards the target: up when the step's KL is above it, down when below, by
+    exactly the controller's amount (the row logs the β the step used, then β is updated)."""
     objective = {"name": "ppo", "kl_coef": 0.1, "target_kl": 0.01, "kl_horizon": 10, "ppo_epochs": 1}
     recipe = _rl_recipe(tmp_path, qa_rows, objective, "ppo-adaptive", max_steps=3, batch_size=6)
     rows = _rows(train(recipe).run_dir)
     coefs = [r["kl_coef"] for r in rows]
-    assert coefs[0] == 0.1 and coefs[-1] != 0.1
+    assert coefs[0] == 0.1 and len(rows) == 3
+    for row, after in zip(rows, coefs[1:]):
+        assert after == pytest.approx(adaptive_kl(row["kl_coef"], row["kl"], 0.01, 6, 10), rel=1e-9)
+        direction = math.copysign(1.0, row["kl"] - 0.01)
+        assert math.copysign(1.0, after - row["kl_coef"]) == direction, (row["kl"], row["kl_coef"], after)
+    # the first step samples from the reference itself (KL 0 < target), so β must fall first
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and coefs[1] < coefs[0]
 
 
 def test_grpo_lora_resume_continues_identically(tmp_path: Path, qa_rows: list[dict]) -> None:

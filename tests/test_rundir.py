@@ -106,11 +106,30 @@ def test_append_jsonl_starts_a_new_line_after_a_torn_one(tmp_path: Path) -> None
 def test_create_new_run_lays_out_the_directory(tmp_path: Path) -> None:
     run = RunDir.create(tmp_path, "exp1")
     assert run.path == tmp_path / "exp1"
-    assert run.checkpoints_dir.is_dir()
-    assert run.recipe_path.name == "recipe.yaml"
-    assert run.manifest_path.name == "manifest.json"
-    assert run.metrics_path.name == "metrics.jsonl"
+    # a new run holds exactly an empty checkpoints/ (no lock file unless asked to lock)
+    assert [p.name for p in run.path.iterdir()] == ["checkpoints"]
+    assert list(run.checkpoints_dir.iterdir()) == []
+    # every file of the documented layout sits directly in the run directory
+    assert run.recipe_path == run.path / "recipe.yaml"
+    assert run.manifest_path == run.path / "manifest.json"
+    assert run.metrics_path == run.path / "metrics.jsonl"
+    assert run.checkpoints_dir == run.path / "checkpoints"
     assert run.final_dir == run.path / "final"
+    assert run.checkpoint_dir(3) == run.path / "checkpoints" / "step-3"
+    run.write_recipe({"seed": 1})
+    run.write_manifest({"status": "running"})
+    run.log_metrics({"step": 1, "loss": 2.0})
+    assert sorted(p.name for p in run.path.iterdir()) == [
+        "checkpoints",
+        "manifest.json",
+        "metrics.jsonl",
+        "recipe.yaml",
+    ]
+    locked = RunDir.create(tmp_path, "exp2", lock=True)
+    try:
+        assert sorted(p.name for p in locked.path.iterdir()) == [".lock", "checkpoints"]
+    finally:
+        locked.release()
 
 
 def test_existing_run_without_flags_says_resume_or_overwrite(run: RunDir) -> None:
@@ -128,6 +147,20 @@ def test_overwrite_replaces_the_old_run(run: RunDir) -> None:
     assert not fresh.recipe_path.exists()
     assert fresh.list_checkpoints() == []
     assert fresh.checkpoints_dir.is_dir()
+
+
+def test_overwrite_can_keep_the_old_run_until_the_new_one_settles(run: RunDir) -> None:
+    run.write_recipe({"lr": 1e-4})
+    _save_checkpoint(run, 10)
+    failed = RunDir.create(run.path.parent, "exp1", overwrite=True, lock=True, keep_replaced=True)
+    assert failed.list_checkpoints() == []  # the new run starts empty
+    failed.discard()  # its checks failed: the old run comes back whole
+    assert run.read_recipe() == {"lr": 1e-4} and [s for s, _ in run.list_checkpoints()] == [10]
+    fresh = RunDir.create(run.path.parent, "exp1", overwrite=True, lock=True, keep_replaced=True)
+    fresh.settle()  # its checks passed: the old run is deleted
+    fresh.release()
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["exp1"]
+    assert not fresh.recipe_path.exists() and fresh.list_checkpoints() == []
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:

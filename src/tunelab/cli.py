@@ -100,16 +100,17 @@ def recipe_show(
 @recipe_app.command("check")
 def recipe_check(paths: Annotated[list[Path], typer.Argument(help="recipe YAML files")]) -> None:
     """Validate recipes; exits non-zero if any has a problem."""
+    from tunelab.console import styled
     from tunelab.recipe import RecipeError, load_recipe
 
     failed = 0
     for path in paths:
         try:
             load_recipe(path)
-            out.print(f"[green]ok[/]  {path}")
+            out.print(styled("ok", "green") + f"  {path}", soft_wrap=True)
         except RecipeError as e:
             failed += 1
-            err.print(f"[red]bad[/] {e}")
+            err.print(styled("bad", "red") + f" {e}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -130,9 +131,13 @@ def train(
     ] = None,
 ) -> None:
     """Train a model as the recipe says; writes runs/<name>/ (recipe, manifest, metrics, checkpoints, final)."""
+    from tunelab.console import make_console, styled
     from tunelab.recipe import RecipeError, load_recipe
-    from tunelab.runs.rundir import RunExistsError
+    from tunelab.runs.rundir import RunExistsError, RunLockedError
     from tunelab.train import distributed, engine
+    from tunelab.train.checkpoint import DiskFullError
+
+    progress = make_console(stderr=True)  # notes and progress lines: verbatim, never folded off a terminal
 
     try:
         if resume is not None:
@@ -141,9 +146,9 @@ def train(
             processes = distributed.processes_for(nproc, distributed.saved_nproc(resume))
             if processes > 1:
                 args = distributed.worker_train_args(resume=resume)
-                raise typer.Exit(distributed.launch(processes, args, resume, err))
+                raise typer.Exit(distributed.launch(processes, args, resume, progress))
             with distributed.reporting_failures():
-                result = engine.resume(resume, console=err)
+                result = engine.resume(resume, console=progress)
         else:
             if recipe is None:
                 _fail("give a recipe file, or --resume runs/<name>")
@@ -152,16 +157,19 @@ def train(
             if processes > 1:
                 args = distributed.worker_train_args(recipe=recipe, overrides=set_, overwrite=overwrite)
                 run_path = Path(loaded.output.dir) / (loaded.output.name or "run")
-                raise typer.Exit(distributed.launch(processes, args, run_path, err))
+                raise typer.Exit(distributed.launch(processes, args, run_path, progress))
             with distributed.reporting_failures():
-                result = engine.train(loaded, overwrite=overwrite, console=err)
-    except (RecipeError, RunExistsError, FileNotFoundError, ValueError) as e:
+                result = engine.train(loaded, overwrite=overwrite, console=progress)
+    except (RecipeError, RunExistsError, RunLockedError, DiskFullError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if not distributed.is_rank_zero():
         return
-    out.print(f"done: {result.steps} steps; final model in {result.run_dir / 'final'}")
+    # Text, not a markup string: the run path is the user's and printed as written
+    out.print(
+        styled(f"done: {result.steps} steps; final model in {result.run_dir / 'final'}", ""), soft_wrap=True
+    )
     if result.final_eval:
-        out.print("  ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()))
+        out.print(styled("  ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()), ""), soft_wrap=True)
 
 
 @app.command("eval")

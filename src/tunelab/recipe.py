@@ -8,6 +8,7 @@ new method adds its config class and nothing here changes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -259,6 +260,19 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _method_fits_objective(self) -> Recipe:
+        method, objective = self.method.name, self.objective.name
+        spec = METHODS.get(method).impl
+        kind = OBJECTIVES.get(objective).impl.model_kind
+        if not spec.trains(kind):
+            able = [n for n in METHODS.names() if METHODS.get(n).impl.trains(kind)]
+            raise ValueError(
+                f"method {method} cannot train objective {objective}: {spec.limitation}. "
+                f"Use one of: {', '.join(able)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _packing_needs_a_token_objective(self) -> Recipe:
         if self.data.packing and not OBJECTIVES.get(self.objective.name).impl.packs:
             raise ValueError(
@@ -315,8 +329,18 @@ def _union_member(section: str, raw: dict[str, Any]) -> type[BaseModel] | None:
     return registry.get(name).config_cls
 
 
+def _without_union_tag(loc: tuple[Any, ...]) -> list[Any]:
+    """The field path as the user wrote it: pydantic puts the discriminator's value after the section
+    (``("objective", "ppo", "reward")``); only that one segment goes. Any other segment is a field
+    name, even one that equals a registered name (PPO's ``reward`` field vs the ``reward`` objective)."""
+    registry = {"method": METHODS, "objective": OBJECTIVES}.get(loc[0]) if loc else None
+    if registry is not None and len(loc) > 1 and isinstance(loc[1], str) and loc[1] in registry:
+        return [loc[0], *loc[2:]]
+    return list(loc)
+
+
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in METHODS or p in OBJECTIVES)]
+    loc = _without_union_tag(tuple(err["loc"]))
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -336,7 +360,9 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{path}.name: missing; say which one, e.g. name: {registry_hint(loc)}"
     if kind == "missing":
         return f"{path}: required field is missing"
-    return f"{path}: {err['msg']}"
+    message = err["msg"].removeprefix("Value error, ")
+    # a whole-recipe rule (loc is empty) names its own fields; "(top level):" would add nothing
+    return f"{path}: {message}" if loc else message
 
 
 def registry_hint(loc: list[Any]) -> str:
@@ -416,8 +442,11 @@ def _renamed_problems(raw: dict[str, Any]) -> list[str]:
     return found
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a YAML recipe; relative data paths are resolved against the recipe's folder."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
+    """Read and validate a YAML recipe; relative data paths are resolved against the recipe's folder.
+
+    ``check_files``: every data file the recipe names must exist (a reader that only wants another
+    section, such as ``eval.gate`` of a finished run whose data has moved, passes False)."""
     path = Path(path)
     if not path.exists():
         raise RecipeError([f"file not found: {path}"], str(path))
@@ -429,7 +458,47 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.output.name is None:
         recipe.output.name = path.stem
     _resolve_relative_paths(recipe, path.parent)
+    missing = missing_files(recipe) if check_files else []
+    if missing:
+        raise RecipeError(missing, str(path))
     return recipe
+
+
+# A hub dataset id ("org/name" without a data-file suffix) is not a local file; the same test as
+# tunelab.data.loaders.iter_records, which downloads such ids instead of opening them.
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+
+
+def data_file_fields(recipe: Recipe) -> list[tuple[str, str]]:
+    """Every (field path, value) of the recipe that names a data file, in recipe order."""
+    data = recipe.data
+    fields = [("data.train", data.train), ("data.eval", data.eval)]
+    for i, task in enumerate(data.tasks or []):
+        fields += [(f"data.tasks.{i}.train", task.train), (f"data.tasks.{i}.eval", task.eval)]
+    if data.replay is not None:
+        fields.append(("data.replay.path", data.replay.path))
+    if recipe.training.ewc is not None:
+        fields.append(("training.ewc.previous_data", recipe.training.ewc.previous_data))
+    return [(name, value) for name, value in fields if value]
+
+
+def missing_files(recipe: Recipe) -> list[str]:
+    """``field: value: file not found`` for each data file (and reward script) that does not exist.
+
+    Checked after relative paths were resolved next to the recipe, so a value still relative was
+    found neither there nor in the current directory. Hub dataset ids and model specs are not files.
+    """
+    problems = []
+    for name, value in data_file_fields(recipe):
+        is_hub_id = _HUB_DATASET.match(value) and Path(value).suffix.lower() not in _DATA_SUFFIXES
+        if not Path(value).exists() and not is_hub_id:
+            problems.append(f"{name}: {value}: file not found")
+    reward = getattr(recipe.objective, "reward", None) or ""
+    script, sep, _ = reward.rpartition(":")
+    if sep and script.endswith(".py") and not Path(script).expanduser().is_file():
+        problems.append(f"objective.reward: {script}: file not found")
+    return problems
 
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:

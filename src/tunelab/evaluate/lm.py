@@ -115,12 +115,12 @@ def read_batch(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = prefill.past_key_values
+    cache = prefill.cache  # transformers 5 names the cache `cache` (`past_key_values` is deprecated)
 
     generated = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=copy.deepcopy(cache),
+        cache=copy.deepcopy(cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -136,7 +136,7 @@ def read_batch(
         input_ids=answer["input_ids"],
         attention_mask=torch.cat([mask[:, :-1], answer["attention_mask"]], dim=1),
         position_ids=positions[:, -1:] + torch.arange(steps, device=device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).logits
     # labels are aligned with the *next* position here, so prepend a dummy column for the shift inside

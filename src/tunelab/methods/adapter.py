@@ -165,7 +165,16 @@ def load_adapter(base_model: nn.Module, directory: Path, cfg: AdapterConfig | No
     return base_model
 
 
-@register_method("adapter", AdapterConfig, artifact="custom", save=save_adapter, load=load_adapter)
+@register_method(
+    "adapter",
+    AdapterConfig,
+    artifact="custom",
+    save=save_adapter,
+    load=load_adapter,
+    model_kinds=("causal_lm",),
+    limitation="it trains bottleneck modules inside the blocks only, so the new classification head "
+    "this objective needs would stay random",
+)
 def apply_adapter(
     model: nn.Module, cfg: AdapterConfig, *, learning_rate: float, weight_decay: float
 ) -> Prepared:

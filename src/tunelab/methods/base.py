@@ -2,7 +2,9 @@
 
 A method takes a loaded model and its recipe config and returns the model ready to train plus the
 optimizer parameter groups. It never knows about the objective (the loss), which keeps the
-method × objective matrix open: any method trains with any objective.
+method × objective matrix open: any method trains with any objective whose model head it can
+shape. A method that cannot shape some heads says so in ``model_kinds`` (e.g. virtual-token methods
+work on causal LMs only), and the recipe refuses those pairs before anything runs.
 """
 
 from __future__ import annotations
@@ -82,6 +84,13 @@ class MethodSpec:
     artifact: Artifact = "full"
     save: Callable[[nn.Module, Path], None] | None = None
     load: Callable[[nn.Module, Path, Any], nn.Module] | None = None
+    model_kinds: tuple[str, ...] | None = None
+    """The model heads (an objective's ``model_kind``) this method can train; None: every head.
+    The recipe refuses any other objective up front, with ``limitation`` as the reason."""
+    limitation: str = ""
+
+    def trains(self, model_kind: str) -> bool:
+        return self.model_kinds is None or model_kind in self.model_kinds
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -94,13 +103,21 @@ def register_method(
     artifact: Artifact = "full",
     save: Callable[[nn.Module, Path], None] | None = None,
     load: Callable[[nn.Module, Path, Any], nn.Module] | None = None,
+    model_kinds: tuple[str, ...] | None = None,
+    limitation: str = "",
 ) -> Callable[[Apply], Apply]:
-    """Decorator on a method's ``apply`` function: one line registers the method everywhere."""
+    """Decorator on a method's ``apply`` function: one line registers the method everywhere.
+
+    ``model_kinds`` limits the method to objectives whose model has one of those heads (e.g.
+    ``("causal_lm",)``); ``limitation`` says why, for the recipe error that refuses the others."""
     if artifact == "custom" and (save is None or load is None):
         raise ValueError(f"method '{name}': a custom artifact needs save and load functions")
+    if model_kinds is not None and not limitation:
+        raise ValueError(f"method '{name}': say why it cannot train other heads (limitation=...)")
 
     def add(apply: Apply) -> Apply:
-        METHODS.register(name, config_cls)(MethodSpec(apply, artifact, save, load))
+        spec = MethodSpec(apply, artifact, save, load, model_kinds, limitation)
+        METHODS.register(name, config_cls)(spec)
         return apply
 
     return add

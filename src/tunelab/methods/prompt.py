@@ -98,6 +98,15 @@ def _tokenizer_of(model: nn.Module) -> Any:
     return tokenizer_for(source)
 
 
+# PEFT builds these for causal LMs (its virtual-token models call prepare_inputs_for_generation,
+# which a sequence-classification model lacks), so objectives with a classification head are refused.
+_CAUSAL_ONLY = {
+    "model_kinds": ("causal_lm",),
+    "limitation": "PEFT's virtual-token methods wrap causal language models only, not the "
+    "sequence-classification model this objective trains",
+}
+
+
 def _prepared(peft_model: nn.Module, n_virtual: int, weight_decay: float) -> Prepared:
     return Prepared(
         model=peft_model,
@@ -107,7 +116,7 @@ def _prepared(peft_model: nn.Module, n_virtual: int, weight_decay: float) -> Pre
     )
 
 
-@register_method("prompt_tuning", PromptTuningMethodConfig, artifact="peft")
+@register_method("prompt_tuning", PromptTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
 def apply_prompt_tuning(
     model: nn.Module, cfg: PromptTuningMethodConfig, *, learning_rate: float, weight_decay: float
 ) -> Prepared:
@@ -122,7 +131,7 @@ def apply_prompt_tuning(
     return _prepared(peft_model, cfg.num_virtual_tokens, weight_decay)
 
 
-@register_method("prefix_tuning", PrefixTuningMethodConfig, artifact="peft")
+@register_method("prefix_tuning", PrefixTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
 def apply_prefix_tuning(
     model: nn.Module, cfg: PrefixTuningMethodConfig, *, learning_rate: float, weight_decay: float
 ) -> Prepared:
@@ -135,7 +144,7 @@ def apply_prefix_tuning(
     return _prepared(get_peft_model(model, config), cfg.num_virtual_tokens, weight_decay)
 
 
-@register_method("p_tuning", PTuningMethodConfig, artifact="peft")
+@register_method("p_tuning", PTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
 def apply_p_tuning(
     model: nn.Module, cfg: PTuningMethodConfig, *, learning_rate: float, weight_decay: float
 ) -> Prepared:

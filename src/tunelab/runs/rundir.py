@@ -8,15 +8,21 @@ Layout (see docs/architecture.md)::
       metrics.jsonl        one JSON object per logged step/eval (rows carry ``step``)
       checkpoints/step-N/  written via atomic_directory, ``checkpoint.json`` marker last
       final/               the trained model or adapter
+      .lock                held (flock) by the one process training the run; holds its PID
 
 Everything is written atomically, so a kill at any instant leaves a directory that
-``--resume`` can continue from the last complete checkpoint.
+``--resume`` can continue from the last complete checkpoint. One process at a time trains a run:
+a second ``train --resume`` (or ``--overwrite``) of a run still training is refused, naming the
+holder's PID. The lock is the kernel's (``flock``), so it ends with its process however that
+process dies: a lock left by a killed run is simply taken over.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,15 +32,23 @@ from typing import Any
 import yaml
 
 from tunelab.runs.atomic import (
+    OLD_SUFFIX,
     append_jsonl,
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
+    hidden_sibling,
     remove_tree,
 )
 from tunelab.runs.manifest import read_manifest, update_manifest, utc_now
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not protected against a second process
+    fcntl = None  # type: ignore[assignment]
+
 CHECKPOINT_MARKER = "checkpoint.json"
+LOCK_FILE = ".lock"
 STATUSES = ("running", "completed", "failed", "interrupted")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -50,18 +64,85 @@ class RunExistsError(FileExistsError):
         )
 
 
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.path, self.pid = path, pid
+        holder = f"PID {pid}" if pid else "a process whose PID is unknown"
+        super().__init__(
+            f"run directory {path} is in use by another tunelab process ({holder}); wait for it to "
+            f"finish, or stop it{f' (kill {pid})' if pid else ''}, then try again."
+        )
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock``, which holds the holder's PID for the error message."""
+
+    def __init__(self, run_path: Path) -> None:
+        self.path = run_path / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if fcntl is None or self._fd is not None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: EWOULDBLOCK (BlockingIOError)
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise RunLockedError(self.path.parent, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (closing the descriptor releases the flock); safe to call twice."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 class RunDir:
     """Paths and crash-safe writers for one run directory."""
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
+        self._lock = RunLock(self._path)
+        self._replaced: Path | None = None  # an overwritten run kept aside until settle()
 
     def __repr__(self) -> str:
         return f"RunDir({str(self._path)!r})"
 
     @classmethod
-    def create(cls, root: str | Path, name: str, *, overwrite: bool = False, resume: bool = False) -> RunDir:
-        """Create (or, with ``resume``, reopen) ``root/name``; refuses to silently reuse a run."""
+    def create(
+        cls,
+        root: str | Path,
+        name: str,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        lock: bool = False,
+        keep_replaced: bool = False,
+    ) -> RunDir:
+        """Create (or, with ``resume``, reopen) ``root/name``; refuses to silently reuse a run.
+
+        ``lock``: take the run's lock for this process (released by :meth:`release`); a run another
+        process is training is then neither resumed nor overwritten (:class:`RunLockedError`).
+        ``keep_replaced``: an overwritten run is only moved aside, deleted by :meth:`settle` once the
+        new run has passed its checks, and put back by :meth:`discard` if it has not.
+        """
         _check_name(name)
         if overwrite and resume:
             raise ValueError("--overwrite and --resume contradict each other; pass only one.")
@@ -73,12 +154,43 @@ class RunDir:
             )
         if exists and not (resume or overwrite):
             raise RunExistsError(path)
+        replaced = None
         if exists and overwrite:
             _check_looks_like_run(path)
-            remove_tree(path)
+            old = RunLock(path).acquire() if lock else None  # never delete a run that is training
+            if keep_replaced:
+                replaced = hidden_sibling(path, OLD_SUFFIX)
+                os.replace(path, replaced)
+            else:
+                remove_tree(path)
+            if old is not None:
+                old.release()
         run = cls(path)
+        run._replaced = replaced
+        run.path.mkdir(parents=True, exist_ok=True)
+        if lock:
+            run._lock.acquire()
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         return run
+
+    def release(self) -> None:
+        """Release this process's lock on the run (end of training); safe to call twice."""
+        self._lock.release()
+
+    def discard(self) -> None:
+        """Delete the run directory (a new run whose setup failed), put back the run it was to
+        replace, if any, then release the lock."""
+        remove_tree(self._path)
+        if self._replaced is not None:
+            os.replace(self._replaced, self._path)
+            self._replaced = None
+        self.release()
+
+    def settle(self) -> None:
+        """The new run passed its checks: delete the run it replaces (``keep_replaced``), if any."""
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
 
     @property
     def path(self) -> Path:

@@ -7,8 +7,11 @@ so the same code path serves every method.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from tunelab.runs.rundir import RunDir
+
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -33,6 +38,48 @@ STATE = "trainer_state.json"
 RNG_PER_RANK = "rng_per_rank.pt"
 OPTIMIZER_BY_NAME = "optimizer_by_name.pt"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# How a full disk shows up: OSError ENOSPC/EDQUOT from Python writes, "No space left on device (os error
+# 28)" from safetensors, and from torch.save a RuntimeError of its zip writer, e.g. "[enforce fail at
+# inline_container.cc:…] . PytorchStreamWriter failed writing file data/0: file write failed".
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_FULL_TEXT = (
+    "no space left on device",
+    "os error 28",
+    "inline_container.cc",
+    "pytorchstreamwriter failed",
+)
+
+
+class DiskFullError(OSError):
+    """A checkpoint (or final/) could not be written because the disk is full; the message says where
+    and which complete checkpoint is still there to resume from."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+        return True
+    return isinstance(err, (OSError, RuntimeError)) and any(t in str(err).lower() for t in _DISK_FULL_TEXT)
+
+
+@contextmanager
+def reporting_disk_full(run: RunDir, what: str) -> Iterator[None]:
+    """Turn a full disk while writing ``what`` into :class:`DiskFullError`. The write goes through
+    ``atomic_directory``, whose temporary directory is gone by now, so the earlier checkpoints are
+    exactly as they were."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, DiskFullError) or not is_disk_full(err):
+            raise
+        last = run.latest_checkpoint()
+        intact = (
+            f"the last complete checkpoint, {last}, is intact: free some space, then continue with "
+            f"`tunelab train --resume {run.path}`"
+            if last is not None
+            else "no earlier checkpoint exists, so free some space and start the run again"
+        )
+        detail = " ".join(str(err).split())[:300]
+        raise DiskFullError(f"disk full: could not write {what} in {run.path} ({detail}); {intact}") from err
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -40,6 +40,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from rich.console import Console
 from torch import nn
 
+from tunelab.console import labelled
 from tunelab.runs.rundir import RunDir
 
 FAILURE_DIR_ENV = "TUNELAB_FAILURE_DIR"
@@ -117,7 +118,7 @@ def launch(
             return 0
         failure = first_failure(Path(failures))
     message = describe_failure(failure, code)
-    console.print(f"[red]error:[/] {message}")
+    console.print(labelled("error", message))
     if run_path is not None:
         record_failure(run_path, message, since=started)
     return code or 1
@@ -223,11 +224,17 @@ def strategy_options(training: Any, world_size: int) -> dict[str, Any]:
 def open_run_dir(
     root: str | Path, name: str, *, device: str, overwrite: bool = False, resume: bool = False
 ) -> RunDir:
-    """Rank 0 creates (or reopens) the run directory; the others wait, then see it read-only."""
+    """Rank 0 creates (or reopens) the run directory and holds its lock; the others wait, then see it
+    read-only (they take no lock: rank 0's stands for the whole launch, and a lock refused on rank 0
+    ends the launch, as any rank-0 error does, so no rank waits on another's lock)."""
     state = process_state(device)
     if state.num_processes == 1:
-        return RunDir.create(root, name, overwrite=overwrite, resume=resume)
-    run = RunDir.create(root, name, overwrite=overwrite, resume=resume) if state.is_main_process else None
+        return RunDir.create(root, name, overwrite=overwrite, resume=resume, lock=True, keep_replaced=True)
+    run = (
+        RunDir.create(root, name, overwrite=overwrite, resume=resume, lock=True, keep_replaced=True)
+        if state.is_main_process
+        else None
+    )
     state.wait_for_everyone()
     return run if run is not None else FollowerRunDir(Path(root) / name)
 
@@ -258,6 +265,9 @@ class FollowerRunDir(RunDir):
 
     def prune_checkpoints(self, keep_last: int) -> list[Path]:
         return []
+
+    def discard(self) -> None:
+        return None  # rank 0 removes the directory
 
     @contextmanager
     def writing_checkpoint(self, step: int, **meta: Any) -> Iterator[Path]:

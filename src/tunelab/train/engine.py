@@ -21,9 +21,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from transformers import get_scheduler
 
+from tunelab.console import labelled, make_console, styled
 from tunelab.data.mixing import load_task, mix_tasks, tag_row, write_mixture
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.data.templates import select_template
@@ -35,13 +36,18 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
 from tunelab.runs.manifest import build_manifest, update_manifest
-from tunelab.runs.plots import plot_loss_curves
-from tunelab.runs.report import publish_run_report
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
-from tunelab.train.checkpoint import capture_rng, collect_checkpoint, load_checkpoint, write_checkpoint
+from tunelab.train.checkpoint import (
+    capture_rng,
+    collect_checkpoint,
+    load_checkpoint,
+    reporting_disk_full,
+    write_checkpoint,
+)
 from tunelab.train.continual import EwcHook, mix_replay
 from tunelab.train.data import PreparedSplit, prepare_split
+from tunelab.train.lifecycle import Outcome, run_lifecycle
 from tunelab.train.oom import (
     auto_micro_batch,
     free_step_memory,
@@ -51,7 +57,8 @@ from tunelab.train.oom import (
     split_indices,
 )
 from tunelab.train.preflight import materialise_split, run_preflight
-from tunelab.train.tracking import Tracking, accelerator_options, finish_open_trackers
+from tunelab.train.progress import StepProgress
+from tunelab.train.tracking import Tracking, accelerator_options
 
 FINAL_META = "tunelab.json"
 
@@ -248,7 +255,7 @@ def start_run(
     objective_cls = OBJECTIVES.get(recipe.objective.name).impl
     if objective_cls.uses_chat_template:
         for note in select_template(tokenizer, recipe.data.template):
-            console.print(f"[yellow]warning:[/] {note}")
+            console.print(labelled("warning", note))
     return accelerator, device, tokenizer, objective_cls(recipe.objective, tokenizer, recipe.data)
 
 
@@ -260,12 +267,11 @@ class Trainer:
     ) -> None:
         self.recipe = recipe
         self.run = run
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, self.console, run.path)
         self.writes = distributed.writes_files(run)
         if not self.writes:
-            self.console = Console(quiet=True)
-        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), self.console)
+            self.console = make_console(quiet=True)
         self.train_split, self.eval_split = self._prepare_data()
         if self.writes:
             run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
@@ -279,10 +285,11 @@ class Trainer:
         self.is_adapter = prepared.is_adapter
         self.hooks = prepared.hooks
         for key, value in prepared.notes.items():
-            self.console.print(f"[yellow]note:[/] {key}: {value}", highlight=False)
+            self.console.print(labelled("note", f"{key}: {value}"))
         if recipe.training.gradient_checkpointing:
-            prepared.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            # transformers 5 renamed gradient checkpointing to activation checkpointing (old name warns)
+            prepared.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
             if hasattr(prepared.model, "enable_input_require_grads"):
                 prepared.model.enable_input_require_grads()
@@ -319,6 +326,8 @@ class Trainer:
         self.eval_tasks = eval_tasks or []
         # on_eval(step, metrics, last) after each evaluation (last: no training follows); a sweep's pruner
         self.on_eval: Callable[[int, dict[str, float], bool], None] | None = None
+        # last: trackers start only once every check passed, so a refused run leaves none open
+        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), self.console)
 
     def _run_file(self, name: str) -> Path | None:
         """Where a side file of the run goes; None on ranks other than 0 (one writer per file)."""
@@ -338,7 +347,7 @@ class Trainer:
             before = len(train.features)
             train.features = mix_replay(train.features, old, data.replay.fraction, seed=self.recipe.seed)
             self.console.print(
-                f"replay: {len(train.features) - before} example(s) of {data.replay.path} mixed in"
+                Text(f"replay: {len(train.features) - before} example(s) of {data.replay.path} mixed in")
             )
         evaluation = None
         if data.eval:
@@ -352,14 +361,18 @@ class Trainer:
         for split in filter(None, (train, evaluation)):
             if split.dropped or split.rows_rejected:
                 self.console.print(
-                    f"[yellow]note:[/] {split.path}: {len(split.dropped)} example(s) dropped and "
-                    f"{split.rows_rejected} malformed row(s) rejected; reasons in {self.run.path}/dropped.jsonl "
-                    "and rejects.jsonl"
+                    labelled(
+                        "note",
+                        f"{split.path}: {len(split.dropped)} example(s) dropped and {split.rows_rejected} "
+                        f"malformed row(s) rejected; reasons in {self.run.path}/dropped.jsonl and rejects.jsonl",
+                    )
                 )
             if split.truncated:
                 self.console.print(
-                    f"[yellow]note:[/] {split.path}: {split.truncated} example(s) truncated to "
-                    f"data.max_length={data.max_length}"
+                    labelled(
+                        "note",
+                        f"{split.path}: {split.truncated} example(s) truncated to data.max_length={data.max_length}",
+                    )
                 )
         return train, evaluation
 
@@ -386,8 +399,10 @@ class Trainer:
         before = len(self.train_split.features)
         self.train_split.features = pack_features(self.train_split.features, self.recipe.data.max_length)
         self.console.print(
-            f"packing: {before} examples in {len(self.train_split.features)} sequences "
-            f"of at most {self.recipe.data.max_length} tokens"
+            Text(
+                f"packing: {before} examples in {len(self.train_split.features)} sequences "
+                f"of at most {self.recipe.data.max_length} tokens"
+            )
         )
 
     def resume_from(self, checkpoint: Path) -> None:
@@ -400,7 +415,7 @@ class Trainer:
         )
         self.state = LoopState(**loop)
         self.run.truncate_metrics_after(self.state.step)
-        self.console.print(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}")
+        self.console.print(Text(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}"))
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         features = [self.train_split.features[i] for i in indices]
@@ -429,7 +444,7 @@ class Trainer:
                 recipe,
                 device=str(self.accelerator.device),
                 try_step=lambda size: self._probe_step(model, size),
-                say=lambda text: self.console.print(text, highlight=False),
+                say=lambda text: self.console.print(Text(text)),
             )
             if self.writes and self.run.manifest_path.exists():
                 update_manifest(self.run.manifest_path, auto_batch_size=chosen)
@@ -468,7 +483,7 @@ class Trainer:
         )
         free_step_memory(self.optimizer)
         self.state.micro_batch_split = recovery.split
-        self.console.print(f"[yellow]{recovery.message()}[/]", highlight=False)
+        self.console.print(styled(recovery.message(), "yellow"))
         self.oom_recoveries.append(recovery.as_dict())
         if self.writes and self.run.manifest_path.exists():
             update_manifest(self.run.manifest_path, oom_recoveries=self.oom_recoveries)
@@ -592,7 +607,11 @@ class Trainer:
             rng_per_rank=distributed.gathered(capture_rng()) if self.accelerator.num_processes > 1 else None,
         )
         if self.writes:
-            with self.run.writing_checkpoint(self.state.step) as tmp:
+            step = self.state.step
+            with (
+                reporting_disk_full(self.run, f"checkpoint step-{step}"),
+                self.run.writing_checkpoint(step) as tmp,
+            ):
                 write_checkpoint(tmp, contents)
             self.run.prune_checkpoints(cfg.keep_checkpoints)
         distributed.barrier()
@@ -603,8 +622,8 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         tokens_at_start = self.state.tokens_seen
-        with _progress(self.console) as progress:
-            task = progress.add_task("train", total=self.steps, completed=self.state.step, info="")
+        cfg = self.recipe.training
+        with StepProgress(self.console, "train", self.steps, self.state.step, cfg.log_every) as progress:
             while self.state.step < self.steps and not self.state.stopped_early:
                 row = self.train_step()
                 losses.append(row["loss"])
@@ -617,12 +636,14 @@ class Trainer:
                 info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
                 if evaluation:
                     info += f"  eval_loss {evaluation['eval_loss']:.4f}"
-                progress.update(task, completed=self.state.step, info=info)
+                progress.update(self.state.step, info)
         if self.state.stopped_early:
             self.console.print(
-                f"early stop at step {self.state.step}: no {self.recipe.training.early_stopping.metric} "
-                f"improvement for {self.recipe.training.early_stopping.patience} evaluations "
-                f"(best {self.state.best_metric:.4f} at step {self.state.best_step})"
+                Text(
+                    f"early stop at step {self.state.step}: no {cfg.early_stopping.metric} improvement "
+                    f"for {cfg.early_stopping.patience} evaluations "
+                    f"(best {self.state.best_metric:.4f} at step {self.state.best_step})"
+                )
             )
         return losses
 
@@ -658,7 +679,7 @@ def write_final(
 ) -> Path:
     """``final/`` for any run, offline or online: weights as the method saves them, tokenizer, and
     ``tunelab.json`` saying how to load it back; ``extra(tmp)`` adds files (e.g. PPO's value head)."""
-    with atomic_directory(run.final_dir) as tmp:
+    with reporting_disk_full(run, "final/"), atomic_directory(run.final_dir) as tmp:
         if method.save is not None:  # custom artifacts; LoRA with PiSSA/OLoRA init converts on save
             method.save(model, tmp)
         else:
@@ -684,18 +705,6 @@ def write_final(
     return run.final_dir
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    )
-
-
 def train(
     recipe: Recipe,
     *,
@@ -704,20 +713,33 @@ def train(
     on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
 ) -> TrainResult:
     """Start a new run from a recipe (fails if the run exists, unless ``overwrite``); ``on_eval(step,
-    metrics, last)`` is called after each evaluation and may raise to stop the run (a sweep's pruner)."""
+    metrics, last)`` is called after each evaluation and may raise to stop the run (a sweep's pruner).
+
+    The run directory is locked while this process trains it; if the run fails before training
+    starts (bad data, pre-flight, model, method), the directory is removed again."""
     run = distributed.open_run_dir(
         recipe.output.dir, recipe.output.name or "run", device=recipe.model.device, overwrite=overwrite
     )
-    run.write_recipe(recipe.resolved())
-    return _execute(recipe, run, console=console, resume=False, on_eval=on_eval)
+    try:
+        try:
+            run.write_recipe(recipe.resolved())
+        except BaseException:
+            run.discard()
+            raise
+        return _execute(recipe, run, console=console, resume=False, on_eval=on_eval)
+    finally:
+        run.release()
 
 
 def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResult:
     """Continue a run from its last complete checkpoint, with the recipe it was started with."""
     path = Path(run_path)
     run = distributed.open_run_dir(path.parent, path.name, device=distributed.saved_device(path), resume=True)
-    recipe = parse_recipe(run.read_recipe(), source=str(run.recipe_path))
-    return _execute(recipe, run, console=console, resume=True)
+    try:
+        recipe = parse_recipe(run.read_recipe(), source=str(run.recipe_path))
+        return _execute(recipe, run, console=console, resume=True)
+    finally:
+        run.release()
 
 
 def materialise_tasks(recipe: Recipe, run_path: Path) -> tuple[Recipe, list[Any]]:
@@ -746,6 +768,7 @@ def materialise_tasks(recipe: Recipe, run_path: Path) -> tuple[Recipe, list[Any]
 def _execute(
     recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool, on_eval: Any = None
 ) -> TrainResult:
+    console = console or make_console(stderr=True)
     data_files = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p and Path(p).exists()]
     if not resume or not run.manifest_path.exists():
         run.write_manifest(
@@ -753,55 +776,57 @@ def _execute(
                 recipe=recipe.resolved(), data_files=data_files, seed=recipe.seed, run_name=run.name
             )
         )
-    run.set_status("running", world_size=distributed.world_size_from_env())
     if OBJECTIVES.get(recipe.objective.name).impl.online:
-        distributed.refuse_several_processes(f"objective {recipe.objective.name}")
         from tunelab.train.rl import run_online  # noqa: PLC0415  (rl imports this module)
 
         return run_online(recipe, run, console, resume=resume)
-    try:
-        if recipe.data.split is not None:
-            recipe = recipe.model_copy(deep=True)
-            with distributed.main_process_first():  # rank 0 writes the split; the others find it
-                recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
-            recipe.data.split = None
-        eval_tasks = None
-        if recipe.data.tasks:
-            recipe, eval_tasks = materialise_tasks(recipe, run.path)
-        trainer = Trainer(recipe, run, console, eval_tasks=eval_tasks)
-        trainer.on_eval = on_eval
-        checkpoint = run.latest_checkpoint() if resume else None
-        if checkpoint is not None:
-            trainer.resume_from(checkpoint)
-        trainer.console.print(
-            f"run [bold]{run.path}[/]: {trainer.trainable:,} of {trainer.total_params:,} parameters train "
-            f"({100 * trainer.trainable / max(trainer.total_params, 1):.2f}%), {trainer.steps} steps"
+    trainer, outcome = run_lifecycle(
+        run,
+        setup=lambda: _set_up(recipe, run, console, resume=resume, on_eval=on_eval),
+        body=_train_and_save,
+        fresh=not resume,
+    )
+    return TrainResult(
+        run.path,
+        outcome.steps,
+        outcome.losses,
+        outcome.final_eval,
+        outcome.stopped_early,
+        outcome.data_summary,
+    )
+
+
+def _set_up(recipe: Recipe, run: RunDir, console: Console, *, resume: bool, on_eval: Any) -> Trainer:
+    """Everything before the first step: data (split, mixed), trainer, resume point."""
+    if recipe.data.split is not None:
+        recipe = recipe.model_copy(deep=True)
+        with distributed.main_process_first():  # rank 0 writes the split; the others find it
+            recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
+        recipe.data.split = None
+    eval_tasks = None
+    if recipe.data.tasks:
+        recipe, eval_tasks = materialise_tasks(recipe, run.path)
+    trainer = Trainer(recipe, run, console, eval_tasks=eval_tasks)
+    trainer.on_eval = on_eval
+    checkpoint = run.latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
+    share = 100 * trainer.trainable / max(trainer.total_params, 1)
+    trainer.console.print(
+        Text(
+            f"run {run.path}: {trainer.trainable:,} of {trainer.total_params:,} parameters train "
+            f"({share:.2f}%), {trainer.steps} steps"
         )
-        losses = trainer.fit()
-        final_eval = trainer.maybe_evaluate(final=True) or {}
-        trainer.maybe_checkpoint(force=True)
-        trainer.save_final()
-    except KeyboardInterrupt:
-        run.set_status("interrupted")
-        finish_open_trackers(run.path)  # also when Trainer() itself failed
-        raise
-    except BaseException as err:
-        run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
-        finish_open_trackers(run.path)  # also when Trainer() itself failed
-        raise
-    if distributed.writes_files(run):
-        plot_loss_curves(run.read_metrics(), run.path / "loss.png")
+    )
+    return trainer
+
+
+def _train_and_save(trainer: Trainer) -> Outcome:
+    losses = trainer.fit()
+    final_eval = trainer.maybe_evaluate(final=True) or {}
+    trainer.maybe_checkpoint(force=True)
+    trainer.save_final()
     summary = {"train": trainer.train_split.summary()}
     if trainer.eval_split is not None:
         summary["eval"] = trainer.eval_split.summary()
-    run.set_status(
-        "completed",
-        steps=trainer.state.step,
-        data_summary=summary,
-        final_eval=final_eval,
-        stopped_early=trainer.state.stopped_early,
-    )
-    trainer.tracking.finish()
-    if distributed.writes_files(run):
-        publish_run_report(run.path, trainer.console)
-    return TrainResult(run.path, trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)
+    return Outcome(trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)

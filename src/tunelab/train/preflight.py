@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tunelab.console import labelled
 from tunelab.data.audit import audit, blocking_problems
 from tunelab.data.split import split
 from tunelab.runs.atomic import atomic_write_json
@@ -60,7 +61,7 @@ def run_preflight(
             + "\nfix them (tunelab data clean / split) or set data.strict: false to train anyway"
         )
     for problem in problems:
-        console.print(f"[yellow]pre-flight:[/] {problem}", highlight=False)
+        console.print(labelled("pre-flight", problem))
     return problems
 
 

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.text import Text
 from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationConfig, get_scheduler
 
+from tunelab.console import labelled, make_console
 from tunelab.methods import METHODS, count_parameters
 from tunelab.objectives.rl_losses import (
     entropy_from_logits,
@@ -45,14 +47,12 @@ from tunelab.objectives.rl_losses import (
 )
 from tunelab.objectives.sft import accepts_logits_to_keep, prepends_virtual_tokens
 from tunelab.recipe import Recipe
-from tunelab.runs.plots import plot_loss_curves
-from tunelab.runs.report import publish_run_report
 from tunelab.runs.rundir import RunDir
-from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.train import distributed
+from tunelab.train.checkpoint import load_checkpoint, reporting_disk_full, save_checkpoint
 from tunelab.train.data import prepare_split
 from tunelab.train.engine import (
     TrainResult,
-    _progress,
     apply_method,
     build_optimizer,
     eval_interval,
@@ -64,8 +64,10 @@ from tunelab.train.engine import (
     warmup_steps,
     write_final,
 )
+from tunelab.train.lifecycle import Outcome, run_lifecycle
+from tunelab.train.progress import StepProgress
 from tunelab.train.rewards import load_reward
-from tunelab.train.tracking import Tracking, finish_open_trackers
+from tunelab.train.tracking import Tracking
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -158,7 +160,6 @@ class OnlineTrainer:
         self.cfg = recipe.objective
         self.is_ppo = recipe.objective.name == "ppo"
         self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console, run.path)
-        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
         self.prompts = prepare_split(
             recipe.data.train,
             self.objective,
@@ -168,7 +169,7 @@ class OnlineTrainer:
         )
         if recipe.data.eval:
             console.print(
-                f"[yellow]note:[/] data.eval is not used by objective {self.cfg.name} (prompts only)"
+                labelled("note", f"data.eval is not used by objective {self.cfg.name} (prompts only)")
             )
         model = load_base_model(recipe, device, "causal_lm")
         self.method = METHODS.get(recipe.method.name).impl
@@ -207,6 +208,8 @@ class OnlineTrainer:
         self.optimizer_steps = optimizer_steps
         self.reward = load_reward(self.cfg.reward, device=self.accelerator.device)
         self.state = RlState(kl_coef=self.cfg.kl_coef if self.is_ppo else self.cfg.beta)
+        # last: trackers start only once every check passed, so a refused run leaves none open
+        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
 
     @property
     def policy(self) -> nn.Module:
@@ -224,7 +227,7 @@ class OnlineTrainer:
         loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
         self.state = RlState(**loop)
         self.run.truncate_metrics_after(self.state.step)
-        self.console.print(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}")
+        self.console.print(Text(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}"))
 
     # -- rollouts -------------------------------------------------------------------------------
 
@@ -422,15 +425,20 @@ class OnlineTrainer:
         every = cfg.save_every or eval_interval(cfg, len(self.prompts.features))
         if (not force and self.state.step % every) or self.run.checkpoint_dir(self.state.step).exists():
             return
-        with self.run.writing_checkpoint(self.state.step) as tmp:
+        step = self.state.step
+        with (
+            reporting_disk_full(self.run, f"checkpoint step-{step}"),
+            self.run.writing_checkpoint(step) as tmp,
+        ):
             save_checkpoint(tmp, self.model, self.optimizer, self.scheduler, asdict(self.state))
         self.run.prune_checkpoints(cfg.keep_checkpoints)
 
     def fit(self) -> list[float]:
         losses: list[float] = []
         started = time.perf_counter()
-        with _progress(self.console) as progress:
-            task = progress.add_task(self.cfg.name, total=self.steps, completed=self.state.step, info="")
+        every = self.recipe.training.log_every
+        completions_at_start = self.state.completions_seen
+        with StepProgress(self.console, self.cfg.name, self.steps, self.state.step, every) as progress:
             while self.state.step < self.steps:
                 row = self.train_step()
                 losses.append(row["loss"])
@@ -438,8 +446,12 @@ class OnlineTrainer:
                 if self.state.step % self.recipe.training.log_every == 0 or self.state.step == self.steps:
                     log_row(self.run, self.tracking, row)
                 self.maybe_checkpoint()
-                info = f"reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  entropy {row['entropy']:.2f}"
-                progress.update(task, completed=self.state.step, info=info)
+                rate = (self.state.completions_seen - completions_at_start) / max(row["seconds"], 1e-9)
+                info = (
+                    f"loss {row['loss']:.4f}  reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  "
+                    f"entropy {row['entropy']:.2f}  lr {row['lr']:.2e}  {rate:.1f} completions/s"
+                )
+                progress.update(self.state.step, info)
         return losses
 
     def save_final(self) -> Path:
@@ -484,39 +496,37 @@ def _check_supported(recipe: Recipe) -> None:
 def run_online(
     recipe: Recipe, run: RunDir, console: Console | None = None, *, resume: bool = False
 ) -> TrainResult:
-    """Train with an online objective into ``run``; records the final status in its manifest.
+    """Train with an online objective into ``run``; records how it ended in its manifest.
 
-    The caller has written the recipe and manifest and set the status to running (as the engine's
-    ``_execute`` does for every run).
+    The caller has written the recipe and manifest (as the engine's ``_execute`` does for every run);
+    the lifecycle (status, trackers, plot, report) is the engine's, from ``train/lifecycle.py``.
     """
-    console = console or Console(stderr=True)
-    try:
+    console = console or make_console(stderr=True)
+
+    def setup() -> OnlineTrainer:
+        distributed.refuse_several_processes(f"objective {recipe.objective.name}")
         trainer = OnlineTrainer(recipe, run, console)
         checkpoint = run.latest_checkpoint() if resume else None
         if checkpoint is not None:
             trainer.resume_from(checkpoint)
         console.print(
-            f"run [bold]{run.path}[/]: {trainer.trainable:,} of {trainer.total_params:,} parameters train, "
-            f"{trainer.steps} rollout steps of {recipe.training.batch_size * trainer.group} completions"
+            Text(
+                f"run {run.path}: {trainer.trainable:,} of {trainer.total_params:,} parameters train, "
+                f"{trainer.steps} rollout steps of {recipe.training.batch_size * trainer.group} completions"
+            )
         )
-        losses = trainer.fit()
-        trainer.maybe_checkpoint(force=True)
-        trainer.save_final()
-    except KeyboardInterrupt:
-        run.set_status("interrupted")
-        finish_open_trackers(run.path)  # a stopped run closes its trackers (MLflow shows it ended)
-        raise
-    except BaseException as err:
-        run.set_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
-        finish_open_trackers(run.path)
-        raise
-    plot_loss_curves(run.read_metrics(), run.path / "loss.png")
-    rows = [r for r in run.read_metrics() if "reward_mean" in r]
-    final = {k: rows[-1][k] for k in ("reward_mean", "kl") if rows}
-    summary = {"train": trainer.prompts.summary()}
-    run.set_status(
-        "completed", steps=trainer.state.step, data_summary=summary, final_eval=final, stopped_early=False
+        return trainer
+
+    trainer, outcome = run_lifecycle(run, setup=setup, body=_train_and_save, fresh=not resume)
+    return TrainResult(
+        run.path, outcome.steps, outcome.losses, outcome.final_eval, False, outcome.data_summary
     )
-    trainer.tracking.finish()
-    publish_run_report(run.path, console)
-    return TrainResult(run.path, trainer.state.step, losses, final, False, summary)
+
+
+def _train_and_save(trainer: OnlineTrainer) -> Outcome:
+    losses = trainer.fit()
+    trainer.maybe_checkpoint(force=True)
+    trainer.save_final()
+    rows = [r for r in trainer.run.read_metrics() if "reward_mean" in r]
+    final = {k: rows[-1][k] for k in ("reward_mean", "kl") if rows}
+    return Outcome(trainer.state.step, losses, final, False, {"train": trainer.prompts.summary()})

@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
+from tunelab.console import labelled, make_console
 from tunelab.runs.report import flatten, is_number
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 PROJECT = "tunelab"
 _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
-_INSTALL_HINT = escape("pip install 'tunelab[track]'")  # rich would read [track] as markup
+_INSTALL_HINT = "pip install 'tunelab[track]'"
+# How a run that did not complete ends in MLflow (accelerate's finish() always says FINISHED).
+_MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
 def tracker_env(name: str, run_path: Path) -> dict[str, str]:
@@ -77,13 +79,16 @@ def build_trackers(report_to: list[str], run_path: Path | None, console: Console
     skipped with a warning that says what to install."""
     if not report_to or run_path is None:
         return []
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     trackers = []
     for name in dict.fromkeys(report_to):
         if find_spec(_PACKAGES[name]) is None:
             console.print(
-                f"[yellow]warning:[/] training.report_to: {name} is not installed, so this run does not "
-                f"report to it. Install it with `{_INSTALL_HINT}` (or drop {name!r})."
+                labelled(
+                    "warning",
+                    f"training.report_to: {name} is not installed, so this run does not report to it. "
+                    f"Install it with `{_INSTALL_HINT}` (or drop {name!r}).",
+                )
             )
             continue
         trackers.append(_make_tracker(name, run_path))
@@ -121,7 +126,7 @@ class Tracking:
     def __init__(self, accelerator: Any, run_path: Path, console: Console | None = None) -> None:
         self.accelerator = accelerator
         self.run_path = run_path
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
 
     @classmethod
     def start(
@@ -161,10 +166,11 @@ class Tracking:
         for tracker in self.active:
             self._call(tracker, "log", lambda t=tracker: t.log(values, step=step))
 
-    def finish(self) -> None:
-        """Flush and close every tracker (end of run); safe to call twice."""
+    def finish(self, status: str = "completed") -> None:
+        """Flush and close every tracker with the run's final ``status`` (completed, failed or
+        interrupted, as in the manifest); safe to call twice."""
         for tracker in self.active:
-            self._call(tracker, "finish", tracker.finish)
+            self._call(tracker, "finish", lambda t=tracker: _finish(t, status))
         self.accelerator.trackers.clear()
         if _OPEN.get(self.run_path) is self:
             del _OPEN[self.run_path]
@@ -176,13 +182,29 @@ class Tracking:
                 call()
         except Exception as err:  # noqa: BLE001  (any tracker bug must not end the run)
             self.console.print(
-                f"[yellow]warning:[/] tracker {tracker.name!r} failed to {what} "
-                f"({type(err).__name__}: {escape(str(err))}); training continues without it, metrics.jsonl is complete."
+                labelled(
+                    "warning",
+                    f"tracker {tracker.name!r} failed to {what} ({type(err).__name__}: {err}); "
+                    "training continues without it, metrics.jsonl is complete.",
+                )
             )
             if tracker in self.accelerator.trackers:
                 self.accelerator.trackers.remove(tracker)
             return False
         return True
+
+
+def _finish(tracker: Any, status: str) -> None:
+    """accelerate's ``finish()``, except that MLflow and W&B learn that a run did not complete."""
+    if status != "completed" and tracker.name == "mlflow":
+        import mlflow  # noqa: PLC0415  (only when the tracker exists, so it is installed)
+
+        mlflow.end_run(status=_MLFLOW_STATUS[status])
+        return
+    if status != "completed" and tracker.name == "wandb":
+        tracker.run.finish(exit_code=1)
+        return
+    tracker.finish()
 
 
 def tracker_params(config: dict[str, Any]) -> dict[str, Any]:
