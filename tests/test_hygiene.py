@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, checkout_state, describe_change
+from repo_state import REPO, checkout_state, describe_change
 
 PYTHON_PATH = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
 
