@@ -236,6 +236,21 @@ def test_plan_command_json_and_table(tiny_recipe, tmp_path) -> None:
     assert bad.exit_code == 2 and "h100-80gb" in bad.output
 
 
+def test_plan_needs_no_data_files(tiny_recipe, tmp_path) -> None:
+    """A plan reads shapes from the recipe: it works before the data exists (recipe check would not)."""
+    from tunelab.cli import app
+    from tunelab.recipe import dump_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        dump_yaml(tiny_recipe("lora", data__train=str(tmp_path / "later.jsonl"))), encoding="utf-8"
+    )
+    result = CliRunner().invoke(app, ["plan", str(path), "--gpu", "rtx4090-24gb", "--json"])
+    assert result.exit_code == 0, result.output
+    check = CliRunner().invoke(app, ["recipe", "check", str(path)])
+    assert check.exit_code == 1 and "data.train" in check.output
+
+
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_loss_transient_matches_the_loss_layer_alone(tiny_recipe, fused: bool, method: str) -> None:

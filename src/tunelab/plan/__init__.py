@@ -40,7 +40,9 @@ def plan_cmd(
 
     console = make_console()
     try:
-        plan, largest = plan_report(load_recipe(recipe, overrides=set_), gpu, batch)
+        # The plan reads shapes from the recipe, never the data: it works before the data exists.
+        loaded = load_recipe(recipe, overrides=set_, check_files=False)
+        plan, largest = plan_report(loaded, gpu, batch)
     except (RecipeError, OSError, ValueError) as e:
         fail(make_console(stderr=True), str(e))
     if as_json:
