@@ -129,15 +129,16 @@ def test_a_run_failing_while_its_trainer_is_built_closes_its_mlflow_run(
 ) -> None:
     """The trackers start before the data is checked; a data error must still end the MLflow run."""
     mlflow = pytest.importorskip("mlflow")
-    import tunelab.train.engine as engine
+    import tunelab.train.loop as loop
+    from tunelab.train.run import train
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise ValueError("bad data")
 
-    monkeypatch.setattr(engine, "run_preflight", refuse)
+    monkeypatch.setattr(loop, "run_preflight", refuse)
     recipe = tiny_recipe(training__report_to='["mlflow"]')
     with pytest.raises(ValueError, match="bad data"):
-        engine.train(recipe)
+        train(recipe)
     run_dir = tmp_path / "runs" / "t-lora"
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
     assert mlflow.active_run() is None  # nothing left for MLflow's exit hook to end in ./mlflow.db

@@ -14,7 +14,7 @@ from tunelab.methods import METHODS
 from tunelab.models.load import load_model
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer
+from tunelab.train.loop import Trainer
 
 # (method, recipe overrides, names every trainable parameter must contain one of)
 CASES = {

@@ -19,7 +19,7 @@ from tunelab.methods.lr_structure import structure_learning_rates
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from tunelab.recipe import RecipeError, TrainingSection
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer
+from tunelab.train.loop import Trainer
 
 TOK = build_tiny_tokenizer()
 IDS = torch.tensor([TOK("hello world, hello tiny model")["input_ids"]])

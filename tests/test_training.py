@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.runs.rundir import RunDir, RunExistsError
-from tunelab.train.engine import Trainer, micro_batches_for_step, total_steps, train
+from tunelab.train.common import micro_batches_for_step, total_steps
+from tunelab.train.loop import Trainer
+from tunelab.train.run import train
 
 
 def _fit(recipe):

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.text import Text
 from safetensors.torch import save_file
 from torch import nn
-from transformers import GenerationConfig, get_scheduler
+from transformers import GenerationConfig
 
 from tunelab.console import labelled, make_console
 from tunelab.methods import METHODS, count_parameters
@@ -50,11 +50,11 @@ from tunelab.recipe import Recipe
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
 from tunelab.train.checkpoint import load_checkpoint, reporting_disk_full, save_checkpoint
-from tunelab.train.data import prepare_split
-from tunelab.train.engine import (
+from tunelab.train.common import (
     TrainResult,
     apply_method,
     build_optimizer,
+    build_scheduler,
     eval_interval,
     load_base_model,
     log_row,
@@ -64,6 +64,7 @@ from tunelab.train.engine import (
     warmup_steps,
     write_final,
 )
+from tunelab.train.data import prepare_split
 from tunelab.train.lifecycle import Outcome, run_lifecycle
 from tunelab.train.progress import StepProgress
 from tunelab.train.rewards import load_reward
@@ -195,13 +196,11 @@ class OnlineTrainer:
         self.steps = total_steps(len(self.prompts.features), recipe.training)
         optimizer_steps = self.steps * self.passes * self.cfg.num_minibatches
         optimizer = build_optimizer(prepared, recipe.training.learning_rate)
-        self.scheduler = get_scheduler(
-            "constant_with_warmup"
-            if recipe.training.lr_scheduler == "constant"
-            else recipe.training.lr_scheduler,
+        self.scheduler = build_scheduler(
             optimizer,
-            num_warmup_steps=warmup_steps(recipe.training, optimizer_steps),
-            num_training_steps=optimizer_steps,
+            recipe.training.lr_scheduler,
+            warmup_steps(recipe.training, optimizer_steps),
+            optimizer_steps,
         )
         # prepared for fp16 loss scaling; the model is not wrapped (generation needs it bare)
         self.optimizer = self.accelerator.prepare(optimizer)
