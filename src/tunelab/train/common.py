@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from tunelab.console import labelled
 from tunelab.data.templates import select_template
+from tunelab.methods.base import with_learning_rates
 from tunelab.methods.lr_structure import structure_learning_rates
 from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
 from tunelab.objectives import OBJECTIVES
@@ -60,33 +61,52 @@ def micro_batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
-def micro_batches_for_step(step: int, n_examples: int, cfg: Any, seed: int) -> Iterator[list[int]]:
+# Step arithmetic takes plain numbers, always in the order (data size, batch size, accumulation,
+# then what else the answer depends on), so online training can pass its own batch shape.
+
+
+def micro_batches_for_step(
+    step: int, n_examples: int, batch_size: int, grad_accum: int, seed: int
+) -> Iterator[list[int]]:
     """The micro-batches (index lists) optimizer step ``step`` consumes, in a flat stream over epochs."""
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
-    for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+    per_epoch = math.ceil(n_examples / batch_size)
+    for k in range(step * grad_accum, (step + 1) * grad_accum):
         epoch, within = divmod(k, per_epoch)
-        yield micro_batch_order(n_examples, cfg.batch_size, seed, epoch)[within]
+        yield micro_batch_order(n_examples, batch_size, seed, epoch)[within]
 
 
-def total_steps(n_examples: int, cfg: Any) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
-    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+def total_steps(
+    n_examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None
+) -> int:
+    if max_steps is not None:
+        return max_steps
+    per_epoch = math.ceil(n_examples / batch_size)
+    return max(1, math.ceil(epochs * per_epoch / grad_accum))
 
 
-def warmup_steps(cfg: Any, steps: int) -> int:
+def warmup_steps(steps: int, explicit: int | None, ratio: float | None) -> int:
     """Explicit steps, else a ratio; with neither, 3% of the run (a short warmup protects fresh adapters)."""
-    if cfg.warmup_steps is not None:
-        return cfg.warmup_steps
-    ratio = 0.03 if cfg.warmup_ratio is None else cfg.warmup_ratio
+    if explicit is not None:
+        return explicit
+    ratio = 0.03 if ratio is None else ratio
     return int(round(ratio * steps))
 
 
-def eval_interval(cfg: Any, n_examples: int) -> int:
-    if cfg.eval_every is not None:
-        return cfg.eval_every
-    return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+def eval_interval(n_examples: int, batch_size: int, grad_accum: int, eval_every: int | None) -> int:
+    if eval_every is not None:
+        return eval_every
+    return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
+
+
+def run_steps(n_examples: int, training: Any) -> int:
+    """Optimizer steps of a run over ``n_examples`` with the recipe's ``training`` section."""
+    t = training
+    return total_steps(n_examples, t.batch_size, t.grad_accum, t.epochs, t.max_steps)
+
+
+def run_warmup(training: Any, steps: int) -> int:
+    """Warmup steps of a schedule ``steps`` optimizer steps long, from the recipe's ``training`` section."""
+    return warmup_steps(steps, training.warmup_steps, training.warmup_ratio)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -96,13 +116,14 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def build_optimizer(prepared: Any, learning_rate: float) -> torch.optim.Optimizer:
     """AdamW, or the paged bitsandbytes variant a method asks for (QLoRA's memory-saving option)."""
-    name = prepared.notes.get("optimizer", "adamw")
+    groups = with_learning_rates(prepared.param_groups, learning_rate)
+    name = prepared.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(prepared.param_groups, lr=learning_rate)
+        return torch.optim.AdamW(groups, lr=learning_rate)
     import bitsandbytes as bnb  # noqa: PLC0415  (only for the paged optimizers)
 
     paged = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    return paged[name](prepared.param_groups, lr=learning_rate)
+    return paged[name](groups, lr=learning_rate)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, steps: int) -> Any:
@@ -137,12 +158,7 @@ def load_base_model(
 def apply_method(method: Any, recipe: Recipe, model: Any) -> Any:
     """The method shapes the model (which parameters learn), then the recipe's learning-rate structure
     (layer-wise decay, multipliers, gradual unfreezing) reshapes its optimizer groups."""
-    prepared = method.apply(
-        model,
-        recipe.method,
-        learning_rate=recipe.training.learning_rate,
-        weight_decay=recipe.training.weight_decay,
-    )
+    prepared = method.apply(model, recipe.method, weight_decay=recipe.training.weight_decay)
     return structure_learning_rates(prepared, recipe.training)
 
 

@@ -40,9 +40,9 @@ from tunelab.train.common import (
     load_base_model,
     log_row,
     micro_batches_for_step,
+    run_steps,
+    run_warmup,
     start_run,
-    total_steps,
-    warmup_steps,
     write_final,
 )
 from tunelab.train.continual import EwcHook, mix_replay
@@ -204,9 +204,9 @@ class Trainer:
                 prepared, recipe.training.distributed.fsdp, self.accelerator.mixed_precision
             )
         optimizer = build_optimizer(prepared, recipe.training.learning_rate)
-        self.steps = total_steps(len(self.train_split.features), recipe.training)
+        self.steps = run_steps(len(self.train_split.features), recipe.training)
         self.scheduler = build_scheduler(
-            optimizer, recipe.training.lr_scheduler, warmup_steps(recipe.training, self.steps), self.steps
+            optimizer, recipe.training.lr_scheduler, run_warmup(recipe.training, self.steps), self.steps
         )
         self.model, self.optimizer = distributed.prepare(
             self.accelerator, prepared.model, optimizer, strategy
@@ -311,8 +311,9 @@ class Trainer:
         empty runs one example of the micro-batch with weight 0, so it still joins the gradient sync."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         batches = []
+        cfg = self.recipe.training
         for whole in micro_batches_for_step(
-            self.state.step, len(self.train_split.features), self.recipe.training, self.recipe.seed
+            self.state.step, len(self.train_split.features), cfg.batch_size, cfg.grad_accum, self.recipe.seed
         ):
             for ix in split_indices(whole, self.state.micro_batch_split):
                 share = distributed.shard_micro_batch(ix, rank, world)
@@ -433,7 +434,8 @@ class Trainer:
             return None
         if self.last_eval is not None and self.last_eval[0] == self.state.step:
             return self.last_eval[1]
-        every = eval_interval(self.recipe.training, len(self.train_split.features))
+        cfg = self.recipe.training
+        every = eval_interval(len(self.train_split.features), cfg.batch_size, cfg.grad_accum, cfg.eval_every)
         if not final and self.state.step % every:
             return None
         metrics = evaluate_loss(
@@ -478,7 +480,9 @@ class Trainer:
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         cfg = self.recipe.training
-        every = cfg.save_every or eval_interval(cfg, len(self.train_split.features))
+        every = cfg.save_every or eval_interval(
+            len(self.train_split.features), cfg.batch_size, cfg.grad_accum, cfg.eval_every
+        )
         if not force and self.state.step % every:
             return
         if distributed.agreed(self.run.checkpoint_dir(self.state.step).exists()):
