@@ -231,7 +231,7 @@ def run_tunelab(workdir: Path, args: argparse.Namespace, *, data: Path | None = 
 
     from tunelab.recipe import parse_recipe  # noqa: PLC0415
     from tunelab.runs.rundir import RunDir  # noqa: PLC0415
-    from tunelab.train.engine import train  # noqa: PLC0415
+    from tunelab.train.run import train  # noqa: PLC0415
 
     method: dict[str, Any] = {"name": args.method}
     if args.method != "full":

@@ -58,7 +58,7 @@ class Result:
 def train_adapters(base: str, n: int, root: Path) -> dict[str, Path]:
     """``n`` one-step LoRA runs on ``base``, each on different answers."""
     from tunelab.recipe import parse_recipe  # noqa: PLC0415
-    from tunelab.train.engine import train  # noqa: PLC0415
+    from tunelab.train.run import train  # noqa: PLC0415
 
     runs = {}
     for i in range(n):

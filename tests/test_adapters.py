@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tunelab.adapters import Combination, app, list_adapters, load_adapters, merge_adapters
 from tunelab.evaluate.run import load_for_eval
-from tunelab.train.engine import train
+from tunelab.train.run import train
 
 INPUT = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 8]])
 

@@ -21,9 +21,7 @@ PACKAGE = "tunelab"
 LOWER_LAYERS = ("tunelab.data", "tunelab.models", "tunelab.runs")
 UPPER_LAYERS = ("tunelab.train", "tunelab.evaluate", "tunelab.serve")
 
-KNOWN: set[str] = {
-    "cycle among: tunelab.train.engine, tunelab.train.rl",
-}
+KNOWN: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -12,7 +12,8 @@ from tunelab.recipe import parse_recipe
 from tunelab.runs.rundir import RunDir
 from tunelab.train.continual import EwcHook, estimate_fisher, mix_replay, replay_count
 from tunelab.train.data import prepare_split
-from tunelab.train.engine import Trainer, evaluate_loss, train
+from tunelab.train.loop import Trainer, evaluate_loss
+from tunelab.train.run import train
 
 QUESTIONS = ["Say hi", "Name a colour", "Name an animal", "Pick a number", "Name a fruit", "Say bye"]
 ANSWERS_A = ["hello there", "blue", "a cat", "seven", "an apple", "goodbye"]

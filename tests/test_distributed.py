@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from tunelab.recipe import RecipeError, load_recipe, parse_recipe
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
-from tunelab.train.engine import micro_batch_order, train
+from tunelab.train.common import micro_batch_order
+from tunelab.train.run import train
 
 ROWS = [
     ("Say hi", "hi there"),

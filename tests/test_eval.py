@@ -11,7 +11,8 @@ from tunelab.evaluate.metrics import exact_match, normalise_answer
 from tunelab.evaluate.run import infer_labels, load_for_eval
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from tunelab.objectives.sft import SftConfig, SftObjective, pad_causal_batch
-from tunelab.train.engine import evaluate_loss, train
+from tunelab.train.loop import evaluate_loss
+from tunelab.train.run import train
 
 LABELS = ["positive", "negative"]
 
@@ -95,7 +96,7 @@ def test_left_padded_windowed_loss_equals_full_right_padded_loss():
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_trained_run_loads_back_with_identical_logits(tiny_recipe, method):
     from tunelab.runs.rundir import RunDir
-    from tunelab.train.engine import Trainer
+    from tunelab.train.loop import Trainer
 
     recipe = tiny_recipe(method, training__max_steps=3)
     run = RunDir.create(recipe.output.dir, recipe.output.name)

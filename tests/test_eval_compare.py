@@ -34,7 +34,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A LoRA run (lm_head saved with the adapter) trained hard to answer one thing to every prompt."""
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     tmp = tmp_path_factory.mktemp("hard")
     prompts = [
@@ -266,7 +266,7 @@ KINDS = {
 )
 def test_runs_are_evaluated_by_their_objective(objective, tmp_path):
     from tunelab.recipe import load_recipe
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     recipe = load_recipe(
         REPO / "recipes" / f"tiny-{objective}.yaml", overrides=[f"output.dir={tmp_path}", "training.epochs=1"]

@@ -38,7 +38,7 @@ MIN_GREEDY_AGREEMENT = 0.95
 
 def _train(root: Path, method: str, objective: str = "sft", **method_fields: object) -> Path:
     from tunelab.recipe import parse_recipe
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     if objective == "classify":
         data = {"train": str(REPO / "recipes/data/tiny_cls_train.jsonl"), "max_length": 32}
@@ -419,7 +419,7 @@ def _cached_smollm2() -> str | None:
 def test_smollm2_lora_exports_to_q8_0_gguf_that_agrees_greedily(tmp_path):
     """The demo's model and adapter shape (LoRA r16 on all linear layers), a few steps, then q8_0."""
     from tunelab.recipe import parse_recipe
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     spec = _cached_smollm2()
     if spec is None:

@@ -66,7 +66,7 @@ def test_nothing_the_size_of_the_logits_is_kept_for_backward() -> None:
 def _tiny_step(tiny_recipe, method: str, fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
     """One forward/backward of the real SFT objective on the tiny model; loss and trainable grads."""
     from tunelab.runs.rundir import RunDir
-    from tunelab.train.engine import Trainer
+    from tunelab.train.loop import Trainer
 
     recipe = tiny_recipe(method, objective__name="sft", objective__fused_cross_entropy=str(fused).lower())
     run = RunDir.create(recipe.output.dir, f"{method}-{fused}", overwrite=True)
@@ -91,7 +91,7 @@ def test_sft_objective_with_fused_loss_equals_the_plain_one(tiny_recipe, method:
 
 
 def test_training_with_the_fused_loss_matches_per_step(tiny_recipe) -> None:
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     plain = train(tiny_recipe("lora", output__name="plain")).losses
     fused = train(
@@ -104,7 +104,7 @@ def test_training_with_the_fused_loss_matches_per_step(tiny_recipe) -> None:
 
 
 def test_refused_where_it_would_be_wrong(tiny_recipe) -> None:
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     with pytest.raises(ValueError, match="fused_cross_entropy.*prompt-learning"):
         train(tiny_recipe("prompt_tuning", objective__name="sft", objective__fused_cross_entropy="true"))

@@ -129,16 +129,17 @@ def test_a_run_failing_while_its_trainer_is_built_closes_its_mlflow_run(
     """A data error while the trainer is built must leave no MLflow run open (MLflow's exit hook
     would end it in ./mlflow.db) and, as the run never started, no run directory either."""
     mlflow = pytest.importorskip("mlflow")
-    import tunelab.train.engine as engine
+    import tunelab.train.loop as loop
+    from tunelab.train.run import train
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise ValueError("bad data")
 
-    monkeypatch.setattr(engine, "run_preflight", refuse)
+    monkeypatch.setattr(loop, "run_preflight", refuse)
     monkeypatch.chdir(tmp_path)
     recipe = tiny_recipe(training__report_to='["mlflow"]')
     with pytest.raises(ValueError, match="bad data"):
-        engine.train(recipe)
+        train(recipe)
     assert not (tmp_path / "runs" / "t-lora").exists()
     assert mlflow.active_run() is None  # nothing left for MLflow's exit hook to end in ./mlflow.db
     assert not (tmp_path / "mlflow.db").exists()

@@ -15,7 +15,7 @@ import torch
 from tunelab.evaluate.run import load_for_eval
 from tunelab.methods import METHODS
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer
+from tunelab.train.loop import Trainer
 
 IDS = torch.tensor([[1, 5, 17, 42, 99, 7, 300, 12]])
 

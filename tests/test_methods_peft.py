@@ -10,11 +10,12 @@ import torch
 from peft import PeftModel
 
 from tunelab.evaluate.run import load_for_eval
-from tunelab.methods import METHODS
+from tunelab.methods import METHODS, Prepared
+from tunelab.methods.base import with_learning_rates
 from tunelab.models.load import load_model
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer
+from tunelab.train.loop import Trainer
 
 # (method, recipe overrides, names every trainable parameter must contain one of)
 CASES = {
@@ -131,7 +132,7 @@ def test_qlora_without_4bit_kernels_names_the_alternative(monkeypatch):
     monkeypatch.setattr(bnb.functional, "quantize_4bit", broken)
     entry = METHODS.get("qlora")
     with pytest.raises(RuntimeError, match="method.name: lora"):
-        entry.impl.apply(build_tiny_llama(), entry.config_cls(), learning_rate=1e-3, weight_decay=0.0)
+        entry.impl.apply(build_tiny_llama(), entry.config_cls(), weight_decay=0.0)
 
 
 def test_qlora_rejects_inits_that_rewrite_the_base(tiny_recipe):
@@ -144,12 +145,13 @@ def test_loraplus_gives_the_b_matrices_a_higher_learning_rate(tiny_recipe):
         "lora", training__learning_rate=1e-3, training__weight_decay=0.1, **{"method.loraplus_lr_ratio": 16}
     )
     entry = METHODS.get("lora")
-    prepared = entry.impl.apply(build_tiny_llama(), recipe.method, learning_rate=1e-3, weight_decay=0.1)
+    prepared = entry.impl.apply(build_tiny_llama(), recipe.method, weight_decay=0.1)
+    groups = with_learning_rates(prepared.param_groups, recipe.training.learning_rate)
     names = {id(p): n for n, p in prepared.model.named_parameters()}
-    fast = [g for g in prepared.param_groups if "lr" in g]
+    fast = [g for g in groups if "lr" in g]
     assert len(fast) == 1 and fast[0]["lr"] == pytest.approx(16e-3) and fast[0]["weight_decay"] == 0.1
     assert all("lora_B" in names[id(p)] for p in fast[0]["params"])
-    slow = [names[id(p)] for g in prepared.param_groups if "lr" not in g for p in g["params"]]
+    slow = [names[id(p)] for g in groups if "lr" not in g for p in g["params"]]
     assert slow and all("lora_A" in n for n in slow)
     n_b = sum("lora_B" in n for n, p in prepared.model.named_parameters() if p.requires_grad)
     assert len(fast[0]["params"]) == n_b
@@ -158,7 +160,7 @@ def test_loraplus_gives_the_b_matrices_a_higher_learning_rate(tiny_recipe):
 def test_dora_and_rslora_reach_peft(tiny_recipe):
     entry = METHODS.get("dora")
     cfg = tiny_recipe("dora", **{"method.use_rslora": True, "method.r": 4, "method.alpha": 8}).method
-    model = entry.impl.apply(build_tiny_llama(), cfg, learning_rate=1e-3, weight_decay=0.0).model
+    model = entry.impl.apply(build_tiny_llama(), cfg, weight_decay=0.0).model
     config = model.peft_config["default"]
     assert config.use_dora and config.use_rslora
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -212,7 +214,7 @@ def test_prompt_tuning_starts_from_the_text_embeddings(tmp_path):
     model, tokenizer = load_model(str(path), device="cpu")
     entry = METHODS.get("prompt_tuning")
     cfg = entry.config_cls(num_virtual_tokens=5, init="text", init_text="Say hi")
-    peft_model = entry.impl.apply(model, cfg, learning_rate=1e-3, weight_decay=0.0).model
+    peft_model = entry.impl.apply(model, cfg, weight_decay=0.0).model
     ids = tokenizer("Say hi", add_special_tokens=False)["input_ids"]
     ids = (ids * 5)[:5]
     expected = model.get_input_embeddings().weight[ids]
@@ -252,3 +254,27 @@ def test_pissa_and_olora_save_as_a_plain_lora_on_the_untouched_base(tiny_recipe,
 def test_pissa_with_dora_is_refused(tiny_recipe):
     with pytest.raises(Exception, match="use_dora"):
         tiny_recipe("dora", **{"method.init": "pissa"})
+
+
+def test_lr_scale_factors_multiply_in_order_as_the_old_per_group_rates_did():
+    """LoRA+'s ratio then a layer-wise factor: the same float as ``(lr * ratio) * factor``, which is not
+    always ``lr * (ratio * factor)``; a group without a scale is left to the optimizer's default."""
+    lr, ratio, factor = 1e-2, 3.0, 0.7
+    plain = {"params": [], "group": "decay"}
+    scaled, kept = with_learning_rates([{"params": [], "lr_scale": (ratio, factor)}, plain], lr)
+    assert scaled["lr"] == (lr * ratio) * factor and "lr_scale" not in scaled
+    assert kept is plain and "lr" not in kept
+
+
+def test_the_optimizer_a_method_asks_for_is_a_field_of_prepared():
+    bnb = pytest.importorskip("bitsandbytes")
+    from tunelab.train.common import build_optimizer
+
+    layer = torch.nn.Linear(4, 4)
+    groups = [{"params": list(layer.parameters()), "lr_scale": (2.0,)}]
+    optimizer = build_optimizer(
+        Prepared(model=layer, param_groups=groups, optimizer="paged_adamw_32bit"), 1e-3
+    )
+    assert isinstance(optimizer, bnb.optim.PagedAdamW32bit) and optimizer.param_groups[0]["lr"] == 2e-3
+    plain = build_optimizer(Prepared(model=layer, param_groups=[{"params": list(layer.parameters())}]), 1e-3)
+    assert type(plain) is torch.optim.AdamW and plain.param_groups[0]["lr"] == 1e-3

@@ -12,14 +12,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_scheduler
 from tunelab.evaluate.run import load_for_eval
 from tunelab.methods import METHODS
 from tunelab.methods.adapter import AdapterConfig
-from tunelab.methods.base import decay_groups
+from tunelab.methods.base import decay_groups, with_learning_rates
 from tunelab.methods.blocks import find_blocks, head_is_tied, input_embeddings
 from tunelab.methods.freeze import FreezeConfig
 from tunelab.methods.lr_structure import structure_learning_rates
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from tunelab.recipe import RecipeError, TrainingSection
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer
+from tunelab.train.loop import Trainer
 
 TOK = build_tiny_tokenizer()
 IDS = torch.tensor([TOK("hello world, hello tiny model")["input_ids"]])
@@ -28,9 +28,7 @@ IDS = torch.tensor([TOK("hello world, hello tiny model")["input_ids"]])
 def _prepare(method: str, model: torch.nn.Module | None = None, weight_decay: float = 0.0, **cfg):
     entry = METHODS.get(method)
     model = model if model is not None else build_tiny_llama(TOK)
-    return entry.impl.apply(
-        model, entry.config_cls(name=method, **cfg), learning_rate=1e-2, weight_decay=weight_decay
-    )
+    return entry.impl.apply(model, entry.config_cls(name=method, **cfg), weight_decay=weight_decay)
 
 
 def _train_loop(prepared, steps: int, lr: float = 1e-2):
@@ -168,8 +166,8 @@ def test_blocks_and_adapters_on_another_architecture():
     assert not any(n.startswith(("transformer.h.1.", "transformer.wte")) for n in trainable)
 
 
-def _lr_of(prepared) -> dict[str, float]:
-    rate = {id(p): g["lr"] for g in prepared.param_groups for p in g["params"]}
+def _lr_of(prepared, lr: float = 1.0) -> dict[str, float]:
+    rate = {id(p): g["lr"] for g in with_learning_rates(prepared.param_groups, lr) for p in g["params"]}
     return {n: rate[id(p)] for n, p in prepared.model.named_parameters() if p.requires_grad}
 
 
@@ -178,7 +176,7 @@ def test_layerwise_decay_gives_block_k_from_the_top_lr_times_d_to_the_k():
     wd_of = {id(p): g["weight_decay"] for g in decay_groups(prepared.model, 0.1) for p in g["params"]}
     lr, d = 1e-3, 0.5
     structured = structure_learning_rates(prepared, TrainingSection(learning_rate=lr, layerwise_lr_decay=d))
-    for name, got in _lr_of(structured).items():
+    for name, got in _lr_of(structured, lr).items():
         if name.startswith("model.layers."):
             expected = lr * d ** (2 - int(name.split(".")[2]))
         else:
@@ -186,7 +184,9 @@ def test_layerwise_decay_gives_block_k_from_the_top_lr_times_d_to_the_k():
         assert got == pytest.approx(expected, rel=1e-12), name
     for group in structured.param_groups:  # the decay / no-decay split survives
         assert {wd_of[id(p)] for p in group["params"]} == {group["weight_decay"]}
-    assert structured.param_groups[0]["lr"] == lr  # logged lr (group 0) is the top rate
+    assert (
+        with_learning_rates(structured.param_groups, lr)[0]["lr"] == lr
+    )  # logged lr (group 0) is the top rate
 
 
 def test_lr_multipliers_and_lora_through_the_peft_wrapper():
@@ -211,9 +211,10 @@ def test_per_group_rates_survive_the_scheduler():
     structured = structure_learning_rates(
         prepared, TrainingSection(learning_rate=1e-3, layerwise_lr_decay=0.8)
     )
-    set_rates = [g["lr"] for g in structured.param_groups]
+    groups = with_learning_rates(structured.param_groups, 1e-3)
+    set_rates = [g["lr"] for g in groups]
     assert len(set(set_rates)) == 4  # top block with head and final norm, 2 blocks, embeddings
-    optimizer = torch.optim.AdamW(structured.param_groups, lr=1e-3)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
     assert [g["initial_lr"] for g in optimizer.param_groups] == set_rates
     for _ in range(5):

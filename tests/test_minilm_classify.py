@@ -20,7 +20,7 @@ def test_minilm_classifies_reviews_well_above_chance(tmp_path):
         pytest.skip("run `tunelab assets fetch` first")
     from tunelab.demo import read_reviews, stratified_split
     from tunelab.recipe import parse_recipe
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     reviews, _ = read_reviews(reviews_path)
     train_rows, held = stratified_split(reviews, n_eval=200, n_train=800, seed=0)

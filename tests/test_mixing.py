@@ -101,7 +101,7 @@ def test_write_mixture_and_per_task_eval(tmp_path: Path) -> None:
     from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
     from tunelab.objectives.sft import SftConfig, SftObjective
     from tunelab.recipe import DataSection
-    from tunelab.train.engine import evaluate_loss
+    from tunelab.train.loop import evaluate_loss
 
     for name in ("a", "b"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(name, 3)))

@@ -10,7 +10,8 @@ import torch
 from tunelab.plan.recommend import count_params, recommend
 from tunelab.recipe import parse_recipe
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer, train
+from tunelab.train.loop import Trainer
+from tunelab.train.run import train
 
 
 def _rows(prefix: str, n: int) -> list[dict]:

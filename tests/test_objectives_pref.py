@@ -29,7 +29,7 @@ from tunelab.objectives.preference_losses import (
     simpo_loss,
 )
 from tunelab.recipe import load_recipe, parse_recipe
-from tunelab.train.engine import train
+from tunelab.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("classify", "reward", "dpo", "simpo", "orpo", "kto")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tunelab.runs.rundir import RunDir
-from tunelab.train.engine import Trainer
+from tunelab.train.loop import Trainer
 from tunelab.train.oom import (
     OutOfMemoryAtOneExample,
     is_out_of_memory,

@@ -73,11 +73,12 @@ def test_isolation_probe_detects_leaking_attention():
 
 
 def test_training_with_packing_is_refused_when_examples_would_mix(tiny_recipe, monkeypatch):
-    from tunelab.train import engine
+    from tunelab.train import loop
+    from tunelab.train.run import train
 
-    monkeypatch.setattr(engine, "packing_isolates", lambda model, vocab: False)
+    monkeypatch.setattr(loop, "packing_isolates", lambda model, vocab: False)
     with pytest.raises(PackingUnsupported, match="data.packing"):
-        engine.train(tiny_recipe("lora", data__packing="true"))
+        train(tiny_recipe("lora", data__packing="true"))
 
 
 def test_training_with_packing_runs_fewer_sequences_with_the_same_loss(tiny_recipe):
@@ -87,7 +88,7 @@ def test_training_with_packing_runs_fewer_sequences_with_the_same_loss(tiny_reci
     from io import StringIO
 
     from tunelab.console import make_console
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     log = StringIO()
     packed = train(

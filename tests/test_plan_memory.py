@@ -54,7 +54,7 @@ def prepared(cfg: LlamaConfig, method: str, dtype: torch.dtype = torch.float32):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(dtype)
     spec = METHODS.get(method)
-    result = spec.impl.apply(model, spec.config_cls(name=method), learning_rate=1e-3, weight_decay=0.0)
+    result = spec.impl.apply(model, spec.config_cls(name=method), weight_decay=0.0)
     result.model.train()
     return result
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tunelab.recipe import RecipeError
-from tunelab.train.engine import train
 from tunelab.train.preflight import PreflightError
+from tunelab.train.run import train
 
 
 def test_leakage_warns_and_strict_refuses(tiny_recipe, tmp_path, qa_rows, capsys):

@@ -242,7 +242,7 @@ def test_reports_render_in_headless_chromium(synthetic_run: Path, tmp_path: Path
 
 
 def test_engine_writes_the_report_when_a_run_completes(tiny_recipe) -> None:
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     result = train(tiny_recipe(training__eval_every=3))
     report = json.loads((result.run_dir / "report.json").read_text())
@@ -258,7 +258,7 @@ def test_engine_writes_the_report_when_a_run_completes(tiny_recipe) -> None:
 
 
 def test_a_failing_report_leaves_the_run_completed(tiny_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     def broken(run_dir: Any) -> None:
         raise RuntimeError("disk full")
@@ -276,7 +276,7 @@ def test_a_failing_report_leaves_the_run_completed(tiny_recipe, monkeypatch: pyt
 def test_online_run_writes_the_report(tmp_path: Path, qa_rows: list[dict]) -> None:
     import tunelab.objectives.grpo  # noqa: F401  (registers before the recipe schema is built)
     from tunelab.recipe import parse_recipe
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows))

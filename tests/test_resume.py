@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.recipe import load_recipe
-from tunelab.train.engine import train
+from tunelab.train.run import train
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -29,9 +29,9 @@ from tunelab.objectives.rl_losses import (
     whiten,
 )
 from tunelab.recipe import parse_recipe
-from tunelab.train.engine import resume, train
 from tunelab.train.rewards import load_reward
 from tunelab.train.rl import adaptive_kl, completion_mask
+from tunelab.train.run import resume, train
 
 REPO = Path(__file__).resolve().parents[1]
 REWARDS = REPO / "recipes" / "rewards.py"

@@ -28,7 +28,7 @@ def _smollm2() -> None:
 
 def _train(tmp_path: Path, name: str, **sections: object) -> Path:
     from tunelab.recipe import parse_recipe
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     raw = {"seed": 0, "output": {"dir": str(tmp_path), "name": name}, **sections}
     return train(parse_recipe(raw)).run_dir

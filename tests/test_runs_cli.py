@@ -119,7 +119,7 @@ def test_runs_ls_table_and_missing_root(tmp_path: Path) -> None:
 @pytest.fixture
 def two_runs(tiny_recipe) -> tuple[Path, Path]:
     """Two real tiny runs that differ only in learning rate (and name)."""
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     high = train(tiny_recipe(training__learning_rate=1e-2, training__max_steps=3, output__name="lr-high"))
     low = train(tiny_recipe(training__learning_rate=1e-3, training__max_steps=3, output__name="lr-low"))

@@ -19,7 +19,7 @@ from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.engine import Engine
 from tunelab.serve.routing import Router, WatchPolicy
 from tunelab.serve.server import BackgroundServer
-from tunelab.train.engine import train
+from tunelab.train.run import train
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

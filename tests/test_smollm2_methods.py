@@ -19,7 +19,7 @@ METHOD_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 1e-2, "prompt_tuning": 3e-2, "fr
 def test_short_job_lowers_held_out_loss(review_files, tmp_path, method):
     from tunelab.recipe import parse_recipe
     from tunelab.runs.rundir import RunDir
-    from tunelab.train.engine import Trainer
+    from tunelab.train.loop import Trainer
 
     recipe = parse_recipe(
         {

@@ -194,7 +194,7 @@ def test_median_pruner_stops_a_trial_whose_curve_is_worse(tiny_recipe):
 
 def test_pruning_stops_real_training_and_marks_the_run(tiny_recipe):
     from tunelab.runs.rundir import RunDir
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # prunes any loss
     reporter = PruningReporter(study.ask(), "eval_loss")
@@ -210,7 +210,7 @@ def test_pruning_stops_real_training_and_marks_the_run(tiny_recipe):
 
 
 def test_engine_calls_on_eval_after_each_evaluation(tiny_recipe):
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     calls = []
     result = train(tiny_recipe(training__eval_every=2), console=quiet, on_eval=lambda *a: calls.append(a))

@@ -88,7 +88,7 @@ def test_conversation_without_assistant_is_an_error():
 def test_data_show_preview_is_what_the_trainer_trains_on(tiny_recipe):
     from tunelab.data.show import DataShowConfig, preview_examples
     from tunelab.runs.rundir import RunDir
-    from tunelab.train.engine import Trainer
+    from tunelab.train.loop import Trainer
 
     recipe = tiny_recipe("lora")
     trainer = Trainer(recipe, RunDir.create(recipe.output.dir, recipe.output.name))

@@ -53,7 +53,7 @@ def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny run reporting to TensorBoard and MLflow (shared: the assertions only read it)."""
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")}
     run = train(_recipe(tmp_path_factory.mktemp("tracked"), "tracked", ["tensorboard", "mlflow"])).run_dir
@@ -95,7 +95,7 @@ def test_a_failed_run_closes_its_trackers(tmp_path: Path, monkeypatch: pytest.Mo
     """MLflow would otherwise keep showing the run as RUNNING forever; the manifest says it failed."""
     from mlflow.tracking import MlflowClient
 
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     def stop(step: int, metrics: dict, last: bool) -> None:
         raise RuntimeError("stop here")
@@ -114,7 +114,7 @@ def test_a_failed_run_closes_its_trackers(tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.slow
 def test_wandb_offline_run_is_written_in_the_run_dir(tmp_path: Path) -> None:
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     started = time.perf_counter()
     run = train(_recipe(tmp_path, "wb", ["wandb"])).run_dir

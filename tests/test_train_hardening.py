@@ -133,7 +133,7 @@ def test_every_method_objective_pair_trains_a_step_or_is_refused_naming_both(
     tmp_path: Path, method: str, objective: str
 ) -> None:
     """The whole matrix on the tiny model: no pair may get past the recipe and then fail in training."""
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     raw = _pair_recipe(tmp_path, method, objective)
     try:
@@ -264,7 +264,7 @@ def test_train_and_eval_make_no_future_warning_from_tunelab_calls(
     import warnings
 
     from tunelab.evaluate.compare import EvalPlan, evaluate_models
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     found = _calls_from_tunelab(monkeypatch)
     with warnings.catch_warnings():
@@ -317,7 +317,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(
 ) -> None:
     from tunelab.runs.rundir import RunDir
     from tunelab.train.checkpoint import DiskFullError
-    from tunelab.train.engine import resume, train
+    from tunelab.train.run import resume, train
 
     recipe = tiny_recipe("lora", training__max_steps=4, training__save_every=2)
     run = RunDir(Path(recipe.output.dir) / recipe.output.name)
@@ -427,7 +427,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_train_holds_the_lock_while_it_runs_and_releases_it(tiny_recipe) -> None:
     from tunelab.runs.rundir import RunDir, RunLockedError
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     seen = []
 
@@ -449,8 +449,8 @@ def test_train_holds_the_lock_while_it_runs_and_releases_it(tiny_recipe) -> None
 def test_a_run_failing_validation_leaves_no_directory_and_the_rerun_needs_no_overwrite(
     tiny_recipe, tmp_path: Path
 ) -> None:
-    from tunelab.train.engine import train
     from tunelab.train.preflight import PreflightError
+    from tunelab.train.run import train
 
     strict = tiny_recipe("lora", training__max_steps=1, data__strict=True)  # eval rows leak from train
     with pytest.raises(PreflightError):
@@ -470,7 +470,7 @@ def test_a_run_failing_validation_leaves_no_directory_and_the_rerun_needs_no_ove
 
 @pytest.mark.slow
 def test_a_resumed_run_failing_setup_keeps_its_directory_and_says_failed(tiny_recipe) -> None:
-    from tunelab.train.engine import resume, train
+    from tunelab.train.run import resume, train
 
     result = train(tiny_recipe("lora", training__max_steps=2, training__save_every=1))
     data = Path(tiny_recipe("lora").data.train)
@@ -540,7 +540,7 @@ def test_a_ppo_run_failing_midway_finishes_its_trackers_and_the_manifest_says_fa
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tunelab.train.engine import train
+    from tunelab.train.run import train
 
     script = tmp_path / "flaky.py"
     script.write_text(
@@ -569,4 +569,4 @@ def test_a_ppo_run_failing_midway_finishes_its_trackers_and_the_manifest_says_fa
 def test_rl_uses_the_engine_lifecycle_not_a_copy() -> None:
     source = (REPO / "src" / "tunelab" / "train" / "rl.py").read_text()
     assert "run_lifecycle(" in source and "set_status(" not in source
-    assert "from tunelab.train.engine import" in source and "_progress" not in source
+    assert "from tunelab.train.common import" in source and "_progress" not in source

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.runs.rundir import RunDir, RunExistsError
-from tunelab.train.engine import Trainer, micro_batches_for_step, total_steps, train
+from tunelab.train.common import micro_batches_for_step, total_steps
+from tunelab.train.loop import Trainer
+from tunelab.train.run import train
 
 
 def _fit(recipe):
@@ -109,8 +111,13 @@ def test_micro_batch_stream_covers_each_epoch_once():
     class Cfg:
         batch_size, grad_accum, max_steps, epochs = 4, 2, None, 2.0
 
-    steps = total_steps(10, Cfg)
-    seen = [i for s in range(steps) for mb in micro_batches_for_step(s, 10, Cfg, seed=1) for i in mb]
+    steps = total_steps(10, Cfg.batch_size, Cfg.grad_accum, Cfg.epochs, Cfg.max_steps)
+    seen = [
+        i
+        for s in range(steps)
+        for mb in micro_batches_for_step(s, 10, Cfg.batch_size, Cfg.grad_accum, 1)
+        for i in mb
+    ]
     assert steps == 3 and sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
 
 

@@ -134,8 +134,10 @@ def train(
     from tunelab.console import make_console, styled
     from tunelab.recipe import RecipeError, load_recipe
     from tunelab.runs.rundir import RunExistsError, RunLockedError
-    from tunelab.train import distributed, engine
+    from tunelab.train import distributed
     from tunelab.train.checkpoint import DiskFullError
+    from tunelab.train.run import resume as resume_run
+    from tunelab.train.run import train as train_run
 
     progress = make_console(stderr=True)  # notes and progress lines: verbatim, never folded off a terminal
 
@@ -148,7 +150,7 @@ def train(
                 args = distributed.worker_train_args(resume=resume)
                 raise typer.Exit(distributed.launch(processes, args, resume, progress))
             with distributed.reporting_failures():
-                result = engine.resume(resume, console=progress)
+                result = resume_run(resume, console=progress)
         else:
             if recipe is None:
                 _fail("give a recipe file, or --resume runs/<name>")
@@ -159,7 +161,7 @@ def train(
                 run_path = Path(loaded.output.dir) / (loaded.output.name or "run")
                 raise typer.Exit(distributed.launch(processes, args, run_path, progress))
             with distributed.reporting_failures():
-                result = engine.train(loaded, overwrite=overwrite, console=progress)
+                result = train_run(loaded, overwrite=overwrite, console=progress)
     except (RecipeError, RunExistsError, RunLockedError, DiskFullError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if not distributed.is_rank_zero():

@@ -31,7 +31,7 @@ from tunelab.evaluate.compare import EvalPlan, compare_models, print_payload
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
 from tunelab.runs.report import EVAL_DIR, write_eval_report
-from tunelab.train.engine import train
+from tunelab.train.run import train
 
 PROMPT = "Classify the sentiment of this movie review as positive or negative.\n\n{review}"
 ANSWERS = {"fresh": "positive", "rotten": "negative"}

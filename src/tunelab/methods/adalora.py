@@ -97,9 +97,7 @@ def peft_config(cfg: AdaLoraConfig, task_type: str = "CAUSAL_LM") -> PeftAdaLora
 
 
 @register_method("adalora", AdaLoraConfig, artifact="peft")
-def apply_adalora(
-    model: nn.Module, cfg: AdaLoraConfig, *, learning_rate: float, weight_decay: float
-) -> Prepared:
+def apply_adalora(model: nn.Module, cfg: AdaLoraConfig, *, weight_decay: float) -> Prepared:
     try:
         peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:

@@ -175,9 +175,7 @@ def load_adapter(base_model: nn.Module, directory: Path, cfg: AdapterConfig | No
     limitation="it trains bottleneck modules inside the blocks only, so the new classification head "
     "this objective needs would stay random",
 )
-def apply_adapter(
-    model: nn.Module, cfg: AdapterConfig, *, learning_rate: float, weight_decay: float
-) -> Prepared:
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, *, weight_decay: float) -> Prepared:
     for param in model.parameters():
         param.requires_grad_(False)
     bottleneck = cfg.bottleneck(_hidden_size(unwrap(model)))

@@ -50,8 +50,11 @@ class Hook:
 class Prepared:
     """A model ready to train, the optimizer groups for its trainable parameters, and its hooks.
 
-    A group may carry its own ``lr`` (LoRA+, layer-wise decay); groups without one use the
-    recipe's learning rate.
+    A group may carry an ``lr_scale``: the factors (LoRA+'s B ratio, then layer-wise decay and
+    multipliers) its rate is the recipe's learning rate times, applied in that order by
+    :func:`with_learning_rates`; groups without one learn at the recipe's rate. Methods never see
+    the learning rate itself. ``optimizer`` names the optimizer the method needs (QLoRA's paged
+    AdamW); ``notes`` are only printed.
     """
 
     model: nn.Module
@@ -59,15 +62,32 @@ class Prepared:
     is_adapter: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
     hooks: list[Hook] = field(default_factory=list)
+    optimizer: str = "adamw"
+
+
+def with_learning_rates(groups: list[dict[str, Any]], learning_rate: float) -> list[dict[str, Any]]:
+    """Optimizer groups with each ``lr_scale`` turned into an ``lr``; groups without one are kept as they
+    are (they take the optimizer's default, the same rate). The factors multiply one at a time, left
+    to right, so the rate is the same float as ``learning_rate * ratio * factor`` computed in order."""
+    out = []
+    for group in groups:
+        if "lr_scale" not in group:
+            out.append(group)
+            continue
+        resolved = {k: v for k, v in group.items() if k != "lr_scale"}
+        lr = learning_rate
+        for factor in group["lr_scale"]:
+            lr = lr * factor
+        resolved["lr"] = lr
+        out.append(resolved)
+    return out
 
 
 Artifact = Literal["full", "peft", "custom"]
 
 
 class Apply(Protocol):
-    def __call__(
-        self, model: nn.Module, cfg: Any, *, learning_rate: float, weight_decay: float
-    ) -> Prepared: ...
+    def __call__(self, model: nn.Module, cfg: Any, *, weight_decay: float) -> Prepared: ...
 
 
 @dataclass(frozen=True)

@@ -121,9 +121,7 @@ def load_freeze(base_model: nn.Module, directory: Path, cfg: FreezeConfig) -> nn
 
 
 @register_method("freeze", FreezeConfig, artifact="custom", save=save_freeze, load=load_freeze)
-def apply_freeze(
-    model: nn.Module, cfg: FreezeConfig, *, learning_rate: float, weight_decay: float
-) -> Prepared:
+def apply_freeze(model: nn.Module, cfg: FreezeConfig, *, weight_decay: float) -> Prepared:
     selected = {id(p) for p in selected_parameters(model, cfg)}
     for param in model.parameters():
         param.requires_grad_(id(param) in selected)

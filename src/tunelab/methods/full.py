@@ -16,7 +16,7 @@ class FullConfig(MethodConfig):
 
 
 @register_method("full", FullConfig, artifact="full")
-def apply_full(model: nn.Module, cfg: FullConfig, *, learning_rate: float, weight_decay: float) -> Prepared:
+def apply_full(model: nn.Module, cfg: FullConfig, *, weight_decay: float) -> Prepared:
     for param in model.parameters():
         param.requires_grad_(True)
     if cfg.freeze_embeddings:

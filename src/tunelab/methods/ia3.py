@@ -52,7 +52,7 @@ def peft_config(cfg: IA3Config, task_type: str = "CAUSAL_LM") -> PeftIA3Config:
 
 
 @register_method("ia3", IA3Config, artifact="peft")
-def apply_ia3(model: nn.Module, cfg: IA3Config, *, learning_rate: float, weight_decay: float) -> Prepared:
+def apply_ia3(model: nn.Module, cfg: IA3Config, *, weight_decay: float) -> Prepared:
     try:
         peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:

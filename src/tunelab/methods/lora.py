@@ -115,9 +115,9 @@ def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> PeftLoraConfig
 
 
 def loraplus_groups(
-    groups: list[dict[str, Any]], model: nn.Module, learning_rate: float, ratio: float | None
+    groups: list[dict[str, Any]], model: nn.Module, ratio: float | None
 ) -> list[dict[str, Any]]:
-    """Split each group so the LoRA B matrices carry their own ``lr`` (learning_rate × ratio).
+    """Split each group so the LoRA B matrices learn at the recipe's rate × ratio (``lr_scale``).
 
     LoRA+ (Hayou et al., 2024): with B initialised at zero, A and B play different roles and a larger
     step for B speeds up feature learning. Same split as PEFT's ``create_loraplus_optimizer``, returned
@@ -137,7 +137,7 @@ def loraplus_groups(
                 {
                     **group,
                     "params": b_params,
-                    "lr": learning_rate * ratio,
+                    "lr_scale": (ratio,),
                     "group": f"{group['group']}_lora_B",
                 }
             )
@@ -177,14 +177,12 @@ def save_lora(model: nn.Module, directory: Path) -> None:
 
 
 @register_method("lora", LoraConfig, artifact="peft", save=save_lora)
-def apply_lora(model: nn.Module, cfg: LoraConfig, *, learning_rate: float, weight_decay: float) -> Prepared:
+def apply_lora(model: nn.Module, cfg: LoraConfig, *, weight_decay: float) -> Prepared:
     peft_model = attach_lora(model, cfg)
-    groups = loraplus_groups(
-        decay_groups(peft_model, weight_decay), peft_model, learning_rate, cfg.loraplus_lr_ratio
-    )
+    groups = loraplus_groups(decay_groups(peft_model, weight_decay), peft_model, cfg.loraplus_lr_ratio)
     return Prepared(model=peft_model, param_groups=groups, is_adapter=True)
 
 
 @register_method("dora", DoraConfig, artifact="peft", save=save_lora)
-def apply_dora(model: nn.Module, cfg: DoraConfig, *, learning_rate: float, weight_decay: float) -> Prepared:
-    return apply_lora(model, cfg, learning_rate=learning_rate, weight_decay=weight_decay)
+def apply_dora(model: nn.Module, cfg: DoraConfig, *, weight_decay: float) -> Prepared:
+    return apply_lora(model, cfg, weight_decay=weight_decay)

@@ -2,7 +2,7 @@
 gradual unfreezing.
 
 It only reshapes what the method made trainable: groups are split by where each parameter sits
-(block i, embeddings, head, norm) and given their own ``lr``; the unfreezing hook only toggles
+(block i, embeddings, head, norm) and given their own ``lr_scale`` (a factor of the recipe's rate); the unfreezing hook only toggles
 parameters the method already trains, so a frozen base weight never becomes trainable.
 
 - ``layerwise_lr_decay`` d: block i of n gets ``lr × d^(n-1-i)`` (top block ×1), the embeddings
@@ -50,9 +50,7 @@ def structure_learning_rates(prepared: Prepared, training: Any) -> Prepared:
             stacklevel=2,
         )
     if decay is not None or multipliers:
-        prepared.param_groups = split_groups(
-            prepared.param_groups, where, training.learning_rate, decay or 1.0, multipliers
-        )
+        prepared.param_groups = split_groups(prepared.param_groups, where, decay or 1.0, multipliers)
     if every is not None:
         prepared.hooks = [*prepared.hooks, GradualUnfreeze(unfreeze_units(prepared, where), every)]
     prepared.notes["lr_structure"] = {
@@ -76,10 +74,11 @@ def lr_factor(param: nn.Parameter, where: Layout, decay: float, multipliers: dic
 
 
 def split_groups(
-    groups: list[dict[str, Any]], where: Layout, base_lr: float, decay: float, multipliers: dict[str, float]
+    groups: list[dict[str, Any]], where: Layout, decay: float, multipliers: dict[str, float]
 ) -> list[dict[str, Any]]:
-    """Split each group by rate, keeping its other keys (weight decay, name); ``lr`` = the group's own
-    rate (or ``base_lr``) × the parameter's factor. Highest rate first (stable)."""
+    """Split each group by rate, keeping its other keys (weight decay, name); the parameter's factor is
+    appended to the group's ``lr_scale`` (after LoRA+'s ratio, the order the rate was always
+    multiplied in). Highest factor first (stable)."""
     out: list[tuple[float, dict[str, Any]]] = []
     for group in groups:
         by_factor: dict[float, list[nn.Parameter]] = {}
@@ -88,7 +87,15 @@ def split_groups(
         for factor, params in by_factor.items():
             name = f"{group.get('group', 'group')}@x{factor:.6g}"
             out.append(
-                (factor, {**group, "params": params, "lr": group.get("lr", base_lr) * factor, "group": name})
+                (
+                    factor,
+                    {
+                        **group,
+                        "params": params,
+                        "lr_scale": (*group.get("lr_scale", ()), factor),
+                        "group": name,
+                    },
+                )
             )
     out.sort(key=lambda item: -item[0])
     return [group for _, group in out]

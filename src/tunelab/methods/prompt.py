@@ -117,9 +117,7 @@ def _prepared(peft_model: nn.Module, n_virtual: int, weight_decay: float) -> Pre
 
 
 @register_method("prompt_tuning", PromptTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
-def apply_prompt_tuning(
-    model: nn.Module, cfg: PromptTuningMethodConfig, *, learning_rate: float, weight_decay: float
-) -> Prepared:
+def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningMethodConfig, *, weight_decay: float) -> Prepared:
     tokenizer = _tokenizer_of(model) if cfg.init == "text" else None
     init = {"vocab": "SAMPLE_VOCAB", "text": "RANDOM", "random": "RANDOM"}[cfg.init]
     config = PromptTuningConfig(
@@ -132,9 +130,7 @@ def apply_prompt_tuning(
 
 
 @register_method("prefix_tuning", PrefixTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
-def apply_prefix_tuning(
-    model: nn.Module, cfg: PrefixTuningMethodConfig, *, learning_rate: float, weight_decay: float
-) -> Prepared:
+def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningMethodConfig, *, weight_decay: float) -> Prepared:
     config = PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=cfg.num_virtual_tokens,
@@ -145,9 +141,7 @@ def apply_prefix_tuning(
 
 
 @register_method("p_tuning", PTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
-def apply_p_tuning(
-    model: nn.Module, cfg: PTuningMethodConfig, *, learning_rate: float, weight_decay: float
-) -> Prepared:
+def apply_p_tuning(model: nn.Module, cfg: PTuningMethodConfig, *, weight_decay: float) -> Prepared:
     config = PromptEncoderConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=cfg.num_virtual_tokens,

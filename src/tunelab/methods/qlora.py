@@ -124,13 +124,13 @@ def load_qlora(base: nn.Module, directory: Path, cfg: QLoraConfig) -> nn.Module:
 
 
 @register_method("qlora", QLoraConfig, artifact="custom", save=save_qlora, load=load_qlora)
-def apply_qlora(model: nn.Module, cfg: QLoraConfig, *, learning_rate: float, weight_decay: float) -> Prepared:
+def apply_qlora(model: nn.Module, cfg: QLoraConfig, *, weight_decay: float) -> Prepared:
     peft_model = attach_lora(quantize_4bit(model, cfg), cfg)
-    groups = loraplus_groups(
-        decay_groups(peft_model, weight_decay), peft_model, learning_rate, cfg.loraplus_lr_ratio
-    )
+    groups = loraplus_groups(decay_groups(peft_model, weight_decay), peft_model, cfg.loraplus_lr_ratio)
     notes: dict[str, Any] = {
-        "optimizer": cfg.optimizer,
+        "optimizer": cfg.optimizer,  # printed; the optimizer itself is chosen by Prepared.optimizer
         "quantization": "nf4" + ("+double-quant" * cfg.double_quant),
     }
-    return Prepared(model=peft_model, param_groups=groups, is_adapter=True, notes=notes)
+    return Prepared(
+        model=peft_model, param_groups=groups, is_adapter=True, notes=notes, optimizer=cfg.optimizer
+    )

@@ -211,9 +211,7 @@ def prepared_on_meta(config: Any, method_cfg: Any, dtype: torch.dtype) -> nn.Mod
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # deprecation chatter from PEFT/transformers, not the user's concern
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        prepared = METHODS.get(method_cfg.name).impl.apply(
-            model, method_cfg, learning_rate=1e-4, weight_decay=0.0
-        )
+        prepared = METHODS.get(method_cfg.name).impl.apply(model, method_cfg, weight_decay=0.0)
     return prepared.model
 
 

@@ -119,7 +119,7 @@ def default_train_fn(console: Console | None) -> TrainFn:
     """Real training through the engine; the returned metrics are the run's final evaluation."""
 
     def train_trial(recipe: Recipe, on_eval: OnEval) -> dict[str, float]:
-        from tunelab.train.engine import train  # noqa: PLC0415  (torch and friends only when training)
+        from tunelab.train.run import train  # noqa: PLC0415  (torch and friends only when training)
 
         return train(recipe, console=console, on_eval=on_eval).final_eval
 

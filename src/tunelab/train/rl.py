@@ -21,7 +21,6 @@ import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from rich.console import Console
 from rich.text import Text
 from safetensors.torch import save_file
 from torch import nn
-from transformers import GenerationConfig, get_scheduler
+from transformers import GenerationConfig
 
 from tunelab.console import labelled, make_console
 from tunelab.methods import METHODS, count_parameters
@@ -50,20 +49,21 @@ from tunelab.recipe import Recipe
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
 from tunelab.train.checkpoint import load_checkpoint, reporting_disk_full, save_checkpoint
-from tunelab.train.data import prepare_split
-from tunelab.train.engine import (
+from tunelab.train.common import (
     TrainResult,
     apply_method,
     build_optimizer,
+    build_scheduler,
     eval_interval,
     load_base_model,
     log_row,
     micro_batches_for_step,
+    run_steps,
+    run_warmup,
     start_run,
-    total_steps,
-    warmup_steps,
     write_final,
 )
+from tunelab.train.data import prepare_split
 from tunelab.train.lifecycle import Outcome, run_lifecycle
 from tunelab.train.progress import StepProgress
 from tunelab.train.rewards import load_reward
@@ -192,16 +192,14 @@ class OnlineTrainer:
         self.model = PolicyWithValue(prepared.model, value_head)
         self.model.eval()
         self.trainable, self.total_params = count_parameters(self.model)
-        self.steps = total_steps(len(self.prompts.features), recipe.training)
+        self.steps = run_steps(len(self.prompts.features), recipe.training)
         optimizer_steps = self.steps * self.passes * self.cfg.num_minibatches
         optimizer = build_optimizer(prepared, recipe.training.learning_rate)
-        self.scheduler = get_scheduler(
-            "constant_with_warmup"
-            if recipe.training.lr_scheduler == "constant"
-            else recipe.training.lr_scheduler,
+        self.scheduler = build_scheduler(
             optimizer,
-            num_warmup_steps=warmup_steps(recipe.training, optimizer_steps),
-            num_training_steps=optimizer_steps,
+            recipe.training.lr_scheduler,
+            run_warmup(recipe.training, optimizer_steps),
+            optimizer_steps,
         )
         # prepared for fp16 loss scaling; the model is not wrapped (generation needs it bare)
         self.optimizer = self.accelerator.prepare(optimizer)
@@ -366,9 +364,8 @@ class OnlineTrainer:
         """One rollout batch and its ``passes × num_minibatches`` optimizer steps."""
         cfg = self.recipe.training
         # the engine's shuffled epoch order, one micro-batch (= one rollout batch of prompts) per step
-        one_batch = SimpleNamespace(batch_size=cfg.batch_size, grad_accum=1)
         (indices,) = micro_batches_for_step(
-            self.state.step, len(self.prompts.features), one_batch, self.recipe.seed
+            self.state.step, len(self.prompts.features), cfg.batch_size, 1, self.recipe.seed
         )
         batch = self.rollout([self.prompts.features[i] for i in indices])
         advantages, returns, extra = self.advantages(batch)
@@ -422,7 +419,9 @@ class OnlineTrainer:
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         cfg = self.recipe.training
-        every = cfg.save_every or eval_interval(cfg, len(self.prompts.features))
+        every = cfg.save_every or eval_interval(
+            len(self.prompts.features), cfg.batch_size, cfg.grad_accum, cfg.eval_every
+        )
         if (not force and self.state.step % every) or self.run.checkpoint_dir(self.state.step).exists():
             return
         step = self.state.step

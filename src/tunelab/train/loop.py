@@ -1,41 +1,27 @@
-"""The training engine: one readable loop that runs any method × objective pair on accelerate.
-
-Order of a run: run directory → tokenizer and objective → data (encoded by the objective, checked
-by the pre-flight audit) → model with the head the objective asks for → method (which parameters
-learn) → optimizer and schedule → loop (accumulate, clip, step, log, evaluate, early-stop,
-checkpoint) → final model. Online objectives (PPO, GRPO) go to ``train/rl.py`` instead. A killed run resumes from its last complete checkpoint and
-continues with exactly the same batches, learning rates and random numbers.
-"""
+"""The offline training loop: :class:`Trainer` (accumulate, clip, step, log, evaluate, early-stop,
+checkpoint) for every objective that learns from a fixed data set. Online objectives (PPO, GRPO)
+run in ``rl.py``; ``run.py`` picks one and wraps it in the run lifecycle."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from rich.console import Console
 from rich.text import Text
-from transformers import get_scheduler
 
 from tunelab.console import labelled, make_console, styled
-from tunelab.data.mixing import load_task, mix_tasks, tag_row, write_mixture
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
-from tunelab.data.templates import select_template
 from tunelab.evaluate.tasks import evaluate_per_task
-from tunelab.methods import METHODS, count_parameters
-from tunelab.methods.lr_structure import structure_learning_rates
-from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
-from tunelab.objectives import OBJECTIVES
-from tunelab.recipe import Recipe, parse_recipe
-from tunelab.runs.atomic import atomic_directory, atomic_write_json
-from tunelab.runs.manifest import build_manifest, update_manifest
+from tunelab.methods import METHODS, Prepared, count_parameters
+from tunelab.recipe import Recipe
+from tunelab.runs.manifest import update_manifest
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
 from tunelab.train.checkpoint import (
@@ -45,9 +31,22 @@ from tunelab.train.checkpoint import (
     reporting_disk_full,
     write_checkpoint,
 )
+from tunelab.train.common import (
+    apply_method,
+    build_optimizer,
+    build_scheduler,
+    count_tokens,
+    eval_interval,
+    load_base_model,
+    log_row,
+    micro_batches_for_step,
+    run_steps,
+    run_warmup,
+    start_run,
+    write_final,
+)
 from tunelab.train.continual import EwcHook, mix_replay
 from tunelab.train.data import PreparedSplit, prepare_split
-from tunelab.train.lifecycle import Outcome, run_lifecycle
 from tunelab.train.oom import (
     auto_micro_batch,
     free_step_memory,
@@ -56,11 +55,9 @@ from tunelab.train.oom import (
     release_cached_memory,
     split_indices,
 )
-from tunelab.train.preflight import materialise_split, run_preflight
+from tunelab.train.preflight import run_preflight
 from tunelab.train.progress import StepProgress
-from tunelab.train.tracking import Tracking, accelerator_options
-
-FINAL_META = "tunelab.json"
+from tunelab.train.tracking import Tracking
 
 
 @dataclass
@@ -75,62 +72,6 @@ class LoopState:
     stopped_early: bool = False
     micro_batch_split: int = 1
     """Chunks each recipe micro-batch runs in; doubled by every out-of-memory recovery (train/oom.py)."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    losses: list[float]
-    final_eval: dict[str, float] = field(default_factory=dict)
-    stopped_early: bool = False
-    data_summary: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    """bf16 where the GPU has it, fp16 on older GPUs, none on CPU (fp32 is exact and CPUs gain little)."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def micro_batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Deterministic shuffled micro-batches of one epoch (a pure function of seed and epoch, so resume
-    can recompute the order instead of storing it)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_examples, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
-
-
-def micro_batches_for_step(step: int, n_examples: int, cfg: Any, seed: int) -> Iterator[list[int]]:
-    """The micro-batches (index lists) optimizer step ``step`` consumes, in a flat stream over epochs."""
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
-    for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-        epoch, within = divmod(k, per_epoch)
-        yield micro_batch_order(n_examples, cfg.batch_size, seed, epoch)[within]
-
-
-def total_steps(n_examples: int, cfg: Any) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
-    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
-
-
-def warmup_steps(cfg: Any, steps: int) -> int:
-    """Explicit steps, else a ratio; with neither, 3% of the run (a short warmup protects fresh adapters)."""
-    if cfg.warmup_steps is not None:
-        return cfg.warmup_steps
-    ratio = 0.03 if cfg.warmup_ratio is None else cfg.warmup_ratio
-    return int(round(ratio * steps))
-
-
-def eval_interval(cfg: Any, n_examples: int) -> int:
-    if cfg.eval_every is not None:
-        return cfg.eval_every
-    return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
 
 
 @torch.no_grad()
@@ -182,81 +123,10 @@ class WeightedMeans:
         return total
 
 
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens of a batch, whatever its objective calls its masks."""
-    return sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-
-
-def build_optimizer(prepared: Any, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW, or the paged bitsandbytes variant a method asks for (QLoRA's memory-saving option)."""
-    name = prepared.notes.get("optimizer", "adamw")
-    if name == "adamw":
-        return torch.optim.AdamW(prepared.param_groups, lr=learning_rate)
-    import bitsandbytes as bnb  # noqa: PLC0415  (only for the paged optimizers)
-
-    paged = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    return paged[name](prepared.param_groups, lr=learning_rate)
-
-
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-def log_row(run: RunDir, tracking: Tracking, row: dict[str, Any]) -> None:
-    """One metrics row: to metrics.jsonl (the record) first, then to the trackers (views of it)."""
-    run.log_metrics(row)
-    tracking.log(row)
-
-
-def load_base_model(
-    recipe: Recipe, device: str, model_kind: str, model_kwargs: dict[str, Any] | None = None
-) -> Any:
-    """The recipe's model with the head the objective asks for (offline and online runs alike)."""
-    model, _ = load_model(
-        recipe.model.name_or_path,
-        dtype=recipe.model.dtype,
-        device=device,
-        trust_remote_code=recipe.model.trust_remote_code,
-        seed=recipe.seed,
-        model_cls=MODEL_CLASSES[model_kind],
-        model_kwargs=model_kwargs,
-    )
-    return model
-
-
-def apply_method(method: Any, recipe: Recipe, model: Any) -> Any:
-    """The method shapes the model (which parameters learn), then the recipe's learning-rate structure
-    (layer-wise decay, multipliers, gradual unfreezing) reshapes its optimizer groups."""
-    prepared = method.apply(
-        model,
-        recipe.method,
-        learning_rate=recipe.training.learning_rate,
-        weight_decay=recipe.training.weight_decay,
-    )
-    return structure_learning_rates(prepared, recipe.training)
-
-
-def start_run(
-    recipe: Recipe, console: Console, run_path: Path | None = None
-) -> tuple[Accelerator, str, Any, Any]:
-    """What every run sets up first, offline or online: seed, accelerator, device, tokenizer (with
-    the chat template the objective needs) and the objective itself."""
-    set_seed(recipe.seed)
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
-        cpu=distributed.use_cpu_backend(recipe.model.device),
-        **distributed.strategy_options(recipe.training, distributed.world_size_from_env()),
-        **accelerator_options(recipe.training.report_to, run_path, console),
-    )
-    device = str(accelerator.device) if recipe.model.device == "auto" else recipe.model.device
-    tokenizer = tokenizer_for(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    objective_cls = OBJECTIVES.get(recipe.objective.name).impl
-    if objective_cls.uses_chat_template:
-        for note in select_template(tokenizer, recipe.data.template):
-            console.print(labelled("warning", note))
-    return accelerator, device, tokenizer, objective_cls(recipe.objective, tokenizer, recipe.data)
 
 
 class Trainer:
@@ -265,9 +135,27 @@ class Trainer:
     def __init__(
         self, recipe: Recipe, run: RunDir, console: Console | None = None, eval_tasks: list[Any] | None = None
     ) -> None:
+        # the set-up steps depend on each other in this order: data before the model (the objective
+        # prepares the model with the encoded features), the model before the optimizer
         self.recipe = recipe
         self.run = run
         self.console = console or make_console(stderr=True)
+        device = self._setup_data()
+        prepared = self._setup_model(device)
+        self._setup_optimization(prepared)
+        self.state = LoopState()
+        self.oom_recoveries: list[dict[str, Any]] = []
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.eval_tasks = eval_tasks or []
+        # on_eval(step, metrics, last) after each evaluation (last: no training follows); a sweep's pruner
+        self.on_eval: Callable[[int, dict[str, float], bool], None] | None = None
+        # last: trackers start only once every check passed, so a refused run leaves none open
+        self.tracking = Tracking.start(self.accelerator, run.path, self.recipe.resolved(), self.console)
+
+    def _setup_data(self) -> str:
+        """Seed, accelerator, tokenizer and objective; the encoded splits, checked by the pre-flight
+        audit (rank 0 only). Returns the device the model goes to."""
+        recipe, run = self.recipe, self.run
         self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, self.console, run.path)
         self.writes = distributed.writes_files(run)
         if not self.writes:
@@ -275,6 +163,11 @@ class Trainer:
         self.train_split, self.eval_split = self._prepare_data()
         if self.writes:
             run_preflight(recipe.data, self.train_split, self.eval_split, run.path, self.console)
+        return device
+
+    def _setup_model(self, device: str) -> Prepared:
+        """The model with the objective's head, shaped by the method; checkpointing and packing."""
+        recipe = self.recipe
         model = load_base_model(recipe, device, self.objective.model_kind, self.objective.model_kwargs())
         self.method = METHODS.get(recipe.method.name).impl
         prepared = apply_method(self.method, recipe, model)
@@ -296,6 +189,11 @@ class Trainer:
         if recipe.data.packing:
             self._pack(prepared.model)
         self.trainable, self.total_params = count_parameters(prepared.model)
+        return prepared
+
+    def _setup_optimization(self, prepared: Prepared) -> None:
+        """Batch size (``auto`` probed now), sharding, optimizer, schedule, accelerate wrapping, EWC."""
+        recipe = self.recipe
         if recipe.training.batch_size == "auto":
             recipe = self.recipe = self._resolve_auto_batch(prepared.model)
         strategy = distributed.strategy_in_effect(recipe.training.distributed, self.accelerator.num_processes)
@@ -306,28 +204,15 @@ class Trainer:
                 prepared, recipe.training.distributed.fsdp, self.accelerator.mixed_precision
             )
         optimizer = build_optimizer(prepared, recipe.training.learning_rate)
-        self.steps = total_steps(len(self.train_split.features), recipe.training)
-        self.scheduler = get_scheduler(
-            "constant_with_warmup"
-            if recipe.training.lr_scheduler == "constant"
-            else recipe.training.lr_scheduler,
-            optimizer,
-            num_warmup_steps=warmup_steps(recipe.training, self.steps),
-            num_training_steps=self.steps,
+        self.steps = run_steps(len(self.train_split.features), recipe.training)
+        self.scheduler = build_scheduler(
+            optimizer, recipe.training.lr_scheduler, run_warmup(recipe.training, self.steps), self.steps
         )
         self.model, self.optimizer = distributed.prepare(
             self.accelerator, prepared.model, optimizer, strategy
         )
         if recipe.training.ewc is not None:
             self.hooks.append(self._ewc_hook(recipe.training.ewc))
-        self.state = LoopState()
-        self.oom_recoveries: list[dict[str, Any]] = []
-        self.last_eval: tuple[int, dict[str, float]] | None = None
-        self.eval_tasks = eval_tasks or []
-        # on_eval(step, metrics, last) after each evaluation (last: no training follows); a sweep's pruner
-        self.on_eval: Callable[[int, dict[str, float], bool], None] | None = None
-        # last: trackers start only once every check passed, so a refused run leaves none open
-        self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), self.console)
 
     def _run_file(self, name: str) -> Path | None:
         """Where a side file of the run goes; None on ranks other than 0 (one writer per file)."""
@@ -426,8 +311,9 @@ class Trainer:
         empty runs one example of the micro-batch with weight 0, so it still joins the gradient sync."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         batches = []
+        cfg = self.recipe.training
         for whole in micro_batches_for_step(
-            self.state.step, len(self.train_split.features), self.recipe.training, self.recipe.seed
+            self.state.step, len(self.train_split.features), cfg.batch_size, cfg.grad_accum, self.recipe.seed
         ):
             for ix in split_indices(whole, self.state.micro_batch_split):
                 share = distributed.shard_micro_batch(ix, rank, world)
@@ -548,7 +434,8 @@ class Trainer:
             return None
         if self.last_eval is not None and self.last_eval[0] == self.state.step:
             return self.last_eval[1]
-        every = eval_interval(self.recipe.training, len(self.train_split.features))
+        cfg = self.recipe.training
+        every = eval_interval(len(self.train_split.features), cfg.batch_size, cfg.grad_accum, cfg.eval_every)
         if not final and self.state.step % every:
             return None
         metrics = evaluate_loss(
@@ -593,7 +480,9 @@ class Trainer:
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         cfg = self.recipe.training
-        every = cfg.save_every or eval_interval(cfg, len(self.train_split.features))
+        every = cfg.save_every or eval_interval(
+            len(self.train_split.features), cfg.batch_size, cfg.grad_accum, cfg.eval_every
+        )
         if not force and self.state.step % every:
             return
         if distributed.agreed(self.run.checkpoint_dir(self.state.step).exists()):
@@ -663,170 +552,3 @@ class Trainer:
             )
         distributed.barrier()
         return self.run.final_dir
-
-
-def write_final(
-    run: RunDir,
-    model: Any,
-    tokenizer: Any,
-    method: Any,
-    recipe: Recipe,
-    objective: Any,
-    *,
-    is_adapter: bool,
-    step: int,
-    extra: Any = None,
-) -> Path:
-    """``final/`` for any run, offline or online: weights as the method saves them, tokenizer, and
-    ``tunelab.json`` saying how to load it back; ``extra(tmp)`` adds files (e.g. PPO's value head)."""
-    with reporting_disk_full(run, "final/"), atomic_directory(run.final_dir) as tmp:
-        if method.save is not None:  # custom artifacts; LoRA with PiSSA/OLoRA init converts on save
-            method.save(model, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-        atomic_write_json(
-            tmp / FINAL_META,
-            {
-                "base_model": recipe.model.name_or_path,
-                "is_adapter": is_adapter,
-                "artifact": method.artifact,
-                "method": recipe.method.name,
-                "method_config": recipe.method.model_dump(mode="json"),
-                "seed": recipe.seed,
-                "objective": recipe.objective.name,
-                "model_kind": objective.model_kind,
-                "model_kwargs": objective.model_kwargs(),
-                "step": step,
-            },
-        )
-    return run.final_dir
-
-
-def train(
-    recipe: Recipe,
-    *,
-    overwrite: bool = False,
-    console: Console | None = None,
-    on_eval: Callable[[int, dict[str, float], bool], None] | None = None,
-) -> TrainResult:
-    """Start a new run from a recipe (fails if the run exists, unless ``overwrite``); ``on_eval(step,
-    metrics, last)`` is called after each evaluation and may raise to stop the run (a sweep's pruner).
-
-    The run directory is locked while this process trains it; if the run fails before training
-    starts (bad data, pre-flight, model, method), the directory is removed again."""
-    run = distributed.open_run_dir(
-        recipe.output.dir, recipe.output.name or "run", device=recipe.model.device, overwrite=overwrite
-    )
-    try:
-        try:
-            run.write_recipe(recipe.resolved())
-        except BaseException:
-            run.discard()
-            raise
-        return _execute(recipe, run, console=console, resume=False, on_eval=on_eval)
-    finally:
-        run.release()
-
-
-def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResult:
-    """Continue a run from its last complete checkpoint, with the recipe it was started with."""
-    path = Path(run_path)
-    run = distributed.open_run_dir(path.parent, path.name, device=distributed.saved_device(path), resume=True)
-    try:
-        recipe = parse_recipe(run.read_recipe(), source=str(run.recipe_path))
-        return _execute(recipe, run, console=console, resume=True)
-    finally:
-        run.release()
-
-
-def materialise_tasks(recipe: Recipe, run_path: Path) -> tuple[Recipe, list[Any]]:
-    """``data.tasks``: mix the tasks into one training file (and one eval file for the overall
-    eval loss) inside the run directory; return the recipe pointing at them and the per-task evals."""
-    recipe = recipe.model_copy(deep=True)
-    data, mixing = recipe.data, recipe.data.mixing
-    fmt = data.format
-    tasks = [load_task(t.name, t.train, t.weight, fmt, data.columns or None) for t in data.tasks]
-    mixed = mix_tasks(
-        tasks, temperature=mixing.temperature, total=mixing.total, seed=recipe.seed, tag_template=mixing.tag
-    )
-    data.train = str(write_mixture(mixed, run_path / "data" / "mixture.jsonl")[0])
-    eval_tasks = [load_task(t.name, t.eval, 1.0, fmt, data.columns or None) for t in data.tasks if t.eval]
-    if eval_tasks:
-        tagged = [
-            (t.name, tag_row(r, mixing.tag.format(task=t.name)) if mixing.tag else r)
-            for t in eval_tasks
-            for r in t.rows
-        ]
-        data.eval = str(write_mixture(tagged, run_path / "data" / "eval_mixture.jsonl")[0])
-    data.format, data.columns, data.tasks = "auto", {}, None  # the written rows are canonical
-    return recipe, eval_tasks
-
-
-def _execute(
-    recipe: Recipe, run: RunDir, *, console: Console | None, resume: bool, on_eval: Any = None
-) -> TrainResult:
-    console = console or make_console(stderr=True)
-    data_files = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p and Path(p).exists()]
-    if not resume or not run.manifest_path.exists():
-        run.write_manifest(
-            build_manifest(
-                recipe=recipe.resolved(), data_files=data_files, seed=recipe.seed, run_name=run.name
-            )
-        )
-    if OBJECTIVES.get(recipe.objective.name).impl.online:
-        from tunelab.train.rl import run_online  # noqa: PLC0415  (rl imports this module)
-
-        return run_online(recipe, run, console, resume=resume)
-    trainer, outcome = run_lifecycle(
-        run,
-        setup=lambda: _set_up(recipe, run, console, resume=resume, on_eval=on_eval),
-        body=_train_and_save,
-        fresh=not resume,
-    )
-    return TrainResult(
-        run.path,
-        outcome.steps,
-        outcome.losses,
-        outcome.final_eval,
-        outcome.stopped_early,
-        outcome.data_summary,
-    )
-
-
-def _set_up(recipe: Recipe, run: RunDir, console: Console, *, resume: bool, on_eval: Any) -> Trainer:
-    """Everything before the first step: data (split, mixed), trainer, resume point."""
-    if recipe.data.split is not None:
-        recipe = recipe.model_copy(deep=True)
-        with distributed.main_process_first():  # rank 0 writes the split; the others find it
-            recipe.data.train, recipe.data.eval = materialise_split(recipe.data, run.path)
-        recipe.data.split = None
-    eval_tasks = None
-    if recipe.data.tasks:
-        recipe, eval_tasks = materialise_tasks(recipe, run.path)
-    trainer = Trainer(recipe, run, console, eval_tasks=eval_tasks)
-    trainer.on_eval = on_eval
-    checkpoint = run.latest_checkpoint() if resume else None
-    if checkpoint is not None:
-        trainer.resume_from(checkpoint)
-    share = 100 * trainer.trainable / max(trainer.total_params, 1)
-    trainer.console.print(
-        Text(
-            f"run {run.path}: {trainer.trainable:,} of {trainer.total_params:,} parameters train "
-            f"({share:.2f}%), {trainer.steps} steps"
-        )
-    )
-    return trainer
-
-
-def _train_and_save(trainer: Trainer) -> Outcome:
-    losses = trainer.fit()
-    final_eval = trainer.maybe_evaluate(final=True) or {}
-    trainer.maybe_checkpoint(force=True)
-    trainer.save_final()
-    summary = {"train": trainer.train_split.summary()}
-    if trainer.eval_split is not None:
-        summary["eval"] = trainer.eval_split.summary()
-    return Outcome(trainer.state.step, losses, final_eval, trainer.state.stopped_early, summary)
