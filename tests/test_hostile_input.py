@@ -237,3 +237,49 @@ def test_no_traceback_from_a_subprocess(tmp_path):
     )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert f"{path}:1: JSON nested more than 100 levels deep" in res.stderr
+
+
+# ---- `tunelab recipe check` (and `train`, which reads a recipe the same way) on hostile recipe files
+VALID = "model: {name_or_path: 'tiny:llama'}\nmethod: {name: lora}\n"
+HOSTILE_RECIPES = {
+    "empty": (b"", "the file is empty"),
+    "binary": (bytes(range(256)) * 4, "not UTF-8 text"),
+    "non_utf8": (b"model: {name_or_path: x}\n\xff\xfe: 1\n", "not UTF-8 text (byte 25)"),
+    "bad_yaml": (b"model: [\n  a: b\n", "line 3: not valid YAML"),
+    "trailing_comma": (b'{"model": {"name_or_path": "x"},}\n', "data: required field is missing"),
+    "a_list": (b"- model\n- data\n", "expected a mapping of sections, got list"),
+    "null_section": (b"model: null\n" + VALID.split("\n", 1)[1].encode(), "model: is empty (null)"),
+    "deep": (b"model: " + b"[" * DEEP + b"]" * DEEP + b"\n", "nested too deeply"),
+    "markup_in_values": (
+        (VALID + "data: {train: '[red]x:smile:[/].jsonl'}\n").encode(),
+        "data.train: [red]x:smile:[/].jsonl: file not found",
+    ),
+}
+
+
+def recipe_lines(res, code: int = 2) -> list[str]:
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
+    return res.stderr.rstrip("\n").split("\n")
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_RECIPES))
+def test_recipe_check_and_train_on_hostile_recipes(tmp_path, case):
+    content, expected = HOSTILE_RECIPES[case]
+    path = tmp_path / f"[bold]{case}:smile:.yaml"
+    path.write_bytes(content)
+    checked = recipe_lines(runner.invoke(app, ["recipe", "check", str(path)], env={"COLUMNS": None}))
+    # one self-contained line a problem, each naming the file as written
+    assert all(line.startswith(f"bad {path}: ") for line in checked)
+    assert any(expected in line for line in checked), checked
+    trained = recipe_lines(runner.invoke(app, ["train", str(path)], env={"COLUMNS": None}))
+    assert len(trained) == 1 and trained[0].startswith(f"error: {path}: ") and expected in trained[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipe_check_on_a_directory_and_a_missing_file(tmp_path):
+    folder = tmp_path / "[red]recipes:smile:"
+    folder.mkdir()
+    for target, expected in ((folder, "is a directory"), (tmp_path / "gone.yaml", "file not found")):
+        lines = recipe_lines(runner.invoke(app, ["recipe", "check", str(target)], env={"COLUMNS": None}))
+        assert lines == [f"bad {target}: {expected}" + (lines[0].split(expected, 1)[1])]

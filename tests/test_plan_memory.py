@@ -248,7 +248,7 @@ def test_plan_needs_no_data_files(tiny_recipe, tmp_path) -> None:
     result = CliRunner().invoke(app, ["plan", str(path), "--gpu", "rtx4090-24gb", "--json"])
     assert result.exit_code == 0, result.output
     check = CliRunner().invoke(app, ["recipe", "check", str(path)])
-    assert check.exit_code == 1 and "data.train" in check.output
+    assert check.exit_code == 2 and "data.train" in check.output
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -51,7 +51,7 @@ def test_space_validation_reports_every_problem_at_once(tiny_recipe):
     with pytest.raises(SpaceError) as err:
         validate_space(space, base)
     text = str(err.value)
-    assert "3 problem(s)" in text
+    assert "3 problems: " in text and "\n" not in text
     assert "Did you mean 'learning_rate'?" in text
     assert "training.warmup_ratio=1.5: the recipe rejects it" in text
     assert "method.r: 'r' is not a field" in text and "['ia3', 'prompt_tuning']" in text

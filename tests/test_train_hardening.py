@@ -97,7 +97,7 @@ def test_virtual_token_methods_refuse_head_objectives_with_the_reason(tmp_path: 
 def test_recipe_check_and_train_refuse_an_impossible_pair_before_creating_anything(tmp_path: Path) -> None:
     path = _write_recipe(tmp_path / "r.yaml", _pair_recipe(tmp_path, "prefix_tuning", "reward"))
     checked = runner.invoke(app, ["recipe", "check", str(path)])
-    assert checked.exit_code == 1 and "method prefix_tuning cannot train objective reward" in checked.output
+    assert checked.exit_code == 2 and "method prefix_tuning cannot train objective reward" in checked.output
     trained = runner.invoke(app, ["train", str(path)])
     assert trained.exit_code == 2 and "cannot train objective reward" in trained.output
     assert "Traceback" not in trained.output
@@ -156,7 +156,7 @@ def test_recipe_check_prints_paths_and_values_verbatim(tmp_path: Path) -> None:
     good = _write_recipe(folder / "good.yaml", {**base, "data": {"train": "t.jsonl"}})
     bad = _write_recipe(folder / "bad.yaml", {**base, "data": {"train": "[bold]gone[/].jsonl"}})
     result = runner.invoke(app, ["recipe", "check", str(good), str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"ok  {good}" in result.output
     assert "data.train: [bold]gone[/].jsonl: file not found" in result.output
 
@@ -175,7 +175,7 @@ def test_missing_data_train_is_named_by_its_field(tmp_path: Path) -> None:
         load_recipe(path)
     assert info.value.problems == ["data.train: does_not_exist.jsonl: file not found"]
     checked = runner.invoke(app, ["recipe", "check", str(path)])
-    assert checked.exit_code == 1 and "data.train: does_not_exist.jsonl: file not found" in checked.output
+    assert checked.exit_code == 2 and "data.train: does_not_exist.jsonl: file not found" in checked.output
     assert "ok" not in checked.output.split()
 
 

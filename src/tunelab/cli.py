@@ -99,7 +99,7 @@ def recipe_show(
 
 @recipe_app.command("check")
 def recipe_check(paths: Annotated[list[Path], typer.Argument(help="recipe YAML files")]) -> None:
-    """Validate recipes; exits non-zero if any has a problem."""
+    """Validate recipes: one line per problem, naming the file; exit code 2 if any recipe has one."""
     from tunelab.console import styled
     from tunelab.recipe import RecipeError, load_recipe
 
@@ -107,12 +107,13 @@ def recipe_check(paths: Annotated[list[Path], typer.Argument(help="recipe YAML f
     for path in paths:
         try:
             load_recipe(path)
-            out.print(styled("ok", "green") + f"  {path}", soft_wrap=True)
+            out.print(styled("ok", "green") + f"  {path}")
         except RecipeError as e:
             failed += 1
-            err.print(styled("bad", "red") + f" {e}", soft_wrap=True)
+            for problem in e.problems:  # one self-contained line a problem, each naming the file
+                err.print(styled("bad", "red") + f" {e.source}: {problem}")
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(2)
 
 
 @app.command()

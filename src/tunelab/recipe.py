@@ -286,13 +286,19 @@ class Recipe(Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
+def problems_line(problems: list[str]) -> str:
+    """Several problems as one line ("2 problems: a; b"), so each error stays one line on stderr."""
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+
+
 class RecipeError(ValueError):
     """Every problem of a recipe, each line naming the field path and the fix."""
 
     def __init__(self, problems: list[str], source: str = "recipe") -> None:
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+        self.source = source
+        # `recipe check` prints one line a problem; everywhere else the error is one line.
+        super().__init__(f"{source}: {problems_line(problems)}")
 
 
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -360,6 +366,8 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{path}.name: missing; say which one, e.g. name: {registry_hint(loc)}"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if err.get("input") is None and kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"{path}: is empty (null); give its fields"
     message = err["msg"].removeprefix("Value error, ")
     # a whole-recipe rule (loc is empty) names its own fields; "(top level):" would add nothing
     return f"{path}: {message}" if loc else message
@@ -383,6 +391,36 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
             raise RecipeError([f"--set {key}: '{part}' is not a section"])
         node = child
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a recipe file, or a RecipeError naming the file, the line and the fix."""
+    if not path.exists():
+        raise RecipeError(["file not found"], str(path))
+    if path.is_dir():
+        raise RecipeError(["is a directory; give the recipe's YAML file"], str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            [f"not UTF-8 text (byte {err.start}); save the recipe as UTF-8 YAML"], str(path)
+        ) from None
+    except OSError as err:
+        raise RecipeError([f"cannot be read: {err.strerror}"], str(path)) from None
+    if not text.strip():
+        raise RecipeError(["the file is empty; a recipe needs at least model, data and method"], str(path))
+    try:
+        raw = yaml.safe_load(text)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RecipeError(
+            ["nested too deeply to be a recipe; a recipe is a few levels of sections"], str(path)
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError([f"{where}not valid YAML: {what}"], str(path)) from None
+    return raw
 
 
 def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
@@ -448,13 +486,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_f
     ``check_files``: every data file the recipe names must exist (a reader that only wants another
     section, such as ``eval.gate`` of a finished run whose data has moved, passes False)."""
     path = Path(path)
-    if not path.exists():
-        raise RecipeError([f"file not found: {path}"], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError([f"not valid YAML: {err}"], str(path)) from None
-    recipe = parse_recipe(raw, source=str(path), overrides=overrides)
+    recipe = parse_recipe(read_recipe_file(path), source=str(path), overrides=overrides)
     if recipe.output.name is None:
         recipe.output.name = path.stem
     _resolve_relative_paths(recipe, path.parent)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
-from tunelab.recipe import Recipe, RecipeError, parse_recipe, set_override
+from tunelab.recipe import Recipe, RecipeError, parse_recipe, problems_line, set_override
 from tunelab.registry import did_you_mean
 
 # Sections whose fields depend on the chosen `name` (discriminated unions in the recipe).
@@ -111,8 +111,7 @@ class SpaceError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "space") -> None:
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+        super().__init__(f"{source}: {problems_line(problems)}")
 
 
 def parse_space(raw: Any, source: str = "space") -> dict[str, Any]:

@@ -15,6 +15,7 @@ from rich.console import Console
 from tunelab.console import labelled
 from tunelab.data.audit import audit, blocking_problems
 from tunelab.data.split import split
+from tunelab.recipe import problems_line
 from tunelab.runs.atomic import atomic_write_json
 from tunelab.train.data import PreparedSplit
 
@@ -56,9 +57,8 @@ def run_preflight(
     atomic_write_json(run_path / "preflight.json", {"problems": problems, "audit": report})
     if problems and data_cfg.strict:
         raise PreflightError(
-            "data.strict: the data has blocking problems:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + "\nfix them (tunelab data clean / split) or set data.strict: false to train anyway"
+            f"data.strict: the data has blocking problems ({problems_line(problems)}); fix them "
+            "(tunelab data clean / split) or set data.strict: false to train anyway"
         )
     for problem in problems:
         console.print(labelled("pre-flight", problem))
