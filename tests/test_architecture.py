@@ -132,3 +132,28 @@ def test_imports_flow_one_way() -> None:
 )
 def test_the_cycle_finder_finds_planted_cycles(graph: dict[str, set[str]], expected: list[str]) -> None:
     assert _cycles(graph) == expected
+
+
+# Functions allowed past 60 lines whatever their body, with the reason in docs/architecture.md.
+LONG_BY_DESIGN = {"tunelab.serve.app.create_app"}  # the route table: one nested handler per endpoint
+
+
+def long_functions() -> list[str]:
+    """Functions over 60 lines, unless what makes them long is the signature (a CLI command's option
+    declarations) and the body itself is at most 50 lines, or they are listed in LONG_BY_DESIGN."""
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body
+            body_length = node.end_lineno - body[0].lineno + 1
+            name = f"{module}.{node.name}"
+            if length > 60 and body_length > 50 and name not in LONG_BY_DESIGN:
+                found.append(f"{name}: {length} lines")
+    return sorted(found)
+
+
+def test_no_long_functions() -> None:
+    assert long_functions() == []
