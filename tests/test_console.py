@@ -75,9 +75,18 @@ def test_plain_progress_lines_carry_count_share_and_eta() -> None:
     bar.advance(10)  # under 10 s since the start: no line
     now[0] = 20.0
     bar.advance(30)  # 40 done in 20 s: 60 to go at 2/s
-    bar.finish()
+    now[0] = 25.0
+    bar.advance(10)  # 5 s since the last line: none
+    bar.finish()  # 50 done, not shown yet: the final line
+    now[0] = 40.0
+    bar.advance(50)  # all done, and shown
+    bar.finish()  # already shown: not repeated
     lines = buffer.getvalue().splitlines()
-    assert lines == ["eval base: 40/100 (40%), 20 s, ETA 30 s", "eval base: 40/100 (40%), 20 s, ETA 30 s"]
+    assert lines == [
+        "eval base: 40/100 (40%), 20 s, ETA 30 s",
+        "eval base: 50/100 (50%), 25 s, ETA 25 s",
+        "eval base: 100/100 (100%), 40 s",
+    ]
 
 
 def test_progress_prints_a_final_line_off_a_terminal() -> None:

@@ -132,12 +132,14 @@ class PlainProgress:
         self.clock = clock or time.monotonic
         self.start = self.last = self.clock()
         self.done = 0
+        self.shown = -1  # the count in the last line printed, so finish() never repeats it
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         now = self.clock()
         if now - self.last >= self.every_s:
             self.last = now
+            self.shown = self.done
             self.console.print(self.line(now))
 
     def line(self, now: float) -> str:
@@ -150,7 +152,8 @@ class PlainProgress:
         return f"{self.label}: {self.done:,}/{self.total:,} ({pct:.0f}%), {elapsed:.0f} s{eta_text}"
 
     def finish(self) -> None:
-        self.console.print(self.line(self.clock()))
+        if self.shown != self.done:
+            self.console.print(self.line(self.clock()))
 
 
 @contextmanager
