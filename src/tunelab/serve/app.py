@@ -39,13 +39,17 @@ from tunelab.serve.schemas import (
     ChatDelta,
     Completion,
     CompletionRequest,
+    DeltaToolCall,
     FeedbackRequest,
     ModelCard,
     ModelList,
+    ResponseFunction,
+    ResponseToolCall,
     TextChoice,
     Usage,
 )
 from tunelab.serve.security import check_bearer
+from tunelab.serve.tools import ParsedCall, ToolCallStream, finish_reason, parse_tool_calls, template_messages
 
 log = logging.getLogger("tunelab.serve")
 ADAPTER_HEADER = "x-tunelab-adapter"
@@ -207,11 +211,19 @@ class _AppState:
             self._record(route, started, err.status)
             raise
         chat = isinstance(body, ChatCompletionRequest)
+        tools = chat and body.active_tools() is not None  # parse the answer for tool calls
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             sse = self._sse(
-                job, events, route, response_id, chat=chat, include_usage=include_usage, started=started
+                job,
+                events,
+                route,
+                response_id,
+                chat=chat,
+                tools=tools,
+                include_usage=include_usage,
+                started=started,
             )
             return StreamingResponse(sse, media_type="text/event-stream", headers=route.headers)
         event = await self._final_event(job, events)
@@ -221,8 +233,12 @@ class _AppState:
             raise event.error
         self._record(route, started, None, (event.prompt_tokens, event.completion_tokens))
         self._remember(response_id, route.adapter)
-        payload = _chat_response if chat else _text_response
-        return JSONResponse(payload(response_id, route.served, event).model_dump(), headers=route.headers)
+        payload = (
+            _chat_response(response_id, route.served, event, tools)
+            if chat
+            else _text_response(response_id, route.served, event)
+        )
+        return JSONResponse(payload.model_dump(), headers=route.headers)
 
     def _job(
         self, body: ChatCompletionRequest | CompletionRequest, route: _Route
@@ -230,12 +246,12 @@ class _AppState:
         """The engine job for a request, and the queue its events arrive on (on this event loop)."""
         try:
             if isinstance(body, ChatCompletionRequest):
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-                prompt_ids = self.engine.encode_chat(messages, route.adapter)
+                messages = template_messages(body.messages)
+                prompt_ids = self.engine.encode_chat(messages, route.adapter, tools=body.active_tools())
             else:
                 prompt_ids = self.engine.encode_text(body.prompt_text())
-        except ValueError as err:  # content parts we cannot read, or a template that rejects the turns
-            raise APIError(400, str(err), param=_prompt_param(body)) from None
+        except ValueError as err:  # content parts we cannot read, or a template that rejects the turns/tools
+            raise APIError(400, str(err), param=getattr(err, "param", None) or _prompt_param(body)) from None
         if not prompt_ids:  # generate() has nothing to continue from; it would fail inside torch
             raise APIError(
                 400,
@@ -297,11 +313,16 @@ class _AppState:
         response_id: str,
         *,
         chat: bool,
+        tools: bool,
         include_usage: bool,
         started: float,
     ) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per text delta, a final chunk with finish_reason, [DONE]."""
+        """Server-sent events: one chunk per text delta, a final chunk with finish_reason, [DONE].
+
+        With tools, content streams up to the first ``<tool_call>``; the calls (and any content
+        after them) come in one chunk once generation has ended, then the finish chunk."""
         chunk = _ChunkMaker(response_id, route.served, chat)
+        tool_stream = ToolCallStream() if tools else None
         status: int | None = 0
         try:
             if chat:
@@ -309,7 +330,8 @@ class _AppState:
             while True:
                 event = await self._next_event(job, events)
                 if isinstance(event, Delta):
-                    yield chunk.text(event.text)
+                    if text := (tool_stream.feed(event.text) if tool_stream else event.text):
+                        yield chunk.text(text)
                     continue
                 if isinstance(event, Failed):
                     status = event.error.status
@@ -317,7 +339,8 @@ class _AppState:
                 else:
                     status = None
                     self._remember(response_id, route.adapter)
-                    yield chunk.finish(event.finish_reason)
+                    for line in chunk.ending(event, tool_stream):
+                        yield line
                     if include_usage:
                         yield chunk.usage(event)
                     self._record(route, started, None, (event.prompt_tokens, event.completion_tokens))
@@ -409,6 +432,17 @@ class _ChunkMaker:
     def finish(self, reason: str) -> str:
         return self._chat(ChatDelta(), reason) if self.chat else self._text("", reason)
 
+    def ending(self, done: Done, stream: ToolCallStream | None) -> list[str]:
+        """The last chunks: with tools, the calls and the content held back, then the finish reason."""
+        if stream is None:
+            return [self.finish(done.finish_reason)]
+        rest, calls = stream.finish(done.text)
+        lines = []
+        if rest or calls:
+            deltas = [DeltaToolCall(index=i, **_tool_call(call).model_dump()) for i, call in enumerate(calls)]
+            lines.append(self._chat(ChatDelta(content=rest or None, tool_calls=deltas or None)))
+        return [*lines, self.finish(finish_reason(done.finish_reason, calls))]
+
     def usage(self, done: Done) -> str:
         usage = _usage(done)
         if self.chat:
@@ -432,9 +466,19 @@ def _usage(done: Done) -> Usage:
     )
 
 
-def _chat_response(response_id: str, model: str, done: Done) -> ChatCompletion:
-    choice = ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)
+def _chat_response(response_id: str, model: str, done: Done, tools: bool) -> ChatCompletion:
+    if tools:
+        content, calls = parse_tool_calls(done.text)
+        message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
+        choice = ChatChoice(message=message, finish_reason=finish_reason(done.finish_reason, calls))
+    else:
+        choice = ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)
     return ChatCompletion(id=response_id, model=model, choices=[choice], usage=_usage(done))
+
+
+def _tool_call(call: ParsedCall) -> ResponseToolCall:
+    shape = call.openai()
+    return ResponseToolCall(id=shape["id"], function=ResponseFunction(**shape["function"]))
 
 
 def _text_response(response_id: str, model: str, done: Done) -> Completion:
@@ -478,7 +522,7 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         # Union members add their type name to the path (e.g. stop.str); keep the user's field path.
-        loc = [x for x in loc if x not in ("str", "list[str]", "list[dict[str,any]]")]
+        loc = [x for x in loc if x not in ("str", "list[str]", "list[dict[str,any]]", "dict[str,any]")]
         field = ".".join(loc)
         if e.get("type") == "json_invalid":
             parts.append(

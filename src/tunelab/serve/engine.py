@@ -28,6 +28,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.serve.errors import APIError, internal_error, queue_full, timed_out
+from tunelab.serve.tools import check_template
 
 log = logging.getLogger("tunelab.serve")
 DEFAULT_MAX_TOKENS = 256
@@ -273,16 +274,24 @@ class Engine:
             del self.adapters[name]
         log.info("unloaded adapter '%s'", name)
 
-    def encode_chat(self, messages: list[dict[str, str]], adapter: str | None) -> list[int]:
-        """Prompt ids with the chat template the adapter was trained with (the base's own otherwise)."""
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        adapter: str | None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Prompt ids with the chat template the adapter was trained with (the base's own otherwise);
+        ``tools`` (OpenAI function dicts) are rendered by that template, or refused if it cannot."""
         from jinja2 import TemplateError  # noqa: PLC0415
 
         loaded = self.adapters.get(adapter) if adapter is not None else None
         template = (loaded.chat_template if loaded else None) or self.base_template
+        check_template(template, messages, tools, f"'{adapter or self.base_name}'")
         with self.tokenizer_lock:
             try:
                 text = self.tokenizer.apply_chat_template(
-                    messages, chat_template=template, tokenize=False, add_generation_prompt=True
+                    messages, chat_template=template, tools=tools, tokenize=False, add_generation_prompt=True
                 )
             except TemplateError as err:  # e.g. a template that requires alternating user/assistant turns
                 raise ValueError(f"the model's chat template rejected these messages: {err}") from None

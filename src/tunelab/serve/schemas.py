@@ -6,6 +6,7 @@ Requests forbid unknown fields: a parameter tunelab does not implement (``logpro
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -74,16 +75,102 @@ class _Sampling(_Strict):
         return [s for s in stops if s]
 
 
+class ToolFunction(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("strict")
+    @classmethod
+    def _no_strict(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError(
+                "strict=true needs constrained decoding, which this server does not do; omit it or send false "
+                "(the calls returned are parsed from free generation and may not match the schema)"
+            )
+        return value
+
+
+class Tool(_Strict):
+    """A tool the model may call, in OpenAI's shape; the chat template renders it into the prompt."""
+
+    type: Literal["function"]
+    function: ToolFunction
+
+    def template(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any]
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        """OpenAI sends arguments as a JSON string; templates need the object (they write it ``| tojson``)."""
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"not valid JSON ({err.msg} at character {err.pos}); send a JSON object as a string"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"must be a JSON object, got {type(parsed).__name__}")
+        return parsed
+
+
+class ToolCall(_Strict):
+    """A call an earlier assistant turn made (conversation history sent back by the client)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    def template(self) -> dict[str, Any]:
+        call = {
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": self.function.arguments},
+        }
+        return {**({"id": self.id} if self.id else {}), **call}
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients add e.g. "name" or "refusal"; harmless
+    model_config = ConfigDict(extra="ignore")  # clients add e.g. "refusal"; harmless
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
+    # Declared before content: the content check reads them (pydantic validates in field order).
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    content: str | list[dict[str, Any]] | None = None
 
     _valid_text = field_validator("content")(_utf8)
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_only(cls, value: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message can carry tool_calls")
+        return value
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _required(cls, value: object, info: ValidationInfo) -> object:
+        """OpenAI allows a null content only on an assistant turn that makes tool calls."""
+        if "tool_calls" not in info.data:
+            return value  # tool_calls itself was invalid; that error is the one to report
+        if value is None and not (info.data.get("role") == "assistant" and info.data["tool_calls"]):
+            raise ValueError("content is required (null only for an assistant message with tool_calls)")
+        return value
+
     def text(self) -> str:
         """OpenAI's content parts → plain text; only text parts exist for a text-only model."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -97,6 +184,32 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none"] | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _honest_choice(cls, value: object) -> object:
+        if value == "required" or isinstance(value, dict):
+            raise ValueError(
+                "'required' and a named function need constrained decoding, which this server does not do; "
+                "send 'auto' (the model decides) or 'none'"
+            )
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in value or []]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"two tools are named {', '.join(dupes)}; each tool needs its own name")
+        return value
+
+    def active_tools(self) -> list[dict[str, Any]] | None:
+        """The tools to render and parse for: none when absent, empty, or ``tool_choice`` is 'none'."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.template() for tool in self.tools]
 
 
 class CompletionRequest(_Sampling):
@@ -120,9 +233,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object as a string, as OpenAI returns it
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -142,9 +267,14 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaToolCall(ResponseToolCall):
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
