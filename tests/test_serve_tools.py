@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from tunelab.models.load import load_model
+from tunelab.models.tiny import build_tiny_tokenizer
 from tunelab.serve.app import ServeSettings, create_app
-from tunelab.serve.engine import Delta, Done, Engine, Job
+from tunelab.serve.engine import Delta, Done, Engine, Job, make_decoder
 from tunelab.serve.routing import Router, WatchPolicy
 from tunelab.serve.schemas import ChatCompletionRequest
 from tunelab.serve.tools import (
@@ -132,6 +133,21 @@ def test_streamed_content_plus_the_final_rest_equals_the_unstreamed_content() ->
             assert sent + rest == (content or ""), (text, size)
             assert [c.arguments for c in streamed_calls] == [c.arguments for c in calls]
             assert "<" not in sent or OPEN not in text, "a piece of a call marker was streamed"
+
+
+def test_tool_call_markers_survive_decoding_when_the_tokenizer_marks_them_special() -> None:
+    """Otherwise skip_special_tokens would strip them and the parser would silently find no call."""
+    tokenizer = build_tiny_tokenizer()
+    text = f"<|im_start|>{CALL}<|im_end|>"
+    plain_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert make_decoder(tokenizer)(plain_ids) == tokenizer.decode(plain_ids, skip_special_tokens=True) == CALL
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(plain_ids)  # the markers are single special tokens now
+    assert OPEN not in tokenizer.decode(ids, skip_special_tokens=True)
+    decoded = make_decoder(tokenizer)(ids)
+    assert decoded == CALL  # markers kept, the other special tokens still skipped
+    assert [c.arguments for c in parse_tool_calls(decoded)[1]] == [{"city": "Paris"}]
 
 
 # ---- request schema and message conversion ----------------------------------------------------

@@ -28,6 +28,8 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.serve.errors import APIError, internal_error, queue_full, timed_out
+from tunelab.serve.tools import CLOSE as TOOL_CLOSE
+from tunelab.serve.tools import OPEN as TOOL_OPEN
 from tunelab.serve.tools import check_template
 
 log = logging.getLogger("tunelab.serve")
@@ -126,11 +128,36 @@ class Job:
         return self.created + self.timeout_s
 
 
+def make_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """Token ids → text without special tokens, except the tool-call markers.
+
+    Some tokenizers mark ``<tool_call>``/``</tool_call>`` as special tokens; skipping them like the
+    other specials would leave a call's JSON in the text with nothing to tell it from prose, so the
+    tool-call parser would silently find no calls."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    markers = {i for i, token in added.items() if token.special and token.content in (TOOL_OPEN, TOOL_CLOSE)}
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    if not markers:
+        return decode
+    specials = ({i for i, token in added.items() if token.special} | set(tokenizer.all_special_ids)) - markers
+
+    def decode_keeping_markers(ids: list[int]) -> str:
+        kept = [i for i in ids if i not in specials]
+        return tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    return decode_keeping_markers
+
+
 class _Collector(BaseStreamer):
     """Receives tokens from ``generate`` and emits text deltas; the first ``put`` is the prompt."""
 
-    def __init__(self, tokenizer: Any, lock: threading.Lock, job: Job, scanner: StopScanner) -> None:
-        self.tokenizer, self.lock, self.job, self.scanner = tokenizer, lock, job, scanner
+    def __init__(
+        self, decode: Callable[[list[int]], str], lock: threading.Lock, job: Job, scanner: StopScanner
+    ) -> None:
+        self.decode, self.lock, self.job, self.scanner = decode, lock, job, scanner
         self.ids: list[int] = []
         self._prompt_seen = False
 
@@ -140,9 +167,7 @@ class _Collector(BaseStreamer):
             return
         self.ids.extend(value.reshape(-1).tolist())
         with self.lock:
-            text = self.tokenizer.decode(
-                self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
+            text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return  # a multi-byte character is half decoded; the next token completes it
         delta = self.scanner.feed(text)
@@ -189,6 +214,7 @@ class Engine:
         from tunelab.data.templates import BUILTIN_TEMPLATES  # noqa: PLC0415
 
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
+        self.decode = make_decoder(tokenizer)
         self.base_key = base_key or (base_name, None)
         self.base_template = tokenizer.chat_template or BUILTIN_TEMPLATES["chatml"]
         self.queue_size, self.max_tokens_limit = queue_size, max_tokens_limit
@@ -399,7 +425,7 @@ class Engine:
                 404, f"adapter '{job.adapter}' was unloaded while this request waited", param="model"
             )
         scanner = StopScanner(list(job.params.stop))
-        collector = _Collector(self.tokenizer, self.tokenizer_lock, job, scanner)
+        collector = _Collector(self.decode, self.tokenizer_lock, job, scanner)
         ids = torch.tensor([job.prompt_ids], device=self.device)
         with self._adapter(job.adapter), _seeded(job.params.seed, self.device), torch.inference_mode():
             self.model.generate(
