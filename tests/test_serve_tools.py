@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -415,3 +416,52 @@ def test_hostile_tool_requests_are_400s_naming_the_field(
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert "Value error" not in error["message"] and not engine.seen
+
+
+def _memorise(model: torch.nn.Module, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """Train the tiny model on one (prompt with tools → tool call) example until it repeats it."""
+    ids = torch.tensor([prompt_ids + answer_ids])
+    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 0.02:  # every answer token is the argmax by a wide margin
+            break
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_tool_call_answers_with_it_through_real_generation() -> None:
+    """No stub: the tiny model learns to answer the tool-rendered prompt with a call; the server's own
+    generation, decoding and parsing turn it into tool_calls, streamed or not."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny:llama", device="cpu", dtype="auto", seed=0)
+    engine = Engine(model, tokenizer, base_name="tiny:llama", max_tokens_limit=64)
+    engine.base_template = QWEN_TEMPLATE
+    prompt_ids = engine.encode_chat(ASK, None, tools=[WEATHER])
+    assert (
+        _memorise(model, prompt_ids, tokenizer(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        < 0.02
+    )
+    router = Router(engine.base_name, [], WatchPolicy(min_samples=3, max_latency_ratio=1e6))
+    with TestClient(create_app(engine, router, ServeSettings(api_key=KEY))) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+        ask = {"model": "tiny:llama", "messages": ASK, "tools": [WEATHER], "temperature": 0, "max_tokens": 64}
+        choice = client.chat.completions.create(**ask).choices[0]
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        without_tools = client.chat.completions.create(**{**ask, "tool_choice": "none"}).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    (streamed,) = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert (streamed.function.name, streamed.function.arguments) == (
+        call.function.name,
+        call.function.arguments,
+    )
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert without_tools.message.tool_calls is None  # a different prompt, and nothing parsed
