@@ -190,6 +190,14 @@ def test_the_schema_accepts_tools_tool_calls_and_tool_messages() -> None:
     assert messages[2] == {"role": "tool", "content": '{"temp_c": 21}', "tool_call_id": "call_1"}
 
 
+def test_a_call_echoed_from_a_streamed_response_keeps_working() -> None:
+    """Clients that accumulate streamed deltas send the call back with its ``index``."""
+    echoed = json.loads(json.dumps(HISTORY))
+    echoed[1]["tool_calls"][0]["index"] = 0
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": echoed})
+    assert template_messages(body.messages)[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
 def test_tool_choice_none_and_an_empty_tool_list_mean_no_tools() -> None:
     for extra in ({"tools": [WEATHER], "tool_choice": "none"}, {"tools": []}):
         assert (

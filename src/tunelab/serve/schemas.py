@@ -102,7 +102,14 @@ class Tool(_Strict):
         return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
 
 
-class ToolCallFunction(_Strict):
+class _History(BaseModel):
+    """Calls sent back as history echo our own or another server's responses, which may carry extra
+    keys (a streamed call's ``index``); like messages, they ignore what they do not use."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ToolCallFunction(_History):
     name: str = Field(min_length=1)
     arguments: str | dict[str, Any]
 
@@ -123,7 +130,7 @@ class ToolCallFunction(_Strict):
         return parsed
 
 
-class ToolCall(_Strict):
+class ToolCall(_History):
     """A call an earlier assistant turn made (conversation history sent back by the client)."""
 
     id: str | None = None
