@@ -88,7 +88,17 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "instruction": ("input", "system", "history"),
     "chat": ("system", "tools"),
     "preference": ("prompt", "input", "messages", "instruction", "system", "history", "tools"),
-    "unpaired": ("prompt", "completion", "messages", "system", "tools"),
+    "unpaired": (
+        "prompt",
+        "completion",
+        "messages",
+        "instruction",
+        "input",
+        "history",
+        "output",
+        "system",
+        "tools",
+    ),
     "prompt": ("system", "tools"),
     "prompt_completion": ("system", "tools"),
     "classification": (),
@@ -99,7 +109,7 @@ _NEEDS = {
     "chat": "messages (role/content) or conversations (ShareGPT from/value) (optional: tools, system)",
     "preference": "chosen, rejected (optional: prompt) or chosen_messages, rejected_messages or "
     "input, preferred_output, non_preferred_output",
-    "unpaired": "label (true/false) with prompt and completion, or with messages",
+    "unpaired": "label or kto_tag (true/false) with prompt and completion, messages, or instruction and output",
     "prompt": "prompt alone",
     "prompt_completion": "prompt, completion",
     "classification": "text, label",
@@ -161,7 +171,8 @@ def _has(field: str, names: set[str], mapping: dict[str, str] | None) -> bool:
 def _matches(fmt: str, names: set[str], mapping: dict[str, str] | None) -> bool:
     if fmt == "unpaired":
         pair = _has("prompt", names, mapping) and _has("completion", names, mapping)
-        return _has("label", names, mapping) and (pair or _has("messages", names, mapping))
+        alpaca = _has("instruction", names, mapping) and _has("output", names, mapping)
+        return _has("label", names, mapping) and (pair or alpaca or _has("messages", names, mapping))
     if fmt == "preference" and {"preferred_output", "non_preferred_output"} <= names:
         return True
     return all(_has(f, names, mapping) for f in REQUIRED[fmt])
@@ -266,7 +277,7 @@ def _json(value: str, where: str, what: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as e:
         raise FormatError(
-            f"{where}: {what} is not valid JSON ({e.msg} at char {e.pos}): {value[:60]!r}"
+            f"{where}: {what} must be valid JSON, got {value[:60]!r} ({e.msg} at char {e.pos})"
         ) from None
 
 
@@ -570,24 +581,32 @@ def _bool_label(value: Any, field: str) -> bool:
 
 def _unpaired(r: _Row) -> dict:
     """TRL's unpaired preference (KTO): prompt/completion/label, or messages + label, where the
-    completion is the last assistant turn and the prompt every turn before it."""
+    completion is the last assistant turn and the prompt every turn before it; LLaMA-Factory's
+    Alpaca KTO rows (instruction/input/output + kto_tag) too."""
     label = _bool_label(r.get("label"), r.col("label"))
-    if r.has("prompt") or not r.has("messages"):
-        prompt = _as_turns(r.get("prompt"), r.col("prompt"), "user", r)
-        completion = _as_turns(r.get("completion"), r.col("completion"), "assistant", r)
-        pf, cf = r.col("prompt"), r.col("completion")
+    if r.has("messages") and not r.has("prompt"):
+        prompt, completion, pf, cf = _split_last_turn(r)
+    elif r.has("instruction") and not r.has("prompt"):
+        prompt, pf, cf = _alpaca_prompt(r), "instruction", r.col("output")
+        completion = [{"role": "assistant", "content": _text(r.get("output"), "output")}]
     else:
-        field = r.col("messages")
-        messages = _messages(r.get("messages"), field, r)
-        if not messages or messages[-1]["role"] != "assistant":
-            raise FormatError(f"field '{field}' must end with the assistant turn that the label rates", field)
-        prompt, completion, pf, cf = messages[:-1], messages[-1:], field, field
+        pf, cf = r.col("prompt"), r.col("completion")
+        prompt = _as_turns(r.get("prompt"), pf, "user", r)
+        completion = _as_turns(r.get("completion"), cf, "assistant", r)
     if not prompt:
         raise FormatError("an unpaired preference row needs a prompt before the rated answer", "prompt")
     _check((pf, prompt), (cf, completion))
     _needs_assistant(completion, cf)
     tools = _tools(r.get("tools", required=False))
     return {"prompt": _with_system(r, prompt), "completion": completion, "label": label, **tools}
+
+
+def _split_last_turn(r: _Row) -> tuple[list[dict], list[dict], str, str]:
+    field = r.col("messages")
+    messages = _messages(r.get("messages"), field, r)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise FormatError(f"field '{field}' must end with the assistant turn that the label rates", field)
+    return messages[:-1], messages[-1:], field, field
 
 
 def _prompt_only(r: _Row) -> dict:
@@ -654,7 +673,7 @@ def used_columns(row: dict, fmt: str, columns: dict[str, str] | None = None) -> 
         _CANONICAL[fmt](r)
     except FormatError:
         fields = [a for f in REQUIRED[fmt] + OPTIONAL[fmt] for a in ALIASES.get(f, (f,))]
-        r.used |= {r.columns.get(f, f) for f in (*fields, "completion", "input")}
+        r.used |= {r.columns.get(f, f) for f in fields}
     return r.used & set(row)
 
 
