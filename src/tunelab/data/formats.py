@@ -389,9 +389,10 @@ def _message(m: Any, where: str, keys: dict[str, str | None]) -> dict:
     raw = next((m[k] for k in ckeys if m.get(k) is not None), None)
     if name == "function_call":  # LLaMA-Factory: the value is {"name", "arguments"} (or a list) as JSON
         calls = _json(raw, where, "the function_call value") if isinstance(raw, str) else raw
-        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
-    out: dict[str, Any] = {"role": role, "content": "" if raw is None else _text(raw, f"{where}.content")}
-    if m.get("tool_calls") is not None:
+        out: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
+    else:
+        out = {"role": role, "content": "" if raw is None else _text(raw, f"{where}.content")}
+    if m.get("tool_calls") is not None and "tool_calls" not in out:
         if role != "assistant":
             raise FormatError(f"{where} is a {role} message with tool_calls; only assistant turns call tools")
         out["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
