@@ -173,8 +173,6 @@ def _matches(fmt: str, names: set[str], mapping: dict[str, str] | None) -> bool:
         pair = _has("prompt", names, mapping) and _has("completion", names, mapping)
         alpaca = _has("instruction", names, mapping) and _has("output", names, mapping)
         return _has("label", names, mapping) and (pair or alpaca or _has("messages", names, mapping))
-    if fmt == "preference" and {"preferred_output", "non_preferred_output"} <= names:
-        return True
     return all(_has(f, names, mapping) for f in REQUIRED[fmt])
 
 
@@ -575,7 +573,8 @@ def _bool_label(value: Any, field: str) -> bool:
         return value.strip().lower() == "true"
     raise FormatError(
         f"field '{field}' must be true or false (is the answer desirable?) in unpaired preference data, "
-        f"got {value!r}",
+        f"got {value!r}; if this column is not a preference label, set the format (--format / "
+        "data.format, e.g. chat)",
         "label",
     )
 
@@ -669,6 +668,8 @@ def used_columns(row: dict, fmt: str, columns: dict[str, str] | None = None) -> 
     """The top-level columns of ``row`` that ``fmt`` reads; callers report the rest as unused.
 
     For a row that does not fit the format, every column the format could read counts as used."""
+    if fmt not in _CANONICAL:
+        raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     r = _Row(row, columns)
     try:
         _CANONICAL[fmt](r)
