@@ -20,6 +20,7 @@ from tunelab.data.formats import (
     to_canonical,
     used_columns,
 )
+from tunelab.data.loaders import DataError
 
 
 def _file(tmp_path, rows, name="data.jsonl"):
@@ -476,7 +477,7 @@ def test_hostile_rows_rejected_with_reason(row, fmt, reason):
 def test_hostile_row_in_a_file_names_file_and_line(tmp_path):
     rows = [{"messages": [U("q"), A("a")]}, {"messages": [U("q"), A("")]}]
     path = _file(tmp_path, rows)
-    with pytest.raises(Exception, match=rf"{path}:2: messages\[1\] is an empty assistant turn"):
+    with pytest.raises(DataError, match=rf"{path}:2: messages\[1\] is an empty assistant turn"):
         read_canonical(str(path))
 
 
@@ -545,3 +546,27 @@ def test_formats_and_kinds_listed():
     assert set(KIND.values()) == {"text", "chat", "preference", "unpaired", "prompt", "classification"}
     for fmt in FORMATS:
         assert f"{fmt}: needs" in str(pytest.raises(FormatError, detect_format, ["nothing"]).value)
+
+
+def test_openai_legacy_function_calling():
+    # OpenAI's older function-calling fine-tuning shape: `functions`, and `function_call` on a message.
+    row = {
+        "messages": [
+            U("Weather in Rome?"),
+            {"role": "assistant", "function_call": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+            {"role": "function", "name": "get_weather", "content": "24 C"},
+            A("24 C."),
+        ],
+        "functions": [WEATHER],
+    }
+    assert detect_format(row) == "chat"
+    assert to_canonical(row, "chat") == {
+        "messages": [
+            U("Weather in Rome?"),
+            A("", tool_calls=[call("get_weather", {"city": "Rome"})]),
+            {"role": "tool", "content": "24 C", "name": "get_weather"},
+            A("24 C."),
+        ],
+        "tools": TOOLS,
+    }
+    assert used_columns(row, "chat") == {"messages", "functions"}

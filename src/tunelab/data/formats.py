@@ -71,6 +71,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "chosen": ("chosen", "chosen_messages", "preferred_output"),
     "rejected": ("rejected", "rejected_messages", "non_preferred_output"),
     "label": ("label", "kto_tag"),
+    "tools": ("tools", "functions"),  # `functions`: OpenAI's legacy function-calling fine-tuning data
 }
 # Field sets per format (a field may be given by any of its ALIASES).
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -339,6 +340,10 @@ def _tools(value: Any, field: str = "tools") -> dict:
     return {"tools": tools} if tools else {}
 
 
+def _row_tools(r: _Row) -> dict:
+    return _tools(r.get("tools", required=False), r.col("tools"))
+
+
 def _weight(m: dict, role: str, where: str, key: str | None) -> dict:
     """``{"weight": 0|1}`` from any common spelling; ``{}`` when the message has none."""
     keys = (key,) if key else _WEIGHT_KEYS
@@ -390,10 +395,12 @@ def _message(m: Any, where: str, keys: dict[str, str | None]) -> dict:
         out: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
     else:
         out = {"role": role, "content": "" if raw is None else _text(raw, f"{where}.content")}
-    if m.get("tool_calls") is not None and "tool_calls" not in out:
+    # `function_call` on a message: OpenAI's legacy single call, {"name", "arguments"}.
+    key = next((k for k in ("tool_calls", "function_call") if m.get(k) is not None), None)
+    if key is not None and "tool_calls" not in out:
         if role != "assistant":
-            raise FormatError(f"{where} is a {role} message with tool_calls; only assistant turns call tools")
-        out["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            raise FormatError(f"{where} is a {role} message with {key}; only assistant turns call tools")
+        out["tool_calls"] = _tool_calls(m[key], f"{where}.{key}")
     if role == "tool":
         out.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
     reasoning = next((k for k in _REASONING_KEYS if m.get(k) is not None), None)
@@ -498,7 +505,7 @@ def _chat(r: _Row) -> dict:
     field = r.col("messages")
     messages = _messages(r.get("messages"), field, r)
     _check((field, messages))
-    return {"messages": _with_system(r, messages), **_tools(r.get("tools", required=False))}
+    return {"messages": _with_system(r, messages), **_row_tools(r)}
 
 
 def _openai_input(r: _Row) -> tuple[list[dict], dict]:
@@ -513,7 +520,7 @@ def _openai_input(r: _Row) -> tuple[list[dict], dict]:
 
 def _pref_prompt(r: _Row) -> tuple[list[dict] | None, dict]:
     """The prompt of a preference row, from whichever shape it has (None: implicit), and its tools."""
-    tools = _tools(r.get("tools", required=False))
+    tools = _row_tools(r)
     if r.has("prompt"):
         return _as_turns(r.get("prompt"), r.col("prompt"), "user", r), tools
     if isinstance(r.row.get(r.col("input")), dict):
@@ -597,7 +604,7 @@ def _unpaired(r: _Row) -> dict:
         raise FormatError("an unpaired preference row needs a prompt before the rated answer", "prompt")
     _check((pf, prompt), (cf, completion))
     _needs_assistant(completion, cf)
-    tools = _tools(r.get("tools", required=False))
+    tools = _row_tools(r)
     return {"prompt": _with_system(r, prompt), "completion": completion, "label": label, **tools}
 
 
@@ -615,7 +622,7 @@ def _prompt_only(r: _Row) -> dict:
     if not prompt:
         raise FormatError(f"field '{field}' is an empty list of messages", field)
     _check((field, prompt))
-    return {"prompt": _with_system(r, prompt), **_tools(r.get("tools", required=False))}
+    return {"prompt": _with_system(r, prompt), **_row_tools(r)}
 
 
 def _prompt_completion(r: _Row) -> dict:
@@ -625,7 +632,7 @@ def _prompt_completion(r: _Row) -> dict:
     completion = _as_turns(r.get("completion"), cf, "assistant", r)
     _check((pf, prompt), (cf, completion))
     _needs_assistant(completion, cf)
-    return {"messages": _with_system(r, prompt + completion), **_tools(r.get("tools", required=False))}
+    return {"messages": _with_system(r, prompt + completion), **_row_tools(r)}
 
 
 def _classification(r: _Row) -> dict:
