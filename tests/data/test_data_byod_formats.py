@@ -461,6 +461,29 @@ def test_unpaired_label_spellings(value, label):
             "chat",
             r"content part of type 'image_url'",
         ),
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": ""},
+                    {"from": "human", "value": "q2"},
+                ],
+                "chosen": {"from": "gpt", "value": "a"},
+                "rejected": {"from": "gpt", "value": "b"},
+            },
+            "preference",
+            r"conversations\[1\] is an empty assistant turn",
+        ),
+        (
+            {"instruction": "q", "chosen": "same", "rejected": "same"},
+            "preference",
+            r"'chosen' and 'rejected' are identical",
+        ),
+        (
+            {"chosen_messages": [U("q"), A("x")], "rejected_messages": [U("q"), A("x")]},
+            "preference",
+            r"'chosen_messages' and 'rejected_messages' are identical",
+        ),
         ({"messages": [U("q"), A("a")], "label": True}, "unpaired", None),  # control: fits
     ],
 )

@@ -518,19 +518,20 @@ def _openai_input(r: _Row) -> tuple[list[dict], dict]:
     return _messages(value["messages"], "input.messages", r), _tools(value.get("tools"), "input.tools")
 
 
-def _pref_prompt(r: _Row) -> tuple[list[dict] | None, dict]:
-    """The prompt of a preference row, from whichever shape it has (None: implicit), and its tools."""
+def _pref_prompt(r: _Row) -> tuple[list[dict] | None, str, dict]:
+    """The prompt of a preference row from whichever shape it has (None: implicit), the field it
+    came from (for error messages), and the row's tools."""
     tools = _row_tools(r)
     if r.has("prompt"):
-        return _as_turns(r.get("prompt"), r.col("prompt"), "user", r), tools
+        return _as_turns(r.get("prompt"), r.col("prompt"), "user", r), r.col("prompt"), tools
     if isinstance(r.row.get(r.col("input")), dict):
         messages, input_tools = _openai_input(r)
-        return messages, tools or input_tools
+        return messages, "input.messages", tools or input_tools
     if r.has("messages"):  # ShareGPT preference: the conversation so far
-        return _messages(r.get("messages"), r.col("messages"), r), tools
+        return _messages(r.get("messages"), r.col("messages"), r), r.col("messages"), tools
     if r.has("instruction"):  # Alpaca preference (LLaMA-Factory)
-        return _alpaca_prompt(r), tools
-    return None, tools
+        return _alpaca_prompt(r), "history", tools
+    return None, "prompt", tools
 
 
 def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -551,7 +552,7 @@ def _preference(r: _Row) -> dict:
     cf, rf = r.col("chosen"), r.col("rejected")
     chosen = _as_turns(r.get("chosen"), cf, "assistant", r)
     rejected = _as_turns(r.get("rejected"), rf, "assistant", r)
-    prompt, tools = _pref_prompt(r)
+    prompt, pf, tools = _pref_prompt(r)
     if prompt is None:
         prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
     else:
@@ -559,8 +560,8 @@ def _preference(r: _Row) -> dict:
         n = len(prompt)
         if n and chosen[:n] == prompt and rejected[:n] == prompt:
             chosen, rejected = chosen[n:], rejected[n:]
-    _check(("prompt", prompt), (cf, chosen))
-    _check(("prompt", prompt), (rf, rejected))
+    _check((pf, prompt), (cf, chosen))
+    _check((pf, prompt), (rf, rejected))
     _needs_assistant(chosen, cf)
     _needs_assistant(rejected, rf)
     if chosen == rejected:
