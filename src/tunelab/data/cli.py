@@ -18,7 +18,7 @@ from tunelab.data.formats import FORMATS, FormatError
 from tunelab.data.loaders import DataError
 
 app = typer.Typer(
-    help="Audit, clean and split fine-tuning data: duplicates, leakage, lengths, PII, formats.",
+    help="Audit, clean, split and convert fine-tuning data: duplicates, leakage, lengths, PII, formats.",
     no_args_is_help=True,
 )
 out = make_console()
