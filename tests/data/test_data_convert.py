@@ -4,13 +4,15 @@ cannot express, and hostile rows, are counted and written to OUT.rejects.jsonl w
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from typer.testing import CliRunner
 
 from tunelab.data.canonical import read_canonical
 from tunelab.data.cli import app
-from tunelab.data.convert import convert
+from tunelab.data.convert import convert, from_canonical
+from tunelab.data.formats import detect_format, to_canonical
 from tunelab.data.loaders import DataError
 
 TOOLS = [
@@ -238,3 +240,42 @@ def test_cli_convert_summary_and_errors(tmp_path):
     assert res.exit_code == 2 and "--to must be one of canonical, sharegpt, openai, alpaca" in res.stderr
     res = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "y.jsonl"), "--format", "unpaired"])
     assert res.exit_code == 0 and "wrote 1 of 2 rows" in res.stdout
+
+
+def _random_conversation(rng) -> dict:
+    """A canonical chat row: optional system, user turns, assistant answers with optional
+    reasoning and weight, and tool-call turns answered by tool results."""
+    messages = [{"role": "system", "content": f"sys {rng.random():.3f}"}] if rng.random() < 0.5 else []
+    for turn in range(rng.randint(1, 3)):
+        messages.append({"role": "user", "content": f"question {turn} {rng.random():.3f}"})
+        if rng.random() < 0.5:
+            n = rng.randint(1, 2)
+            calls = [
+                {
+                    "type": "function",
+                    "function": {"name": f"f{i}", "arguments": {"x": rng.randint(0, 9), "s": "a b"}},
+                }
+                for i in range(n)
+            ]
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            messages += [{"role": "tool", "content": f"result {i}"} for i in range(n)]
+        answer = {"role": "assistant", "content": f"answer {turn} <think>kept</think>"}
+        if rng.random() < 0.3:
+            answer["reasoning_content"] = "because"
+        if rng.random() < 0.3:
+            answer["weight"] = rng.randint(0, 1)
+        messages.append(answer)
+    row = {"messages": messages}
+    if rng.random() < 0.5:
+        row["tools"] = [{"type": "function", "function": {"name": "f0", "parameters": {"type": "object"}}}]
+    return row
+
+
+@pytest.mark.parametrize("to", ["openai", "sharegpt"])
+def test_random_conversations_round_trip(to):
+    rng = random.Random(15)
+    for _ in range(200):
+        canon = _random_conversation(rng)
+        written = json.loads(json.dumps(from_canonical(canon, "chat", to)))  # through JSON, as on disk
+        fmt = detect_format(written)
+        assert to_canonical(written, fmt) == canon, written
