@@ -55,7 +55,7 @@ def planted_train() -> list[dict]:
         row(output="server 192.168.10.20 " + sentence(rng, 10)),
         row(output="iban GB82 WEST 1234 5698 7654 32 " + sentence(rng, 10)),  # valid
         row(output="iban GB00 WEST 1234 5698 7654 32 " + sentence(rng, 10)),  # bad checksum
-        row(output=""),  # empty target
+        row(output=""),  # empty assistant turn: a format error since issue 15 (row 54)
         row(input="   "),  # whitespace-only field
         {"instruction": sentence(rng, 12), "output": sentence(rng, 20)},  # missing key "input"
         row(output=sentence(rng, 5) + " bell\x07 " + sentence(rng, 5)),  # control character
@@ -77,7 +77,8 @@ PLANTED = {
     "phone": 1,
     "ip": 1,
     "iban": 1,
-    "empty_targets": 1,
+    "empty_targets": 0,  # the planted empty output is rejected as a format error instead
+    "format_errors": 1,
     "input_whitespace": 1,
     "input_missing": 1,
     "input_empty": 1,

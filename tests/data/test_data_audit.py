@@ -59,6 +59,10 @@ def test_completeness_schema_targets(report):
     assert report["schema"]["inconsistent_rows"] == 1
     assert report["schema"]["examples"][0]["missing_keys"] == ["input"]
     assert report["empty_targets"]["rows"] == PLANTED["empty_targets"]
+    # Issue 15: an empty assistant turn is rejected per row (with its reason), not trained on.
+    errors = report["format_errors"]
+    assert errors["rows"] == PLANTED["format_errors"] and errors["examples"][0]["row"] == 54
+    assert "output[0] is an empty assistant turn" in errors["examples"][0]["error"]
 
 
 def test_lengths_and_hygiene(report):

@@ -22,7 +22,7 @@ def test_clean_summary_adds_up(planted, tmp_path):
     train, _ = planted
     s = clean(train, tmp_path / "out.jsonl", max_length=60)
     assert s["input_rows"] == 61
-    assert s["dropped"] == {"empty_target": 1, "exact_duplicate": 3, "near_duplicate": 2, "too_long": 2}
+    assert s["dropped"] == {"format_error": 1, "exact_duplicate": 3, "near_duplicate": 2, "too_long": 2}
     assert s["input_rows"] == s["kept"] + sum(s["dropped"].values())
     assert s["output_rows"] == s["kept"] == len(load_records(tmp_path / "out.jsonl"))
     log = _changes(s["changes"])

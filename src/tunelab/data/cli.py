@@ -1,4 +1,4 @@
-"""`tunelab data ...`: audit, clean and split data files (each a thin shell over one function)."""
+"""`tunelab data ...`: audit, clean, split and convert data files (each a thin shell over one function)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tunelab.data.formats import FORMATS, FormatError
 from tunelab.data.loaders import DataError
 
 app = typer.Typer(
-    help="Audit, clean and split fine-tuning data: duplicates, leakage, lengths, PII, formats.",
+    help="Audit, clean, split and convert fine-tuning data: duplicates, leakage, lengths, PII, formats.",
     no_args_is_help=True,
 )
 out = make_console()
@@ -469,3 +469,37 @@ def show(
         out.print(render_preview(preview))
         for warning in preview.warnings:
             err.print(labelled("warning", f"row {preview.row}: {warning}"))
+
+
+@app.command()
+def convert(
+    file: Annotated[str, typer.Argument(help="Data file in any supported format.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="JSONL file to write.")],
+    to: Annotated[
+        str, typer.Option("--to", help="Target: canonical, sharegpt, openai or alpaca.")
+    ] = "canonical",
+    fmt: FormatOpt = None,
+    columns: ColumnsOpt = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip unreadable rows; each goes to OUT.rejects.jsonl.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write a data file as canonical JSONL or in another tool's format; unconvertible rows go to
+    OUT.rejects.jsonl with their reasons."""
+    from tunelab.data.convert import convert as run_convert
+
+    with _errors():
+        s = run_convert(
+            file,
+            output,
+            to=to,
+            fmt=_format(fmt),
+            columns=_columns(columns),
+            skip_bad=skip_bad,
+            overwrite=overwrite,
+        )
+    line = f"wrote {s['rows_written']:,} of {s['rows_read']:,} rows to {s['output']} ({s['format']} -> {s['to']})"
+    if s["rows_rejected"]:
+        line += f"; {s['rows_rejected']:,} rejected, each in {s['rejects']} with its reason"
+    out.print(Text(line))

@@ -1,30 +1,41 @@
-"""Data formats: detect them from column names and map rows to one canonical shape per format.
+"""Data formats: detect them from column names and map rows to one canonical shape per kind.
 
-Canonical shapes::
+Canonical rows (one per kind; ``KIND[fmt]`` gives a format's kind)::
 
     text            {"text": str}
-    instruction     {"messages": [system?, user, assistant]}
-    chat            {"messages": [{"role", "content"}, ...]}
-    preference      {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}
+    chat            {"messages": [msg, ...], "tools"?: [tool, ...]}
+    preference      {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs], "tools"?: [...]}
+    unpaired        {"prompt": [msgs], "completion": [msgs], "label": bool, "tools"?: [...]}
+    prompt          {"prompt": [msgs], "tools"?: [...]}
     classification  {"text": str, "label": str}
 
+A canonical message is ``{"role", "content"}`` plus, where given, ``tool_calls`` (assistant; each
+``{"type": "function", "function": {"name", "arguments": dict}}``, with ``id`` when the data had
+one), ``tool_call_id``/``name`` (tool), ``reasoning_content`` (assistant) and ``weight`` (assistant,
+0 or 1; absent means 1). A tool is ``{"type": "function", "function": {...}}``. Canonical rows are a
+fixed point: detecting and canonicalising a canonical row gives it back unchanged.
+
 ``columns`` maps a canonical field to the column that holds it, as in a recipe's
-``data.columns: {instruction: question}`` (read ``instruction`` from the ``question`` column).
+``data.columns: {instruction: question}`` (read ``instruction`` from the ``question`` column); the
+keys ``role``, ``content`` and ``weight`` name the keys inside each message instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import json
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 __all__ = [
     "FORMATS",
+    "KIND",
     "REQUIRED",
     "OPTIONAL",
     "FormatError",
     "detect_format",
     "detect_file_format",
     "to_canonical",
+    "used_columns",
     "rows_to_canonical",
     "iter_canonical",
     "canonical_text",
@@ -32,27 +43,93 @@ __all__ = [
     "target_text",
 ]
 
-FORMATS = ("text", "instruction", "chat", "preference", "classification")
+FORMATS = (
+    "text",
+    "instruction",
+    "chat",
+    "preference",
+    "unpaired",
+    "prompt",
+    "prompt_completion",
+    "classification",
+)
+KIND = {
+    "text": "text",
+    "instruction": "chat",
+    "chat": "chat",
+    "preference": "preference",
+    "unpaired": "unpaired",
+    "prompt": "prompt",
+    "prompt_completion": "chat",
+    "classification": "classification",
+}
 
-# Field sets per format. Chat accepts either of two fields, so it is listed by alternatives.
+# Columns that stand for one canonical field, in the order they are looked for: ShareGPT's
+# `conversations`, TRL's `chosen_messages`, OpenAI's `preferred_output`, LLaMA-Factory's `kto_tag`.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "messages": ("messages", "conversations"),
+    "chosen": ("chosen", "chosen_messages", "preferred_output"),
+    "rejected": ("rejected", "rejected_messages", "non_preferred_output"),
+    "label": ("label", "kto_tag"),
+    "tools": ("tools", "functions"),  # `functions`: OpenAI's legacy function-calling fine-tuning data
+}
+# Field sets per format (a field may be given by any of its ALIASES).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "instruction": ("instruction", "output"),
-    "chat": ("messages",),  # or "conversations" (ShareGPT)
+    "chat": ("messages",),
     "preference": ("chosen", "rejected"),
+    "unpaired": ("label",),  # with prompt+completion or messages
+    "prompt": ("prompt",),
+    "prompt_completion": ("prompt", "completion"),
     "classification": ("text", "label"),
 }
 OPTIONAL: dict[str, tuple[str, ...]] = {
     "text": (),
-    "instruction": ("input", "system"),
-    "chat": ("conversations",),
-    "preference": ("prompt",),
+    "instruction": ("input", "system", "history"),
+    "chat": ("system", "tools"),
+    "preference": ("prompt", "input", "messages", "instruction", "system", "history", "tools"),
+    "unpaired": (
+        "prompt",
+        "completion",
+        "messages",
+        "instruction",
+        "input",
+        "history",
+        "output",
+        "system",
+        "tools",
+    ),
+    "prompt": ("system", "tools"),
+    "prompt_completion": ("system", "tools"),
     "classification": (),
 }
-# Most specific first: {"text", "label"} is classification, not text.
-_PRECEDENCE = ("preference", "chat", "instruction", "classification", "text")
+_NEEDS = {
+    "text": "text",
+    "instruction": "instruction, output (optional: input, system, history)",
+    "chat": "messages (role/content) or conversations (ShareGPT from/value) (optional: tools, system)",
+    "preference": "chosen, rejected (optional: prompt) or chosen_messages, rejected_messages or "
+    "input, preferred_output, non_preferred_output",
+    "unpaired": "label or kto_tag (true/false) with prompt and completion, messages, or instruction and output",
+    "prompt": "prompt alone",
+    "prompt_completion": "prompt, completion",
+    "classification": "text, label",
+}
+# Most specific first: {"text", "label"} is classification, not text; a label beside a
+# conversation is an unpaired preference (KTO), never dropped.
+_PRECEDENCE = (
+    "preference",
+    "unpaired",
+    "prompt_completion",
+    "chat",
+    "instruction",
+    "classification",
+    "prompt",
+    "text",
+)
 _ROLES = {"system", "user", "assistant", "tool"}
-_SHAREGPT_ROLES = {
+# Speaker names (ShareGPT `from`, or a `role`) and the canonical role each stands for.
+_SPEAKERS = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -65,7 +142,10 @@ _SHAREGPT_ROLES = {
     "tool": "tool",
     "function": "tool",
     "observation": "tool",
+    "function_call": "assistant",  # LLaMA-Factory: the value is the call as JSON
 }
+_WEIGHT_KEYS = ("weight", "loss_weight", "train", "training")
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 class FormatError(ValueError):
@@ -76,30 +156,29 @@ class FormatError(ValueError):
         self.field = field
 
 
-def _source(field: str, columns: dict[str, str] | None) -> str:
-    return (columns or {}).get(field, field)
+def _column(field: str, names: Iterable[str], mapping: dict[str, str] | None) -> str:
+    """The column holding ``field``: the mapped one, else the first of its aliases present."""
+    aliases = ALIASES.get(field, (field,))
+    for name in aliases:
+        if name in (mapping or {}):
+            return mapping[name]  # type: ignore[index]
+    return next((name for name in aliases if name in names), field)
 
 
-def _has(field: str, names: set[str], columns: dict[str, str] | None) -> bool:
-    return _source(field, columns) in names
+def _has(field: str, names: set[str], mapping: dict[str, str] | None) -> bool:
+    return _column(field, names, mapping) in names
 
 
-def _matches(fmt: str, names: set[str], columns: dict[str, str] | None) -> bool:
-    if fmt == "chat":
-        return _has("messages", names, columns) or _has("conversations", names, columns)
-    return all(_has(f, names, columns) for f in REQUIRED[fmt])
-
-
-def _needs(fmt: str) -> str:
-    if fmt == "chat":
-        return "messages (role/content) or conversations (ShareGPT from/value)"
-    need = ", ".join(REQUIRED[fmt])
-    opt = [o for o in OPTIONAL[fmt]]
-    return need + (f" (optional: {', '.join(opt)})" if opt else "")
+def _matches(fmt: str, names: set[str], mapping: dict[str, str] | None) -> bool:
+    if fmt == "unpaired":
+        pair = _has("prompt", names, mapping) and _has("completion", names, mapping)
+        alpaca = _has("instruction", names, mapping) and _has("output", names, mapping)
+        return _has("label", names, mapping) and (pair or alpaca or _has("messages", names, mapping))
+    return all(_has(f, names, mapping) for f in REQUIRED[fmt])
 
 
 def detect_format(columns: Iterable[str], mapping: dict[str, str] | None = None) -> str:
-    """Return the format whose required fields are all present in ``columns``.
+    """Return the first format (most specific first) whose fields are all present in ``columns``.
 
     ``mapping`` is the recipe's ``data.columns`` (canonical field -> column). Raises
     :class:`FormatError` listing the columns found and what each format needs.
@@ -110,9 +189,9 @@ def detect_format(columns: Iterable[str], mapping: dict[str, str] | None = None)
             return fmt
     needs = []
     for fmt in FORMATS:
-        fields = ("messages", "conversations") if fmt == "chat" else REQUIRED[fmt] + OPTIONAL[fmt]
-        have = [f for f in fields if _has(f, names, mapping)]
-        needs.append(f"{fmt}: needs {_needs(fmt)}" + (f" (has {', '.join(have)})" if have else ""))
+        fields = [a for f in REQUIRED[fmt] + OPTIONAL[fmt] for a in ALIASES.get(f, (f,))]
+        have = sorted({f for f in fields if f not in ("system", "tools") and _has(f, names, mapping)})
+        needs.append(f"{fmt}: needs {_NEEDS[fmt]}" + (f" (has {', '.join(have)})" if have else ""))
     partial = [fmt for fmt, need in zip(FORMATS, needs, strict=True) if " (has " in need]
     closest = f"Closest: {', '.join(partial)}; " if partial else ""
     # One line: errors are printed as a single line (docs/architecture.md, "Output").
@@ -140,122 +219,472 @@ def detect_file_format(path: str, row: int, record: dict, mapping: dict[str, str
         raise FormatError(f"{path}:{row}: {e}") from None
 
 
-def _get(row: dict, field: str, columns: dict[str, str] | None, required: bool = True) -> Any:
-    col = _source(field, columns)
-    value = row.get(col)
-    if value is None and required:
-        where = f" (read from column '{col}')" if col != field else ""
-        if col in row:
-            raise FormatError(f"field '{field}'{where} is null; give it a value or drop the row", field)
-        raise FormatError(
-            f"missing required field '{field}'{where}; row has: {', '.join(row) or '(none)'}", field
-        )
-    return value
+class _Row:
+    """One record being canonicalised: reads fields through ``columns`` and notes each column read,
+    so :func:`used_columns` can tell which columns a format uses."""
+
+    def __init__(self, row: dict, columns: dict[str, str] | None):
+        if not isinstance(row, dict):
+            raise FormatError(f"a row must be a JSON object, got {type(row).__name__}")
+        self.row, self.columns, self.used = row, dict(columns or {}), set()
+
+    def col(self, field: str) -> str:
+        return _column(field, self.row, self.columns)
+
+    def has(self, field: str) -> bool:
+        return self.row.get(self.col(field)) is not None
+
+    def get(self, field: str, required: bool = True) -> Any:
+        col = self.col(field)
+        if col in self.row:
+            self.used.add(col)
+        value = self.row.get(col)
+        if value is None and required:
+            where = f" (read from column '{col}')" if col != field else ""
+            if col in self.row:
+                raise FormatError(f"field '{field}'{where} is null; give it a value or drop the row", field)
+            raise FormatError(
+                f"missing required field '{field}'{where}; row has: {', '.join(self.row) or '(none)'}", field
+            )
+        return value
+
+    def key(self, name: str) -> str | None:
+        """The message key mapped for ``role``, ``content`` or ``weight`` (None: the usual ones)."""
+        return self.columns.get(name)
 
 
 def _text(value: Any, field: str) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) and "text" in p for p in value):
-        return "".join(str(p["text"]) for p in value)  # OpenAI-style content parts
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        # OpenAI-style content parts: text parts only (an image part cannot be trained on as text).
+        other = [str(p.get("type")) for p in value if p.get("type", "text") != "text" or "text" not in p]
+        if not other:
+            return "".join(str(p["text"]) for p in value)
+        raise FormatError(
+            f"field '{field}' has a content part of type {other[0]!r}; only text parts "
+            '({"type": "text", "text": ...}) are supported',
+            field,
+        )
     if isinstance(value, (int, float, bool)):
         return str(value)
     raise FormatError(f"field '{field}' must be a string, got {type(value).__name__}", field)
 
 
-def _messages(value: Any, field: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise FormatError(f"field '{field}' must be a list of messages, got {type(value).__name__}", field)
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise FormatError(f"{field}[{i}] must be an object with role/content", field)
-        if "role" in m:
-            role, content = m.get("role"), m.get("content")
-        elif "from" in m:
-            role = _SHAREGPT_ROLES.get(str(m.get("from")).lower())
-            if role is None:
-                raise FormatError(
-                    f"{field}[{i}] has unknown ShareGPT speaker {m.get('from')!r}; "
-                    f"expected one of {', '.join(sorted(_SHAREGPT_ROLES))}",
-                    field,
-                )
-            content = m.get("value")
-        else:
-            raise FormatError(f"{field}[{i}] needs role/content (or ShareGPT from/value)", field)
-        if role not in _ROLES:
-            raise FormatError(
-                f"{field}[{i}] has unknown role {role!r}; expected {', '.join(sorted(_ROLES))}", field
-            )
-        out.append(
-            {"role": role, "content": "" if content is None else _text(content, f"{field}[{i}].content")}
-        )
+def _json(value: str, where: str, what: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise FormatError(
+            f"{where}: {what} must be valid JSON, got {value[:60]!r} ({e.msg} at char {e.pos})"
+        ) from None
+
+
+def _arguments(value: Any, where: str) -> dict:
+    """A tool call's arguments as a dict: OpenAI gives a JSON string, LLaMA-Factory an object."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = _json(value, where, "the arguments")
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: the arguments must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    """One call, OpenAI's ``{"id", "type", "function": {"name", "arguments"}}`` or a bare
+    ``{"name", "arguments"}`` (LLaMA-Factory, Hermes), as a canonical tool call."""
+    if not isinstance(call, dict):
+        raise FormatError(f"{where} must be an object with a function name and arguments")
+    fn = call.get("function", call)
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise FormatError(f"{where} has no function name")
+    out: dict[str, Any] = {"type": "function", "function": {"name": name}}
+    out["function"]["arguments"] = _arguments(fn.get("arguments"), f"{where} ({name})")
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
     return out
 
 
-def _as_turns(value: Any, field: str, role: str) -> list[dict]:
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise FormatError(f"{where} must be a non-empty list of tool calls")
+    return [_tool_call(c, f"{where}[{j}]") for j, c in enumerate(value)]
+
+
+def _tools(value: Any, field: str = "tools") -> dict:
+    """``{"tools": [...]}`` for a row's tool schemas (a list, or a JSON string of one, as
+    LLaMA-Factory writes it); ``{}`` when there are none. Bare function schemas are wrapped in
+    ``{"type": "function", "function": ...}``, the shape chat templates read."""
+    if value is None or value == "" or value == []:
+        return {}
+    if isinstance(value, str):
+        value = _json(value, field, "the tool list")
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise FormatError(
+            f"field '{field}' must be a list of tool schemas, got {type(value).__name__}", field
+        )
+    tools = []
+    for i, t in enumerate(value):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) and isinstance(t, dict):
+            fn = {k: v for k, v in t.items() if k != "type"}  # a flat schema: {"type", "name", ...}
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise FormatError(f"{field}[{i}] must be a function schema with a name", field)
+        tools.append({"type": "function", "function": fn})
+    return {"tools": tools} if tools else {}
+
+
+def _row_tools(r: _Row) -> dict:
+    return _tools(r.get("tools", required=False), r.col("tools"))
+
+
+def _weight(m: dict, role: str, where: str, key: str | None) -> dict:
+    """``{"weight": 0|1}`` from any common spelling; ``{}`` when the message has none."""
+    keys = (key,) if key else _WEIGHT_KEYS
+    found = next(((k, m[k]) for k in keys if m.get(k) is not None), None)
+    if found is None:
+        return {}
+    k, v = found
+    if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
+        w = int(v)
+    elif isinstance(v, str) and v.strip().lower() in ("true", "false", "0", "1"):
+        w = int(v.strip().lower() in ("true", "1"))
+    else:
+        raise FormatError(f"{where}.{k} must be 0 or 1 (or true/false), got {v!r}", "weight")
+    if role == "assistant":
+        return {"weight": w}
+    if w == 0:
+        return {}  # no loss on a non-assistant message is what happens anyway
+    raise FormatError(
+        f"{where}.{k} asks for loss on a {role} message, which has no effect: only assistant turns "
+        "are trained; remove it",
+        "weight",
+    )
+
+
+def _speaker(m: dict, where: str, key: str | None) -> tuple[str, str]:
+    """(role, the speaker name as written) of a message: `role`, ShareGPT `from` or a mapped key."""
+    keys = (key,) if key else ("role", "from")
+    name = next((m[k] for k in keys if k in m), None)
+    if name is None:
+        need = f"'{key}'" if key else "role/content (or ShareGPT from/value)"
+        raise FormatError(f"{where} needs {need}; it has: {', '.join(map(str, m)) or '(none)'}")
+    role = _SPEAKERS.get(str(name).lower()) if isinstance(name, str) else None
+    if role is None:
+        kind = "ShareGPT speaker" if "from" in m and not key else "role"
+        raise FormatError(
+            f"{where} has unknown {kind} {name!r}; expected one of {', '.join(sorted(_SPEAKERS))}"
+        )
+    return role, name.lower()
+
+
+def _message(m: Any, where: str, keys: dict[str, str | None]) -> dict:
+    if not isinstance(m, dict):
+        raise FormatError(f"{where} must be an object with role/content")
+    role, name = _speaker(m, where, keys["role"])
+    ckeys = (keys["content"],) if keys["content"] else ("content", "value")
+    raw = next((m[k] for k in ckeys if m.get(k) is not None), None)
+    if name == "function_call":  # LLaMA-Factory: the value is {"name", "arguments"} (or a list) as JSON
+        calls = _json(raw, where, "the function_call value") if isinstance(raw, str) else raw
+        out: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
+    else:
+        out = {"role": role, "content": "" if raw is None else _text(raw, f"{where}.content")}
+    # `function_call` on a message: OpenAI's legacy single call, {"name", "arguments"}.
+    key = next((k for k in ("tool_calls", "function_call") if m.get(k) is not None), None)
+    if key is not None and "tool_calls" not in out:
+        if role != "assistant":
+            raise FormatError(f"{where} is a {role} message with {key}; only assistant turns call tools")
+        out["tool_calls"] = _tool_calls(m[key], f"{where}.{key}")
+    if role == "tool":
+        out.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+    reasoning = next((k for k in _REASONING_KEYS if m.get(k) is not None), None)
+    if reasoning is not None:
+        if role != "assistant":
+            raise FormatError(f"{where} is a {role} message with {reasoning}; only assistant turns reason")
+        out["reasoning_content"] = _text(m[reasoning], f"{where}.{reasoning}")
+    out.update(_weight(m, role, where, keys["weight"]))
+    return out
+
+
+def _messages(value: Any, field: str, r: _Row) -> list[dict]:
+    if not isinstance(value, list):
+        raise FormatError(f"field '{field}' must be a list of messages, got {type(value).__name__}", field)
+    keys = {k: r.key(k) for k in ("role", "content", "weight")}
+    return [_message(m, f"{field}[{i}]", keys) for i, m in enumerate(value)]
+
+
+def _as_turns(value: Any, field: str, role: str, r: _Row) -> list[dict]:
+    """A string is one message of ``role``; a message object a list of one; a list is messages."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, dict):
         value = [value]
-    return _messages(value, field)
+    return _messages(value, field, r)
 
 
-def _preference(row: dict, columns: dict[str, str] | None) -> dict:
-    chosen = _as_turns(_get(row, "chosen", columns), "chosen", "assistant")
-    rejected = _as_turns(_get(row, "rejected", columns), "rejected", "assistant")
-    raw_prompt = _get(row, "prompt", columns, required=False)
-    if raw_prompt is not None:
-        prompt = _as_turns(raw_prompt, "prompt", "user")
+def _check(*parts: tuple[str, list[dict]]) -> None:
+    """Hostile turns, checked over a whole conversation (prompt then answer): an empty assistant
+    turn, and a tool result that answers no assistant tool call."""
+    flat = [(f"{field}[{i}]", m) for field, msgs in parts for i, m in enumerate(msgs)]
+    for n, (where, m) in enumerate(flat):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise FormatError(
+                f"{where} is an empty assistant turn (no content and no tool calls); "
+                "write the answer or drop the row",
+                where.split("[")[0],
+            )
+        if m["role"] == "tool":
+            j = n - 1
+            while j >= 0 and flat[j][1]["role"] == "tool":
+                j -= 1
+            calls = flat[j][1].get("tool_calls") if j >= 0 and flat[j][1]["role"] == "assistant" else None
+            if not calls:
+                raise FormatError(
+                    f"{where} is a tool result with no preceding assistant tool call; "
+                    "put the assistant turn that calls the tool before it",
+                    where.split("[")[0],
+                )
+            ids = [c["id"] for c in calls if "id" in c]
+            if "tool_call_id" in m and ids and m["tool_call_id"] not in ids:
+                raise FormatError(
+                    f"{where} answers tool call id {m['tool_call_id']!r}, but the calls before it "
+                    f"have ids {', '.join(map(repr, ids))}",
+                    where.split("[")[0],
+                )
+
+
+def _with_system(r: _Row, messages: list[dict]) -> list[dict]:
+    """A row-level ``system`` column becomes a leading system message."""
+    system = r.get("system", required=False)
+    if system is None or system == "":
+        return messages
+    if messages and messages[0]["role"] == "system":
+        raise FormatError(
+            "the row has a 'system' column and its messages start with a system message; keep one", "system"
+        )
+    return [{"role": "system", "content": _text(system, "system")}, *messages]
+
+
+def _needs_assistant(messages: list[dict], field: str) -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FormatError(f"field '{field}' has no assistant turn to train on", field)
+
+
+def _alpaca_prompt(r: _Row) -> list[dict]:
+    """system?, the `history` pairs ([[user, assistant], ...]), then instruction + input."""
+    instruction = _text(r.get("instruction"), "instruction")
+    extra = r.get("input", required=False)
+    extra = _text(extra, "input") if extra is not None else ""
+    messages = []
+    history = r.get("history", required=False) or []
+    if not isinstance(history, list):
+        raise FormatError("field 'history' must be a list of [user, assistant] pairs", "history")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise FormatError(f"history[{i}] must be a [user, assistant] pair", "history")
+        messages.append({"role": "user", "content": _text(pair[0], f"history[{i}][0]")})
+        messages.append({"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")})
+    messages.append({"role": "user", "content": instruction + ("\n\n" + extra if extra.strip() else "")})
+    return messages
+
+
+def _instruction(r: _Row) -> dict:
+    prompt = _alpaca_prompt(r)
+    answer = [{"role": "assistant", "content": _text(r.get("output"), "output")}]
+    _check(("history", prompt[:-1]), ("output", answer))
+    return {"messages": _with_system(r, prompt + answer)}
+
+
+def _chat(r: _Row) -> dict:
+    field = r.col("messages")
+    messages = _messages(r.get("messages"), field, r)
+    _check((field, messages))
+    return {"messages": _with_system(r, messages), **_row_tools(r)}
+
+
+def _openai_input(r: _Row) -> tuple[list[dict], dict]:
+    """OpenAI preference data: ``input`` is ``{"messages": [...], "tools"?: [...]}``."""
+    value = r.get("input")
+    if not isinstance(value, dict) or not isinstance(value.get("messages"), list):
+        raise FormatError(
+            "field 'input' must be an object with a 'messages' list (OpenAI preference data)", "input"
+        )
+    return _messages(value["messages"], "input.messages", r), _tools(value.get("tools"), "input.tools")
+
+
+def _pref_prompt(r: _Row) -> tuple[list[dict] | None, str, dict]:
+    """The prompt of a preference row from whichever shape it has (None: implicit), the field it
+    came from (for error messages), and the row's tools."""
+    tools = _row_tools(r)
+    if r.has("prompt"):
+        return _as_turns(r.get("prompt"), r.col("prompt"), "user", r), r.col("prompt"), tools
+    if isinstance(r.row.get(r.col("input")), dict):
+        messages, input_tools = _openai_input(r)
+        return messages, "input.messages", tools or input_tools
+    if r.has("messages"):  # ShareGPT preference: the conversation so far
+        return _messages(r.get("messages"), r.col("messages"), r), r.col("messages"), tools
+    if r.has("instruction"):  # Alpaca preference (LLaMA-Factory)
+        return _alpaca_prompt(r), "history", tools
+    return None, "prompt", tools
+
+
+def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The shared prefix of both conversations up to the last non-assistant turn."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and chosen[n - 1]["role"] == "assistant":
+        n -= 1
+    if n == 0:
+        raise FormatError(
+            "missing required field 'prompt' (and chosen/rejected share no prompt turns)", "prompt"
+        )
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _preference(r: _Row) -> dict:
+    cf, rf = r.col("chosen"), r.col("rejected")
+    chosen = _as_turns(r.get("chosen"), cf, "assistant", r)
+    rejected = _as_turns(r.get("rejected"), rf, "assistant", r)
+    prompt, pf, tools = _pref_prompt(r)
+    if prompt is None:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    else:
         # Some datasets repeat the prompt at the head of chosen/rejected; strip it.
         n = len(prompt)
-        if chosen[:n] == prompt and rejected[:n] == prompt:
+        if n and chosen[:n] == prompt and rejected[:n] == prompt:
             chosen, rejected = chosen[n:], rejected[n:]
+    _check((pf, prompt), (cf, chosen))
+    _check((pf, prompt), (rf, rejected))
+    _needs_assistant(chosen, cf)
+    _needs_assistant(rejected, rf)
+    if chosen == rejected:
+        raise FormatError(
+            f"'{cf}' and '{rf}' are identical; a preference pair needs two different answers", "rejected"
+        )
+    return {"prompt": _with_system(r, prompt), "chosen": chosen, "rejected": rejected, **tools}
+
+
+def _bool_label(value: Any, field: str) -> bool:
+    """An unpaired preference label: true (desirable) or false; 0/1 and "true"/"false" accepted."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise FormatError(
+        f"field '{field}' must be true or false (is the answer desirable?) in unpaired preference data, "
+        f"got {value!r}; if this column is not a preference label, set the format (--format / "
+        "data.format, e.g. chat)",
+        "label",
+    )
+
+
+def _unpaired(r: _Row) -> dict:
+    """TRL's unpaired preference (KTO): prompt/completion/label, or messages + label, where the
+    completion is the last assistant turn and the prompt every turn before it; LLaMA-Factory's
+    Alpaca KTO rows (instruction/input/output + kto_tag) too."""
+    label = _bool_label(r.get("label"), r.col("label"))
+    if r.has("messages") and not r.has("prompt"):
+        prompt, completion, pf, cf = _split_last_turn(r)
+    elif r.has("instruction") and not r.has("prompt"):
+        prompt, pf, cf = _alpaca_prompt(r), "instruction", r.col("output")
+        completion = [{"role": "assistant", "content": _text(r.get("output"), "output")}]
     else:
-        # Implicit prompt: the shared prefix of both conversations up to the last non-assistant turn.
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        while n > 0 and chosen[n - 1]["role"] == "assistant":
-            n -= 1
-        if n == 0:
-            raise FormatError(
-                "missing required field 'prompt' (and chosen/rejected share no prompt turns)", "prompt"
-            )
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        pf, cf = r.col("prompt"), r.col("completion")
+        prompt = _as_turns(r.get("prompt"), pf, "user", r)
+        completion = _as_turns(r.get("completion"), cf, "assistant", r)
+    if not prompt:
+        raise FormatError("an unpaired preference row needs a prompt before the rated answer", "prompt")
+    _check((pf, prompt), (cf, completion))
+    _needs_assistant(completion, cf)
+    tools = _row_tools(r)
+    return {"prompt": _with_system(r, prompt), "completion": completion, "label": label, **tools}
+
+
+def _split_last_turn(r: _Row) -> tuple[list[dict], list[dict], str, str]:
+    field = r.col("messages")
+    messages = _messages(r.get("messages"), field, r)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise FormatError(f"field '{field}' must end with the assistant turn that the label rates", field)
+    return messages[:-1], messages[-1:], field, field
+
+
+def _prompt_only(r: _Row) -> dict:
+    field = r.col("prompt")
+    prompt = _as_turns(r.get("prompt"), field, "user", r)
+    if not prompt:
+        raise FormatError(f"field '{field}' is an empty list of messages", field)
+    _check((field, prompt))
+    return {"prompt": _with_system(r, prompt), **_row_tools(r)}
+
+
+def _prompt_completion(r: _Row) -> dict:
+    """TRL prompt-completion (strings or message lists) as one conversation."""
+    pf, cf = r.col("prompt"), r.col("completion")
+    prompt = _as_turns(r.get("prompt"), pf, "user", r)
+    completion = _as_turns(r.get("completion"), cf, "assistant", r)
+    _check((pf, prompt), (cf, completion))
+    _needs_assistant(completion, cf)
+    return {"messages": _with_system(r, prompt + completion), **_row_tools(r)}
+
+
+def _classification(r: _Row) -> dict:
+    text = _text(r.get("text"), "text")
+    label = r.get("label")
+    if isinstance(label, bool):
+        # true/false is how unpaired preference (KTO) data marks answers; never guess it is a class.
+        raise FormatError(
+            f"field 'label' is {str(label).lower()} (a boolean); a classifier needs class names "
+            '(write "true"/"false" as strings), and unpaired preference data needs prompt and '
+            "completion (or messages) columns beside the label",
+            "label",
+        )
+    return {"text": text, "label": _text(label, "label")}
+
+
+_CANONICAL: dict[str, Callable[[_Row], dict]] = {
+    "text": lambda r: {"text": _text(r.get("text"), "text")},
+    "instruction": _instruction,
+    "chat": _chat,
+    "preference": _preference,
+    "unpaired": _unpaired,
+    "prompt": _prompt_only,
+    "prompt_completion": _prompt_completion,
+    "classification": _classification,
+}
 
 
 def to_canonical(row: dict, fmt: str, columns: dict[str, str] | None = None) -> dict:
-    """Map one record to the canonical shape of ``fmt`` (see the module docstring).
+    """Map one record to the canonical shape of ``fmt``'s kind (see the module docstring).
 
     Raises :class:`FormatError` naming the missing or malformed field; callers add file and line.
     """
-    if fmt == "text":
-        return {"text": _text(_get(row, "text", columns), "text")}
-    if fmt == "classification":
-        return {
-            "text": _text(_get(row, "text", columns), "text"),
-            "label": _text(_get(row, "label", columns), "label"),
-        }
-    if fmt == "instruction":
-        instruction = _text(_get(row, "instruction", columns), "instruction")
-        extra = _get(row, "input", columns, required=False)
-        extra = _text(extra, "input") if extra is not None else ""
-        system = _get(row, "system", columns, required=False)
-        messages = [{"role": "system", "content": _text(system, "system")}] if system else []
-        user = instruction + ("\n\n" + extra if extra.strip() else "")
-        messages.append({"role": "user", "content": user})
-        messages.append({"role": "assistant", "content": _text(_get(row, "output", columns), "output")})
-        return {"messages": messages}
-    if fmt == "chat":
-        col = _source("messages", columns)
-        if row.get(col) is None and row.get(_source("conversations", columns)) is not None:
-            return {"messages": _messages(row[_source("conversations", columns)], "conversations")}
-        return {"messages": _messages(_get(row, "messages", columns), "messages")}
-    if fmt == "preference":
-        return _preference(row, columns)
-    raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in _CANONICAL:
+        raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return _CANONICAL[fmt](_Row(row, columns))
+
+
+def used_columns(row: dict, fmt: str, columns: dict[str, str] | None = None) -> set[str]:
+    """The top-level columns of ``row`` that ``fmt`` reads; callers report the rest as unused.
+
+    For a row that does not fit the format, every column the format could read counts as used."""
+    if fmt not in _CANONICAL:
+        raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    r = _Row(row, columns)
+    try:
+        _CANONICAL[fmt](r)
+    except FormatError:
+        fields = [a for f in REQUIRED[fmt] + OPTIONAL[fmt] for a in ALIASES.get(f, (f,))]
+        r.used |= {r.columns.get(f, f) for f in fields}
+    return r.used & set(row)
 
 
 def iter_canonical(
@@ -283,8 +712,18 @@ def rows_to_canonical(
     return [c for _, c in iter_canonical(records, fmt, columns)]
 
 
+def _message_text(m: dict) -> str:
+    """All the text of a message: reasoning, content, and each tool call as name + arguments."""
+    parts = [m["reasoning_content"]] if m.get("reasoning_content") else []
+    parts.append(m["content"])
+    for call in m.get("tool_calls", ()):
+        fn = call["function"]
+        parts.append(f"{fn['name']} {json.dumps(fn['arguments'], ensure_ascii=False, sort_keys=True)}")
+    return "\n".join(p for p in parts if p) if len(parts) > 1 else parts[0]
+
+
 def _join(messages: list[dict]) -> str:
-    return "\n".join(m["content"] for m in messages)
+    return "\n".join(_message_text(m) for m in messages)
 
 
 def canonical_text(c: dict) -> str:
@@ -293,6 +732,10 @@ def canonical_text(c: dict) -> str:
         return _join(c["messages"])
     if "chosen" in c:
         return "\n".join((_join(c["prompt"]), _join(c["chosen"]), _join(c["rejected"])))
+    if "completion" in c:
+        return "\n".join((_join(c["prompt"]), _join(c["completion"])))
+    if "prompt" in c:
+        return _join(c["prompt"])
     return c["text"]
 
 
@@ -302,16 +745,19 @@ def prompt_text(c: dict) -> str:
         msgs = c["messages"]
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
         return _join(msgs[:last])
-    if "chosen" in c:
+    if "prompt" in c:
         return _join(c["prompt"])
     return c["text"]
 
 
 def target_text(c: dict) -> str | None:
-    """The trained-on side (last assistant turn / chosen answer / label); None for plain text."""
+    """The trained-on side (last assistant turn / chosen answer / rated completion / label); None
+    where nothing is a target (plain text, a prompt-only row)."""
     if "messages" in c:
-        turns = [m["content"] for m in c["messages"] if m["role"] == "assistant"]
+        turns = [_message_text(m) for m in c["messages"] if m["role"] == "assistant"]
         return turns[-1] if turns else ""
     if "chosen" in c:
         return _join(c["chosen"])
+    if "completion" in c:
+        return _join(c["completion"])
     return c.get("label")
