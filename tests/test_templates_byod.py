@@ -422,3 +422,10 @@ def test_loss_characters_are_exactly_the_trained_assistant_turns(chat, train_on_
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     crossing = {c for s, e in offsets if any(s < a < e or s < b < e for a, b in spans) for c in range(s, e)}
     assert expected - trained <= crossing
+
+
+def test_a_template_refusing_the_conversation_is_a_template_error():
+    tok = tokenizer_with("gemma")
+    chat = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}, TWO_TURNS[2]]
+    with pytest.raises(TemplateError, match="built-in 'gemma' template refused.*must alternate"):
+        encode_conversation(tok, chat)

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -324,9 +325,13 @@ def render(
     """Render messages to text with the tokenizer's chat template (``tools`` passed only when given)."""
     prepared = renderable_messages(tokenizer, messages, tools)
     extra = {} if tools is None else {"tools": tools}
-    return tokenizer.apply_chat_template(
-        prepared, tokenize=False, add_generation_prompt=generation_prompt, **extra
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            prepared, tokenize=False, add_generation_prompt=generation_prompt, **extra
+        )
+    except jinja2.TemplateError as err:  # e.g. raise_exception('roles must alternate'): bad data, not a bug
+        source = _template_source(tokenizer, tools)
+        raise TemplateError(f"{_template_label(source)} refused this conversation: {err}") from err
 
 
 def _trained_turns(messages: list[dict[str, Any]], train_on: TrainOn) -> list[int]:
