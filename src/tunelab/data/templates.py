@@ -356,9 +356,10 @@ def _turn_in_position(
     before = render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i else ""
     if not upto.startswith(before):
         raise TemplateError(
-            f"the chat template cannot give exact loss masks: the prompt it renders for assistant turn {i} "
-            "(with the generation prompt) is not how that turn starts once rendered; "
-            f"set data.template to one of {', '.join(BUILTIN_TEMPLATES)}"
+            f"the chat template cannot give exact loss masks for assistant turn {i}: the prompt it renders "
+            "for that turn at inference is not how the turn starts once rendered (e.g. Qwen3 with two "
+            "assistant turns in a row); merge consecutive assistant turns, or set data.template to one of "
+            f"{', '.join(BUILTIN_TEMPLATES)}"
         )
     return upto, len(before), len(upto)
 
