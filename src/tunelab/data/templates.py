@@ -9,6 +9,11 @@ character offsets; for each assistant turn ``i`` the assistant span is the text 
 ``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i+1])``. Tokens whose
 characters fall in an assistant span carry loss. This needs no ``{% generation %}`` markers (few
 templates have them) and survives BPE merges across the boundary.
+
+A template that rewrites earlier turns once later ones follow (Qwen3 drops past reasoning) gets one
+sequence per trained assistant turn, each rendered up to that turn, so every turn is trained as the
+template renders it in its position. docs/templates.md has the whole story (tools, reasoning,
+weights, built-ins).
 """
 
 from __future__ import annotations
