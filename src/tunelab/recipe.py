@@ -73,9 +73,26 @@ class DataSection(Section):
     tasks: list[TaskSection] | None = Field(None, description="several datasets mixed into one run")
     mixing: MixingSection = Field(default_factory=MixingSection)
     replay: ReplaySection | None = None
-    format: Literal["auto", "text", "instruction", "chat", "preference", "classification"] = "auto"
+    format: Literal[
+        "auto",
+        "text",
+        "instruction",
+        "chat",
+        "prompt_completion",
+        "preference",
+        "unpaired",
+        "prompt",
+        "classification",
+    ] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
-    template: str | None = None
+    template: str | None = Field(
+        None,
+        description="a built-in chat template (chatml, qwen3, llama-3, gemma, mistral, phi, alpaca, plain) "
+        "instead of the tokenizer's own; needed when the model has none",
+    )
+    train_on_reasoning: bool = Field(
+        True, description="loss on assistant reasoning (reasoning_content, <think>…</think>); false masks it"
+    )
     max_length: int = Field(1024, ge=8)
     packing: bool = Field(
         False, description="pack short examples into max_length sequences, attention kept per example"

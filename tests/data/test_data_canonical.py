@@ -74,7 +74,7 @@ def test_read_canonical_names_the_row_that_does_not_fit(tmp_path) -> None:
 
 def _outputs(planted, out) -> dict:
     train, ev = planted
-    report = audit(train, eval_paths=[ev], max_length=60)
+    report = audit(train, eval_paths=[ev], max_length=60, skip_bad=True)
     summary = clean(train, out / "clean.jsonl", max_length=60)
     split(train, out / "split")
     files = sorted(p for p in out.rglob("*") if p.is_file())

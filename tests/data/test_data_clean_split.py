@@ -77,7 +77,8 @@ def test_split_keeps_near_duplicates_together_without_clean(planted, tmp_path):
     for seed in range(3):
         s = split(train, tmp_path / f"sp{seed}", ratios="0.5,0.5", seed=seed)
         assert set(s["files"]) == {"train", "validation"}
-        report = audit(s["files"]["train"], eval_paths=[s["files"]["validation"]])
+        # the planted row that does not fit the format is split like any other: skip it here
+        report = audit(s["files"]["train"], eval_paths=[s["files"]["validation"]], skip_bad=True)
         assert report["leakage"][0]["exact"] == 0 and report["leakage"][0]["near"] == 0
 
 

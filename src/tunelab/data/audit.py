@@ -21,7 +21,9 @@ from tunelab.data.canonical import (
     LONG_TEXT,
     CanonicalChunk,
     StreamOptions,
+    count_unused,
     normalize_text,
+    row_error,
     stream_canonical,
     text_hash,
 )
@@ -185,6 +187,7 @@ class _Settings:
     near_threshold: float
     num_perm: int
     ngram: int
+    reject_rows: bool = False
 
 
 def _kind(v: Any) -> str:
@@ -210,6 +213,7 @@ class _TrainStats:
         self.n = 0
         self.fmt_errors: list[dict] = []
         self.n_fmt_errors = 0
+        self.unused: dict[str, int] = {}
         self.col_counts: dict[str, Counter] = {}
         self.col_examples: dict[str, list[int]] = {}
         self.shapes: dict[tuple, int] = {}  # (column, type) signature -> id
@@ -249,10 +253,13 @@ class _TrainStats:
         self.all_rows.append(np.fromiter((r for r, _ in chunk), dtype=np.int64, count=len(chunk)))
 
     def format_errors(self, ch: CanonicalChunk) -> None:
-        """Rows that do not fit the format: counted, the first few kept as examples."""
+        """Rows that do not fit the format: counted, the first few kept as examples; columns the
+        format does not read are counted per column."""
         self.n_fmt_errors += len(ch.errors)
         for k, message in ch.errors[: max(0, EXAMPLES - len(self.fmt_errors))]:
             self.fmt_errors.append({"row": ch.records[k][0], "error": message})
+        for k in ch.index:
+            count_unused(self.unused, ch.records[k][1], ch.fmt, self.s.columns)
 
     def canonical(self, ch: CanonicalChunk) -> None:
         rows, canon, texts, prompts = ch.rows, ch.canon, ch.texts, ch.prompts
@@ -479,16 +486,21 @@ def audit_records(
     ngram: int = neardup.NGRAM,
     progress: Progress | None = None,
     source: str = "<records>",
+    reject_rows: bool = False,
 ) -> dict:
     """Audit ``(row, record)`` pairs; ``eval_sets`` maps a name to its own pairs for leakage checks.
 
-    Returns the report dict described in ``docs/data.md``.
+    Returns the report dict described in ``docs/data.md``. With ``reject_rows`` a row that does not
+    fit the format raises the error training gives for it (:func:`canonical.row_error`), so a file
+    the audit accepts is one training accepts; otherwise such rows are counted in ``format_errors``.
     """
-    s = _Settings(fmt, columns, tokenizer, max_length, near_threshold, num_perm, ngram)
+    s = _Settings(fmt, columns, tokenizer, max_length, near_threshold, num_perm, ngram, reject_rows)
     st = _TrainStats(s)
     options = StreamOptions(prompts=True, num_perm=num_perm, ngram=ngram)
     for ch in stream_canonical(records, fmt, columns, source=source, options=options):
         s.fmt = ch.fmt
+        if reject_rows:
+            _refuse_bad_row(source, ch)
         st.raw(ch.records)
         st.format_errors(ch)
         if ch.canon:
@@ -523,6 +535,8 @@ def _eval_leakage(
     ev = _Rows()
     done = n_errors = 0
     for ch in stream_canonical(records, fmt, s.columns, source=name, options=options):
+        if s.reject_rows:
+            _refuse_bad_row(name, ch)
         n_errors += len(ch.errors)
         ev.add(ch)
         done += len(ch.records)
@@ -530,6 +544,13 @@ def _eval_leakage(
             progress(f"eval {name}", done)
     lk = _leakage(*train, ev.arrays(s.num_perm), s.near_threshold)
     return {"eval_file": name, **lk, "format_errors": n_errors}
+
+
+def _refuse_bad_row(source: str, ch: CanonicalChunk) -> None:
+    if ch.errors:
+        k, message = ch.errors[0]
+        row, record = ch.records[k]
+        raise row_error(source, row, record, message)
 
 
 def _report(
@@ -551,6 +572,7 @@ def _report(
             "ngram": s.ngram,
         },
         "format_errors": {"rows": st.n_fmt_errors, "examples": st.fmt_errors},
+        "unused_columns": dict(sorted(st.unused.items())),
         "completeness": _completeness(st),
         "schema": _schema(st),
         "exact_duplicates": exact,
@@ -629,9 +651,14 @@ def audit(
     load = LoadReport()
     evals = {str(p): iter_records(p, skip_bad=skip_bad) for p in eval_paths}
     report = audit_records(
-        iter_records(path, skip_bad=skip_bad, report=load), eval_sets=evals, source=str(path), **kw
+        iter_records(path, skip_bad=skip_bad, report=load),
+        eval_sets=evals,
+        source=str(path),
+        reject_rows=not skip_bad,  # as training does: a bad row is an error unless skip_bad
+        **kw,
     )
-    report["rows_rejected"] = load.rows_rejected
+    # Training rejects rows that do not fit the format too (to rejects.jsonl with skip_bad).
+    report["rows_rejected"] = load.rows_rejected + report["format_errors"]["rows"]
     if report["rows"] == 0:
         raise DataError(path, 0, "", no_rows_reason(load))
     return report

@@ -11,6 +11,7 @@ only hashes and signatures keeps memory bounded by those, not by the size of the
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -26,9 +27,9 @@ from tunelab.data.formats import (
     FormatError,
     canonical_text,
     detect_file_format,
-    detect_format,
     prompt_text,
     to_canonical,
+    used_columns,
 )
 from tunelab.data.loaders import DataError, LoadReport, iter_records
 
@@ -37,7 +38,9 @@ __all__ = [
     "LONG_TEXT",
     "CanonicalChunk",
     "normalize_text",
+    "count_unused",
     "read_canonical",
+    "row_error",
     "stream_canonical",
     "text_hash",
 ]
@@ -57,19 +60,68 @@ def read_canonical(
     skip_bad: bool = False,
     rejects_path: Path | None = None,
 ) -> tuple[list[tuple[int, dict[str, Any]]], LoadReport, str]:
-    """Load a data file and map each row to its canonical shape; errors name the file and row."""
+    """Load a data file and map each row to its canonical shape.
+
+    A row that cannot be read or does not fit the format is an error naming the file and row
+    (:func:`row_error`, the message ``data audit`` gives for it too); with ``skip_bad`` it is
+    counted in the report's ``rows_rejected`` and appended to ``rejects_path`` with its reason.
+    Columns the format does not read are counted in the report's ``unused_columns``.
+    """
     report = LoadReport()
-    records = list(iter_records(path, skip_bad=skip_bad, rejects_path=rejects_path, report=report))
-    if not records:
-        raise DataError(path, 0, "", "no usable rows")
-    detected = detect_format(records[0][1].keys(), columns or None) if fmt == "auto" else fmt
-    out = []
+    rejects = _RejectsLog(path, rejects_path, report)
+    records = iter_records(path, skip_bad=skip_bad, report=report, on_reject=rejects.loader)
+    out: list[tuple[int, dict[str, Any]]] = []
+    detected = None if fmt == "auto" else fmt
     for row, record in records:
+        detected = detected or detect_file_format(path, row, record, columns or None)
         try:
             out.append((row, to_canonical(record, detected, columns or None)))
         except FormatError as err:
-            raise DataError(path, row, str(record), str(err)) from None
-    return out, report, detected
+            if not skip_bad:
+                raise row_error(path, row, record, err) from None
+            rejects.format(row, record, err)
+            continue
+        count_unused(report.unused_columns, record, detected, columns)
+    if not out:
+        raise DataError(path, 0, "", "no usable rows" + (f" ({report.rows_rejected} rejected)" if report.rows_rejected else ""))
+    return out, report, detected or "text"
+
+
+def row_error(path: str, row: int, record: dict, err: FormatError | str) -> DataError:
+    """The error for a row that does not fit its format: ``file:row: reason (near: …)``, one line.
+    Training, evaluation and ``data audit`` all report a bad row through this, so they say the same."""
+    return DataError(path, row, json.dumps(record, ensure_ascii=False, default=str)[:400], str(err))
+
+
+def count_unused(counts: dict[str, int], record: dict, fmt: str, columns: dict[str, str] | None) -> None:
+    """Count the columns of ``record`` the format does not read (reported, never dropped silently)."""
+    for col in set(record) - used_columns(record, fmt, columns or None):
+        counts[col] = counts.get(col, 0) + 1
+
+
+class _RejectsLog:
+    """Appends rejected rows (unreadable, or not fitting the format) to one JSONL file, in the
+    loader's shape ``{"file", "line", "reason", "raw"}``. Appending lets the train and eval files of
+    a run share one rejects file without the second overwriting the first."""
+
+    def __init__(self, path: str, rejects_path: Path | None, report: LoadReport):
+        self.path, self.rejects_path, self.report = str(path), rejects_path, report
+
+    def loader(self, line: int, reason: str, raw: str) -> None:
+        self._write({"file": self.path, "line": line, "reason": reason, "raw": raw})
+
+    def format(self, row: int, record: dict, err: FormatError) -> None:
+        self.report.rows_rejected += 1
+        raw = json.dumps(record, ensure_ascii=False, default=str)
+        self._write({"file": self.path, "line": row, "reason": str(err), "raw": raw})
+
+    def _write(self, entry: dict) -> None:
+        if self.rejects_path is None:
+            return
+        Path(self.rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.rejects_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.report.rejects_path = str(self.rejects_path)
 
 
 def normalize_text(text: str) -> str:

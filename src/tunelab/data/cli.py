@@ -127,8 +127,11 @@ def render_audit(report: dict, console: Console = out) -> None:
     head.append(f": {report['rows']:,} rows, format ")
     head.append(report["format"], style="cyan")
     if report["rows_rejected"]:
-        head.append(f", {report['rows_rejected']} unreadable rows skipped")
+        head.append(f", {report['rows_rejected']} rows rejected (unreadable or not fitting the format)")
     console.print(head)
+    if report["unused_columns"]:
+        cols = ", ".join(f"{c} ({n} rows)" for c, n in report["unused_columns"].items())
+        console.print(labelled("note", f"columns not used by format {report['format']!r}: {cols}"))
     checks = _Checks()
     for section in (_shape_checks, _duplicate_checks, _target_checks, _content_checks):
         section(checks, report)
@@ -422,22 +425,31 @@ def show(
     file: Annotated[Path, typer.Argument(help="Data file.")],
     model: Annotated[str, typer.Option("--model", help="Model or tokenizer whose template is used.")],
     n: Annotated[int, typer.Option("-n", help="How many examples.")] = 3,
-    template: Annotated[str | None, typer.Option(help="Built-in template (chatml, llama-3, alpaca).")] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(help="Built-in template (chatml, qwen3, llama-3, gemma, mistral, phi, alpaca, plain)."),
+    ] = None,
+    objective: Annotated[
+        str, typer.Option(help="Encode as this objective does (sft, dpo, simpo, orpo, kto, reward, classify, ...).")
+    ] = "sft",
     max_length: Annotated[int | None, typer.Option(help="Truncate as training would.")] = None,
     last_turn_only: Annotated[bool, typer.Option(help="Loss on the last assistant turn only.")] = False,
     full_text_loss: Annotated[bool, typer.Option(help="Loss on every token (completion_only off).")] = False,
+    reasoning_loss: Annotated[
+        bool, typer.Option(help="Loss on reasoning (data.train_on_reasoning).")
+    ] = True,
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Render examples exactly as they will be tokenized; loss tokens highlighted, masked tokens dimmed."""
     from tunelab.data.show import DataShowConfig, first_examples, preview_examples, render_preview
-    from tunelab.objectives.sft import SftConfig
 
     with _errors():
         _at_least("-n", n, 0)
         _at_least("--max-length", max_length, 1)
         fmt, cols = _format(fmt), _columns(columns)
+        config = _objective_config(objective, last_turn_only, full_text_loss)
         rows = first_examples(str(file), n, fmt or "auto", cols)  # check the input before loading a model
         previews, notes = preview_examples(
             str(file),
@@ -445,11 +457,13 @@ def show(
             n=n,
             rows=rows,
             template=template,
-            objective=SftConfig(
-                train_on="last_assistant" if last_turn_only else "all_assistant",
-                completion_only=not full_text_loss,
+            objective=config,
+            data=DataShowConfig(
+                max_length=max_length,
+                format=fmt or "auto",
+                columns=cols or {},
+                train_on_reasoning=reasoning_loss,
             ),
-            data=DataShowConfig(max_length=max_length, format=fmt or "auto", columns=cols or {}),
         )
     if as_json:
         out.print_json(json.dumps({"warnings": notes, "examples": [p.as_json() for p in previews]}))
@@ -459,9 +473,10 @@ def show(
     for preview in previews:
         loss_tokens = sum(preview.loss_mask)
         # A heading line, not a rule: a rule pads to the console width, unlimited off a terminal.
+        part = f" {preview.part}" if preview.part else ""
         out.print(
             styled(
-                f"── row {preview.row}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
+                f"── row {preview.row}{part}: {len(preview.input_ids)} tokens, {loss_tokens} with loss"
                 + (" (truncated)" if preview.truncated else ""),
                 "bold",
             )
@@ -503,3 +518,20 @@ def convert(
     if s["rows_rejected"]:
         line += f"; {s['rows_rejected']:,} rejected, each in {s['rejects']} with its reason"
     out.print(Text(line))
+
+
+def _objective_config(name: str, last_turn_only: bool, full_text_loss: bool) -> Any:
+    """The objective config ``data show`` encodes with (defaults, plus the SFT loss options)."""
+    from tunelab.objectives import OBJECTIVES
+    from tunelab.registry import did_you_mean
+
+    if name not in OBJECTIVES:
+        raise ValueError(
+            f"--objective: unknown objective {name!r}{did_you_mean(name, OBJECTIVES.names())}; "
+            f"use one of {', '.join(OBJECTIVES.names())}"
+        )
+    if name != "sft":
+        return OBJECTIVES.get(name).config_cls()
+    return OBJECTIVES.get(name).config_cls(
+        train_on="last_assistant" if last_turn_only else "all_assistant", completion_only=not full_text_loss
+    )

@@ -67,6 +67,7 @@ class LoadReport:
     blank_lines: int = 0
     rejects_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    unused_columns: dict[str, int] = field(default_factory=dict)  # column -> rows it was not read in
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -210,11 +210,12 @@ def load_task(
         golds = [split_prompt_answer(c)[1] for c in task.conversations]
         task.labels = labels or infer_labels(golds)
     elif kind == "classify":
-        usable = [e for e in examples if "label" in e or "messages" in e]
+        # classification rows, or chats whose answer is the label (unpaired rows' bool labels are not classes)
+        usable = [e for e in examples if "text" in e and "label" in e or "messages" in e]
         if not usable:
             raise ValueError(f"{data}: a classify run is evaluated on text + label data; found {fmt}")
-        task.texts = [e["text"] if "label" in e else prompt_text(e) for e in usable]
-        task.golds = [e["label"] if "label" in e else target_text(e) or "" for e in usable]
+        task.texts = [e["text"] if "text" in e else prompt_text(e) for e in usable]
+        task.golds = [e["label"] if "text" in e else target_text(e) or "" for e in usable]
     else:
         task.pairs = [e for e in examples if "chosen" in e]
         if not task.pairs:

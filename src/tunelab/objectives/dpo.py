@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.data.templates import IGNORE_INDEX, Encoded, TemplateError, assistant_spans
+from tunelab.data.templates import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
 from tunelab.methods.lora import rewrites_base
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.preference_losses import dpo_loss, orpo_log_odds_ratio, orpo_loss, simpo_loss
@@ -68,21 +68,22 @@ def encode_response(
     prompt: list[dict[str, Any]],
     response: list[dict[str, Any]],
     max_length: int | None,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    train_on_reasoning: bool = True,
 ) -> Encoded:
     """Tokenize prompt + response with the chat template; loss only on the response's assistant turns
-    (assistant turns inside the prompt are context, not something to prefer)."""
-    text, spans = assistant_spans(tokenizer, [*prompt, *response])
-    spans = spans[sum(m["role"] == "assistant" for m in prompt) :]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [
-        t if e > s and any(a <= s and e <= b for a, b in spans) else IGNORE_INDEX
-        for t, (s, e) in zip(ids, enc["offset_mapping"])
-    ]
-    labels[:1] = [IGNORE_INDEX] * min(1, len(labels))
-    if max_length is not None and len(ids) > max_length:
-        return Encoded(ids[:max_length], labels[:max_length], truncated=True, full_length=len(ids))
-    return Encoded(ids, labels, full_length=len(ids))
+    (assistant turns inside the prompt are context, not something to prefer, so they get weight 0)."""
+    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
+    seqs = encode_conversation(
+        tokenizer, [*context, *response], tools=tools, max_length=max_length, train_on_reasoning=train_on_reasoning
+    )
+    if len(seqs) != 1:
+        raise TemplateError(
+            "the response has several assistant turns and the chat template rewrites earlier turns, so "
+            "it cannot be scored as one sequence; use single-turn responses or another data.template"
+        )
+    return seqs[0]
 
 
 def response_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +151,22 @@ class ResponseObjective(BaseObjective):
         self.config = cfg
         self.tokenizer = tokenizer
         self.max_length = getattr(data_cfg, "max_length", None)
+        self.train_on_reasoning = getattr(data_cfg, "train_on_reasoning", True)
         self.padding_side = "left"
 
     def adapt_to(self, model: nn.Module) -> None:
         self.padding_side = "right" if prepends_virtual_tokens(model) else "left"
+
+    def encode_answer(self, example: dict[str, Any], answer: list[dict[str, Any]]) -> Encoded:
+        """``example``'s prompt (and tools) followed by ``answer``, loss on the answer only."""
+        return encode_response(
+            self.tokenizer,
+            example["prompt"],
+            answer,
+            self.max_length,
+            tools=example.get("tools"),
+            train_on_reasoning=self.train_on_reasoning,
+        )
 
 
 class PairwiseObjective(ResponseObjective):
@@ -166,10 +179,8 @@ class PairwiseObjective(ResponseObjective):
                 f"{self.config.name} needs preference data (prompt/chosen/rejected); got {sorted(example)}",
             )
         try:
-            chosen = encode_response(self.tokenizer, example["prompt"], example["chosen"], self.max_length)
-            rejected = encode_response(
-                self.tokenizer, example["prompt"], example["rejected"], self.max_length
-            )
+            chosen = self.encode_answer(example, example["chosen"])
+            rejected = self.encode_answer(example, example["rejected"])
         except TemplateError as err:
             return Dropped(row, str(err))
         if chosen.n_loss_tokens == 0 or rejected.n_loss_tokens == 0:

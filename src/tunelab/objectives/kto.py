@@ -23,7 +23,6 @@ from tunelab.data.templates import IGNORE_INDEX, TemplateError
 from tunelab.objectives.base import OBJECTIVES, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.dpo import (
     ResponseObjective,
-    encode_response,
     model_device,
     precompute,
     reference_by_disabling,
@@ -80,7 +79,7 @@ class KtoObjective(ResponseObjective):
         examples, truncated = [], False
         for answer, desirable in answers:
             try:
-                enc = encode_response(self.tokenizer, example["prompt"], answer, self.max_length)
+                enc = self.encode_answer(example, answer)
             except TemplateError as err:
                 return Dropped(row, str(err))
             if enc.n_loss_tokens == 0:

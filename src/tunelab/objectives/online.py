@@ -67,7 +67,7 @@ class OnlineObjective(BaseObjective):
             messages = prompt_messages(messages)
             if not messages:
                 return Dropped(row, "no prompt: the conversation starts with the assistant")
-            text = render(self.tokenizer, messages, generation_prompt=True)
+            text = render(self.tokenizer, messages, generation_prompt=True, tools=example.get("tools"))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         elif "text" in example and "label" not in example:
             messages, text = None, example["text"]

@@ -50,8 +50,10 @@ class RewardObjective(BaseObjective):
     def adapt_to(self, model: nn.Module) -> None:
         require_trainable_head(model, "reward")
 
-    def _ids(self, prompt: list[dict[str, Any]], answer: list[dict[str, Any]]) -> list[int]:
-        text = render(self.tokenizer, [*prompt, *answer], generation_prompt=False)
+    def _ids(self, example: dict[str, Any], answer: list[dict[str, Any]]) -> list[int]:
+        text = render(
+            self.tokenizer, [*example["prompt"], *answer], generation_prompt=False, tools=example.get("tools")
+        )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
@@ -60,7 +62,7 @@ class RewardObjective(BaseObjective):
                 row, f"reward needs preference data (prompt/chosen/rejected); got {sorted(example)}"
             )
         try:
-            chosen, rejected = (self._ids(example["prompt"], example[k]) for k in ("chosen", "rejected"))
+            chosen, rejected = (self._ids(example, example[k]) for k in ("chosen", "rejected"))
         except TemplateError as err:
             return Dropped(row, str(err))
         # The score is read at the end of the sequence, so a pair cut to identical prefixes says nothing.

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.packing import collate_packed
-from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_text
+from tunelab.data.templates import IGNORE_INDEX, TemplateError, encode_conversation, encode_text
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.fused_ce import decoder_and_head, fused_ce_problem, fused_linear_cross_entropy_sum
 from tunelab.objectives.losses import causal_lm_loss_sum
@@ -37,6 +37,7 @@ class SftObjective(BaseObjective):
         self.config = cfg
         self.tokenizer = tokenizer
         self.max_length = getattr(data_cfg, "max_length", None)
+        self.train_on_reasoning = getattr(data_cfg, "train_on_reasoning", True)
         self.padding_side = "left"
 
     def adapt_to(self, model: nn.Module) -> None:
@@ -51,25 +52,37 @@ class SftObjective(BaseObjective):
         if problem is not None:
             raise ValueError(f"objective.fused_cross_entropy: cannot be used here: {problem}")
 
-    def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
+    def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]] | Dropped:
+        """One feature per sequence: a conversation gives several when its template rewrites earlier
+        turns (each assistant turn is then trained as the template renders it in its position)."""
         if "messages" in example:
-            enc = encode_chat(
-                self.tokenizer,
-                example["messages"],
-                max_length=self.max_length,
-                train_on=self.config.train_on,
-                completion_only=self.config.completion_only,
-            )
+            try:
+                seqs = encode_conversation(
+                    self.tokenizer,
+                    example["messages"],
+                    tools=example.get("tools"),
+                    max_length=self.max_length,
+                    train_on=self.config.train_on,
+                    completion_only=self.config.completion_only,
+                    train_on_reasoning=self.train_on_reasoning,
+                )
+            except TemplateError as err:
+                return Dropped(row, str(err))
         elif "text" in example and "label" not in example:
-            enc = encode_text(self.tokenizer, example["text"], max_length=self.max_length)
+            seqs = [encode_text(self.tokenizer, example["text"], max_length=self.max_length)]
         else:
             return Dropped(row, f"sft needs text, instruction or chat data; got fields {sorted(example)}")
-        if enc.n_loss_tokens == 0:
+        if sum(enc.n_loss_tokens for enc in seqs) == 0:
+            full = max(enc.full_length for enc in seqs)
             return Dropped(
-                row,
-                f"no loss tokens left after truncation to max_length={self.max_length} (had {enc.full_length})",
+                row, f"no loss tokens left after truncation to max_length={self.max_length} (had {full})"
             )
-        return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
+        features = [
+            {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
+            for enc in seqs
+            if enc.n_loss_tokens
+        ]
+        return features[0] if len(features) == 1 else features
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "position_ids" in features[0]:

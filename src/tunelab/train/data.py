@@ -27,6 +27,8 @@ class PreparedSplit:
     dropped: list[Dropped] = field(default_factory=list)
     truncated: int = 0
     format: str = ""
+    rows_used: int = 0
+    unused_columns: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -36,7 +38,9 @@ class PreparedSplit:
             "rows_rejected_malformed": self.rows_rejected,
             "examples_dropped": len(self.dropped),
             "examples_truncated": self.truncated,
+            "rows_used": self.rows_used,
             "examples_used": len(self.features),
+            "unused_columns": self.unused_columns,
         }
 
 
@@ -53,7 +57,12 @@ def prepare_split(
         path, data_cfg.format, data_cfg.columns, skip_bad=data_cfg.skip_bad, rejects_path=rejects_path
     )
     split = PreparedSplit(
-        path=path, features=[], rows_read=report.rows_read, rows_rejected=report.rows_rejected, format=fmt
+        path=path,
+        features=[],
+        rows_read=report.rows_read,
+        rows_rejected=report.rows_rejected,
+        format=fmt,
+        unused_columns=dict(report.unused_columns),
     )
     for row, example in rows:
         encoded = objective.encode(row, example)
@@ -62,9 +71,33 @@ def prepare_split(
             if dropped_path is not None:
                 append_jsonl(dropped_path, {"file": path, "row": encoded.row, "reason": encoded.reason})
             continue
-        split.truncated += bool(encoded.pop("truncated", False))
-        split.features.append(encoded)
+        # A row may give several sequences (one per assistant turn when the template rewrites
+        # earlier turns; see templates.encode_conversation).
+        split.rows_used += 1
+        for feature in encoded if isinstance(encoded, list) else [encoded]:
+            split.truncated += bool(feature.pop("truncated", False))
+            split.features.append(feature)
     if not split.features:
         reasons = {d.reason for d in split.dropped}
         raise DataError(path, 0, "", f"every example was dropped: {'; '.join(sorted(reasons))[:300]}")
     return split
+
+
+def split_notes(split: PreparedSplit, run_path: Path, max_length: int) -> list[str]:
+    """What the user should know about a prepared file: rows not used (and where their reasons
+    are), truncation, and columns the format did not read."""
+    notes = []
+    if split.dropped or split.rows_rejected:
+        notes.append(
+            f"{split.path}: {len(split.dropped)} example(s) dropped and {split.rows_rejected} "
+            f"malformed row(s) rejected; reasons in {run_path}/dropped.jsonl and rejects.jsonl"
+        )
+    if split.truncated:
+        notes.append(f"{split.path}: {split.truncated} example(s) truncated to data.max_length={max_length}")
+    if split.unused_columns:
+        cols = ", ".join(f"{c} ({n} rows)" for c, n in sorted(split.unused_columns.items()))
+        notes.append(
+            f"{split.path}: columns not used by format {split.format!r}: {cols}; map them with "
+            "data.columns if they hold data this run should use"
+        )
+    return notes

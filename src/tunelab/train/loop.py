@@ -46,7 +46,7 @@ from tunelab.train.common import (
     write_final,
 )
 from tunelab.train.continual import EwcHook, mix_replay
-from tunelab.train.data import PreparedSplit, prepare_split
+from tunelab.train.data import PreparedSplit, prepare_split, split_notes
 from tunelab.train.oom import (
     auto_micro_batch,
     free_step_memory,
@@ -244,21 +244,8 @@ class Trainer:
                 rejects_path=self._run_file("rejects.jsonl"),
             )
         for split in filter(None, (train, evaluation)):
-            if split.dropped or split.rows_rejected:
-                self.console.print(
-                    labelled(
-                        "note",
-                        f"{split.path}: {len(split.dropped)} example(s) dropped and {split.rows_rejected} "
-                        f"malformed row(s) rejected; reasons in {self.run.path}/dropped.jsonl and rejects.jsonl",
-                    )
-                )
-            if split.truncated:
-                self.console.print(
-                    labelled(
-                        "note",
-                        f"{split.path}: {split.truncated} example(s) truncated to data.max_length={data.max_length}",
-                    )
-                )
+            for note in split_notes(split, self.run.path, data.max_length):
+                self.console.print(labelled("note", note))
         return train, evaluation
 
     def _ewc_hook(self, ewc: Any) -> EwcHook:
