@@ -25,8 +25,8 @@ from tunelab.data.templates import IGNORE_INDEX, select_template
 from tunelab.models.tiny import build_tiny_tokenizer
 from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import parse_recipe
-from tunelab.train.run import train
 from tunelab.train.data import prepare_split
+from tunelab.train.run import train
 
 TOOLS = [
     {
@@ -34,7 +34,11 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "Current temperature of a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
     }
 ]
@@ -149,7 +153,11 @@ def sharegpt_preference(i: int, city: str) -> dict:
 
 def openai_preference(i: int, city: str) -> dict:
     return {
-        "input": {"messages": [{"role": "user", "content": f"Is {city} big?"}], "tools": [], "parallel_tool_calls": True},
+        "input": {
+            "messages": [{"role": "user", "content": f"Is {city} big?"}],
+            "tools": [],
+            "parallel_tool_calls": True,
+        },
         "preferred_output": [{"role": "assistant", "content": f"{city} has {i} million people."}],
         "non_preferred_output": [{"role": "assistant", "content": "Yes."}],
     }
@@ -255,7 +263,12 @@ def test_audit_show_and_training_agree(tmp_path: Path, shape, objective: str) ->
     tokenizer = build_tiny_tokenizer()
     config = OBJECTIVES.get(objective).config_cls()
     previews, _ = preview_examples(
-        str(path), tokenizer, n=len(CITIES), template="chatml", objective=config, data=DataShowConfig(max_length=1024)
+        str(path),
+        tokenizer,
+        n=len(CITIES),
+        template="chatml",
+        objective=config,
+        data=DataShowConfig(max_length=1024),
     )
     assert not [p.dropped for p in previews if p.dropped]
     assert {p.row for p in previews} == {1, 2, 3, 4}
@@ -289,20 +302,28 @@ def test_reasoning_is_trained_unless_switched_off(tmp_path: Path) -> None:
     tok = build_tiny_tokenizer()
     (on, *_), _ = preview_examples(str(path), tok, n=1, template="qwen3")
     (off, *_), _ = preview_examples(
-        str(path), build_tiny_tokenizer(), n=1, template="qwen3", data=DataShowConfig(train_on_reasoning=False)
+        str(path),
+        build_tiny_tokenizer(),
+        n=1,
+        template="qwen3",
+        data=DataShowConfig(train_on_reasoning=False),
     )
     assert "Paris has latitude 0 north." in loss_text(on) and "Yes." in loss_text(on)
     assert "latitude" not in loss_text(off) and "Yes." in loss_text(off)
 
 
 HOSTILE = {
-    "unknown role": {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+    "unknown role": {
+        "messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    },
     "invalid JSON arguments": {
         "messages": [
             {"role": "user", "content": "weather?"},
             {
                 "role": "assistant",
-                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}],
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}
+                ],
             },
             {"role": "tool", "content": "20"},
             {"role": "assistant", "content": "20 degrees."},
@@ -315,7 +336,9 @@ HOSTILE = {
             {"role": "assistant", "content": "20 degrees."},
         ]
     },
-    "empty assistant turn": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+    "empty assistant turn": {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]
+    },
 }
 IDENTICAL_PAIR = {
     "prompt": [{"role": "user", "content": "hi"}],
@@ -352,7 +375,8 @@ def test_hostile_rows_are_refused_alike_by_audit_and_training(tmp_path: Path, na
     report = audit(path, skip_bad=True)
     assert report["rows_rejected"] == 1
     recipe = parse_recipe(
-        data_config(path, skip_bad=True) | {"objective": {"name": objective}, "output": {"dir": str(tmp_path / "r"), "name": "skip"}}
+        data_config(path, skip_bad=True)
+        | {"objective": {"name": objective}, "output": {"dir": str(tmp_path / "r"), "name": "skip"}}
     )
     result = train(recipe)
     assert result.data_summary["train"]["rows_rejected_malformed"] == 1
@@ -399,7 +423,9 @@ def test_show_marks_exactly_the_tokens_the_trainer_labels(tmp_path: Path, turns)
     assert [p.loss_mask for p in previews] == trainer_masks(path, "sft")
 
 
-def test_base_gguf_without_template_trains_with_plain_and_final_carries_it(tmp_path: Path, monkeypatch) -> None:
+def test_base_gguf_without_template_trains_with_plain_and_final_carries_it(
+    tmp_path: Path, monkeypatch
+) -> None:
     from transformers import AutoTokenizer
 
     from tunelab.data.templates import BUILTIN_TEMPLATES, TemplateError
@@ -421,6 +447,7 @@ def test_base_gguf_without_template_trains_with_plain_and_final_carries_it(tmp_p
     saved = AutoTokenizer.from_pretrained(result.run_dir / "final")
     assert saved.chat_template == BUILTIN_TEMPLATES["plain"]
     text = saved.apply_chat_template(
-        [{"role": "user", "content": "The sky is"}, {"role": "assistant", "content": " blue."}], tokenize=False
+        [{"role": "user", "content": "The sky is"}, {"role": "assistant", "content": " blue."}],
+        tokenize=False,
     )
     assert text == (saved.bos_token or "") + "The sky is blue." + saved.eos_token

@@ -156,8 +156,10 @@ def test_null_field(tmp_path):
     )
     msg = error_line(run("show", path, tmp_path, "-n", "2"))
     assert f"{path}:2: field 'output' is null" in msg
-    res = run("audit", path, tmp_path, "--json", "--strict")
-    assert res.exit_code == 1  # the audit reports it as a blocking format error
+    # the audit refuses the file with the line show (and training) give for it
+    assert error_line(run("audit", path, tmp_path, "--json")) == msg
+    res = run("audit", path, tmp_path, "--json", "--strict", "--skip-bad")
+    assert res.exit_code == 1  # skipped, the row is still reported as a blocking format error
     errors = json.loads(res.stdout)["format_errors"]
     assert errors["examples"] == [
         {"row": 2, "error": "field 'output' is null; give it a value or drop the row"}
@@ -169,12 +171,14 @@ def test_null_field(tmp_path):
 
 
 def test_mixed_formats(tmp_path):
-    """A chat row inside an instruction file: the audit and clean name the row; show fails on it."""
+    """A chat row inside an instruction file: show and the audit fail on it with the same line; the
+    audit with --skip-bad and clean name the row."""
     rows = [{"instruction": "q one two", "output": "a"}, {"messages": [{"role": "user", "content": "hi"}]}]
     path = write(tmp_path, "mixed.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     msg = error_line(run("show", path, tmp_path, "-n", "2"))
     assert f"{path}:2: missing required field 'instruction'" in msg
-    res = run("audit", path, tmp_path, "--json", "--strict")
+    assert error_line(run("audit", path, tmp_path)) == msg
+    res = run("audit", path, tmp_path, "--json", "--strict", "--skip-bad")
     assert res.exit_code == 1 and json.loads(res.stdout)["format_errors"]["examples"][0]["row"] == 2
     res = run("clean", path, tmp_path, "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["dropped"] == {"format_error": 1}

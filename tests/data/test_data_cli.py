@@ -14,7 +14,9 @@ runner = CliRunner()
 
 def test_audit_json_and_strict(planted):
     train, ev = planted
-    res = runner.invoke(app, ["audit", str(train), "--eval", str(ev), "--json", "--max-length", "60", "--skip-bad"])
+    res = runner.invoke(
+        app, ["audit", str(train), "--eval", str(ev), "--json", "--max-length", "60", "--skip-bad"]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["schema_version"] == 1 and report["leakage"][0]["exact"] == 1
@@ -67,7 +69,9 @@ def test_model_option_counts_tokens(planted, monkeypatch):
     tok = tiny.build_tiny_tokenizer()
     monkeypatch.setattr(load, "load_tokenizer", lambda spec, **kw: tok)
     train, _ = planted
-    res = runner.invoke(app, ["audit", str(train), "--model", "tiny", "--max-length", "100", "--json", "--skip-bad"])
+    res = runner.invoke(
+        app, ["audit", str(train), "--model", "tiny", "--max-length", "100", "--json", "--skip-bad"]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["lengths"]["unit"] == "tokens" and report["settings"]["tokenizer"] == "tiny"

@@ -83,7 +83,12 @@ def read_canonical(
             continue
         count_unused(report.unused_columns, record, detected, columns)
     if not out:
-        raise DataError(path, 0, "", "no usable rows" + (f" ({report.rows_rejected} rejected)" if report.rows_rejected else ""))
+        raise DataError(
+            path,
+            0,
+            "",
+            "no usable rows" + (f" ({report.rows_rejected} rejected)" if report.rows_rejected else ""),
+        )
     return out, report, detected or "text"
 
 

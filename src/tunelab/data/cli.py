@@ -430,14 +430,15 @@ def show(
         typer.Option(help="Built-in template (chatml, qwen3, llama-3, gemma, mistral, phi, alpaca, plain)."),
     ] = None,
     objective: Annotated[
-        str, typer.Option(help="Encode as this objective does (sft, dpo, simpo, orpo, kto, reward, classify, ...).")
+        str,
+        typer.Option(
+            help="Encode as this objective does (sft, dpo, simpo, orpo, kto, reward, classify, ...)."
+        ),
     ] = "sft",
     max_length: Annotated[int | None, typer.Option(help="Truncate as training would.")] = None,
     last_turn_only: Annotated[bool, typer.Option(help="Loss on the last assistant turn only.")] = False,
     full_text_loss: Annotated[bool, typer.Option(help="Loss on every token (completion_only off).")] = False,
-    reasoning_loss: Annotated[
-        bool, typer.Option(help="Loss on reasoning (data.train_on_reasoning).")
-    ] = True,
+    reasoning_loss: Annotated[bool, typer.Option(help="Loss on reasoning (data.train_on_reasoning).")] = True,
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
@@ -471,6 +472,9 @@ def show(
     for note in notes:
         err.print(labelled("warning", note))
     for preview in previews:
+        if preview.dropped:
+            out.print(render_preview(preview))
+            continue
         loss_tokens = sum(preview.loss_mask)
         # A heading line, not a rule: a rule pads to the console width, unlimited off a terminal.
         part = f" {preview.part}" if preview.part else ""
@@ -527,8 +531,8 @@ def _objective_config(name: str, last_turn_only: bool, full_text_loss: bool) -> 
 
     if name not in OBJECTIVES:
         raise ValueError(
-            f"--objective: unknown objective {name!r}{did_you_mean(name, OBJECTIVES.names())}; "
-            f"use one of {', '.join(OBJECTIVES.names())}"
+            f"--objective: unknown objective {name!r}; use one of {', '.join(OBJECTIVES.names())}."
+            + did_you_mean(name, OBJECTIVES.names())
         )
     if name != "sft":
         return OBJECTIVES.get(name).config_cls()

@@ -134,11 +134,7 @@ def feature_sequences(encoded: Any) -> list[tuple[str, list[int], list[int] | No
     """``(part, input_ids, labels, truncated)`` of every sequence in an objective's feature(s).
     ``labels`` None: the objective reads one score at the last token (reward, classify)."""
     if isinstance(encoded, list):
-        return [
-            (f"turn {k + 1}", *seq[1:])
-            for k, f in enumerate(encoded)
-            for seq in feature_sequences(f)
-        ]
+        return [(f"turn {k + 1}", *seq[1:]) for k, f in enumerate(encoded) for seq in feature_sequences(f)]
     truncated = bool(encoded.get("truncated"))
     if "chosen_ids" in encoded:
         return [

@@ -76,7 +76,11 @@ def encode_response(
     (assistant turns inside the prompt are context, not something to prefer, so they get weight 0)."""
     context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
     seqs = encode_conversation(
-        tokenizer, [*context, *response], tools=tools, max_length=max_length, train_on_reasoning=train_on_reasoning
+        tokenizer,
+        [*context, *response],
+        tools=tools,
+        max_length=max_length,
+        train_on_reasoning=train_on_reasoning,
     )
     if len(seqs) != 1:
         raise TemplateError(
