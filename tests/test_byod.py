@@ -189,6 +189,10 @@ def messages_label(i: int, city: str) -> dict:
     }
 
 
+def classification(i: int, city: str) -> dict:
+    return {"text": f"{city} is lovely in spring, number {i}.", "label": "pos" if i % 2 else "neg"}
+
+
 PREFERENCE = ("dpo", "simpo", "orpo", "kto", "reward")
 CASES = {
     alpaca: ("sft",),
@@ -205,6 +209,7 @@ CASES = {
     chosen_rejected_messages: ("dpo", "reward"),
     trl_unpaired: ("kto",),
     messages_label: ("kto",),
+    classification: ("classify",),
 }
 PAIRS = [(shape, objective) for shape, objectives in CASES.items() for objective in objectives]
 
@@ -245,7 +250,7 @@ def trainer_masks(path: Path, objective_name: str) -> list[list[bool]]:
             # the collated batch holds exactly these labels, padded with IGNORE_INDEX
             masks.append([label != IGNORE_INDEX for label in labels])
     batch = objective.collate(split.features)
-    if "labels" in batch:
+    if batch.get("labels") is not None and batch["labels"].dim() == 2:  # per-token labels
         batch_masks = [
             [bool(lab != IGNORE_INDEX) for lab, on in zip(row.tolist(), att.tolist()) if on]
             for row, att in zip(batch["labels"], batch["attention_mask"])

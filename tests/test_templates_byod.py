@@ -491,11 +491,4 @@ def test_qwen3_two_assistant_turns_in_a_row_are_refused_with_the_reason():
         encode_conversation(tok, chat)
 
 
-def test_train_a_gguf_base_model_with_plain_saves_plain_in_final(tiny_recipe, tmp_path: Path, monkeypatch):
-    from tunelab.train.run import train
-
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))  # the GGUF conversion cache
-    gguf = _tiny_gguf(tmp_path / "base.gguf", None)
-    recipe = tiny_recipe("full", model__name_or_path=str(gguf), data__template="plain", training__max_steps=2)
-    final = train(recipe).run_dir / "final"
-    assert AutoTokenizer.from_pretrained(final).chat_template == BUILTIN_TEMPLATES["plain"]
+# Training a template-less GGUF with data.template: plain, and final/ carrying it: tests/test_byod.py.
