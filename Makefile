@@ -10,8 +10,12 @@ TORCH       ?= torch==2.13.0
 # Set TORCH_INDEX=https://download.pytorch.org/whl/cpu where that index is reachable.
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# tunelab's cache (assets, converted models, llama.cpp); the Python code reads the same TUNELAB_HOME
+TUNELAB_HOME ?= $(HOME)/.cache/tunelab
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_SDIST := $(TUNELAB_HOME)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: setup chromium demo test test-all lint format bench bench-gpu clean
+.PHONY: setup gguf chromium demo test test-all lint format bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +25,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# GGUF export/eval run llama.cpp through llama-cpp-python, which has no wheel for this platform on PyPI:
+# download its sdist once (it also vendors llama.cpp's converter, which tunelab extracts from it),
+# build the wheel from it once per machine (cmake, ~10 min on 2 cores) into $(TUNELAB_HOME)/wheels,
+# then install it with the `gguf` extra. Later runs and new venvs reuse the cached wheel.
+$(VENV)/.gguf: $(VENV)/.installed
+	test -f $(LLAMA_SDIST) || $(PIP) download -q --no-deps --no-binary :all: \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(TUNELAB_HOME)/sdist
+	ls $(TUNELAB_HOME)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  start=$$(date +%s); echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (~10 min)"; \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) wheel -q --no-deps $(LLAMA_SDIST) -w $(TUNELAB_HOME)/wheels \
+	  && echo "built in $$(( $$(date +%s) - start )) s"; }
+	$(PIP) install -q --find-links $(TUNELAB_HOME)/wheels --only-binary llama-cpp-python -e ".[dev,gguf]"
+	touch $@
+
+gguf: $(VENV)/.gguf
 
 demo: setup
 	$(VENV)/bin/tunelab assets fetch smollm2-135m-instruct rotten-tomatoes
@@ -33,11 +53,11 @@ chromium:
 	  && (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
 	  || echo "note: chromium not installed; the HTML render test will skip"; }
 
-# Default run: CPU only, without `slow` tests (real assets, long runs). CI runs this.
-test: setup chromium
+# Default run: CPU only, without `slow` tests (real assets, long runs). CI runs this, llama.cpp included.
+test: setup gguf chromium
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: setup chromium
+test-all: setup gguf chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -23,8 +23,18 @@ def export_cmd(
         bool, typer.Option("--adapter", help="the adapter alone, in PEFT's format (adapter runs only)")
     ] = False,
     gguf: Annotated[
-        str | None, typer.Option("--gguf", help=f"merged weights as one GGUF file: {' or '.join(GGUF_TYPES)}")
+        str | None,
+        typer.Option(
+            "--gguf",
+            help=f"merged weights as one GGUF file made, quantised and loaded by llama.cpp: {', '.join(GGUF_TYPES)}",
+        ),
     ] = None,
+    ollama: Annotated[
+        bool,
+        typer.Option(
+            "--ollama", help="with --gguf: also write an Ollama Modelfile (template, stops, sampling)"
+        ),
+    ] = False,
     dtype: Annotated[
         str, typer.Option(help=f"{', '.join(DTYPES)}; auto keeps the base model's stored dtype")
     ] = "auto",
@@ -33,11 +43,11 @@ def export_cmd(
     ] = "2GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder")] = False,
 ) -> None:
-    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF (--gguf f16|q8_0)."""
+    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF made by llama.cpp (--gguf TYPE)."""
     chosen = [name for name, on in (("--merge", merge), ("--adapter", adapter), ("--gguf", gguf)) if on]
     if len(chosen) != 1:
         given = f" (got {' and '.join(chosen)})" if chosen else ""
-        _fail(f"choose exactly one of --merge, --adapter, --gguf f16|q8_0{given}")
+        _fail(f"choose exactly one of --merge, --adapter, --gguf TYPE{given}")
     kind = {"--merge": "merged", "--adapter": "adapter", "--gguf": "gguf"}[chosen[0]]
     console = make_console()
     try:
@@ -50,6 +60,7 @@ def export_cmd(
                 dtype=dtype,
                 overwrite=overwrite,
                 max_shard_size=max_shard_size,
+                ollama=ollama,
             )  # type: ignore[arg-type]
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))

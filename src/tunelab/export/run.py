@@ -1,8 +1,8 @@
 """``export_run``: a finished run's model in a format other programs load, with its provenance.
 
 Three kinds: ``merged`` (a standard Hugging Face directory that plain transformers loads), ``adapter``
-(PEFT's own adapter format, for runs that trained one) and ``gguf`` (merged, then written as a llama
-GGUF in f16 or q8_0 for llama.cpp and friends). The output is built in a hidden sibling directory and
+(PEFT's own adapter format, for runs that trained one) and ``gguf`` (merged, then converted, quantised
+and loaded by llama.cpp itself: see ``export/gguf.py``). The output is built in a hidden sibling directory and
 renamed into place, so a crash or a refusal midway leaves no partial export under the real name; it
 always holds ``tunelab_export.json`` saying which run, recipe and base it came from, and the sha256
 of every weight file written.
@@ -21,12 +21,12 @@ from typing import Any, Literal
 import yaml
 
 from tunelab import __version__
+from tunelab.models.llamacpp import GGUF_TYPES
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
 from tunelab.runs.manifest import file_sha256, package_versions, recipe_sha256, utc_now
 
 ExportKind = Literal["merged", "adapter", "gguf"]
 KINDS: tuple[str, ...] = ("merged", "adapter", "gguf")
-GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 EXPORT_META = "tunelab_export.json"
 EXPORT_SCHEMA_VERSION = 1
@@ -45,27 +45,35 @@ def export_run(
     dtype: str = "auto",
     overwrite: bool = False,
     max_shard_size: str | int = "2GB",
+    ollama: bool = False,
 ) -> Path:
     """Export ``run`` (a run directory or its ``final/``) to the new directory ``out``; returns ``out``.
 
     ``dtype`` is the dtype of the written safetensors: ``auto`` keeps what the base model was stored
     in (the adapter's own dtype for ``adapter``). ``max_shard_size`` splits a merged model's weights
     into files of at most that size (``"2GB"``, ``"500MB"`` or bytes). An existing ``out`` is refused
-    unless ``overwrite``; even then it is only replaced once the new export is complete.
+    unless ``overwrite``; even then it is only replaced once the new export is complete. ``ollama``
+    (GGUF only) also writes an Ollama ``Modelfile`` next to the GGUF.
     """
     final = _final_dir(run)
     _check_options(kind, gguf_type, dtype)
+    if ollama and kind != "gguf":
+        raise ValueError("--ollama writes a Modelfile for a GGUF file; use it with --gguf TYPE")
     out = Path(out)
     _check_destination(out, final, overwrite)
     meta = json.loads((final / FINAL_META).read_text(encoding="utf-8"))
+    gguf_details: dict[str, Any] = {}
     with atomic_directory(out) as tmp:
         if kind == "merged":
             written_dtype = _write_merged(final, tmp, dtype, max_shard_size)
         elif kind == "adapter":
             written_dtype = _write_adapter(final, meta, tmp, dtype)
         else:
-            written_dtype = _write_gguf(final, meta, tmp, gguf_type or "", _run_dir(final).name)
+            gguf_details = _write_gguf(final, meta, tmp, gguf_type or "", _run_dir(final).name, ollama)
+            written_dtype = gguf_type or ""
         provenance = build_provenance(final, meta, tmp, kind=kind, dtype=written_dtype, gguf_type=gguf_type)
+        if gguf_details:
+            provenance["gguf"] = gguf_details
         atomic_write_json(tmp / EXPORT_META, provenance)
     return out
 
@@ -181,9 +189,13 @@ def base_for_adapter(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def _write_gguf(final: Path, meta: dict[str, Any], out: Path, gguf_type: str, name: str) -> str:
-    """Merge, check the writer supports the architecture, write ``<run>-<type>.gguf``."""
+def _write_gguf(
+    final: Path, meta: dict[str, Any], out: Path, gguf_type: str, name: str, ollama: bool
+) -> dict[str, Any]:
+    """Merge, then ``<run>-<type>.gguf`` made and loaded by llama.cpp (and a Modelfile for ``ollama``)."""
+    from tunelab.export.gguf import write_gguf  # noqa: PLC0415
     from tunelab.export.merge import merged_model, refuse_prompt_learning  # noqa: PLC0415
+    from tunelab.models.llamacpp import require_llama_cpp  # noqa: PLC0415
 
     kind = meta.get("model_kind", "causal_lm")
     if kind != "causal_lm":
@@ -192,25 +204,14 @@ def _write_gguf(final: Path, meta: dict[str, Any], out: Path, gguf_type: str, na
             "Use --merge for a directory that AutoModelForSequenceClassification loads"
         )
     refuse_prompt_learning(final, meta, "a GGUF file")
+    require_llama_cpp()  # before the merge, which can take minutes on a real model
     model, tokenizer = merged_model(final)
-    _check_gguf_architecture(model.config)
-    from tunelab.models.gguf_write import write_llama_gguf  # noqa: PLC0415
+    details = write_gguf(model, tokenizer, out, gguf_type, name, stored_dtype(model))
+    if ollama:
+        from tunelab.export.modelfile import write_modelfile  # noqa: PLC0415
 
-    write_llama_gguf(model, tokenizer, out / f"{name}-{gguf_type}.gguf", dtype=gguf_type, name=name)
-    return gguf_type
-
-
-def _check_gguf_architecture(config: Any) -> None:
-    from tunelab.models.gguf_write import check_supported  # noqa: PLC0415
-
-    try:
-        check_supported(config)
-    except ValueError as err:
-        raise ValueError(
-            f"GGUF export writes the llama architecture (Llama, SmolLM2, TinyLlama and the like) and this "
-            f"model is not one it can write: {err} Export with --merge and convert that directory with "
-            "llama.cpp's convert_hf_to_gguf.py, which knows many more architectures."
-        ) from err
+        details["modelfile"] = write_modelfile(out, out / details["file"], tokenizer, model.generation_config)
+    return details
 
 
 def build_provenance(
