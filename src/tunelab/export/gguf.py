@@ -20,6 +20,7 @@ from tunelab.models.llamacpp import (
     GGUFConversionError,
     convert_to_gguf,
     gguf_metadata,
+    native_output_captured,
     quantize_gguf,
     require_llama_cpp,
     set_gguf_token_id,
@@ -123,10 +124,12 @@ def load_check(path: Path, tokenizer: Any, max_tokens: int = 8) -> dict[str, Any
     messages = [{"role": "user", "content": CHECK_PROMPT}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     expected = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    try:
-        llama = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False)
-    except (ValueError, RuntimeError) as err:
-        raise GGUFConversionError(f"llama.cpp could not load {path.name}: {err}") from err
+    with native_output_captured() as log:  # llama.cpp prints notes even with verbose=False
+        try:
+            llama = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            raise GGUFConversionError(f"llama.cpp could not load {path.name}: {err} (log: {log})") from err
+    log.unlink(missing_ok=True)
     try:
         ids = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         result = llama.create_completion(ids, max_tokens=max_tokens, temperature=0.0, top_k=1)

@@ -14,6 +14,7 @@ extracted once into ``$TUNELAB_HOME/llama.cpp/<version>/``. ``make gguf`` downlo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -239,12 +241,37 @@ def quantize_gguf(src: Path, out: Path, qtype: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
     params.nthread = max(1, os.cpu_count() or 1)
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    with native_output_captured() as log:
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if status != 0 or not out.is_file():
+        last = [
+            line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+        ]
         raise GGUFConversionError(
-            f"llama.cpp's quantiser could not make {qtype} from {src} (status {status})"
+            f"llama.cpp's quantiser could not make {qtype} from {src.name} (status {status}): "
+            f"{last[-1] if last else 'no output'} (full log: {log})"
         )
+    log.unlink(missing_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def native_output_captured() -> Iterator[Path]:
+    """Send what C code writes to stdout/stderr (the quantiser logs every tensor) to a temporary file
+    instead of the user's terminal; yields that file's path."""
+    fd, name = tempfile.mkstemp(prefix="tunelab-llama-cpp-", suffix=".log")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield Path(name)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for handle in (*saved, fd):
+            os.close(handle)
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
