@@ -135,6 +135,18 @@ def test_missing_or_foreign_sdist_names_make_gguf(monkeypatch, tmp_path):
     assert not (tmp_path / "llama.cpp").exists()
 
 
+def test_export_offers_what_llama_cpp_makes_without_importing_torch_for_help():
+    import subprocess
+
+    from tunelab.export import GGUF_TYPES
+
+    assert GGUF_TYPES == llamacpp.GGUF_TYPES
+    code = "import sys, tunelab.cli; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
+
+
 def test_bad_gguf_type_and_ollama_without_gguf_are_refused(tmp_path):
     run = _full_run(tmp_path / "run", *_tiny_model_and_tokenizer())
     with pytest.raises(ValueError, match="choose one of f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m"):

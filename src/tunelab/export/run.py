@@ -21,12 +21,14 @@ from typing import Any, Literal
 import yaml
 
 from tunelab import __version__
-from tunelab.models.llamacpp import GGUF_TYPES
 from tunelab.runs.atomic import atomic_directory, atomic_write_json
 from tunelab.runs.manifest import file_sha256, package_versions, recipe_sha256, utc_now
 
 ExportKind = Literal["merged", "adapter", "gguf"]
 KINDS: tuple[str, ...] = ("merged", "adapter", "gguf")
+# what tunelab.models.llamacpp makes (GGUF_TYPES there; a test keeps them equal): spelled out here
+# because importing tunelab.models loads torch, and `tunelab --help` imports this module
+GGUF_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 EXPORT_META = "tunelab_export.json"
 EXPORT_SCHEMA_VERSION = 1
