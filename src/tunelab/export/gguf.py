@@ -99,7 +99,10 @@ def make_template_stop(path: Path, tokenizer: Any, ends: list[str]) -> list[str]
     """The GGUF must render the run's template and stop at its end-of-turn token; fix the stop id in
     place when the converter picked another one, and say what was fixed."""
     meta = gguf_metadata(path)
-    if meta["chat_template"] != tokenizer.chat_template:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: the GGUF's tokenizer.chat_template is the default one
+        template = template.get("default")
+    if meta["chat_template"] != template:
         raise GGUFConversionError(
             f"{path.name}: llama.cpp's converter wrote a chat template other than the one the run trained "
             "with (tokenizer.chat_template in final/); the GGUF would not chat like the run"
