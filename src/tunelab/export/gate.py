@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.console import make_console, styled
+from tunelab.console import labelled, make_console, styled
 from tunelab.export.run import EXPORT_META, FINAL_META, export_run
 from tunelab.recipe import ExportSection
 from tunelab.runs.atomic import atomic_write_json
@@ -94,25 +94,37 @@ def _run_dir(final: Path) -> Path:
     return final.parent if final.name == "final" else final
 
 
-def held_out_data(final: Path, given: str | Path | None = None) -> str:
-    """``--verify-data``, else the run's ``data.eval``, else the validation file its ``data.split`` wrote."""
+def held_out_data(final: Path, given: str | Path | None = None) -> tuple[str, str]:
+    """(file, role): ``--verify-data``, else the run's ``data.eval``, else the validation file its
+    ``data.split`` wrote; a run with no held-out data is checked on its training file (parity of the
+    export with the run does not need unseen examples, only the same ones on both sides)."""
     if given is not None:
         if not Path(given).is_file():
             raise FileNotFoundError(f"--verify-data {given}: no such file")
-        return str(given)
+        return str(given), "given"
     run = _run_dir(final)
-    candidates = [run / "data" / "validation.jsonl", run / "data" / "eval_mixture.jsonl"]
-    recipe = _recipe(run)
-    evaluation = (recipe.get("data") or {}).get("eval")
-    if isinstance(evaluation, str):
-        candidates.insert(0, Path(evaluation) if Path(evaluation).is_absolute() else run / evaluation)
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
+    data = _recipe(run).get("data") or {}
+    candidates = [
+        (_path_in(run, data.get("eval")), "held-out"),
+        (run / "data" / "validation.jsonl", "held-out"),
+        (run / "data" / "eval_mixture.jsonl", "held-out"),
+        (run / "data" / "train.jsonl", "train"),
+        (_path_in(run, data.get("train")), "train"),
+    ]
+    for candidate, role in candidates:
+        if candidate is not None and candidate.is_file():
+            return str(candidate), role
     raise NoHeldOutData(
-        f"{run}: no held-out eval data to verify the export on (no data.eval in its recipe.yaml, no "
-        "data/validation.jsonl from data.split); pass --verify-data FILE, or --no-verify to export unchecked"
+        f"{run}: no data to verify the export on (its recipe.yaml names no data.eval or data.train file "
+        "that exists here); pass --verify-data FILE, or --no-verify to export unchecked"
     )
+
+
+def _path_in(run: Path, value: Any) -> Path | None:
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else run / path
 
 
 def _recipe(run: Path) -> dict[str, Any]:
@@ -147,7 +159,7 @@ def verify_export(
     final: Path,
     export_dir: Path,
     *,
-    data: str | None = None,
+    data: tuple[str, str] | None = None,
     n: int | None = None,
     console: Console | None = None,
     qlora_merge: str | None = None,
@@ -161,13 +173,19 @@ def verify_export(
     section = export_section(_run_dir(final))
     provenance = json.loads((export_dir / EXPORT_META).read_text(encoding="utf-8"))
     precision = precision_of(provenance)
-    data = data or held_out_data(final)
+    data, role = data or held_out_data(final)
     conversations = sample_conversations(data, n or section.verify_n, section.verify_seed)
     run_eval, export_eval, engine = _measure_both(final, export_dir, conversations, section, console)
     verification = compare_evals(
         run_eval, export_eval, section.thresholds(precision), seed=section.verify_seed
     )
-    verification |= {"precision": precision, "engine": engine, "data": data, "seed": section.verify_seed}
+    verification |= {
+        "precision": precision,
+        "engine": engine,
+        "data": data,
+        "data_role": role,
+        "seed": section.verify_seed,
+    }
     if qlora_merge and _method(final) == "qlora":
         verification["qlora_merge"] = _qlora_alternative(
             final, conversations, run_eval, section, qlora_merge, console
@@ -360,6 +378,10 @@ def print_verification(verification: dict[str, Any], console: Console) -> None:
         console.print(f"parity gate skipped: {verification['skipped']}")
         return
     console.print(verification_table(verification, "export parity gate: run vs export"))
+    if verification.get("data_role") == "train":
+        console.print(
+            labelled("note", f"the run has no held-out data: parity checked on {verification['data']}")
+        )
     alt = verification.get("qlora_merge")
     if alt:
         used, other = alt["used"], alt["alternative"]
