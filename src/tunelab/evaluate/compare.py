@@ -12,6 +12,7 @@ is one payload dict, the same one printed, written to report.json/.html and read
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from rich.text import Text
 
 from tunelab.console import labelled, make_console, progress, styled
 from tunelab.data.templates import render, select_template, split_prompt_answer
-from tunelab.evaluate.engines import is_gguf_spec
+from tunelab.evaluate.engines import LLAMA_CPP_MISSING, is_gguf_spec
 from tunelab.evaluate.forgetting import DEFAULT_N, DEFAULT_SOURCE, default_general_texts, load_general_texts
 from tunelab.evaluate.gate import check_gate, gate_values
 from tunelab.evaluate.probes import BiasProbe, SafetyClassifier, bias_report, load_bias_probe, safety_report
@@ -215,8 +216,10 @@ def evaluate_models(
     if general is not None:
         payload["forgetting"] = _forgetting_block(models, measured, general, source, plan, console)
     skipped = _skipped_probes(task, plan, probe, general)
-    if skipped:
-        payload["notes"] = [f"{', '.join(skipped)}: not applicable to a {task.kind} run"]
+    notes = [f"{', '.join(skipped)}: not applicable to a {task.kind} run"] if skipped else []
+    notes += _gguf_notes(models, plan)
+    if notes:
+        payload["notes"] = notes
     if plan.safety_classifier and task.kind == "lm":
         payload["probes"]["safety"] = _safety_block(names, measured, plan, payload)
     if plan.gate is not None:
@@ -253,7 +256,7 @@ def measure_model(
     name: str,
     console: Console,
 ) -> Measured:
-    if is_gguf_spec(spec):
+    if in_llama_cpp(spec, plan):
         return Measured(gguf_result(spec, task, plan, name=name, console=console))
     model, tokenizer = load_for_eval(spec, device=plan.device, head_meta=task.meta)
     if task.kind in ("lm", "preference"):
@@ -288,6 +291,30 @@ def measure_model(
         speed = measure_generation(model, tokenizer, prompts, max_new_tokens=plan.max_new_tokens)
         out.speed = {k: float(v) for k, v in speed.items() if k not in ("n_requests", "generated_tokens")}
     return out
+
+
+def in_llama_cpp(spec: str, plan: EvalPlan) -> bool:
+    """A GGUF is measured in llama.cpp, the engine that serves it, when llama.cpp is installed and no
+    probe needs a transformers model; otherwise transformers loads it de-quantised, as before."""
+    if not is_gguf_spec(spec):
+        return False
+    needs_transformers = (
+        plan.forgetting or plan.forgetting_data or plan.robustness or plan.speed or plan.bias_probe
+    )
+    return not needs_transformers and importlib.util.find_spec("llama_cpp") is not None
+
+
+def _gguf_notes(models: list[tuple[str, str]], plan: EvalPlan) -> list[str]:
+    return [
+        f"{spec}: measured in transformers (de-quantised), not llama.cpp: "
+        + (
+            "the probes asked for need a transformers model"
+            if importlib.util.find_spec("llama_cpp")
+            else LLAMA_CPP_MISSING
+        )
+        for _, spec in models
+        if is_gguf_spec(spec) and not in_llama_cpp(spec, plan)
+    ]
 
 
 def gguf_result(spec: str, task: EvalTask, plan: EvalPlan, *, name: str, console: Console) -> EvalResult:
