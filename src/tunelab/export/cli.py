@@ -52,7 +52,10 @@ def export_cmd(
         ),
     ] = "base16",
 ) -> None:
-    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF (--gguf f16|q8_0)."""
+    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF (--gguf f16|q8_0).
+
+    Then the parity gate runs the export next to the run on held-out data in the engine that serves
+    it; a failed gate keeps the files and exits 3 (--no-verify skips it)."""
     chosen = [name for name, on in (("--merge", merge), ("--adapter", adapter), ("--gguf", gguf)) if on]
     if len(chosen) != 1:
         given = f" (got {' and '.join(chosen)})" if chosen else ""

@@ -61,11 +61,13 @@ def export_and_verify(
     data = held_out_data(final, verify_data) if verify and _is_causal(final) else None
     with qlora_merge_mode(qlora_merge):
         path = export_run(run, out, kind=kind, **export_options)  # type: ignore[arg-type]
-    _record(path, {"qlora_merge": qlora_merge} if _method(final) == "qlora" else {})
+    merges = _method(final) == "qlora" and kind != "adapter"  # an adapter export is not merged
+    _record(path, {"qlora_merge": qlora_merge} if merges else {})
     if not verify:
         _record(path, {"verification": {"skipped": "--no-verify"}})
         return path, None
-    return path, verify_export(final, path, data=data, n=verify_n, console=console, qlora_merge=qlora_merge)
+    choice = qlora_merge if merges else None
+    return path, verify_export(final, path, data=data, n=verify_n, console=console, qlora_merge=choice)
 
 
 def final_dir(run: str | Path) -> Path:
