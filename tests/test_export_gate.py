@@ -247,10 +247,10 @@ def test_llama_cpp_engine_reproduces_transformers_on_the_same_weights(tmp_path):
 def test_gguf_export_passes_in_llama_cpp_and_a_wrong_template_fails(tmp_path):
     pytest.importorskip("llama_cpp")
     run = _fake_run(tmp_path)
-    good = verify_export(run / "final", _gguf_with(tmp_path / "a", run), console=QUIET)
+    good = verify_export(run / "final", _gguf_with(tmp_path / "a", run), n=3, console=QUIET)
     assert good["passed"] and good["engine"] == "llama.cpp" and good["export"]["token_agreement"] == 1.0
     bad_dir = _gguf_with(tmp_path / "b", run, template=WRONG_TEMPLATE)
-    bad = verify_export(run / "final", bad_dir, console=QUIET)
+    bad = verify_export(run / "final", bad_dir, n=3, console=QUIET)
     assert not bad["passed"] and "token_agreement" in bad["failed_checks"]
     assert _provenance(bad_dir)["verification"]["failed_checks"] == bad["failed_checks"]
 
@@ -273,6 +273,8 @@ def test_eval_compare_puts_a_gguf_next_to_base_and_run(tmp_path):
             "--json",
             "--max-new-tokens",
             "4",
+            "--max-examples",
+            "3",
             "--out",
             str(tmp_path / "r"),
         ],
