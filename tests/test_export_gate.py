@@ -207,6 +207,19 @@ def test_cli_options_verify_data_n_and_no_verify(tmp_path):
     assert skipped.exit_code == 0 and "--no-verify" in skipped.output
 
 
+def test_gguf_gate_without_llama_cpp_refuses_before_writing(tmp_path, monkeypatch):
+    import importlib.util
+
+    run = _fake_run(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"needs llama.cpp: run `make gguf`.*--no-verify skips the gate"):
+        export_and_verify(run, tmp_path / "g", kind="gguf", gguf_type="f16")
+    assert not (tmp_path / "g").exists()
+
+
 # -- llama.cpp ---------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ then the gate. Heavy imports (torch, transformers, llama.cpp) happen inside the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -59,6 +60,12 @@ def export_and_verify(
         raise ValueError(f"--qlora-merge {qlora_merge!r}: choose one of {', '.join(QLORA_MERGES)}")
     final = final_dir(run)
     data = held_out_data(final, verify_data) if verify and _is_causal(final) else None
+    if verify and kind == "gguf" and importlib.util.find_spec("llama_cpp") is None:
+        from tunelab.evaluate.engines import LLAMA_CPP_MISSING  # noqa: PLC0415
+
+        raise ValueError(
+            f"{LLAMA_CPP_MISSING}; the parity gate runs the GGUF in it (--no-verify skips the gate)"
+        )
     with qlora_merge_mode(qlora_merge):
         path = export_run(run, out, kind=kind, **export_options)  # type: ignore[arg-type]
     merges = _method(final) == "qlora" and kind != "adapter"  # an adapter export is not merged
