@@ -411,3 +411,25 @@ def test_qlora_merge_into_16bit_base_by_default_or_the_dequantised_one(tmp_path)
     torch.testing.assert_close(
         logits(AutoModelForCausalLM.from_pretrained(deq)), logits(four_bit), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.slow
+def test_classifier_head_export_is_verified_on_accuracy_and_predictions(tmp_path):
+    from tunelab.train.run import train
+
+    data = str(Path(__file__).resolve().parents[1] / "recipes/data/tiny_cls_train.jsonl")
+    recipe = parse_recipe(
+        {
+            "model": {"name_or_path": "tiny:llama"},
+            "data": {"train": data, "max_length": 32},
+            "method": {"name": "lora"},
+            "objective": {"name": "classify"},
+            "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 0},
+            "output": {"dir": str(tmp_path / "runs"), "name": "cls"},
+        }
+    )
+    run = train(recipe, console=QUIET).run_dir
+    out, verification = export_and_verify(run, tmp_path / "merged", kind="merged", console=QUIET)
+    assert verification["passed"] and verification["main_metric"] == "accuracy"
+    assert verification["export"]["prediction_agreement"] == 1.0 and verification["data_role"] == "train"
+    assert _provenance(out)["verification"]["failed_checks"] == []

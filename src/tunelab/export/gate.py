@@ -59,7 +59,7 @@ def export_and_verify(
     if qlora_merge not in QLORA_MERGES:
         raise ValueError(f"--qlora-merge {qlora_merge!r}: choose one of {', '.join(QLORA_MERGES)}")
     final = final_dir(run)
-    data = held_out_data(final, verify_data) if verify and _is_causal(final) else None
+    data = held_out_data(final, verify_data) if verify else None
     if verify and kind == "gguf" and importlib.util.find_spec("llama_cpp") is None:
         from tunelab.evaluate.engines import LLAMA_CPP_MISSING  # noqa: PLC0415
 
@@ -175,27 +175,25 @@ def verify_export(
 ) -> dict[str, Any]:
     """Run and export side by side on held-out examples; the verdict goes into ``tunelab_export.json``."""
     console = console or make_console(stderr=True)
-    if not _is_causal(final):
-        verification = {"skipped": "classification/reward heads have no generation to compare; not verified"}
-        _record(export_dir, {"verification": verification})
-        return verification
     section = export_section(_run_dir(final))
     provenance = json.loads((export_dir / EXPORT_META).read_text(encoding="utf-8"))
     precision = precision_of(provenance)
     data, role = data or held_out_data(final)
-    conversations = sample_conversations(data, n or section.verify_n, section.verify_seed)
-    run_eval, export_eval, engine = _measure_both(final, export_dir, conversations, section, console)
-    verification = compare_evals(
-        run_eval, export_eval, section.thresholds(precision), seed=section.verify_seed
-    )
+    limits = section.thresholds(precision)
+    if not _is_causal(final):
+        verification = verify_head(final, export_dir, data, n or section.verify_n, section, limits, console)
+    else:
+        conversations = sample_conversations(data, n or section.verify_n, section.verify_seed)
+        run_eval, export_eval, engine = _measure_both(final, export_dir, conversations, section, console)
+        verification = compare_evals(run_eval, export_eval, limits, seed=section.verify_seed)
+        verification["engine"] = engine
     verification |= {
         "precision": precision,
-        "engine": engine,
         "data": data,
         "data_role": role,
         "seed": section.verify_seed,
     }
-    if qlora_merge and _method(final) == "qlora":
+    if qlora_merge and _method(final) == "qlora" and _is_causal(final):
         verification["qlora_merge"] = _qlora_alternative(
             final, conversations, run_eval, section, qlora_merge, console
         )
@@ -223,6 +221,66 @@ def _measure_both(
     if kind == "transformers" and (export_dir / "adapter_config.json").is_file():
         kind = "peft"
     return results[0], results[1], kind
+
+
+def verify_head(
+    final: Path,
+    export_dir: Path,
+    data: str,
+    n: int,
+    section: ExportSection,
+    limits: dict[str, Any],
+    console: Console,
+) -> dict[str, Any]:
+    """A classification or reward head: the task's main metric (as ``tunelab eval``) with its paired CI,
+    and the share of examples on which the export predicts what the run predicts."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from tunelab.evaluate.compare import paired_bootstrap_ci  # noqa: PLC0415
+    from tunelab.evaluate.run import evaluate_task, load_for_eval, load_task  # noqa: PLC0415
+
+    task = load_task(data, str(final))
+    keep = sorted(random.Random(section.verify_seed).sample(range(task.n), min(n, task.n)))
+    task = replace(
+        task, texts=_pick(task.texts, keep), golds=_pick(task.golds, keep), pairs=_pick(task.pairs, keep)
+    )
+    results = []
+    for name, spec in (("run", str(final)), ("export", str(export_dir))):
+        with console.status(f"parity gate: {name} on {task.n} held-out examples"):
+            model, tokenizer = load_for_eval(spec, device="cpu", dtype="float32", head_meta=task.meta)
+            results.append(evaluate_task(model, tokenizer, task, name=name))
+    run, export = results
+    main = task.main_metric
+    delta, lo, hi = paired_bootstrap_ci(
+        run.per_example[main], export.per_example[main], seed=section.verify_seed
+    )
+    # classifiers: the predicted labels; reward models: whether each pair is ranked the same way
+    a, b = (r.generations or r.per_example[main] for r in (run, export))
+    export_metrics = dict(export.metrics) | {
+        "prediction_agreement": sum(x == y for x, y in zip(a, b)) / len(a)
+    }
+    checks = [
+        _main_check(main, delta, lo, hi, limits.get("max_drop")),
+        _check("prediction_agreement", export_metrics["prediction_agreement"], ">=", limits["min_agreement"]),
+    ]
+    failed = [c["name"] for c in checks if not c["passed"]]
+    return {
+        "passed": not failed,
+        "failed_checks": failed,
+        "failures": [c["message"] for c in checks if not c["passed"]],
+        "n": task.n,
+        "main_metric": main,
+        "run": dict(run.metrics),
+        "export": export_metrics,
+        "comparison": {"metric": main, "delta": delta, "ci95": [lo, hi], "n_boot": 1000},
+        "checks": checks,
+        "thresholds": limits,
+        "engine": "peft" if (export_dir / "adapter_config.json").is_file() else "transformers",
+    }
+
+
+def _pick(values: list[Any], keep: list[int]) -> list[Any]:
+    return [values[i] for i in keep] if values else values
 
 
 def _evaluate(engine: Any, conversations: list[Any], labels: list[str] | None, budget: int) -> Any:
@@ -289,6 +347,7 @@ def _main_check(metric: str, delta: float, lo: float, hi: float, max_drop: float
 def _check(name: str, value: float, op: str, limit: float | None) -> dict[str, Any]:
     what = {
         "token_agreement": "greedy-token agreement with the run",
+        "prediction_agreement": "share of examples where the export predicts what the run predicts",
         "perplexity": "answer perplexity export/run ratio",
         "stop_share": "drop in the share of answers that stop by EOS/end-of-turn",
     }[name]
@@ -357,12 +416,12 @@ def verification_table(verification: dict[str, Any], title: str) -> Table:
     for column in ("check", "run", "export", "Δ export − run", "95% CI of Δ", "limit", ""):
         table.add_column(column, justify="left" if column in ("check", "") else "right")
     by_name = {c["name"]: c for c in verification["checks"]}
-    rows = [
-        (main, run[main], export[main], export[main] - run[main], f"[{lo:+.4f}, {hi:+.4f}]"),
-        ("token_agreement", None, export["token_agreement"], None, ""),
-        ("perplexity", run["perplexity"], export["perplexity"], export["perplexity"] - run["perplexity"], ""),
-        ("stop_share", run["stop_share"], export["stop_share"], export["stop_share"] - run["stop_share"], ""),
-    ]
+    rows = [(main, run[main], export[main], export[main] - run[main], f"[{lo:+.4f}, {hi:+.4f}]")]
+    for name in by_name:
+        if name.endswith("_agreement"):
+            rows.append((name, None, export[name], None, ""))
+        elif name != main:
+            rows.append((name, run[name], export[name], export[name] - run[name], ""))
     for name, a, b, delta, ci in rows:
         check = by_name[name]
         verdict = styled("ok", "green") if check["passed"] else styled("FAILED", "bold red")
@@ -376,6 +435,7 @@ def _limit_text(name: str, limit: float | None) -> str:
         return "—"
     return {
         "token_agreement": f"≥ {limit:.2f}",
+        "prediction_agreement": f"≥ {limit:.2f}",
         "perplexity": f"ratio ≤ {limit:.3f}",
         "stop_share": f"drop ≤ {limit:.2f}",
     }.get(name, f"drop ≤ {-limit:.3f}")
