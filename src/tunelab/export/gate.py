@@ -19,16 +19,18 @@ import importlib.util
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from tunelab.console import labelled, make_console, styled
 from tunelab.export.run import EXPORT_META, FINAL_META, export_run
-from tunelab.recipe import ExportSection
 from tunelab.runs.atomic import atomic_write_json
 from tunelab.runs.summary import fmt
+
+if TYPE_CHECKING:  # the recipe module imports torch (via the method registry); `tunelab --help` must not
+    from tunelab.recipe import ExportSection
 
 GATE_FAILED_EXIT = 3
 # = tunelab.export.merge.QLORA_MERGES; repeated because merge imports torch and this module stays light
@@ -145,6 +147,8 @@ def _recipe(run: Path) -> dict[str, Any]:
 
 def export_section(run: Path) -> ExportSection:
     """The run recipe's ``export`` section (defaults for runs recorded before it existed)."""
+    from tunelab.recipe import ExportSection  # noqa: PLC0415
+
     return ExportSection.model_validate(_recipe(run).get("export") or {})
 
 
