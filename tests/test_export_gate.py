@@ -355,7 +355,7 @@ def test_trained_run_adapter_and_merged_exports_pass(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_run_gguf_with_the_wrong_template_never_stops_and_fails(trained_run, tmp_path):
+def test_trained_run_gguf_with_the_wrong_template_fails(trained_run, tmp_path):
     pytest.importorskip("llama_cpp")
     from tunelab.export.merge import merged_model
     from tunelab.models.gguf_write import write_llama_gguf
