@@ -345,7 +345,9 @@ def test_cli_prints_the_written_files_and_demands_one_kind(run_of, tmp_path):
 
     runner = CliRunner()
     run = str(run_of("lora"))
-    done = runner.invoke(app, ["export", run, "--out", str(tmp_path / "a"), "--adapter"], terminal_width=200)
+    done = runner.invoke(  # the parity gate has its own tests (test_export_gate.py)
+        app, ["export", run, "--out", str(tmp_path / "a"), "--adapter", "--no-verify"], terminal_width=200
+    )
     assert done.exit_code == 0, done.output
     assert "adapter_model.safetensors" in done.output and "total" in done.output
     assert EXPORT_META in done.output
@@ -360,10 +362,12 @@ def test_qlora_merges_into_the_dequantised_base_it_trained_against(run_of, tmp_p
     pytest.importorskip("bitsandbytes")
     from peft import PeftModel
 
+    from tunelab.export.merge import qlora_merge_mode
     from tunelab.models.load import load_model
 
     run = run_of("qlora")
-    out = export_run(run, tmp_path / "merged", kind="merged")
+    with qlora_merge_mode("dequantized"):  # the default merges into the 16-bit base (test_export_gate.py)
+        out = export_run(run, tmp_path / "merged", kind="merged")
 
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config

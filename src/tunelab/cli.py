@@ -179,14 +179,19 @@ def train(
 def eval_(
     data: Annotated[str, typer.Option("--data", help="eval data with reference answers (labels, pairs)")],
     model: Annotated[
-        str | None,
+        list[str] | None,
         typer.Argument(
-            help="hub id, local dir, .gguf, tiny:llama, asset:NAME, or a run dir (or use --compare)"
+            help="hub id, local dir, .gguf, tiny:llama, asset:NAME, or a run dir (or use --compare); "
+            "after --compare BASE TUNED: exported artefacts (.gguf, export folders) compared with TUNED"
         ),
     ] = None,
     compare: Annotated[
         tuple[str, str] | None,
-        typer.Option("--compare", metavar="BASE TUNED", help="evaluate two models on identical examples"),
+        typer.Option(
+            "--compare",
+            metavar="BASE TUNED [EXPORT...]",
+            help="evaluate models on identical examples: base → tuned run → exported artefacts",
+        ),
     ] = None,
     labels: Annotated[str | None, typer.Option(help="comma-separated answer set for label accuracy")] = None,
     template: Annotated[
@@ -240,9 +245,11 @@ def eval_(
     from tunelab.recipe import RecipeError
     from tunelab.runs.report import EVAL_DIR
 
-    if (model is None) == (compare is None):
-        _fail("give one MODEL, or --compare BASE TUNED")
-    roles = [("base", compare[0]), ("tuned", compare[1])] if compare else [("model", model)]
+    if not (compare or (model and len(model) == 1)):
+        _fail("give one MODEL, or --compare BASE TUNED [EXPORT...]")
+    roles = [("model", model[0])] if not compare else [("base", compare[0]), ("tuned", compare[1])]
+    if compare:
+        roles += [(f"export {i}" if i > 1 else "export", spec) for i, spec in enumerate(model or [], 1)]
     try:
         plan = EvalPlan(
             labels=[x.strip() for x in labels.split(",")] if labels else None,

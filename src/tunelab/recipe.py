@@ -1,6 +1,6 @@
 """The run recipe: one YAML file, validated strictly, all errors reported at once.
 
-Sections: model, data, method, objective, training, eval, output. Unknown keys are errors with a
+Sections: model, data, method, objective, training, eval, export, output. Unknown keys are errors with a
 "did you mean" hint (a typo silently ignored is a run silently wrong). ``method`` and
 ``objective`` are discriminated by ``name``; their fields come from whatever is registered, so a
 new method adds its config class and nothing here changes.
@@ -243,6 +243,71 @@ class EvalSection(Section):
     gate: GateSection = Field(default_factory=GateSection)
 
 
+# What an export can be: a merged directory, an adapter, or a GGUF of one of these types.
+EXPORT_PRECISIONS = ("merged", "adapter", "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+# Per precision: max_drop None = the drop of the main metric must not be significant (the 95% paired
+# bootstrap CI of export − run reaches 0); a number = the largest allowed drop (0..1 scale). Greedy
+# decodes part ways at the first differing token, so agreement floors fall with the bit width.
+DEFAULT_EXPORT_GATES: dict[str, dict[str, float | None]] = {
+    "merged": {"max_drop": None, "min_agreement": 0.9, "max_perplexity_ratio": 1.02, "max_stop_drop": 0.05},
+    "adapter": {"max_drop": None, "min_agreement": 0.9, "max_perplexity_ratio": 1.02, "max_stop_drop": 0.05},
+    "f32": {"max_drop": None, "min_agreement": 0.9, "max_perplexity_ratio": 1.02, "max_stop_drop": 0.05},
+    "f16": {"max_drop": None, "min_agreement": 0.8, "max_perplexity_ratio": 1.02, "max_stop_drop": 0.05},
+    "bf16": {"max_drop": None, "min_agreement": 0.8, "max_perplexity_ratio": 1.03, "max_stop_drop": 0.05},
+    "q8_0": {"max_drop": None, "min_agreement": 0.75, "max_perplexity_ratio": 1.05, "max_stop_drop": 0.05},
+    "q6_k": {"max_drop": 0.01, "min_agreement": 0.7, "max_perplexity_ratio": 1.08, "max_stop_drop": 0.05},
+    "q5_k_m": {"max_drop": 0.015, "min_agreement": 0.65, "max_perplexity_ratio": 1.1, "max_stop_drop": 0.05},
+    "q4_k_m": {"max_drop": 0.02, "min_agreement": 0.5, "max_perplexity_ratio": 1.15, "max_stop_drop": 0.05},
+}
+
+
+class PrecisionGate(Section):
+    """Parity limits for one export precision; an omitted field keeps that precision's default."""
+
+    max_drop: float | None = Field(
+        None, ge=0, le=1, description="largest drop of the main metric (run − export, 0..1) allowed"
+    )
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="mean greedy-token agreement with the run on the first 32 tokens"
+    )
+    max_perplexity_ratio: float | None = Field(
+        None, ge=1, description="export answer perplexity / run answer perplexity at most this"
+    )
+    max_stop_drop: float | None = Field(
+        None, ge=0, le=1, description="share of answers that stop by EOS/end-of-turn may fall this much"
+    )
+
+
+class ExportSection(Section):
+    """`tunelab export`'s parity gate: the export against the run on held-out examples."""
+
+    verify_n: int = Field(64, ge=1, description="held-out examples the gate samples (seeded)")
+    verify_seed: int = 0
+    max_new_tokens: int = Field(32, ge=1, description="generation budget of the gate's greedy answers")
+    gate: dict[str, PrecisionGate] = Field(
+        default_factory=dict,
+        description=f"per precision ({', '.join(EXPORT_PRECISIONS)}): limits overriding the defaults",
+    )
+
+    @field_validator("gate")
+    @classmethod
+    def _known_precisions(cls, value: dict[str, PrecisionGate]) -> dict[str, PrecisionGate]:
+        unknown = sorted(set(value) - set(EXPORT_PRECISIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown export precision(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_PRECISIONS)}"
+            )
+        return value
+
+    def thresholds(self, precision: str) -> dict[str, float | None]:
+        """The default limits of ``precision`` with this recipe's overrides applied."""
+        limits = dict(DEFAULT_EXPORT_GATES.get(precision, DEFAULT_EXPORT_GATES["q4_k_m"]))
+        override = self.gate.get(precision)
+        if override is not None:
+            limits |= override.model_dump(exclude_none=True)
+        return limits
+
+
 class OutputSection(Section):
     dir: str = "runs"
     name: str | None = None
@@ -265,6 +330,7 @@ class Recipe(Section):
     objective: _tagged_union(OBJECTIVES) = Field(default_factory=lambda: {"name": "sft"})  # type: ignore[valid-type]
     training: TrainingSection = Field(default_factory=TrainingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")

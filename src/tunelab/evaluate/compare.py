@@ -12,6 +12,7 @@ is one payload dict, the same one printed, written to report.json/.html and read
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tunelab.console import labelled, make_console, styled
+from tunelab.console import labelled, make_console, progress, styled
 from tunelab.data.templates import render, select_template, split_prompt_answer
+from tunelab.evaluate.engines import LLAMA_CPP_MISSING, is_gguf_spec
 from tunelab.evaluate.forgetting import DEFAULT_N, DEFAULT_SOURCE, default_general_texts, load_general_texts
 from tunelab.evaluate.gate import check_gate, gate_values
 from tunelab.evaluate.probes import BiasProbe, SafetyClassifier, bias_report, load_bias_probe, safety_report
@@ -31,6 +33,7 @@ from tunelab.evaluate.robustness import PERTURBATIONS, perturb_conversations, pe
 from tunelab.evaluate.run import (
     EvalResult,
     EvalTask,
+    add_generation_metrics,
     evaluate_task,
     load_for_eval,
     load_task,
@@ -41,6 +44,7 @@ from tunelab.recipe import GateSection
 from tunelab.runs.summary import fmt
 
 N_BOOT = 1000
+EXPORT_ROLE = "export"  # roles after base and tuned: exported artefacts, compared with the tuned run
 SPEED_PROMPTS = 32
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
@@ -123,13 +127,20 @@ def print_comparison(payload: dict[str, Any], console: Console) -> None:
     console.print(side_by_side_table(payload))
     comp = payload.get("comparison")
     if comp:
-        lo, hi = comp["ci95"]
-        verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0: not distinguishable from no change"
-        console.print(
-            f"{comp['metric']}: {comp['base']:.4f} → {comp['tuned']:.4f}, Δ {comp['delta']:+.4f} "
-            f"(95% paired bootstrap CI [{lo:+.4f}, {hi:+.4f}], n={comp['n']}, {comp['n_boot']} resamples; "
-            f"{verdict})"
-        )
+        console.print(_ci_line(comp, "", ""))
+    for export in payload.get("exports") or []:
+        console.print(_ci_line(export, "run → ", f" {export['name']}"))
+
+
+def _ci_line(comp: dict[str, Any], before: str, after: str) -> Text:
+    lo, hi = comp["ci95"]
+    verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0: not distinguishable from no change"
+    return styled(
+        f"{comp['metric']}: {before}{comp['base']:.4f} →{after} {comp['tuned']:.4f}, Δ {comp['delta']:+.4f} "
+        f"(95% paired bootstrap CI [{lo:+.4f}, {hi:+.4f}], n={comp['n']}, {comp['n_boot']} resamples; "
+        f"{verdict})",
+        "",
+    )
 
 
 @dataclass
@@ -190,7 +201,8 @@ def evaluate_models(
     """``models``: (role, spec) pairs, roles ``base``/``tuned`` or a single ``model``. The last one is
     the model being judged: its run decides how the data is read and scored."""
     console = console or make_console(stderr=True)
-    task = load_task(data, models[-1][1], labels=plan.labels, max_examples=plan.max_examples)
+    subject = dict(models).get("tuned", models[-1][1])  # exports after the run are read as the run reads
+    task = load_task(data, subject, labels=plan.labels, max_examples=plan.max_examples)
     general, source = _general_texts(plan)
     probe = load_bias_probe(plan.bias_probe) if plan.bias_probe else None
     names = display_names(models)
@@ -204,8 +216,10 @@ def evaluate_models(
     if general is not None:
         payload["forgetting"] = _forgetting_block(models, measured, general, source, plan, console)
     skipped = _skipped_probes(task, plan, probe, general)
-    if skipped:
-        payload["notes"] = [f"{', '.join(skipped)}: not applicable to a {task.kind} run"]
+    notes = [f"{', '.join(skipped)}: not applicable to a {task.kind} run"] if skipped else []
+    notes += _gguf_notes(models, plan)
+    if notes:
+        payload["notes"] = notes
     if plan.safety_classifier and task.kind == "lm":
         payload["probes"]["safety"] = _safety_block(names, measured, plan, payload)
     if plan.gate is not None:
@@ -242,6 +256,8 @@ def measure_model(
     name: str,
     console: Console,
 ) -> Measured:
+    if in_llama_cpp(spec, plan):
+        return Measured(gguf_result(spec, task, plan, name=name, console=console))
     model, tokenizer = load_for_eval(spec, device=plan.device, head_meta=task.meta)
     if task.kind in ("lm", "preference"):
         select_template(tokenizer, plan.template)
@@ -275,6 +291,70 @@ def measure_model(
         speed = measure_generation(model, tokenizer, prompts, max_new_tokens=plan.max_new_tokens)
         out.speed = {k: float(v) for k, v in speed.items() if k not in ("n_requests", "generated_tokens")}
     return out
+
+
+def in_llama_cpp(spec: str, plan: EvalPlan) -> bool:
+    """A GGUF is measured in llama.cpp, the engine that serves it, when llama.cpp is installed and no
+    probe needs a transformers model; otherwise transformers loads it de-quantised, as before."""
+    if not is_gguf_spec(spec):
+        return False
+    needs_transformers = (
+        plan.forgetting or plan.forgetting_data or plan.robustness or plan.speed or plan.bias_probe
+    )
+    return not needs_transformers and importlib.util.find_spec("llama_cpp") is not None
+
+
+def _gguf_notes(models: list[tuple[str, str]], plan: EvalPlan) -> list[str]:
+    return [
+        f"{spec}: measured in transformers (de-quantised), not llama.cpp: "
+        + (
+            "the probes asked for need a transformers model"
+            if importlib.util.find_spec("llama_cpp")
+            else LLAMA_CPP_MISSING
+        )
+        for _, spec in models
+        if is_gguf_spec(spec) and not in_llama_cpp(spec, plan)
+    ]
+
+
+def gguf_result(spec: str, task: EvalTask, plan: EvalPlan, *, name: str, console: Console) -> EvalResult:
+    """A GGUF measured in llama.cpp, the engine that serves it, with its own chat template and stop
+    ids: exact match, label accuracy, answer perplexity and stop share on the task's conversations.
+    The probes that need a transformers model (robustness, forgetting, speed, bias) skip it."""
+    from tunelab.evaluate.engines import LlamaCppEngine, evaluate_engine, gguf_file  # noqa: PLC0415
+
+    if task.kind != "lm":
+        raise ValueError(
+            f"{spec}: a GGUF is a causal language model; this {task.kind} task needs a run's head"
+        )
+    engine = LlamaCppEngine(gguf_file(spec), name=name)
+    try:
+        with progress(console, f"eval {name} (llama.cpp)", task.n) as advance:
+            scored = evaluate_engine(
+                engine,
+                task.conversations,
+                labels=task.labels,
+                max_new_tokens=plan.max_new_tokens,
+                progress=advance,
+            )
+    finally:
+        engine.close()
+    metrics = scored.metrics()
+    result = EvalResult(
+        name,
+        scored.n,
+        metrics["loss"],
+        metrics["perplexity"],
+        metrics.get("accuracy_loglik"),
+        metrics["exact_match"],
+        task.labels,
+    )
+    result.metrics = metrics
+    result.per_example = {k: v for k, v in scored.per_example().items() if k != "stopped"}
+    result.generations = [g.text for g in scored.generations]
+    result.label_predictions = scored.label_predictions
+    add_generation_metrics(result, result.generations, scored.golds)
+    return result
 
 
 def perturbed_task(task: EvalTask, name: str, seed: int) -> EvalTask:
@@ -333,7 +413,8 @@ def _forgetting_block(
     from tunelab.evaluate.forgetting import forgetting_report  # noqa: PLC0415
     from tunelab.evaluate.lm import text_perplexity  # noqa: PLC0415
 
-    tuned_role, tuned_spec = models[-1]
+    tuned_role = "tuned" if "tuned" in measured else models[-1][0]
+    tuned_spec = dict(models)[tuned_role]
     tuned = measured[tuned_role].general
     if tuned is None:
         return {"skipped": "forgetting is measured on language models only"}
@@ -424,6 +505,18 @@ def build_payload(
         payload["comparison"] = comparison_block(
             main, base.per_example[main], tuned.per_example[main], n_boot=plan.n_boot, seed=plan.seed
         )
+        payload["exports"] = [
+            {"name": names[role]}
+            | comparison_block(
+                main,
+                tuned.per_example[main],
+                measured[role].result.per_example[main],
+                n_boot=plan.n_boot,
+                seed=plan.seed,
+            )
+            for role, _ in models
+            if role.startswith(EXPORT_ROLE)
+        ]
     if plan.robustness and task.kind in ("lm", "classify"):
         clean = {names[role]: measured[role].result.metrics[main] for role, _ in models}
         perturbed = {
@@ -432,7 +525,7 @@ def build_payload(
         }
         payload["robustness"] = robustness_report(clean, perturbed, main, plan.seed)
     if any(m.bias for m in measured.values()):
-        metric = measured[models[-1][0]].bias_metric
+        metric = next(m.bias_metric for m in measured.values() if m.bias_metric)
         payload["probes"]["bias"] = bias_report(
             {names[role]: measured[role].bias for role, _ in models}, metric
         )

@@ -74,6 +74,8 @@ def load_for_eval(
     ``head_meta`` (another run's ``tunelab.json``) puts that run's head on a plain base model, so the
     base of a classification or reward run is measured through the same kind of head."""
     final = final_dir_of(spec)
+    if final is None and (Path(spec) / "adapter_config.json").is_file():
+        return load_adapter_dir(Path(spec), device=device, dtype=dtype)
     if final is None:
         if head_meta and head_meta.get("model_kind", "causal_lm") != "causal_lm":
             head = {
@@ -103,6 +105,20 @@ def load_for_eval(
     entry = METHODS.get(meta["method"])
     cfg = entry.config_cls.model_validate(meta["method_config"])
     return entry.impl.load(base, final, cfg), tokenizer
+
+
+def load_adapter_dir(path: Path, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """An adapter in PEFT's format (``tunelab export --adapter``) on its base; the base may be a tunelab
+    spec (``tiny:llama`` with the seed its export recorded) that plain PEFT could not load."""
+    from peft import PeftModel  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    export_meta = path / "tunelab_export.json"
+    provenance = json.loads(export_meta.read_text(encoding="utf-8")) if export_meta.is_file() else {}
+    seed = provenance.get("base_model_seed") or 0
+    base, _ = load_model(config["base_model_name_or_path"], device=device, dtype=dtype, seed=seed)
+    return PeftModel.from_pretrained(base, str(path)), AutoTokenizer.from_pretrained(str(path))
 
 
 def head_kwargs(meta: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from tunelab.console import fail, labelled, make_console, styled
-from tunelab.export.run import DTYPES, EXPORT_META, GGUF_TYPES, export_run
+from tunelab.export.gate import GATE_FAILED_EXIT, QLORA_MERGES, export_and_verify, print_verification
+from tunelab.export.run import DTYPES, EXPORT_META, GGUF_TYPES
 
 
 def export_cmd(
@@ -42,8 +43,29 @@ def export_cmd(
         str, typer.Option(help="largest safetensors file of a merged model, e.g. 2GB or 500MB")
     ] = "2GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip the parity gate (export vs run on held-out data)")
+    ] = False,
+    verify_data: Annotated[
+        Path | None,
+        typer.Option(help="held-out data for the parity gate (default: the run's data.eval or split file)"),
+    ] = None,
+    verify_n: Annotated[
+        int | None,
+        typer.Option(min=1, help="examples the parity gate samples (default: recipe export.verify_n, 64)"),
+    ] = None,
+    qlora_merge: Annotated[
+        str,
+        typer.Option(
+            help=f"QLoRA runs: merge into the {' or '.join(QLORA_MERGES)} base (16-bit original weights, "
+            "or the de-quantised NF4 ones it trained against)"
+        ),
+    ] = "base16",
 ) -> None:
-    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF made by llama.cpp (--gguf TYPE)."""
+    """Export a run: merged HF model (--merge), PEFT adapter (--adapter) or GGUF made by llama.cpp (--gguf TYPE).
+
+    Then the parity gate runs the export next to the run on held-out data in the engine that serves
+    it; a failed gate keeps the files and exits 3 (--no-verify skips it)."""
     chosen = [name for name, on in (("--merge", merge), ("--adapter", adapter), ("--gguf", gguf)) if on]
     if len(chosen) != 1:
         given = f" (got {' and '.join(chosen)})" if chosen else ""
@@ -51,23 +73,46 @@ def export_cmd(
     kind = {"--merge": "merged", "--adapter": "adapter", "--gguf": "gguf"}[chosen[0]]
     console = make_console()
     try:
-        with console.status(f"exporting {run} ({kind})"):
-            path = export_run(
-                run,
-                out,
-                kind=kind,
-                gguf_type=gguf,
-                dtype=dtype,
-                overwrite=overwrite,
-                max_shard_size=max_shard_size,
-                ollama=ollama,
-            )  # type: ignore[arg-type]
+        path, verification = export_and_verify(
+            run,
+            out,
+            kind=kind,
+            verify=not no_verify,
+            verify_data=verify_data,
+            verify_n=verify_n,
+            qlora_merge=qlora_merge,
+            console=make_console(stderr=True),
+            gguf_type=gguf,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            ollama=ollama,
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))
     console.print(written_table(path, f"{kind} export of {run}"))
     console.print(f"provenance: {path / EXPORT_META}")
     for note in json.loads((path / EXPORT_META).read_text(encoding="utf-8")).get("notes", []):
         console.print(labelled("note", note))
+    _report_verification(verification, path, console)
+
+
+def _report_verification(verification: dict | None, path: Path, console) -> None:
+    """The parity table; a failed gate keeps the files and exits 3 naming the failing checks."""
+    if verification is None:
+        console.print(labelled("note", "exported without the parity gate (--no-verify)"))
+        return
+    print_verification(verification, console)
+    if verification.get("passed") is False:
+        failing = ", ".join(verification["failed_checks"])
+        make_console(stderr=True).print(
+            labelled(
+                "error",
+                f"export parity gate failed ({failing}): {'; '.join(verification['failures'])}; "
+                f"files kept in {path}, marked failed in {EXPORT_META}",
+            )
+        )
+        raise typer.Exit(GATE_FAILED_EXIT)
 
 
 def written_table(directory: Path, title: str) -> Table:

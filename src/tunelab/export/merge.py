@@ -2,8 +2,12 @@
 tunelab module left in it, so it saves as a standard checkpoint that ``from_pretrained`` loads.
 
 Each artifact kind merges its own way. PEFT adapters (LoRA, DoRA, AdaLoRA, IA3) fold into the base
-weights with PEFT's ``merge_and_unload``; full runs and ``freeze`` runs already are plain models;
-QLoRA folds into the *dequantised* NF4 base, the weights the adapter was trained against. Virtual-token
+weights with PEFT's ``merge_and_unload``; full runs and ``freeze`` runs already are plain models.
+QLoRA has two choices (``qlora_merge``): ``base16`` (the default) folds the adapter into the original
+16/32-bit base, the model users want to ship (full-precision weights, not the NF4 rounding error baked
+into every layer); ``dequantized`` folds it into the de-quantised NF4 base, the weights the adapter was
+trained against, which reproduces the trained 4-bit model exactly. The export gate measures the choice
+against the run and prints the other one next to it. Virtual-token
 methods (prompt, prefix, P-tuning) and bottleneck adapters add computation that a plain architecture has
 no place for, so they are refused with what to do instead. Everything happens in fp32 on the CPU, where
 merging is exact up to rounding; the output dtype is applied by the caller afterwards.
@@ -12,6 +16,9 @@ merging is exact up to rounding; the output dtype is applied by the caller after
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,22 @@ from tunelab.models.load import load_model
 # Modules from these packages make up a standard checkpoint; anything else (a tunelab wrapper, a
 # bitsandbytes layer) means the model would not load with plain transformers.
 _PLAIN_PACKAGES = ("torch.", "transformers.")
+QLORA_MERGES = ("base16", "dequantized")
+# The QLoRA merge `export_run` uses; a context variable so `tunelab export --qlora-merge` reaches the
+# merge without threading one more option through every writer.
+_QLORA_MERGE: ContextVar[str] = ContextVar("qlora_merge", default="base16")
+
+
+@contextmanager
+def qlora_merge_mode(choice: str) -> Iterator[None]:
+    """Merge QLoRA adapters into ``choice`` (``base16`` or ``dequantized``) inside the block."""
+    if choice not in QLORA_MERGES:
+        raise ValueError(f"QLoRA merge {choice!r}: choose one of {', '.join(QLORA_MERGES)}")
+    token = _QLORA_MERGE.set(choice)
+    try:
+        yield
+    finally:
+        _QLORA_MERGE.reset(token)
 
 
 def read_final_meta(final: Path) -> dict[str, Any]:
@@ -53,12 +76,16 @@ def refuse_prompt_learning(final: Path, meta: dict[str, Any], what: str) -> None
         )
 
 
-def merged_model(final: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The run's model as a plain transformers model in fp32 on the CPU, with its tokenizer."""
+def merged_model(
+    final: Path, *, qlora_merge: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The run's model as a plain transformers model in fp32 on the CPU, with its tokenizer.
+
+    ``qlora_merge`` (QLoRA runs): ``base16`` or ``dequantized``; None takes :func:`qlora_merge_mode`'s."""
     meta = read_final_meta(final)
     refuse_prompt_learning(final, meta, "a merged checkpoint")
     if meta.get("method") == "qlora" and is_peft_folder(final):
-        model, tokenizer = _merge_qlora(final, meta)
+        model, tokenizer = _merge_qlora(final, meta, qlora_merge or _QLORA_MERGE.get())
     else:
         model, tokenizer = load_for_eval(str(final), device="cpu", dtype="float32")
         if isinstance(model, PeftModel):
@@ -87,10 +114,12 @@ def require_plain(model: nn.Module, method: str) -> None:
     )
 
 
-def _merge_qlora(final: Path, meta: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Fold a QLoRA adapter into the base as training saw it: quantise the base to NF4 exactly as
-    training did, dequantise it, then merge. Merging into the original dense base instead would hand
-    the adapter weights it never trained against (the NF4 rounding error, on every layer)."""
+def _merge_qlora(
+    final: Path, meta: dict[str, Any], choice: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Fold a QLoRA adapter into the base: the original 16/32-bit weights (``base16``), or the base
+    quantised to NF4 exactly as training did and de-quantised (``dequantized``: the trained model
+    itself, NF4 rounding error included)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     from tunelab.methods import METHODS  # noqa: PLC0415
@@ -103,7 +132,10 @@ def _merge_qlora(final: Path, meta: dict[str, Any]) -> tuple[PreTrainedModel, Pr
         "model_kwargs": head_kwargs(meta),
     }
     base, _ = load_model(meta["base_model"], device="cpu", dtype="float32", seed=meta.get("seed", 0), **head)
-    base = dequantize_linears(quantize_4bit(base, cfg))
+    if choice not in QLORA_MERGES:
+        raise ValueError(f"QLoRA merge {choice!r}: choose one of {', '.join(QLORA_MERGES)}")
+    if choice == "dequantized":
+        base = dequantize_linears(quantize_4bit(base, cfg))
     model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     return model, AutoTokenizer.from_pretrained(str(final))
 

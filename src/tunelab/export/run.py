@@ -251,7 +251,8 @@ def export_notes(kind: str, meta: dict[str, Any]) -> list[str]:
         return [
             "this adapter was trained against the base quantised to 4-bit NF4 (see method_config); load the "
             "base the same way (bitsandbytes, as in the recipe) to reproduce the trained model. On the dense "
-            "base it is an approximation; `tunelab export --merge` folds it into the de-quantised base exactly."
+            "base it is an approximation; `tunelab export --merge --qlora-merge dequantized` folds it into the "
+            "de-quantised base exactly."
         ]
     return []
 
