@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.console import labelled, make_console, styled
+from tunelab.console import labelled, make_console, progress, styled
 from tunelab.export.run import EXPORT_META, FINAL_META, export_run
 from tunelab.runs.atomic import atomic_write_json
 from tunelab.runs.summary import fmt
@@ -215,13 +215,12 @@ def _measure_both(
     labels = infer_labels([split_prompt_answer(c)[1] for c in conversations])
     results = []
     for name, spec in (("run", str(final)), ("export", str(export_dir))):
-        with console.status(f"parity gate: {name} on {len(conversations)} held-out examples"):
-            engine = (
-                TransformersEngine.load(spec, name=name) if name == "run" else engine_for(spec, name=name)
-            )
-            results.append(_evaluate(engine, conversations, labels, section.max_new_tokens))
-            kind = "llama.cpp" if isinstance(engine, LlamaCppEngine) else "transformers"
-            engine.close()
+        engine = TransformersEngine.load(spec, name=name) if name == "run" else engine_for(spec, name=name)
+        # a bar on a terminal, plain progress lines in a log (minutes on a CPU)
+        with progress(console, f"parity gate: {name}", len(conversations)) as advance:
+            results.append(_evaluate(engine, conversations, labels, section.max_new_tokens, advance))
+        kind = "llama.cpp" if isinstance(engine, LlamaCppEngine) else "transformers"
+        engine.close()
     if kind == "transformers" and (export_dir / "adapter_config.json").is_file():
         kind = "peft"
     return results[0], results[1], kind
@@ -287,10 +286,12 @@ def _pick(values: list[Any], keep: list[int]) -> list[Any]:
     return [values[i] for i in keep] if values else values
 
 
-def _evaluate(engine: Any, conversations: list[Any], labels: list[str] | None, budget: int) -> Any:
+def _evaluate(
+    engine: Any, conversations: list[Any], labels: list[str] | None, budget: int, advance: Any = None
+) -> Any:
     from tunelab.evaluate.engines import evaluate_engine  # noqa: PLC0415
 
-    return evaluate_engine(engine, conversations, labels=labels, max_new_tokens=budget)
+    return evaluate_engine(engine, conversations, labels=labels, max_new_tokens=budget, progress=advance)
 
 
 def compare_evals(
