@@ -115,7 +115,9 @@ def test_missing_llama_cpp_is_one_line_naming_make_gguf(monkeypatch, tmp_path):
     with pytest.raises(llamacpp.LlamaCppMissingError, match=r"run `make gguf`.*tunelab\[gguf\]"):
         llamacpp.require_llama_cpp()
     run = _full_run(tmp_path / "run", *_tiny_model_and_tokenizer())
-    result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "g"), "--gguf", "q4_k_m"])
+    result = CliRunner().invoke(
+        app, ["export", str(run), "--out", str(tmp_path / "g"), "--gguf", "q4_k_m", "--no-verify"]
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: GGUF export/eval needs llama.cpp: run `make gguf`")

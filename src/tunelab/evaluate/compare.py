@@ -25,7 +25,7 @@ from rich.text import Text
 
 from tunelab.console import labelled, make_console, progress, styled
 from tunelab.data.templates import render, select_template, split_prompt_answer
-from tunelab.evaluate.engines import LLAMA_CPP_MISSING, is_gguf_spec
+from tunelab.evaluate.engines import is_gguf_spec
 from tunelab.evaluate.forgetting import DEFAULT_N, DEFAULT_SOURCE, default_general_texts, load_general_texts
 from tunelab.evaluate.gate import check_gate, gate_values
 from tunelab.evaluate.probes import BiasProbe, SafetyClassifier, bias_report, load_bias_probe, safety_report
@@ -40,6 +40,7 @@ from tunelab.evaluate.run import (
     run_meta,
     write_predictions,
 )
+from tunelab.models.llamacpp import MISSING_MESSAGE
 from tunelab.recipe import GateSection
 from tunelab.runs.summary import fmt
 
@@ -310,7 +311,7 @@ def _gguf_notes(models: list[tuple[str, str]], plan: EvalPlan) -> list[str]:
         + (
             "the probes asked for need a transformers model"
             if importlib.util.find_spec("llama_cpp")
-            else LLAMA_CPP_MISSING
+            else MISSING_MESSAGE
         )
         for _, spec in models
         if is_gguf_spec(spec) and not in_llama_cpp(spec, plan)

@@ -63,10 +63,10 @@ def export_and_verify(
     final = final_dir(run)
     data = held_out_data(final, verify_data) if verify else None
     if verify and kind == "gguf" and importlib.util.find_spec("llama_cpp") is None:
-        from tunelab.evaluate.engines import LLAMA_CPP_MISSING  # noqa: PLC0415
+        from tunelab.models.llamacpp import MISSING_MESSAGE  # noqa: PLC0415
 
         raise ValueError(
-            f"{LLAMA_CPP_MISSING}; the parity gate runs the GGUF in it (--no-verify skips the gate)"
+            f"{MISSING_MESSAGE}; the parity gate runs the GGUF in it (--no-verify skips the gate)"
         )
     with qlora_merge_mode(qlora_merge):
         path = export_run(run, out, kind=kind, **export_options)  # type: ignore[arg-type]
