@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.console import labelled, make_console, progress, styled
-from tunelab.export.run import EXPORT_META, FINAL_META, export_run
+from tunelab.export.run import EXPORT_META, FINAL_META, export_run, final_dir
 from tunelab.runs.atomic import atomic_write_json
 from tunelab.runs.summary import fmt
 
@@ -77,16 +77,6 @@ def export_and_verify(
         return path, None
     choice = qlora_merge if merges else None
     return path, verify_export(final, path, data=data, n=verify_n, console=console, qlora_merge=choice)
-
-
-def final_dir(run: str | Path) -> Path:
-    path = Path(run)
-    for candidate in (path / "final", path):
-        if (candidate / FINAL_META).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{run}: no final/{FINAL_META} in it; give a finished run directory (runs/<name>)"
-    )
 
 
 def _meta(final: Path) -> dict[str, Any]:

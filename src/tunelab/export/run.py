@@ -57,7 +57,7 @@ def export_run(
     unless ``overwrite``; even then it is only replaced once the new export is complete. ``ollama``
     (GGUF only) also writes an Ollama ``Modelfile`` next to the GGUF.
     """
-    final = _final_dir(run)
+    final = final_dir(run)
     _check_options(kind, gguf_type, dtype)
     if ollama and kind != "gguf":
         raise ValueError("--ollama writes a Modelfile for a GGUF file; use it with --gguf TYPE")
@@ -80,7 +80,8 @@ def export_run(
     return out
 
 
-def _final_dir(run: str | Path) -> Path:
+def final_dir(run: str | Path) -> Path:
+    """A run directory or its ``final/`` → the ``final/`` folder (FileNotFoundError otherwise)."""
     path = Path(run)
     for candidate in (path / "final", path):
         if (candidate / FINAL_META).is_file():
