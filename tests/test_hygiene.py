@@ -68,7 +68,8 @@ def test_a_session_that_writes_into_the_checkout_fails(repo: Path) -> None:
     """The real conftest hooks in a throwaway checkout: a test that drops a file fails the run."""
     tests = repo / "tests"
     tests.mkdir()
-    (tests / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    for helper in ("conftest.py", "repo_state.py"):  # conftest imports repo_state
+        (tests / helper).write_text((REPO / "tests" / helper).read_text())
     (tests / "test_litter.py").write_text(
         "from pathlib import Path\n\n"
         "def test_litters():\n"
