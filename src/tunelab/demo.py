@@ -207,7 +207,8 @@ def run_demo(
     console.print(
         f"run: {result.run_dir}\nbefore/after report: {html_path} (data: {json_path})\n"
         f"training report: {result.run_dir / 'report.html'}\ntook {summary['seconds']:.0f} s. "
-        f"Next: tunelab runs ls {runs_dir} · tunelab export {result.run_dir} --merge --out merged/ · "
+        f"Next: tunelab runs ls {runs_dir} · tunelab export {result.run_dir} --gguf q4_k_m --out gguf/ "
+        f"--verify-data {split.eval_path} (checked in llama.cpp on the held-out reviews) · "
         f"tunelab serve --adapter demo={result.run_dir}"
     )
     return summary
