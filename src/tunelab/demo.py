@@ -207,8 +207,15 @@ def run_demo(
     console.print(
         f"run: {result.run_dir}\nbefore/after report: {html_path} (data: {json_path})\n"
         f"training report: {result.run_dir / 'report.html'}\ntook {summary['seconds']:.0f} s. "
-        f"Next: tunelab runs ls {runs_dir} · tunelab export {result.run_dir} --gguf q4_k_m --out gguf/ "
-        f"--verify-data {split.eval_path} (checked in llama.cpp on the held-out reviews) · "
-        f"tunelab serve --adapter demo={result.run_dir}"
+        + next_steps(runs_dir, result.run_dir, split.eval_path)
     )
     return summary
+
+
+def next_steps(runs_dir: str, run_dir: Path, eval_path: Path) -> str:
+    """What to try after the demo (the GGUF export checked on the held-out reviews)."""
+    return (
+        f"Next: tunelab runs ls {runs_dir} · tunelab export {run_dir} --gguf q4_k_m --out gguf/ "
+        f"--verify-data {eval_path} (checked in llama.cpp on the held-out reviews) · "
+        f"tunelab serve --adapter demo={run_dir}"
+    )
