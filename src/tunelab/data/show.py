@@ -22,7 +22,13 @@ from tunelab.data.audit import no_rows_reason
 from tunelab.data.canonical import row_error
 from tunelab.data.formats import FormatError, detect_file_format, to_canonical
 from tunelab.data.loaders import DataError, LoadReport, iter_records
-from tunelab.data.templates import IGNORE_INDEX, TemplateError, render, select_template, split_prompt_answer
+from tunelab.data.templates import (
+    IGNORE_INDEX,
+    TemplateError,
+    encode_prompt,
+    select_template,
+    split_prompt_answer,
+)
 from tunelab.objectives import OBJECTIVES, Dropped, ObjectiveConfig
 from tunelab.objectives.sft import SftConfig
 
@@ -75,10 +81,7 @@ def inference_mismatch(tokenizer: Any, example: dict[str, Any], input_ids: list[
         return None
     messages = split_prompt_answer(example["messages"])[0]
     try:
-        prompt = tokenizer(
-            render(tokenizer, messages, generation_prompt=True, tools=example.get("tools")),
-            add_special_tokens=False,
-        )["input_ids"]
+        prompt = encode_prompt(tokenizer, messages, tools=example.get("tools"))
     except TemplateError:
         return None  # the encoding itself reports why this template cannot render the row
     if input_ids[: len(prompt)] == prompt:

@@ -107,9 +107,9 @@ class TransformersEngine(Engine):
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured]
-        self.stop_ids = frozenset({tokenizer.eos_token_id, *configured} - {None})
+        from tunelab.evaluate.efficiency import stop_token_ids  # noqa: PLC0415
+
+        self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
         self.eos_text = tokenizer.eos_token or ""
 
     @classmethod

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import IGNORE_INDEX, encode_chat, encode_prompt, split_prompt_answer
+from tunelab.evaluate.efficiency import stop_token_ids
 from tunelab.objectives.losses import causal_lm_loss_sum
 from tunelab.objectives.sft import causal_lm_forward, pad_causal_batch, prepends_virtual_tokens
 
@@ -86,12 +87,6 @@ def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({tokenizer.eos_token_id, *configured} - {None})
-
-
 @dataclass
 class BatchReadout:
     loss_sum: float
@@ -124,7 +119,7 @@ def read_batch(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_stop_ids(model, tokenizer) or None,
+        eos_token_id=stop_token_ids(model, tokenizer) or None,
     )
     texts = [tokenizer.decode(row[ids.size(1) :], skip_special_tokens=True).strip() for row in generated]
 
@@ -174,7 +169,7 @@ def read_batch_plain(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_stop_ids(model, tokenizer) or None,
+        eos_token_id=stop_token_ids(model, tokenizer) or None,
     )
     texts = [tokenizer.decode(row[ids.size(1) :], skip_special_tokens=True).strip() for row in generated]
     return BatchReadout(float(loss_sum), int(count), first_logprobs, texts)

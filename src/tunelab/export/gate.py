@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.console import labelled, make_console, progress, styled
-from tunelab.export.run import EXPORT_META, FINAL_META, export_run, final_dir
+from tunelab.export.run import EXPORT_META, export_run, final_dir, read_final_meta, run_dir_of
 from tunelab.runs.atomic import atomic_write_json
 from tunelab.runs.summary import fmt
 
@@ -79,20 +79,12 @@ def export_and_verify(
     return path, verify_export(final, path, data=data, n=verify_n, console=console, qlora_merge=choice)
 
 
-def _meta(final: Path) -> dict[str, Any]:
-    return json.loads((final / FINAL_META).read_text(encoding="utf-8"))
-
-
 def _is_causal(final: Path) -> bool:
-    return _meta(final).get("model_kind", "causal_lm") == "causal_lm"
+    return read_final_meta(final).get("model_kind", "causal_lm") == "causal_lm"
 
 
 def _method(final: Path) -> str | None:
-    return _meta(final).get("method")
-
-
-def _run_dir(final: Path) -> Path:
-    return final.parent if final.name == "final" else final
+    return read_final_meta(final).get("method")
 
 
 def held_out_data(final: Path, given: str | Path | None = None) -> tuple[str, str]:
@@ -103,7 +95,7 @@ def held_out_data(final: Path, given: str | Path | None = None) -> tuple[str, st
         if not Path(given).is_file():
             raise FileNotFoundError(f"--verify-data {given}: no such file")
         return str(given), "given"
-    run = _run_dir(final)
+    run = run_dir_of(final)
     data = _recipe(run).get("data") or {}
     candidates = [
         (_path_in(run, data.get("eval")), "held-out"),
@@ -169,7 +161,7 @@ def verify_export(
 ) -> dict[str, Any]:
     """Run and export side by side on held-out examples; the verdict goes into ``tunelab_export.json``."""
     console = console or make_console(stderr=True)
-    section = export_section(_run_dir(final))
+    section = export_section(run_dir_of(final))
     provenance = json.loads((export_dir / EXPORT_META).read_text(encoding="utf-8"))
     precision = precision_of(provenance)
     data, role = data or held_out_data(final)

@@ -63,7 +63,7 @@ def export_run(
         raise ValueError("--ollama writes a Modelfile for a GGUF file; use it with --gguf TYPE")
     out = Path(out)
     _check_destination(out, final, overwrite)
-    meta = json.loads((final / FINAL_META).read_text(encoding="utf-8"))
+    meta = read_final_meta(final)
     gguf_details: dict[str, Any] = {}
     with atomic_directory(out) as tmp:
         if kind == "merged":
@@ -71,7 +71,7 @@ def export_run(
         elif kind == "adapter":
             written_dtype = _write_adapter(final, meta, tmp, dtype)
         else:
-            gguf_details = _write_gguf(final, meta, tmp, gguf_type or "", _run_dir(final).name, ollama)
+            gguf_details = _write_gguf(final, meta, tmp, gguf_type or "", run_dir_of(final).name, ollama)
             written_dtype = gguf_type or ""
         provenance = build_provenance(final, meta, tmp, kind=kind, dtype=written_dtype, gguf_type=gguf_type)
         if gguf_details:
@@ -92,7 +92,13 @@ def final_dir(run: str | Path) -> Path:
     )
 
 
-def _run_dir(final: Path) -> Path:
+def read_final_meta(final: Path) -> dict[str, Any]:
+    """A run's ``final/tunelab.json``: how it trained (method, head, base)."""
+    return json.loads((final / FINAL_META).read_text(encoding="utf-8"))
+
+
+def run_dir_of(final: Path) -> Path:
+    """The run directory a ``final/`` folder belongs to."""
     return final.parent if final.name == "final" else final
 
 
@@ -113,7 +119,7 @@ def _check_options(kind: str, gguf_type: str | None, dtype: str) -> None:
 
 def _check_destination(out: Path, final: Path, overwrite: bool) -> None:
     """Refuse to clobber an export, and never let ``--overwrite`` delete the run being exported."""
-    target, run = out.resolve(), _run_dir(final).resolve()
+    target, run = out.resolve(), run_dir_of(final).resolve()
     if target == run or target in run.parents or run in target.parents:
         raise ValueError(
             f"--out {out} is the run itself, inside it, or contains it; choose a folder outside {run}"
@@ -221,7 +227,7 @@ def build_provenance(
     final: Path, meta: dict[str, Any], out: Path, *, kind: str, dtype: str, gguf_type: str | None
 ) -> dict[str, Any]:
     """Where an export came from and what it holds, so a served model can be traced back to its run."""
-    run = _run_dir(final)
+    run = run_dir_of(final)
     manifest = _read_json(run / "manifest.json")
     return {
         "schema_version": EXPORT_SCHEMA_VERSION,
