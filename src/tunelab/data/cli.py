@@ -539,3 +539,72 @@ def _objective_config(name: str, last_turn_only: bool, full_text_loss: bool) -> 
     return OBJECTIVES.get(name).config_cls(
         train_on="last_assistant" if last_turn_only else "all_assistant", completion_only=not full_text_loss
     )
+
+
+@app.command("from-feedback")
+def from_feedback(
+    log_dir: Annotated[Path, typer.Argument(help="The directory `tunelab serve --log-dir` wrote.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="JSONL file to write.")],
+    as_: Annotated[
+        str,
+        typer.Option("--as", help="preference (DPO pairs: prompt/chosen/rejected) or unpaired (KTO: label)."),
+    ] = "preference",
+    min_gap: Annotated[
+        float, typer.Option("--min-gap", help="Pair two answers when their mean scores differ by this much.")
+    ] = 1.0,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="unpaired: desirable when the mean score is at least this (default: midpoint).",
+        ),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn served answers and their feedback scores into DPO pairs or KTO rows; dropped log lines go
+    to OUT.rejects.jsonl with file, line and reason."""
+    from tunelab.data.feedback import from_feedback as run
+
+    with _errors():
+        s = run(log_dir, output, as_=as_, min_gap=min_gap, threshold=threshold, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(s, indent=2, ensure_ascii=False))
+    else:
+        _print_feedback(s)
+    for note in s["notes"]:
+        err.print(labelled("note", note))
+    if not s["rows"]:
+        why = (
+            f"no two different answers to one prompt with mean scores {s.get('min_gap'):g} or more apart"
+            if s["as"] == "preference"
+            else "no scored answers"
+        )
+        fail(err, f"{s['log_dir']}: no rows made ({why} in the logs); nothing written to {output}")
+
+
+def _print_feedback(s: dict) -> None:
+    """The counts of `data from-feedback`: what was read, what was made, what was dropped and why."""
+    made = "pairs" if s["as"] == "preference" else "rows"
+    t = Table(title=f"from-feedback ({s['as']}): {s['rows']:,} {made} made")
+    t.add_column("")
+    t.add_column("count", justify="right")
+    t.add_row("requests logged", f"{s['requests']:,}")
+    t.add_row("feedback records", f"{s['feedback']:,}")
+    t.add_row("scored answers", f"{s['scored_answers']:,}")
+    t.add_row("requests without feedback (unused)", f"{s['unscored_requests']:,}")
+    t.add_row("distinct prompts scored", f"{s['prompts']:,}")
+    for reason, n in s["skipped"].items():
+        t.add_row(f"not paired: {reason}", f"{n:,}")
+    for reason, n in s["rejected"].items():
+        t.add_row(styled(f"rejected: {reason}", "red"), f"{n:,}")
+    if s["as"] == "unpaired":
+        t.add_row(
+            f"desirable (score >= {s['threshold']:g})" if s["threshold"] is not None else "desirable",
+            f"{s['desirable']:,}",
+        )
+        t.add_row("undesirable", f"{s['undesirable']:,}")
+    t.add_row(f"{made} made", f"{s['rows']:,}")
+    out.print(t)
+    where = f"wrote {s['output']}" if s["output"] else "wrote no rows"
+    out.print(Text(f"{where}; dropped log lines with their reasons in {s['rejects']}"))
