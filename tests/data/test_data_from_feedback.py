@@ -43,7 +43,7 @@ def test_feedback_log_writes_flushed_records_with_the_spec_fields(tmp_path):
         prompt="2+2=",
         response="4",
         finish_reason="length",
-        sampling={},
+        sampling={"stop": Path("odd")},  # not JSON: logged as text, never failing the request
     )
     log.feedback(id="chatcmpl-1", alias="prod", variant="a", score=1.0, user="u1")
     # Read back while the log is still open: every record is flushed as written.
@@ -62,6 +62,7 @@ def test_feedback_log_writes_flushed_records_with_the_spec_fields(tmp_path):
     }
     assert reqs[0]["messages"] == msgs and reqs[0]["response"] == "Hi ✓"  # user text exactly as given
     assert reqs[1]["prompt"] == "2+2=" and "messages" not in reqs[1] and reqs[1]["finish_reason"] == "length"
+    assert reqs[1]["sampling"] == {"stop": "odd"}
     assert set(fbs[0]) == {"id", "time", "alias", "variant", "score", "user"}
     assert fbs[0]["score"] == 1.0 and fbs[0]["id"] == "chatcmpl-1" and isinstance(fbs[0]["time"], float)
     log.close()

@@ -66,7 +66,8 @@ class FeedbackLog:
         return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
 
     def _write(self, name: str, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        # default=str: a sampling value JSON cannot hold is logged as text rather than failing a request.
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
         with self._lock:
             fh = self._files[name]
             if fh.closed:
