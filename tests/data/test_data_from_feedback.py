@@ -308,3 +308,13 @@ def test_tiny_training_starts_on_the_written_data(as_, objective, start, tiny_re
     result = train(recipe)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     assert result.losses[0] == pytest.approx(start, abs=1e-4)
+
+
+def test_one_sided_labels_and_empty_feedback_are_said(tmp_path):
+    logs = served(tmp_path / "logs", [("a", USER, "hi", [1.0]), ("b", USER, "yo", [1.0])])
+    res = run(logs, "-o", tmp_path / "k.jsonl", "--as", "unpaired")
+    assert res.exit_code == 0 and "note: every row is desirable (threshold 1)" in res.stderr
+    assert [r["label"] for r in _lines(tmp_path / "k.jsonl")] == [True, True]
+    quiet = served(tmp_path / "quiet", [("a", USER, "hi", [])])  # served, never scored
+    res = run(quiet, "-o", tmp_path / "q.jsonl")
+    assert res.exit_code == 2 and "no feedback joined to a logged request" in res.stderr

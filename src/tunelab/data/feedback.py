@@ -397,11 +397,13 @@ def _rows(
         return rows
     if threshold is None and used:
         threshold = (min(used) + max(used)) / 2  # the midpoint of the scale the scores actually span
-        if min(used) == max(used):
-            summary["notes"].append(
-                f"every score is {used[0]:g}, so every answer is desirable; pass --threshold to say where good starts"
-            )
     rows = unpaired_rows(scored, threshold if threshold is not None else 0.0)
     good = sum(r["label"] for r in rows)
     summary.update(threshold=threshold, desirable=good, undesirable=len(rows) - good)
+    if rows and good in (0, len(rows)):
+        side = "desirable" if good else "undesirable"
+        summary["notes"].append(
+            f"every row is {side} (threshold {threshold:g}); KTO learns from both kinds: "
+            "pass --threshold to say where a good answer starts"
+        )
     return rows
