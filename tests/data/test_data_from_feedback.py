@@ -167,6 +167,18 @@ def test_preference_pairs_join_by_id_and_read_back_as_preference(tmp_path):
     assert canon[0][1]["prompt"][0] == {"role": "system", "content": "Be brief [b]."}
 
 
+def test_developer_messages_are_system_messages_in_the_data(tmp_path):
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    logs = served(tmp_path / "logs", [("a", dev, "hi", [1.0]), ("b", dev, "go away", [-1.0])])
+    assert run(logs, "-o", tmp_path / "p.jsonl").exit_code == 0
+    (row,) = _lines(tmp_path / "p.jsonl")
+    assert row["prompt"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hi"},
+    ]
+    assert read_canonical(str(tmp_path / "p.jsonl"))[2] == "preference"
+
+
 def test_min_gap_decides_which_answers_pair(tmp_path):
     logs = served(tmp_path / "logs", LOGGED)
     out = tmp_path / "pairs.jsonl"

@@ -203,6 +203,17 @@ def log_paths(log_dir: str | os.PathLike) -> tuple[Path, Path]:
     return paths
 
 
+def _developer_as_system(messages: Any) -> Any:
+    """OpenAI's ``developer`` role is its newer name for ``system`` (the server accepts both); data
+    formats know only ``system``, so the instructions are kept under that role."""
+    if not isinstance(messages, list):
+        return messages
+    return [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+        for m in messages
+    ]
+
+
 def _request(rec: dict) -> tuple[str, str] | Answer:
     """The request record as an :class:`Answer`, or (reason, detail) when it cannot be one."""
     rid = rec.get("id")
@@ -214,7 +225,7 @@ def _request(rec: dict) -> tuple[str, str] | Answer:
             "logged without text",
             "the request was logged without prompt and response; it cannot be trained on",
         )
-    prompt = rec["messages"] if rec.get("messages") is not None else rec.get("prompt")
+    prompt = _developer_as_system(rec["messages"]) if rec.get("messages") is not None else rec.get("prompt")
     if not isinstance(prompt, (list, str)):
         return "missing field", "needs 'messages' (a list of messages) or 'prompt' (a string)"
     if not isinstance(rec.get("response"), str):
