@@ -512,3 +512,26 @@ def test_augment_needs_a_model_for_model_ops(tmp_path: Path) -> None:
         app, ["data", "augment", str(source), "-o", str(tmp_path / "o.jsonl"), "--ops", "shuffle"]
     )
     assert result.exit_code == 2 and "--ops takes" in result.output
+
+
+def test_a_missing_eval_file_fails_before_any_generation(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    seeds = write_rows(tmp_path / "seeds.jsonl", SEEDS)
+    out = tmp_path / "out.jsonl"
+    args = [
+        "data",
+        "synth",
+        str(seeds),
+        "-o",
+        str(out),
+        "--model",
+        "no/such-model",
+        "--eval",
+        str(tmp_path / "nope.jsonl"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "nope.jsonl: file not found" in result.output  # not the model error
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
