@@ -535,3 +535,20 @@ def test_a_missing_eval_file_fails_before_any_generation(tmp_path: Path) -> None
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "nope.jsonl: file not found" in result.output  # not the model error
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_instruction_parsing() -> None:
+    from tunelab.synth.selfinstruct import parse_instance, parse_instructions
+
+    answer = 'Here are new tasks:\n4. Name a river.\nTask 5: Write a limerick.\n6) "Sort these words."\n\nInstruction: Add 2 and 3.'
+    assert parse_instructions(answer) == [
+        "Name a river.",
+        "Write a limerick.",
+        "Sort these words.",
+        "Add 2 and 3.",
+    ]
+    assert parse_instance("Input: <none>\nOutput: Nile", False) == ("", "Nile")
+    assert parse_instance("Input: 2, 3\nOutput: 5", False) == ("2, 3", "5")
+    assert parse_instance("just an answer", False) == ("", "just an answer")
+    assert parse_instance("Class label: spam\nInput: WIN A PRIZE", True) == ("WIN A PRIZE", "spam")
+    assert parse_instance("ham\nsee you at lunch", True) == ("see you at lunch", "ham")
