@@ -552,3 +552,21 @@ def test_instruction_parsing() -> None:
     assert parse_instance("just an answer", False) == ("", "just an answer")
     assert parse_instance("Class label: spam\nInput: WIN A PRIZE", True) == ("WIN A PRIZE", "spam")
     assert parse_instance("ham\nsee you at lunch", True) == ("see you at lunch", "ham")
+
+
+def test_input_side_of_each_format() -> None:
+    from tunelab.synth.augment import input_side
+
+    chat = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}  # fmt: skip
+    side = input_side(chat, "chat")
+    assert side.get(chat) == "q2"
+    changed = side.with_text(chat, "Q2")
+    assert changed["messages"][2]["content"] == "Q2" and chat["messages"][2]["content"] == "q2"  # a copy
+    assert changed["messages"][3] == chat["messages"][3]
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    assert input_side(sharegpt, "chat").get(sharegpt) == "hi"
+    assert input_side({"instruction": "Do", "input": "", "output": "x"}, "instruction").name == "instruction"
+    assert input_side({"instruction": "Do", "input": "this", "output": "x"}, "instruction").name == "input"
+    assert input_side({"prompt": "p", "completion": "c"}, "prompt_completion").name == "prompt"
+    assert input_side({"text": "t", "label": "l"}, "classification").name == "text"
