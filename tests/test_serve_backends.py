@@ -71,6 +71,9 @@ class LlamaServer:
             "127.0.0.1",
         ]
         command += ["--port", str(self.port), "--n_ctx", "256", "--n_threads", "1", "--verbose", "False"]
+        # By default llama-cpp-python's server ends a running stream early (with [DONE]) as soon as any
+        # other request arrives, the router's health probes included; a server behind a router must not.
+        command += ["--interrupt_requests", "False"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
