@@ -439,6 +439,17 @@ def test_5xx_and_timeouts_count_mark_the_backend_down_and_a_probe_brings_it_back
 # --- no server needed --------------------------------------------------------------------------
 
 
+def test_alias_shares_follow_the_last_colon() -> None:
+    from tunelab.serve.routing import parse_alias
+
+    assert parse_alias("bot=tiny:llama:0.25,up:0.75,solo") == (
+        "bot",
+        {"tiny:llama": 0.25, "up": 0.75, "solo": 1.0},
+    )
+    with pytest.raises(ValueError, match="share 'x' of 'a' is not a number"):
+        parse_alias("bot=a:x")
+
+
 def test_backend_specs_and_their_urls() -> None:
     assert parse_backend("a=http://h:1").url == "http://h:1/v1"
     assert parse_backend("a=http://h:1/v1/").url == "http://h:1/v1"

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +109,11 @@ class Backends:
             # Connect fast (a dead upstream is found in seconds), read as long as a request may take.
             timeout = httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
             limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-            self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+            # No Nagle: a request's headers and body go out as separate small writes, and waiting for
+            # the upstream's delayed ACK of the first would add ~40 ms to every proxied request.
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=nodelay)
+            self._client = httpx.AsyncClient(timeout=timeout, transport=transport)
         return self._client
 
     async def start(self) -> None:

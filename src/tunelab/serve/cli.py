@@ -77,7 +77,7 @@ def serve_cmd(
     alias: Annotated[
         list[str] | None,
         typer.Option(
-            "--alias", help="ALIAS=A:0.9,B:0.1 A/B split (repeat); the first adapter is the baseline"
+            "--alias", help="ALIAS=A:0.9,B:0.1 A/B split of variants (repeat); the first is the baseline"
         ),
     ] = None,
     rollout: Annotated[

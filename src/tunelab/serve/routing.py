@@ -504,7 +504,9 @@ def parse_alias(text: str) -> tuple[str, dict[str, float]]:
         )
     shares: dict[str, float] = {}
     for part in rest.split(","):
-        adapter, colon, share = part.strip().partition(":")
+        # The share follows the last colon: a variant may be a base name such as tiny:llama.
+        adapter, colon, share = part.strip().rpartition(":")
+        adapter = adapter if colon else share
         try:
             shares[adapter] = float(share) if colon else 1.0
         except ValueError:
