@@ -577,8 +577,8 @@ def from_feedback(
     if not s["rows"]:
         why = (
             f"no two different answers to one prompt with mean scores {s.get('min_gap'):g} or more apart"
-            if s["as"] == "preference"
-            else "no scored answers"
+            if s["as"] == "preference" and s["scored_answers"]
+            else "no feedback joined to a logged request"
         )
         fail(err, f"{s['log_dir']}: no rows made ({why} in the logs); nothing written to {output}")
 

@@ -66,7 +66,8 @@ class FeedbackLog:
         return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
 
     def _write(self, name: str, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        # default=str: a sampling value JSON cannot hold is logged as text rather than failing a request.
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
         with self._lock:
             fh = self._files[name]
             if fh.closed:
@@ -202,6 +203,17 @@ def log_paths(log_dir: str | os.PathLike) -> tuple[Path, Path]:
     return paths
 
 
+def _developer_as_system(messages: Any) -> Any:
+    """OpenAI's ``developer`` role is its newer name for ``system`` (the server accepts both); data
+    formats know only ``system``, so the instructions are kept under that role."""
+    if not isinstance(messages, list):
+        return messages
+    return [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+        for m in messages
+    ]
+
+
 def _request(rec: dict) -> tuple[str, str] | Answer:
     """The request record as an :class:`Answer`, or (reason, detail) when it cannot be one."""
     rid = rec.get("id")
@@ -213,7 +225,7 @@ def _request(rec: dict) -> tuple[str, str] | Answer:
             "logged without text",
             "the request was logged without prompt and response; it cannot be trained on",
         )
-    prompt = rec["messages"] if rec.get("messages") is not None else rec.get("prompt")
+    prompt = _developer_as_system(rec["messages"]) if rec.get("messages") is not None else rec.get("prompt")
     if not isinstance(prompt, (list, str)):
         return "missing field", "needs 'messages' (a list of messages) or 'prompt' (a string)"
     if not isinstance(rec.get("response"), str):
@@ -396,11 +408,13 @@ def _rows(
         return rows
     if threshold is None and used:
         threshold = (min(used) + max(used)) / 2  # the midpoint of the scale the scores actually span
-        if min(used) == max(used):
-            summary["notes"].append(
-                f"every score is {used[0]:g}, so every answer is desirable; pass --threshold to say where good starts"
-            )
     rows = unpaired_rows(scored, threshold if threshold is not None else 0.0)
     good = sum(r["label"] for r in rows)
     summary.update(threshold=threshold, desirable=good, undesirable=len(rows) - good)
+    if rows and good in (0, len(rows)):
+        side = "desirable" if good else "undesirable"
+        summary["notes"].append(
+            f"every row is {side} (threshold {threshold:g}); KTO learns from both kinds: "
+            "pass --threshold to say where a good answer starts"
+        )
     return rows
