@@ -362,7 +362,9 @@ def fake_upstream(received: list[dict]) -> object:
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[tuple[BackgroundServer, BackgroundServer, list[dict]]]:
+def fake(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[BackgroundServer, BackgroundServer, list[dict]]]:
     """(upstream, router) with one backend `up` served directly and in alias `mix` with the local tiny base."""
     from tunelab.serve.engine import Engine
 
@@ -372,7 +374,9 @@ def fake() -> Iterator[tuple[BackgroundServer, BackgroundServer, list[dict]]]:
         backends = Backends([parse_backend(f"up={upstream.url}")], timeout_s=0.5, max_failures=3)
         router = Router(engine.base_name, [], POLICY, backends=backends.names)
         router.set_alias("mix", {"tiny:llama": 0.5, "up": 0.5})
-        app = create_app(engine, router, ServeSettings(api_key=KEY, watch_interval_s=WATCH_S), backends)
+        log_dir = tmp_path_factory.mktemp("fake-log")
+        settings = ServeSettings(api_key=KEY, watch_interval_s=WATCH_S, log_dir=log_dir)
+        app = create_app(engine, router, settings, backends)
         with BackgroundServer(app) as server:
             yield upstream, server, received
 
@@ -409,6 +413,44 @@ def test_an_alias_mixes_the_local_base_and_a_backend(fake) -> None:
     assert served == {"tiny:llama", "up"}
     kinds = {c["id"]: c["kind"] for c in httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"]}
     assert kinds == {"tiny:llama": "base", "up": "backend", "mix": "alias"}
+
+
+def test_built_in_answers_are_logged_and_the_base_takes_feedback(fake) -> None:
+    """The request log holds built-in answers too (streamed: the assembled text); base is a variant."""
+    _, server, _ = fake
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    plain = client.chat.completions.create(model="tiny:llama", messages=ASK, user="bo", **GREEDY)
+    stream = list(client.chat.completions.create(model="tiny:llama", messages=ASK, stream=True, **GREEDY))
+    text = client.completions.create(model="tiny:llama", prompt="Once", max_tokens=3, temperature=0, seed=1)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == plain.choices[0].message.content
+    scored = httpx.post(f"{server.url}/v1/feedback", json={"id": plain.id, "score": 0.5}, headers=AUTH)
+    assert scored.status_code == 200 and scored.json()["adapter"] == "tiny:llama"
+    log_dir = server.app.state.tunelab.settings.log_dir
+    logged = {r["id"]: r for r in map(json.loads, (log_dir / "requests.jsonl").read_text().splitlines())}
+    assert logged[plain.id]["user"] == "bo" and logged[plain.id]["messages"] == ASK
+    assert logged[plain.id]["response"] == plain.choices[0].message.content
+    assert logged[stream[0].id]["response"] == streamed and logged[stream[0].id]["variant"] == "tiny:llama"
+    assert logged[text.id]["prompt"] == "Once" and logged[text.id]["sampling"]["seed"] == 1
+    (feedback,) = [json.loads(line) for line in (log_dir / "feedback.jsonl").read_text().splitlines()]
+    assert (feedback["id"], feedback["variant"], feedback["score"], feedback["alias"]) == (
+        plain.id,
+        "tiny:llama",
+        0.5,
+        None,
+    )
+
+
+def test_a_rollback_is_reported_with_its_reason() -> None:
+    router = Router(None, [], WatchPolicy(min_samples=2), backends=["stock", "tuned"])
+    seen = []
+    router.on_rollback = lambda *event: seen.append(event)
+    router.set_alias("bot", {"stock": 0.5, "tuned": 0.5})
+    for _ in range(2):
+        router.observe("stock", True, 0.1, alias="bot")
+        router.observe("tuned", False, 0.1, alias="bot")
+    assert seen == [("bot", "tuned", "error_rate")]
+    assert router.describe()["bot"]["shares"] == {"stock": 1.0, "tuned": 0.0}
 
 
 def test_5xx_and_timeouts_count_mark_the_backend_down_and_a_probe_brings_it_back(fake) -> None:

@@ -230,8 +230,13 @@ class _AppState:
         steps need no request."""
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
-            await self.probe_backends()
-            self.router.check()
+            try:
+                await self.probe_backends()
+                self.router.check()
+            except Exception:  # a bug here must not stop the watcher for the server's lifetime
+                log.exception(
+                    "the watcher's check failed; it runs again in %gs", self.settings.watch_interval_s
+                )
 
     async def probe_backends(self) -> None:
         names = self.backends.names
@@ -566,6 +571,7 @@ class _AppState:
             # Loading waits for the model lock, i.e. for the request being generated, so off the event loop.
             loaded = await asyncio.to_thread(self.engine.load_adapter, body.name, body.path)
             self.router.add_adapter(body.name)
+            self.metrics.variant_up.labels(body.name).set(1)
         except (OSError, ValueError) as err:
             raise APIError(400, str(err), param="path") from None
         return {"name": loaded.name, "path": str(loaded.path)}
