@@ -116,10 +116,10 @@ def create_app(
     app.state.tunelab = state
     _install_error_handlers(app)
 
-    def user_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def user_auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(authorization, settings.api_key)
 
-    def admin_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def admin_auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(authorization, settings.api_key, admin=True)
 
     user, admin = [Depends(user_auth)], [Depends(admin_auth)]
