@@ -100,7 +100,7 @@ class RollingStats:
     def summary(self) -> dict[str, Any]:
         """Counts, error rate, p95 latency and mean feedback over the current window."""
         requests, feedback = self._fresh(self._requests), self._fresh(self._feedback)
-        latencies = [lat for _, ok, lat in requests if ok]
+        latencies = sorted(lat for _, ok, lat in requests if ok)  # sorted once for both percentiles
         return {
             "requests": len(requests),
             "error_rate": (sum(1 for _, ok, _ in requests if not ok) / len(requests)) if requests else None,
