@@ -478,6 +478,35 @@ def test_5xx_and_timeouts_count_mark_the_backend_down_and_a_probe_brings_it_back
     assert metric(server, "tunelab_variant_up", variant="up") == 1
 
 
+def test_a_refused_connection_is_answered_by_the_baseline(fake) -> None:
+    """The request never reached the dead backend, so its alias's baseline answers it at once; the
+    fault still counts, and after K of them the dead backend gets no more tries."""
+    upstream, _, _ = fake
+    backends = Backends(
+        [parse_backend(f"up={upstream.url}"), parse_backend(f"gone=http://127.0.0.1:{free_port()}")],
+        max_failures=3,
+    )
+    router = Router(None, [], POLICY, backends=backends.names)
+    shares = {"up": 0.5, "gone": 0.5}
+    router.set_alias("ab", dict(shares))
+    users = [u for u in (f"user-{i}" for i in range(40)) if pick(shares, bucket(u, "ab")) == "gone"][:4]
+    settings = ServeSettings(api_key=KEY, watch_interval_s=60)  # no probes: requests alone find the fault
+    with BackgroundServer(create_app(None, router, settings, backends)) as server:
+        for user in users:
+            body = {"model": "ab", "user": user, "messages": [{"role": "user", "content": "hi"}]}
+            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+            assert reply.status_code == 200 and reply.headers["x-tunelab-adapter"] == "up"
+            assert reply.json()["choices"][0]["message"]["content"] == "echo hi"
+        assert metric(server, "tunelab_upstream_errors_total", variant="gone", reason="connect") == 3
+        assert metric(server, "tunelab_variant_up", variant="gone") == 0 and not router.is_up("gone")
+        server.app.state.tunelab.upstream_ok("gone")  # as a good probe would; direct: no baseline to go to
+        lost = httpx.post(
+            f"{server.url}/v1/chat/completions", json={"model": "gone", "messages": [1]}, headers=AUTH
+        )
+        assert lost.status_code == 502 and lost.json()["error"]["code"] == "upstream_unavailable"
+        assert "'gone'" in lost.json()["error"]["message"]
+
+
 # --- no server needed --------------------------------------------------------------------------
 
 

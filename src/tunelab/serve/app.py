@@ -298,6 +298,21 @@ class _AppState:
         served = adapter if adapter is not None else str(self.router.base_name)
         return _Route(adapter, alias, served, backend=served in self.backends)
 
+    def failover(self, route: _Route, err: proxy.Unanswered) -> _Route:
+        """Where a request goes whose backend refused the connection (so never saw it): its alias's
+        baseline, if that is another variant and up; otherwise the error stands."""
+        baseline = self.router.baseline(route.alias) if route.alias else None
+        if not err.unsent or baseline is None or baseline == route.served or not self.router.is_up(baseline):
+            raise err
+        log.warning(
+            "variant '%s' unreachable; alias '%s' request sent to baseline '%s'",
+            route.served,
+            route.alias,
+            baseline,
+        )
+        adapter = None if baseline == self.router.base_name else baseline
+        return _Route(adapter, route.alias, baseline, backend=baseline in self.backends)
+
     async def dispatch(
         self, request: Request, schema: type[ChatCompletionRequest] | type[CompletionRequest], path: str
     ) -> Response:
@@ -321,7 +336,12 @@ class _AppState:
                 if err.status != 404:  # a down variant; an unknown model is reported after validation
                     raise
             if route is not None and route.backend:
-                return await proxy.forward(self, route, data, path, user)
+                try:
+                    return await proxy.forward(self, route, data, path, user)
+                except proxy.Unanswered as err:
+                    route = self.failover(route, err)
+                    if route.backend:
+                        return await proxy.forward(self, route, data, path, user)
         try:
             body = schema.model_validate(data)
         except ValidationError as err:

@@ -50,6 +50,15 @@ class Host(Protocol):
     def completed(self, route: Any, answer: Answer, data: dict[str, Any], user: str | None) -> None: ...
 
 
+class Unanswered(APIError):
+    """The upstream gave no answer at all (connect or timeout); ``unsent`` when the request never
+    reached it (a refused connection), so another variant may safely take it."""
+
+    def __init__(self, error: APIError, fault: UpstreamFault) -> None:
+        super().__init__(error.status, error.message, type=error.type, code=error.code, headers=error.headers)
+        self.unsent = fault.reason == "connect"
+
+
 def upstream_error(variant: str, fault: UpstreamFault) -> APIError:
     """The client's error for an upstream that did not answer: 504 for a timeout, else 502."""
     if fault.reason == "timeout":
@@ -71,7 +80,7 @@ async def forward(host: Host, route: Any, data: dict[str, Any], path: str, user:
         host.record(route, started, 504 if fault.reason == "timeout" else 502)
         error = upstream_error(name, fault)
         error.headers.update(route.headers)
-        raise error from None
+        raise Unanswered(error, fault) from None
     headers = {**route.headers, **{k: v for k in KEPT_HEADERS if (v := response.headers.get(k))}}
     if not stream or not response.is_success:
         body = await response.aread() if stream else response.content

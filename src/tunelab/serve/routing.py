@@ -243,6 +243,12 @@ class Router:
         with self._lock:
             return variant not in self._down
 
+    def baseline(self, alias: str) -> str | None:
+        """The alias's baseline variant (None for an unknown alias)."""
+        with self._lock:
+            found = self._aliases.get(alias)
+            return found.baseline if found else None
+
     def ready(self) -> bool:
         """Every alias's baseline is up (with no aliases: some variant is up)."""
         with self._lock:
