@@ -204,13 +204,9 @@ class Backends:
         return response.is_success, None, f"health probe answered {response.status_code}"
 
     def describe(self, name: str) -> dict[str, Any]:
-        state = self.states[name]
-        return {
-            "url": state.spec.url,
-            "model": state.upstream_model,
-            "consecutive_faults": state.failures,
-            "last_error": state.last_error,
-        }
+        """What unauthenticated ``/health`` may show: no URL, model path or error text (they can name
+        internal hosts and files; the server log has them)."""
+        return {"consecutive_faults": self.states[name].failures}
 
 
 def _key_of(spec: BackendSpec) -> str | None:

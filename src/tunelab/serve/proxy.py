@@ -11,6 +11,7 @@ passed through and never counted.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from tunelab.serve.backends import Backends, UpstreamFault
 from tunelab.serve.errors import APIError
 
+log = logging.getLogger("tunelab.serve")
 # Upstream response headers worth keeping; hop-by-hop and length headers are the server's to set.
 KEPT_HEADERS = ("content-type", "retry-after")
 
@@ -111,6 +113,8 @@ def _whole(
     elif status >= 400:
         host.upstream_ok(route.served)  # it answered: the request, not the upstream, was at fault
         host.record(route, started, status)
+        if status in (401, 403):  # the client passed tunelab's auth: the upstream's key is what is wrong
+            log.warning("backend '%s' answered %d: check its api_key_env", route.served, status)
     else:
         host.upstream_ok(route.served)
         answer = _parse_whole(body)
