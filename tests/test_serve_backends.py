@@ -599,6 +599,10 @@ def test_a_config_file_sets_what_the_command_line_leaves(
         ("policy: {min_samples: 0}\n", "--min-samples 0: give a whole number of at least 1"),
         ("aliases:\n  bot: [a, b]\n", "serve.yaml: aliases.bot: give the variants' shares as a mapping"),
         ("backends: [\n", "serve.yaml: line 2:"),
+        (
+            "backends:\n  a: {url: 'http://h', api_key_env: TUNELAB_TEST_UNSET}\n",
+            "a.api_key_env: $TUNELAB_TEST_UNSET is not set",
+        ),
     ],
 )
 def test_a_bad_config_is_one_line_naming_file_and_field(

@@ -19,6 +19,7 @@ Every problem is one line naming the file, the field and the fix.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,8 @@ def _backend(name: str, value: Any, where: str) -> BackendSpec:
     for field, item in (("model", model), ("api_key_env", key_env)):
         if item is not None and not (isinstance(item, str) and item):
             raise ValueError(f"{where}.{field}: {item!r} is not a name; write a non-empty string")
+    if key_env is not None and not os.environ.get(key_env):
+        raise ValueError(f"{where}.api_key_env: ${key_env} is not set; export it before starting the server")
     return BackendSpec(name, normalise_url(value["url"], where=f"{where}.url"), model, key_env)
 
 
