@@ -69,11 +69,12 @@ def parse_backend(text: str) -> BackendSpec:
 
 
 class UpstreamFault(Exception):
-    """A fault of the upstream's own: ``reason`` is connect, timeout or http_5xx."""
+    """A fault of the upstream's own: ``reason`` is connect, timeout or http_5xx; ``unsent`` when the
+    request surely never reached it (the connection was refused), so another variant may take it."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, unsent: bool = False) -> None:
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.unsent = reason, detail, unsent
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Backends:
         With ``stream`` the body is left unread: the caller reads it and closes the response."""
         state = self.states[name]
         if state.upstream_model is None and not await self.discover(name):
-            raise UpstreamFault("connect", f"backend '{name}' at {state.spec.url} did not list its models")
+            raise UpstreamFault("connect", f"backend '{name}' did not list its models", unsent=True)
         request = self.client.build_request(
             "POST", f"{state.spec.url}{path}", content=self.body(name, data), headers=self.headers(name)
         )
@@ -160,10 +161,10 @@ class Backends:
             return await self.client.send(request, stream=stream)
         except httpx.TimeoutException as err:
             raise UpstreamFault("timeout", f"backend '{name}' timed out ({type(err).__name__})") from None
-        except httpx.TransportError as err:
-            raise UpstreamFault(
-                "connect", f"backend '{name}' unreachable: {err or type(err).__name__}"
-            ) from None
+        except httpx.TransportError as err:  # ConnectError: refused before anything was sent
+            unsent = isinstance(err, httpx.ConnectError)
+            detail = f"backend '{name}' unreachable ({type(err).__name__})"
+            raise UpstreamFault("connect", detail, unsent=unsent) from None
 
     def fault(self, name: str, detail: str) -> bool:
         """Count one fault; True when this one marks the backend down."""

@@ -58,7 +58,7 @@ class Unanswered(APIError):
 
     def __init__(self, error: APIError, fault: UpstreamFault) -> None:
         super().__init__(error.status, error.message, type=error.type, code=error.code, headers=error.headers)
-        self.unsent = fault.reason == "connect"
+        self.unsent = fault.unsent
 
 
 def upstream_error(variant: str, fault: UpstreamFault) -> APIError:
