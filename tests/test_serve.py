@@ -333,7 +333,7 @@ def test_metrics_count_requests_and_tokens_per_adapter(
     def counts() -> dict[tuple[str, str, str], float]:
         text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
         return {
-            (s.name, s.labels.get("adapter", ""), s.labels.get("alias", "")): s.value
+            (s.name, s.labels.get("variant", ""), s.labels.get("alias", "")): s.value
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }

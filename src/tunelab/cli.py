@@ -17,7 +17,7 @@ from tunelab.evaluate.forgetting import DEFAULT_N as FORGETTING_N
 from tunelab.export import export_cmd
 from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
-from tunelab.serve.cli import serve_cmd
+from tunelab.serve.cli import app as serve_app
 from tunelab.sweep import sweep_cmd
 from tunelab.synth.cli_generate import augment_cmd, synth_cmd
 
@@ -42,7 +42,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(runs_app, name="runs")
 app.command("recommend")(recommend_cmd)
 app.command("plan")(plan_cmd)
-app.command("serve")(serve_cmd)
+app.add_typer(serve_app, name="serve")
 app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
 

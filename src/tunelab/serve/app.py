@@ -1,32 +1,39 @@
 """The FastAPI app: OpenAI-compatible endpoints over an :class:`Engine`, routed by a :class:`Router`.
 
-Handlers validate, pick the adapter, queue a job for the engine's worker thread and wait for its
-events (or stream them as server-sent events). Every failure leaves as an OpenAI-shaped error body
-with the right 4xx/5xx status; every completion response names the adapter that produced it in
-``x-tunelab-adapter``.
+Handlers pick the variant, then either forward the request to a backend (``proxy``) or validate
+it, queue a job for the engine's worker thread and wait for its events (or stream them as
+server-sent events). Every failure leaves as an OpenAI-shaped error body with the right 4xx/5xx
+status; every completion response names the variant that produced it in ``x-tunelab-adapter``.
+The engine is optional: a server may front backends only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunelab.data.feedback import FeedbackLog
+from tunelab.serve import proxy
+from tunelab.serve.backends import Backends, UpstreamFault
 from tunelab.serve.engine import Delta, Done, Engine, Event, Failed, Job, SamplingParams
-from tunelab.serve.errors import APIError, error_body, internal_error, not_found, timed_out
+from tunelab.serve.errors import APIError, error_body, internal_error, not_found, timed_out, variant_down
 from tunelab.serve.metrics import ServeMetrics
-from tunelab.serve.routing import Router
+from tunelab.serve.routing import Router, VariantDown
 from tunelab.serve.schemas import (
     AdapterLoadRequest,
     AliasRequest,
@@ -56,6 +63,8 @@ ADAPTER_HEADER = "x-tunelab-adapter"
 ALIAS_HEADER = "x-tunelab-alias"
 USER_HEADER = "x-user-id"
 REMEMBERED_RESPONSES = 10_000
+# What the request log keeps of a request's sampling settings.
+SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
 
 
 @dataclass
@@ -63,55 +72,72 @@ class ServeSettings:
     api_key: str | None = None
     request_timeout_s: float = 60.0
     watch_interval_s: float = 5.0
+    log_dir: Path | None = None
+    """Where requests.jsonl and feedback.jsonl go (prompts and answers included); None: no log."""
 
 
 @dataclass
 class _Route:
-    """Where one request goes: the adapter (None = base), the alias it came through, the headers."""
+    """Where one request goes: the variant (None = the local base), the alias it came through, its
+    served name, and whether it is a backend."""
 
     adapter: str | None
     alias: str | None
     served: str
+    backend: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
         return {ADAPTER_HEADER: self.served, **({ALIAS_HEADER: self.alias} if self.alias else {})}
 
 
-def create_app(engine: Engine, router: Router, settings: ServeSettings | None = None) -> FastAPI:
-    """One app per engine; the engine's worker and the watcher timer run for the app's lifetime."""
+def create_app(
+    engine: Engine | None,
+    router: Router,
+    settings: ServeSettings | None = None,
+    backends: Backends | None = None,
+) -> FastAPI:
+    """One app per engine (None: backends only); the engine's worker, the backends' client and the
+    watcher timer run for the app's lifetime."""
     settings = settings or ServeSettings()
-    state = _AppState(engine, router, settings)
+    state = _AppState(engine, router, settings, backends or Backends([]))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        await state.start()
         watcher = asyncio.create_task(state.watch_forever())
         try:
             yield
         finally:
             watcher.cancel()
-            engine.stop()
+            await state.stop()
 
     app = FastAPI(title="tunelab serve", lifespan=lifespan)
     app.state.tunelab = state
     _install_error_handlers(app)
 
-    def user_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def user_auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(authorization, settings.api_key)
 
-    def admin_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def admin_auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(authorization, settings.api_key, admin=True)
 
     user, admin = [Depends(user_auth)], [Depends(admin_auth)]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "queue_depth": engine.queue_depth, "adapters": router.adapters}
+        """Liveness: always 200 while the process answers, with every variant's state."""
+        return {"status": "ok", **state.health()}
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        """Readiness: 200 only while every alias's baseline is up."""
+        ok = router.ready()
+        return JSONResponse({"status": "ready" if ok else "not_ready", **state.health()}, 200 if ok else 503)
 
     @app.get("/metrics", dependencies=user)
     def metrics() -> Response:
-        state.metrics.queue_depth.set(engine.queue_depth)
+        state.metrics.queue_depth.set(state.queue_depth)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/v1/models", dependencies=user)
@@ -119,12 +145,12 @@ def create_app(engine: Engine, router: Router, settings: ServeSettings | None = 
         return state.model_list()
 
     @app.post("/v1/chat/completions", dependencies=user)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return await state.complete(body, request)
+    async def chat(request: Request) -> Response:
+        return await state.dispatch(request, ChatCompletionRequest, "/chat/completions")
 
     @app.post("/v1/completions", dependencies=user)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await state.complete(body, request)
+    async def completions(request: Request) -> Response:
+        return await state.dispatch(request, CompletionRequest, "/completions")
 
     @app.post("/v1/feedback", dependencies=user)
     def feedback(body: FeedbackRequest) -> dict[str, Any]:
@@ -132,9 +158,8 @@ def create_app(engine: Engine, router: Router, settings: ServeSettings | None = 
 
     @app.get("/admin/adapters", dependencies=admin)
     def list_adapters() -> dict[str, Any]:
-        return {
-            n: {"path": str(a.path), "health": router.health(n)} for n, a in sorted(engine.adapters.items())
-        }
+        adapters = engine.adapters if engine is not None else {}
+        return {n: {"path": str(a.path), "health": router.health(n)} for n, a in sorted(adapters.items())}
 
     @app.post("/admin/adapters", dependencies=admin, status_code=201)
     async def load_adapter(body: AdapterLoadRequest) -> dict[str, Any]:
@@ -167,23 +192,99 @@ def create_app(engine: Engine, router: Router, settings: ServeSettings | None = 
 
 
 class _AppState:
-    """What the handlers share: engine, router, metrics and which adapter wrote which response."""
+    """What the handlers share: engine, backends, router, metrics, the request log, and which
+    variant (through which alias) wrote which response."""
 
-    def __init__(self, engine: Engine, router: Router, settings: ServeSettings) -> None:
-        self.engine, self.router, self.settings = engine, router, settings
+    def __init__(
+        self, engine: Engine | None, router: Router, settings: ServeSettings, backends: Backends
+    ) -> None:
+        self.engine, self.router, self.settings, self.backends = engine, router, settings, backends
         self.metrics = ServeMetrics()
         self.started = int(time.time())
-        self._responses: OrderedDict[str, str | None] = OrderedDict()
+        self._responses: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.log = FeedbackLog(settings.log_dir) if settings.log_dir is not None else None
+        router.on_rollback = lambda alias, variant, why: self.metrics.rollbacks.labels(
+            alias, variant, why
+        ).inc()
+        for variant in router.variants:
+            self.metrics.variant_up.labels(variant).set(1 if router.is_up(variant) else 0)
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            self.engine.start()
+        await self.backends.start()
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        await self.backends.close()
+        if self.log is not None:
+            self.log.close()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.engine.queue_depth if self.engine is not None else 0
 
     async def watch_forever(self) -> None:
-        """The watcher's timer: rollbacks driven by feedback and time-based rollout steps need no request."""
+        """The watcher's timer: backend probes, rollbacks driven by feedback and time-based rollout
+        steps need no request."""
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
-            self.router.check()
+            try:
+                await self.probe_backends()
+                self.router.check()
+            except Exception:  # a bug here must not stop the watcher for the server's lifetime
+                log.exception(
+                    "the watcher's check failed; it runs again in %gs", self.settings.watch_interval_s
+                )
+
+    async def probe_backends(self) -> None:
+        names = self.backends.names
+        results = await asyncio.gather(*(self.backends.probe(n) for n in names))
+        for name, (ok, reason, detail) in zip(names, results, strict=True):
+            if ok:
+                self.upstream_ok(name)
+            elif reason is not None:
+                self.upstream_fault(name, UpstreamFault(reason, detail))
+
+    def upstream_fault(self, name: str, fault: UpstreamFault) -> None:
+        """One fault of a backend: counted by reason; the K-th in a row takes it out of rotation."""
+        self.metrics.upstream_errors.labels(name, fault.reason).inc()
+        if self.backends.fault(name, fault.detail):
+            self.router.set_up(name, False)
+            self.metrics.variant_up.labels(name).set(0)
+
+    def upstream_ok(self, name: str) -> None:
+        if self.backends.success(name):
+            self.router.set_up(name, True)
+            self.metrics.variant_up.labels(name).set(1)
+
+    def health(self) -> dict[str, Any]:
+        """Every variant: kind, up, error rate, p50/p95 latency and requests of its window."""
+        variants = {}
+        for name in self.router.variants:
+            stats = self.router.health(name)
+            variants[name] = {
+                "kind": self.router.kind(name),
+                "up": self.router.is_up(name),
+                **{k: stats[k] for k in ("requests", "error_rate", "p50_latency_s", "p95_latency_s")},
+                **(self.backends.describe(name) if name in self.backends else {}),
+            }
+        aliases = {
+            name: {"shares": alias["shares"], "baseline": alias["baseline"]}
+            for name, alias in self.router.describe().items()
+        }
+        return {
+            "queue_depth": self.queue_depth,
+            "adapters": self.router.adapters,
+            "variants": variants,
+            "aliases": aliases,
+        }
 
     def model_list(self) -> ModelList:
-        cards = [ModelCard(id=self.engine.base_name, created=self.started, kind="base")]
-        cards += [ModelCard(id=n, created=self.started, kind="adapter") for n in self.router.adapters]
+        cards = [
+            ModelCard(id=n, created=self.started, kind=self.router.kind(n)) for n in self.router.variants
+        ]
         cards += [ModelCard(id=n, created=self.started, kind="alias") for n in self.router.aliases]
         return ModelList(data=cards)
 
@@ -191,24 +292,79 @@ class _AppState:
         try:
             adapter, alias = self.router.resolve(model, user)
         except KeyError:
-            known = [self.engine.base_name, *self.router.adapters, *self.router.aliases]
-            raise not_found(model, known) from None
-        return _Route(adapter, alias, adapter or self.engine.base_name)
+            raise not_found(model, [*self.router.variants, *self.router.aliases]) from None
+        except VariantDown as down:
+            raise variant_down(down.variant, down.alias) from None
+        served = adapter if adapter is not None else str(self.router.base_name)
+        return _Route(adapter, alias, served, backend=served in self.backends)
 
-    async def complete(self, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
-        """Validate, route, queue and answer one chat or text completion."""
+    def failover(self, route: _Route, err: proxy.Unanswered) -> _Route:
+        """Where a request goes whose backend refused the connection (so never saw it): its alias's
+        baseline, if that is another variant and up; otherwise the error stands."""
+        baseline = self.router.baseline(route.alias) if route.alias else None
+        if not err.unsent or baseline is None or baseline == route.served or not self.router.is_up(baseline):
+            raise err
+        log.warning(
+            "variant '%s' unreachable; alias '%s' request sent to baseline '%s'",
+            route.served,
+            route.alias,
+            baseline,
+        )
+        adapter = None if baseline == self.router.base_name else baseline
+        return _Route(adapter, route.alias, baseline, backend=baseline in self.backends)
+
+    async def dispatch(
+        self, request: Request, schema: type[ChatCompletionRequest] | type[CompletionRequest], path: str
+    ) -> Response:
+        """Route first: a backend gets the client's JSON as sent (it validates its own parameters);
+        a built-in variant gets it validated against tunelab's schema."""
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except ValueError as err:  # FastAPI's own shape for a body that is not JSON
+            pos = getattr(err, "pos", 0)
+            error = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error", "input": {}}
+            raise RequestValidationError(
+                [{**error, "ctx": {"error": getattr(err, "msg", str(err))}}]
+            ) from None
+        route = None
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            user = data.get("user") if isinstance(data.get("user"), str) else request.headers.get(USER_HEADER)
+            try:
+                route = self.route(data["model"], user)
+            except APIError as err:
+                if err.status != 404:  # a down variant; an unknown model is reported after validation
+                    raise
+            if route is not None and route.backend:
+                try:
+                    return await proxy.forward(self, route, data, path, user)
+                except proxy.Unanswered as err:
+                    route = self.failover(route, err)
+                    if route.backend:
+                        return await proxy.forward(self, route, data, path, user)
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as err:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+        return await self.complete(body, request, route)
+
+    async def complete(
+        self, body: ChatCompletionRequest | CompletionRequest, request: Request, route: _Route | None = None
+    ) -> Response:
+        """Route (unless already routed), queue and answer one validated chat or text completion."""
         started = time.monotonic()
         if body.n != 1:
             raise APIError(
                 400, f"n={body.n}: this server returns one choice per request; send n=1", param="n"
             )
-        route = self.route(body.model, body.user or request.headers.get(USER_HEADER))
+        user = body.user or request.headers.get(USER_HEADER)
+        route = route or self.route(body.model, user)
         try:
             job, events = self._job(body, route)
             self.engine.submit(job)
         except APIError as err:
             err.headers.update(route.headers)
-            self._record(route, started, err.status)
+            self.record(route, started, err.status)
             raise
         chat = isinstance(body, ChatCompletionRequest)
         tools = chat and body.active_tools() is not None  # parse the answer for tool calls
@@ -224,15 +380,16 @@ class _AppState:
                 tools=tools,
                 include_usage=include_usage,
                 started=started,
+                logged=(body, user),
             )
             return StreamingResponse(sse, media_type="text/event-stream", headers=route.headers)
         event = await self._final_event(job, events)
         if isinstance(event, Failed):
-            self._record(route, started, event.error.status)
+            self.record(route, started, event.error.status)
             event.error.headers.update(route.headers)
             raise event.error
-        self._record(route, started, None, (event.prompt_tokens, event.completion_tokens))
-        self._remember(response_id, route.adapter)
+        self.record(route, started, None, (event.prompt_tokens, event.completion_tokens))
+        self._finished(route, response_id, event, body, user)
         payload = (
             _chat_response(response_id, route.served, event, tools)
             if chat
@@ -316,6 +473,7 @@ class _AppState:
         tools: bool,
         include_usage: bool,
         started: float,
+        logged: tuple[ChatCompletionRequest | CompletionRequest, str | None],
     ) -> AsyncIterator[str]:
         """Server-sent events: one chunk per text delta, a final chunk with finish_reason, [DONE].
 
@@ -338,12 +496,12 @@ class _AppState:
                     yield _sse_data(event.error.body())
                 else:
                     status = None
-                    self._remember(response_id, route.adapter)
+                    self._finished(route, response_id, event, *logged)
                     for line in chunk.ending(event, tool_stream):
                         yield line
                     if include_usage:
                         yield chunk.usage(event)
-                    self._record(route, started, None, (event.prompt_tokens, event.completion_tokens))
+                    self.record(route, started, None, (event.prompt_tokens, event.completion_tokens))
                 break
             yield "data: [DONE]\n\n"
         finally:
@@ -351,9 +509,9 @@ class _AppState:
                 job.cancelled.set()
                 status = 499
             if status is not None:
-                self._record(route, started, status)
+                self.record(route, started, status)
 
-    def _record(
+    def record(
         self, route: _Route, started: float, error_status: int | None, tokens: tuple[int, int] = (0, 0)
     ) -> None:
         """Metrics for every request; the watcher's window only for failures that are the server's."""
@@ -362,43 +520,85 @@ class _AppState:
         if error_status is None or error_status >= 500:
             self.router.observe(route.adapter, error_status is None, latency, alias=route.alias)
 
-    def _remember(self, response_id: str, adapter: str | None) -> None:
-        self._responses[response_id] = adapter
+    def _finished(
+        self,
+        route: _Route,
+        response_id: str,
+        done: Done,
+        body: ChatCompletionRequest | CompletionRequest,
+        user: str | None,
+    ) -> None:
+        """A built-in answer is complete: remember it for feedback and log it."""
+        tokens = (done.prompt_tokens, done.completion_tokens)
+        answer = proxy.Answer(response_id, done.text, done.finish_reason, tokens)
+        self.completed(route, answer, body.model_dump(exclude_unset=True, exclude_none=True), user)
+
+    def completed(self, route: _Route, answer: proxy.Answer, data: dict[str, Any], user: str | None) -> None:
+        """Any completed answer (built-in or backend, streamed or not): remembered and logged."""
+        if answer.id is None:
+            return
+        self._responses[answer.id] = (route.served, route.alias)
         while len(self._responses) > REMEMBERED_RESPONSES:
             self._responses.popitem(last=False)
+        if self.log is None:
+            return
+        text_prompt = data.get("prompt")
+        self.log.request(
+            id=answer.id,
+            alias=route.alias,
+            variant=route.served,
+            user=user,
+            messages=data.get("messages") if text_prompt is None else None,
+            prompt=(text_prompt[0] if isinstance(text_prompt, list) and text_prompt else text_prompt),
+            response=answer.text,
+            finish_reason=answer.finish_reason,
+            sampling={k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None},
+        )
 
     def feedback(self, body: FeedbackRequest) -> dict[str, Any]:
+        """A score for a response (by id: its variant and alias) or for a variant by name."""
         if (body.id is None) == (body.adapter is None):
             raise APIError(400, "give exactly one of 'id' (a response id) or 'adapter'", param="id")
+        alias = None
         if body.id is not None:
             if body.id not in self._responses:
                 raise APIError(
                     404, f"no recent response with id '{body.id}'", param="id", code="unknown_response"
                 )
-            adapter = self._responses[body.id]
+            variant, alias = self._responses[body.id]
         else:
-            adapter = body.adapter
-        if adapter is None:
-            raise APIError(
-                400, "feedback is tracked per adapter; that response came from the base model", param="id"
-            )
+            variant = str(body.adapter)
         try:
-            self.router.feedback(adapter, body.score)
+            self.router.feedback(variant, body.score)
         except KeyError:
-            raise APIError(404, f"no adapter named '{adapter}' is loaded", param="adapter") from None
-        return {"adapter": adapter, "score": body.score, "health": self.router.health(adapter)}
+            raise APIError(404, f"no variant named '{variant}' is served", param="adapter") from None
+        if self.log is not None:
+            self.log.feedback(id=body.id, alias=alias, variant=variant, score=body.score, user=body.user)
+        return {
+            "adapter": variant,
+            "alias": alias,
+            "score": body.score,
+            "health": self.router.health(variant),
+        }
 
     async def load_adapter(self, body: AdapterLoadRequest) -> dict[str, Any]:
+        if self.engine is None:
+            raise APIError(
+                400, "this server has no local model (backends only); adapters need --base", param="path"
+            )
         try:
             self.router.check_name_free(body.name)
             # Loading waits for the model lock, i.e. for the request being generated, so off the event loop.
             loaded = await asyncio.to_thread(self.engine.load_adapter, body.name, body.path)
             self.router.add_adapter(body.name)
+            self.metrics.variant_up.labels(body.name).set(1)
         except (OSError, ValueError) as err:
             raise APIError(400, str(err), param="path") from None
         return {"name": loaded.name, "path": str(loaded.path)}
 
     async def unload_adapter(self, name: str) -> dict[str, Any]:
+        if self.engine is None:
+            raise APIError(404, f"no adapter named '{name}' is loaded (backends only)", param="name")
         try:
             self.router.remove_adapter(name)
         except KeyError:

@@ -41,6 +41,23 @@ def not_found(model: str, known: list[str]) -> APIError:
     )
 
 
+def variant_down(variant: str, alias: str | None) -> APIError:
+    """The variant (or, through an alias, its baseline) is marked down: 503 naming it."""
+    via = f" (the baseline of alias '{alias}')" if alias else ""
+    return APIError(
+        503,
+        f"Variant '{variant}'{via} is down: its backend failed its recent requests or health probes. "
+        "Retry shortly; GET /health shows each variant's state.",
+        type="server_error",
+        code="variant_down",
+        headers={
+            "retry-after": "5",
+            "x-tunelab-adapter": variant,
+            **({"x-tunelab-alias": alias} if alias else {}),
+        },
+    )
+
+
 def queue_full(size: int) -> APIError:
     return APIError(
         429,

@@ -11,12 +11,13 @@ from prometheus_client import (
     generate_latest,
 )
 
-LABELS = ("adapter", "alias")
+LABELS = ("variant", "alias")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ServeMetrics:
-    """Requests, errors, latency and tokens per adapter and alias (alias "" for direct requests)."""
+    """Requests, errors, latency and tokens per variant (base, adapter or backend) and alias (alias ""
+    for direct requests); each variant's up/down state, upstream faults by reason, rollbacks by why."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -39,6 +40,21 @@ class ServeMetrics:
             "tunelab_completion_tokens", "Completion tokens generated", LABELS, registry=reg
         )
         self.queue_depth = Gauge("tunelab_queue_depth", "Requests waiting for the worker", registry=reg)
+        self.variant_up = Gauge(
+            "tunelab_variant_up", "1 while a variant takes traffic", ("variant",), registry=reg
+        )
+        self.upstream_errors = Counter(
+            "tunelab_upstream_errors",
+            "Faults of a backend: connect, timeout or http_5xx (a client's 4xx is not one)",
+            ("variant", "reason"),
+            registry=reg,
+        )
+        self.rollbacks = Counter(
+            "tunelab_rollbacks",
+            "Candidates whose alias traffic went back to the baseline, by why (error_rate, latency, feedback)",
+            ("alias", "variant", "reason"),
+            registry=reg,
+        )
 
     def observe(
         self,
@@ -49,7 +65,7 @@ class ServeMetrics:
         error_status: int | None = None,
         tokens: tuple[int, int] = (0, 0),
     ) -> None:
-        labels = {"adapter": adapter, "alias": alias or ""}
+        labels = {"variant": adapter, "alias": alias or ""}
         self.requests.labels(**labels).inc()
         self.latency.labels(**labels).observe(latency_s)
         if error_status is not None:

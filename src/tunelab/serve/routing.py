@@ -100,10 +100,11 @@ class RollingStats:
     def summary(self) -> dict[str, Any]:
         """Counts, error rate, p95 latency and mean feedback over the current window."""
         requests, feedback = self._fresh(self._requests), self._fresh(self._feedback)
-        latencies = [lat for _, ok, lat in requests if ok]
+        latencies = sorted(lat for _, ok, lat in requests if ok)  # sorted once for both percentiles
         return {
             "requests": len(requests),
             "error_rate": (sum(1 for _, ok, _ in requests if not ok) / len(requests)) if requests else None,
+            "p50_latency_s": percentile(latencies, 50) if latencies else None,
             "p95_latency_s": percentile(latencies, 95) if latencies else None,
             "feedback_n": len(feedback),
             "feedback_mean": (sum(s for _, s in feedback) / len(feedback)) if feedback else None,
@@ -161,24 +162,99 @@ class Alias:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+class VariantDown(Exception):
+    """The variant a request resolved to is down and no healthy baseline can take its place."""
+
+    def __init__(self, variant: str, alias: str | None) -> None:
+        super().__init__(variant)
+        self.variant, self.alias = variant, alias
+
+
+def rollback_kind(reason: str) -> str:
+    """The metric label for a rollback reason written by :func:`compare`."""
+    for prefix, kind in (
+        ("error rate", "error_rate"),
+        ("p95 latency", "latency"),
+        ("mean feedback", "feedback"),
+    ):
+        if reason.startswith(prefix):
+            return kind
+    return "other"
+
+
 class Router:
-    """Resolves request models to adapters and keeps every alias healthy. Thread-safe."""
+    """Resolves request models to variants and keeps every alias healthy. Thread-safe.
+
+    A variant is the local base model (``base_name``; ``None`` when only backends are served), a
+    loaded adapter, or a backend (an OpenAI-compatible upstream). Aliases mix them freely. A variant
+    marked down (:meth:`set_up`) gets no traffic: its users go to their alias's baseline.
+    """
 
     def __init__(
         self,
-        base_name: str,
+        base_name: str | None,
         adapters: list[str],
         policy: WatchPolicy | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
+        backends: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.base_name = base_name
         self.policy = policy or WatchPolicy()
         self._clock, self._wall = clock, wall_clock
         self._lock = threading.RLock()
         self._adapters: set[str] = set(adapters)
+        self._backends: set[str] = set(backends)
+        self._down: set[str] = set()
         self._aliases: dict[str, Alias] = {}
         self._stats: dict[str, RollingStats] = {}
+        clash = sorted(self._backends & (self._adapters | {base_name}))
+        if clash:
+            raise ValueError(
+                f"backend name(s) {clash} are taken by the base or an adapter; rename the backend"
+            )
+        self.on_rollback: Callable[[str, str, str], None] | None = None
+        """Called with (alias, variant, kind) on every rollback; the app counts them in /metrics."""
+
+    @property
+    def backends(self) -> list[str]:
+        with self._lock:
+            return sorted(self._backends)
+
+    @property
+    def variants(self) -> list[str]:
+        """Every name a request can be answered by: base (if local), adapters, backends."""
+        with self._lock:
+            base = [self.base_name] if self.base_name is not None else []
+            return base + sorted(self._adapters) + sorted(self._backends)
+
+    def kind(self, variant: str) -> str:
+        """base, adapter or backend."""
+        if variant == self.base_name:
+            return "base"
+        return "backend" if variant in self._backends else "adapter"
+
+    def set_up(self, variant: str, up: bool) -> None:
+        """Mark a variant up or down; down variants get no traffic until marked up again."""
+        with self._lock:
+            (self._down.discard if up else self._down.add)(variant)
+
+    def is_up(self, variant: str) -> bool:
+        with self._lock:
+            return variant not in self._down
+
+    def baseline(self, alias: str) -> str | None:
+        """The alias's baseline variant (None for an unknown alias)."""
+        with self._lock:
+            found = self._aliases.get(alias)
+            return found.baseline if found else None
+
+    def ready(self) -> bool:
+        """Every alias's baseline is up (with no aliases: some variant is up)."""
+        with self._lock:
+            if self._aliases:
+                return all(a.baseline not in self._down for a in self._aliases.values())
+            return any(v not in self._down for v in self.variants)
 
     @property
     def adapters(self) -> list[str]:
@@ -217,6 +293,7 @@ class Router:
         """Base, adapter and alias names share one namespace (the request's ``model``); an alias may
         be replaced by an alias of the same name."""
         taken = {self.base_name: "the base model", **dict.fromkeys(self._adapters, "an adapter")}
+        taken.update(dict.fromkeys(self._backends, "a backend"))
         if kind == "adapter":
             taken.update(dict.fromkeys(self._aliases, "an alias"))
         if name in taken:
@@ -250,10 +327,10 @@ class Router:
     def _check_shares(self, alias: str, shares: dict[str, float], baseline: str | None) -> None:
         if not shares:
             raise ValueError(f"alias '{alias}': give at least one adapter share")
-        unknown = sorted(set(shares) - self._adapters)
+        unknown = sorted(set(shares) - set(self.variants))
         if unknown:
             raise ValueError(
-                f"alias '{alias}': unknown adapter(s) {unknown}; loaded: {sorted(self._adapters)}"
+                f"alias '{alias}': unknown adapter(s) or backend(s) {unknown}; served: {self.variants}"
             )
         bad = {k: v for k, v in shares.items() if not (0 <= v <= 1) or math.isnan(v)}
         if bad:
@@ -286,20 +363,29 @@ class Router:
         alias.shares[candidate] = share
 
     def resolve(self, model: str, user: str | None) -> tuple[str | None, str | None]:
-        """Request ``model`` → (adapter, alias); adapter None means the base with adapters disabled."""
+        """Request ``model`` → (variant, alias); variant None means the local base with adapters
+        disabled. A down variant's users go to the alias's baseline; :class:`VariantDown` when the
+        variant asked for (or the baseline it falls back to) is down."""
         with self._lock:
-            if model == self.base_name:
-                return None, None
-            if model in self._adapters:
-                return model, None
+            if model == self.base_name or model in self._adapters or model in self._backends:
+                if model in self._down:
+                    raise VariantDown(model, None)
+                return (None if model == self.base_name else model), None
             alias = self._aliases.get(model)
             if alias is None:
                 raise KeyError(model)
             point = bucket(user, alias.name) if user else random.random()
-            return pick(alias.shares, point), alias.name
+            variant = pick(alias.shares, point)
+            if variant in self._down:
+                variant = alias.baseline
+                if variant in self._down:
+                    raise VariantDown(variant, alias.name)
+            return (None if variant == self.base_name else variant), alias.name
 
     def observe(self, adapter: str | None, ok: bool, latency_s: float, alias: str | None = None) -> None:
-        """Record one finished request, advance its alias's rollout, then run the watcher."""
+        """Record one finished request of a variant (None = the base), advance its alias's rollout,
+        then run the watcher."""
+        adapter = self.base_name if adapter is None else adapter
         if adapter is None:
             return
         with self._lock:
@@ -310,8 +396,9 @@ class Router:
             self.check()
 
     def feedback(self, adapter: str, score: float) -> None:
+        """A score for a variant (base, adapter or backend)."""
         with self._lock:
-            if adapter not in self._adapters:
+            if adapter not in self.variants:
                 raise KeyError(adapter)
             self._stats_of(adapter).record_feedback(score)
             self.check()
@@ -355,6 +442,8 @@ class Router:
             alias.rollout.state = "rolled_back"
         message = f"rolled back '{candidate}' (share {moved:g} → 0) to baseline '{alias.baseline}': {reason}"
         self._event(alias, "rollback", message, level=logging.WARNING)
+        if self.on_rollback is not None:
+            self.on_rollback(alias.name, candidate, rollback_kind(reason))
         return message
 
     def _step_due(self, rollout: Rollout) -> bool:
@@ -421,7 +510,9 @@ def parse_alias(text: str) -> tuple[str, dict[str, float]]:
         )
     shares: dict[str, float] = {}
     for part in rest.split(","):
-        adapter, colon, share = part.strip().partition(":")
+        # The share follows the last colon: a variant may be a base name such as tiny:llama.
+        adapter, colon, share = part.strip().rpartition(":")
+        adapter = adapter if colon else share
         try:
             shares[adapter] = float(share) if colon else 1.0
         except ValueError:

@@ -323,7 +323,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tunelab"
-    kind: Literal["base", "adapter", "alias"]
+    kind: Literal["base", "adapter", "backend", "alias"]
 
 
 class ModelList(BaseModel):
@@ -332,11 +332,13 @@ class ModelList(BaseModel):
 
 
 class FeedbackRequest(_Strict):
-    """A score for one response (by its ``id``) or directly for an adapter; higher is better."""
+    """A score for one response (by its ``id``) or directly for a variant (``adapter``: a base,
+    adapter or backend name); higher is better. ``user`` is kept in the feedback log."""
 
     id: str | None = None
     adapter: str | None = None
     score: float = Field(ge=-1, le=1)
+    user: str | None = None
 
 
 class AdapterLoadRequest(_Strict):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.serve.app import ServeSettings, create_app
+from tunelab.serve.backends import DEFAULT_MAX_FAILURES, Backends, BackendSpec
 from tunelab.serve.engine import Engine
 from tunelab.serve.routing import Router, WatchPolicy
 from tunelab.serve.security import check_bind
@@ -34,26 +35,48 @@ class ServeConfig:
     queue_size: int = 64
     request_timeout_s: float = 60.0
     max_tokens_limit: int = 1024
+    max_batch: int = 16
+    backends: dict[str, BackendSpec] = field(default_factory=dict)
+    backend_failures: int = DEFAULT_MAX_FAILURES
+    watch_interval_s: float = 5.0
+    log_dir: Path | None = None
 
 
 def build_app(config: ServeConfig) -> Any:
-    """Load the model and adapters, set up the aliases, and return the FastAPI app."""
+    """Load the model and adapters (unless only backends are served), set up the aliases, and
+    return the FastAPI app."""
     unknown = sorted(set(config.rollouts) - set(config.aliases))
     if unknown:
         raise ValueError(f"--rollout names alias(es) {unknown} that no --alias defines")
-    engine = Engine.load(
-        config.base,
-        config.adapters,
-        device=config.device,
-        dtype=config.dtype,
-        queue_size=config.queue_size,
-        max_tokens_limit=config.max_tokens_limit,
+    engine = None
+    if config.base is not None or config.adapters or not config.backends:
+        engine = Engine.load(
+            config.base,
+            config.adapters,
+            device=config.device,
+            dtype=config.dtype,
+            queue_size=config.queue_size,
+            max_tokens_limit=config.max_tokens_limit,
+            max_batch=config.max_batch,
+        )
+    backends = Backends(
+        list(config.backends.values()),
+        timeout_s=config.request_timeout_s,
+        max_failures=config.backend_failures,
     )
-    router = Router(engine.base_name, list(engine.adapters), config.policy)
+    router = Router(
+        engine.base_name if engine else None, list(engine.adapters) if engine else [], config.policy,
+        backends=backends.names,
+    )  # fmt: skip
     for name, shares in config.aliases.items():
         router.set_alias(name, shares, rollout=config.rollouts.get(name), rollout_every=config.rollout_every)
-    settings = ServeSettings(api_key=config.api_key, request_timeout_s=config.request_timeout_s)
-    return create_app(engine, router, settings)
+    settings = ServeSettings(
+        api_key=config.api_key,
+        request_timeout_s=config.request_timeout_s,
+        watch_interval_s=config.watch_interval_s,
+        log_dir=config.log_dir,
+    )
+    return create_app(engine, router, settings, backends)
 
 
 def serve(config: ServeConfig) -> None:

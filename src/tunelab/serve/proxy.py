@@ -1,0 +1,204 @@
+"""Forward a completion request to a backend and its answer back, as it arrives.
+
+The request body is the client's JSON with only ``model`` rewritten; the answer keeps the upstream's
+status and body and gains the ``x-tunelab-adapter``/``x-tunelab-alias`` headers. Streams are relayed
+chunk by chunk (bytes as they come off the socket) while a tap reads the SSE events on the side for
+the response id, the assembled text and the usage, which feedback, the request log and the metrics
+need. Faults of the upstream (connection, timeout, 5xx) are counted against the backend; a 4xx is
+passed through and never counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from tunelab.serve.backends import Backends, UpstreamFault
+from tunelab.serve.errors import APIError
+
+log = logging.getLogger("tunelab.serve")
+# Upstream response headers worth keeping; hop-by-hop and length headers are the server's to set.
+KEPT_HEADERS = ("content-type", "retry-after")
+
+
+@dataclass
+class Answer:
+    """What the request log and feedback need from an upstream answer."""
+
+    id: str | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: tuple[int, int] = (0, 0)
+
+
+class Host(Protocol):
+    """The app state the proxy reports to (see ``app._AppState``)."""
+
+    backends: Backends
+
+    def record(
+        self, route: Any, started: float, error_status: int | None, tokens: tuple[int, int] = ...
+    ) -> None: ...
+    def upstream_fault(self, name: str, fault: UpstreamFault) -> None: ...
+    def upstream_ok(self, name: str) -> None: ...
+    def completed(self, route: Any, answer: Answer, data: dict[str, Any], user: str | None) -> None: ...
+
+
+class Unanswered(APIError):
+    """The upstream gave no answer at all (connect or timeout); ``unsent`` when the request never
+    reached it (a refused connection), so another variant may safely take it."""
+
+    def __init__(self, error: APIError, fault: UpstreamFault) -> None:
+        super().__init__(error.status, error.message, type=error.type, code=error.code, headers=error.headers)
+        self.unsent = fault.unsent
+
+
+def upstream_error(variant: str, fault: UpstreamFault) -> APIError:
+    """The client's error for an upstream that did not answer: 504 for a timeout, else 502."""
+    if fault.reason == "timeout":
+        return APIError(504, f"{fault.detail}; retry later", type="timeout_error", code="upstream_timeout")
+    return APIError(
+        502, f"{fault.detail}; variant '{variant}' is not answering, retry later", type="server_error",
+        code="upstream_unavailable",
+    )  # fmt: skip
+
+
+async def forward(host: Host, route: Any, data: dict[str, Any], path: str, user: str | None) -> Response:
+    """Send one request to ``route.served``'s backend and answer with the upstream's response."""
+    started, name = time.monotonic(), route.served
+    stream = bool(data.get("stream"))
+    try:
+        response = await host.backends.send(name, path, data, stream=stream)
+    except UpstreamFault as fault:
+        host.upstream_fault(name, fault)
+        host.record(route, started, 504 if fault.reason == "timeout" else 502)
+        error = upstream_error(name, fault)
+        error.headers.update(route.headers)
+        raise Unanswered(error, fault) from None
+    headers = {**route.headers, **{k: v for k in KEPT_HEADERS if (v := response.headers.get(k))}}
+    if not stream or not response.is_success:
+        body = await response.aread() if stream else response.content
+        if stream:
+            await response.aclose()
+        return _whole(host, route, response, body, headers, data, user, started)
+    relay = _relay(host, route, response, data, user, started)
+    return StreamingResponse(relay, status_code=response.status_code, headers=headers)
+
+
+def _whole(
+    host: Host,
+    route: Any,
+    response: httpx.Response,
+    body: bytes,
+    headers: dict[str, str],
+    data: dict[str, Any],
+    user: str | None,
+    started: float,
+) -> Response:
+    """A complete upstream answer: counted (5xx as a fault), remembered and logged when it succeeded."""
+    status = response.status_code
+    if status >= 500:
+        host.upstream_fault(
+            route.served, UpstreamFault("http_5xx", f"backend '{route.served}' answered {status}")
+        )
+        host.record(route, started, status)
+    elif status >= 400:
+        host.upstream_ok(route.served)  # it answered: the request, not the upstream, was at fault
+        host.record(route, started, status)
+        if status in (401, 403):  # the client passed tunelab's auth: the upstream's key is what is wrong
+            log.warning("backend '%s' answered %d: check its api_key_env", route.served, status)
+    else:
+        host.upstream_ok(route.served)
+        answer = _parse_whole(body)
+        host.record(route, started, None, answer.tokens)
+        host.completed(route, answer, data, user)
+    return Response(content=body, status_code=status, headers=headers)
+
+
+def _parse_whole(body: bytes) -> Answer:
+    try:
+        payload = json.loads(body)
+        choice = (payload.get("choices") or [{}])[0]
+        usage = payload.get("usage") or {}
+        message = choice.get("message") or {}
+        text = message.get("content") if "message" in choice else choice.get("text")
+        tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        return Answer(payload.get("id"), text or "", choice.get("finish_reason"), tokens)
+    except (ValueError, AttributeError, TypeError):
+        return Answer()  # not OpenAI-shaped JSON: relayed as is, nothing to remember
+
+
+async def _relay(
+    host: Host, route: Any, response: httpx.Response, data: dict[str, Any], user: str | None, started: float
+) -> AsyncIterator[bytes]:
+    """The upstream's bytes as they arrive; counted and logged once the stream has ended."""
+    tap, status = SSETap(), 0
+    try:
+        async for chunk in response.aiter_raw():
+            tap.feed(chunk)
+            yield chunk
+        status = None
+    except httpx.TransportError as err:  # the upstream died or stalled mid-stream
+        reason = "timeout" if isinstance(err, httpx.TimeoutException) else "connect"
+        fault = UpstreamFault(reason, f"backend '{route.served}' broke off the stream ({type(err).__name__})")
+        host.upstream_fault(route.served, fault)
+        status = 504 if reason == "timeout" else 502
+        yield f"data: {json.dumps(upstream_error(route.served, fault).body())}\n\n".encode()
+    finally:
+        with anyio.CancelScope(shield=True):  # the client may have gone: still close the upstream
+            await response.aclose()
+        if status is None:
+            answer = tap.finish()
+            host.upstream_ok(route.served)
+            host.record(route, started, None, answer.tokens)
+            host.completed(route, answer, data, user)
+        else:
+            host.record(route, started, status or 499)  # 0: the client disconnected
+
+
+@dataclass
+class SSETap:
+    """Reads OpenAI server-sent events from raw bytes (any chunking, ``\\n`` or ``\\r\\n`` lines)."""
+
+    answer: Answer = field(default_factory=Answer)
+    _buffer: bytes = b""
+    _parts: list[str] = field(default_factory=list)
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                self._event(line[5:].strip())
+
+    def _event(self, payload: bytes) -> None:
+        if payload == b"[DONE]":
+            return
+        try:
+            event = json.loads(payload)
+            self.answer.id = self.answer.id or event.get("id")
+            if usage := event.get("usage"):
+                self.answer.tokens = (
+                    int(usage.get("prompt_tokens") or 0),
+                    int(usage.get("completion_tokens") or 0),
+                )
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                self._parts.append((delta.get("content") if "delta" in choice else choice.get("text")) or "")
+                self.answer.finish_reason = choice.get("finish_reason") or self.answer.finish_reason
+        except (ValueError, AttributeError, TypeError):
+            return  # not an OpenAI chunk: relayed, not read
+
+    def finish(self) -> Answer:
+        """The answer once the stream has ended: its id, the text of every delta joined, usage."""
+        self.answer.text = "".join(self._parts)
+        return self.answer
