@@ -232,6 +232,47 @@ def test_seeded_samples_run_alone_and_stay_reproducible(engine: Engine) -> None:
     assert sinks[0].final.text == want.text == sinks[2].final.text
 
 
+def run_then_follow(engine: Engine, first: list[dict], follow: dict, delay: float, wait_s: float) -> Sink:
+    """Queue ``first`` together; ``delay`` s after the first job is answered, a client sends
+    ``follow`` (like a closed-loop client sending its next request); returns the follower's sink."""
+    follower = Sink()
+
+    class Leader(Sink):
+        def __call__(self, event: Event) -> None:
+            super().__call__(event)
+            if isinstance(event, Done):
+                # From now on: so the leader's own start never waits out an earlier batch's window.
+                engine.batch_wait_s = wait_s
+                job = make_job(engine, follow, follower)
+                threading.Timer(delay, engine.submit, args=(job,)).start()
+
+    saved, engine.batch_wait_s = engine.batch_wait_s, 0.0
+    try:
+        together(engine, first, [Leader()] + [Sink() for _ in first[1:]])
+        assert follower.finished.wait(60)
+    finally:
+        engine.batch_wait_s = saved
+    return follower
+
+
+def test_a_just_answered_client_joins_the_batch_waiting_for_the_worker(engine: Engine) -> None:
+    """Closed-loop clients must not split into two groups that take turns (half-sized batches)."""
+    yes, no = ({"adapter": a, "q": "mid", "max_tokens": 3} for a in ("yes-bot", "no-bot"))
+    for wait_s, expected in ((0.0, [1, 1, 1]), (2.0, [1, 2])):
+        engine.batches.clear()
+        run_then_follow(engine, [yes, no], no, delay=0.2, wait_s=wait_s)
+        assert engine.batches == expected, wait_s
+
+
+def test_a_lone_client_never_waits_for_company(engine: Engine) -> None:
+    import time
+
+    spec = {"adapter": None, "q": "short", "max_tokens": 3}
+    started = time.monotonic()
+    follower = run_then_follow(engine, [spec], spec, delay=0.0, wait_s=30.0)
+    assert isinstance(follower.final, Done) and time.monotonic() - started < 15
+
+
 def job_like(adapter: str | None, prompt: int = 3, max_tokens: int = 4, **params: object) -> Job:
     return Job(adapter, [1] * prompt, SamplingParams(max_tokens=max_tokens, **params), lambda e: None)
 

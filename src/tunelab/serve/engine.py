@@ -241,6 +241,7 @@ class Engine:
         queue_size: int = 64,
         max_tokens_limit: int = 1024,
         max_batch: int = 16,
+        batch_wait_s: float = 0.05,
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
@@ -253,7 +254,7 @@ class Engine:
         self.queue_size, self.max_tokens_limit = queue_size, max_tokens_limit
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: a batch holds at least one request")
-        self.max_batch = max_batch
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s if max_batch > 1 else 0.0
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.device = next(model.parameters()).device
         self._load_opts = {"device": device, "dtype": dtype}
@@ -427,14 +428,36 @@ class Engine:
             self._thread = None
 
     def _work(self) -> None:
+        ended, expected = float("-inf"), 0  # when the last batch ended; jobs worth waiting for then
         while True:
             with self._cond:
                 while not self._stopping and (self._paused or not self._jobs):
                     self._cond.wait()
                 if self._stopping:
                     return
+                if not self._gathered(ended, expected):
+                    continue
                 batch = take_batch(self._jobs, self.max_batch, self.context)
+                # Counted now, not when the batch ends: a row answered early may already have sent
+                # its client's next request by then, and that job must not count twice.
+                expected = len(self._jobs) + len(batch)
             self._run(batch)
+            ended = time.monotonic()
+
+    def _gathered(self, ended: float, expected: int) -> bool:
+        """Right after a batch, wait up to ``batch_wait_s`` for the clients it answered to send their
+        next requests (until ``expected`` jobs wait: those left waiting plus one per row), so
+        they join the batch that waits now instead of forming the next one behind it; otherwise
+        closed-loop clients split into two half-sized groups that take turns. A lone client never
+        waits (its own next request is all that is expected), nor does an idle server. False when
+        paused or stopping meanwhile: the caller starts over. (The caller holds the condition.)"""
+        until, wanted = ended + self.batch_wait_s, min(expected, self.max_batch)
+        while len(self._jobs) < wanted and not (self._paused or self._stopping):
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        return not (self._paused or self._stopping) and bool(self._jobs)
 
     def _run(self, jobs: list[Job]) -> None:
         """Answer a batch; a job that cannot run (gone, late, adapter unloaded) is answered alone and
