@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -265,8 +266,6 @@ def test_a_just_answered_client_joins_the_batch_waiting_for_the_worker(engine: E
 
 
 def test_a_lone_client_never_waits_for_company(engine: Engine) -> None:
-    import time
-
     spec = {"adapter": None, "q": "short", "max_tokens": 3}
     started = time.monotonic()
     follower = run_then_follow(engine, [spec], spec, delay=0.0, wait_s=30.0)
@@ -352,8 +351,6 @@ def test_concurrent_streamed_and_plain_requests_through_the_server_match_alone(
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
