@@ -34,7 +34,6 @@ class ServeConfig:
     queue_size: int = 64
     request_timeout_s: float = 60.0
     max_tokens_limit: int = 1024
-    max_batch: int = 16  # requests decoded together by the built-in engine; 1 = one at a time
 
 
 def build_app(config: ServeConfig) -> Any:
