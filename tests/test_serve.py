@@ -415,10 +415,10 @@ def test_client_errors_never_count_against_an_adapter_but_engine_faults_do(
         engine = engine_of(own)
         real = engine.generate
 
-        def faulty(job):  # a genuine engine fault, for the no-bot adapter only
-            if job.adapter == "no-bot":
+        def faulty(rows):  # a genuine engine fault, for the no-bot adapter only (a batch has one)
+            if rows[0].job.adapter == "no-bot":
                 raise RuntimeError("CUDA error: device-side assert at /opt/kernels.cu")
-            return real(job)
+            return real(rows)
 
         monkeypatch.setattr(engine, "generate", faulty)
         for _ in range(3):

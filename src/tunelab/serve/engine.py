@@ -1,14 +1,17 @@
 """The model, its adapters, and the one worker thread that generates with them.
 
-One thread owns the model: requests wait in a bounded queue and run one at a time, so switching
-adapters (``set_adapter``) is never interleaved with another request's forward pass, and a full
-queue is an immediate 429 instead of an unbounded pile-up. Loading and unloading adapters take
-the same lock the worker holds while generating.
+One thread owns the model: requests wait in a bounded queue, so switching adapters
+(``set_adapter``) is never interleaved with another request's forward pass, and a full queue is an
+immediate 429 instead of an unbounded pile-up. Loading and unloading adapters take the same lock
+the worker holds while generating.
 
-Generation is transformers' ``generate`` with a streamer that decodes as tokens arrive and a
-stopping criterion for stop strings, the request deadline and client cancellation. Text that
-might be the start of a stop string is held back while streaming, so a stop string is never sent.
-"""
+When the worker wakes it takes the oldest job and up to ``max_batch - 1`` more that can share its
+forward passes (same adapter and sampling; see ``batching.take_batch``) and decodes them together:
+one transformers ``generate`` call on the left-padded prompts. A stopping criterion sees every
+row's newest token each step; it decodes and streams it, holds back text that might be the start
+of a stop string (so a stop string is never sent), and answers each row as soon as its own stop
+string, ``max_tokens``, deadline or client cancellation ends it. Greedy rows get the same tokens
+as the job served alone: the model derives each row's positions from its attention mask."""
 
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from typing import Any
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
+from tunelab.serve.batching import left_pad, take_batch
 from tunelab.serve.errors import APIError, internal_error, queue_full, timed_out
 from tunelab.serve.tools import CLOSE as TOOL_CLOSE
 from tunelab.serve.tools import OPEN as TOOL_OPEN
@@ -151,42 +154,71 @@ def make_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     return decode_keeping_markers
 
 
-class _Collector(BaseStreamer):
-    """Receives tokens from ``generate`` and emits text deltas; the first ``put`` is the prompt."""
+class _Row:
+    """One job's state while it decodes inside a batch: its tokens, its stop scanner, and whether it
+    has already been answered (a finished row's later tokens are padding and are ignored)."""
 
-    def __init__(
-        self, decode: Callable[[list[int]], str], lock: threading.Lock, job: Job, scanner: StopScanner
-    ) -> None:
-        self.decode, self.lock, self.job, self.scanner = decode, lock, job, scanner
+    def __init__(self, job: Job, decode: Callable[[list[int]], str], lock: threading.Lock) -> None:
+        self.job, self.decode, self.lock = job, decode, lock
+        self.scanner = StopScanner(list(job.params.stop))
         self.ids: list[int] = []
-        self._prompt_seen = False
+        self.finished = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
+    def advance(self, token: int, eos_ids: set[int]) -> None:
+        """Take the row's next token: stream what is safe to send, and finish the row when its own
+        limits say so; the other rows of the batch go on."""
+        self.ids.append(token)
         with self.lock:
             text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return  # a multi-byte character is half decoded; the next token completes it
-        delta = self.scanner.feed(text)
-        if delta and self.job.stream:
-            self.job.emit(Delta(delta))
+        if not text.endswith("\ufffd"):  # else a multi-byte character is half decoded; wait for the rest
+            delta = self.scanner.feed(text)
+            if delta and self.job.stream:
+                self.emit(Delta(delta))
+        if self.finished:  # the client could not take the delta
+            return
+        if self.job.cancelled.is_set():
+            self.fail(timed_out(self.job.timeout_s))
+        elif self.scanner.stopped or token in eos_ids:
+            self.complete("stop")
+        elif len(self.ids) >= self.job.params.max_tokens:
+            self.complete("length")
+        elif time.monotonic() > self.job.deadline:
+            self.fail(timed_out(self.job.timeout_s))
 
-    def end(self) -> None:
-        pass
+    def complete(self, finish_reason: str) -> None:
+        """Send the text held back for a possible stop string, then the answer."""
+        self.finished = True
+        tail = self.scanner.flush()
+        if tail and self.job.stream:
+            self.emit(Delta(tail))
+        self.emit(Done(self.scanner.text, finish_reason, len(self.job.prompt_ids), len(self.ids)))
+
+    def fail(self, error: APIError) -> None:
+        self.finished = True
+        self.emit(Failed(error))
+
+    def emit(self, event: Event) -> None:
+        """A client whose event loop is gone must not stop the rows decoding beside it."""
+        try:
+            self.job.emit(event)
+        except Exception:  # noqa: BLE001
+            log.warning("could not deliver an event for a request; dropping that request", exc_info=True)
+            self.finished = True
+            self.job.cancelled.set()
 
 
-class _Halt(StoppingCriteria):
-    """Stop on a stop string, the request deadline, or a client that went away."""
+class _BatchHalt(StoppingCriteria):
+    """Called by ``generate`` after each step with every row's newest token: feeds the unfinished
+    rows and tells ``generate`` which rows are done (it stops when all are)."""
 
-    def __init__(self, job: Job, scanner: StopScanner) -> None:
-        self.job, self.scanner = job, scanner
+    def __init__(self, rows: list[_Row], eos_ids: set[int]) -> None:
+        self.rows, self.eos_ids = rows, eos_ids
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        halt = self.scanner.stopped or self.job.cancelled.is_set() or time.monotonic() > self.job.deadline
-        return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
+        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
+            if not row.finished:
+                row.advance(token, self.eos_ids)
+        return torch.tensor([row.finished for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -208,6 +240,8 @@ class Engine:
         base_key: tuple[str, int | None] | None = None,
         queue_size: int = 64,
         max_tokens_limit: int = 1024,
+        max_batch: int = 16,
+        batch_wait_s: float = 0.05,
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
@@ -218,6 +252,9 @@ class Engine:
         self.base_key = base_key or (base_name, None)
         self.base_template = tokenizer.chat_template or BUILTIN_TEMPLATES["chatml"]
         self.queue_size, self.max_tokens_limit = queue_size, max_tokens_limit
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: a batch holds at least one request")
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s if max_batch > 1 else 0.0
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.device = next(model.parameters()).device
         self._load_opts = {"device": device, "dtype": dtype}
@@ -391,70 +428,86 @@ class Engine:
             self._thread = None
 
     def _work(self) -> None:
+        ended, expected = float("-inf"), 0  # when the last batch ended; jobs worth waiting for then
         while True:
             with self._cond:
                 while not self._stopping and (self._paused or not self._jobs):
                     self._cond.wait()
                 if self._stopping:
                     return
-                job = self._jobs.popleft()
-            self._run(job)
+                if not self._gathered(ended, expected):
+                    continue
+                batch = take_batch(self._jobs, self.max_batch, self.context)
+                # Counted now, not when the batch ends: a row answered early may already have sent
+                # its client's next request by then, and that job must not count twice.
+                expected = len(self._jobs) + len(batch)
+            self._run(batch)
+            ended = time.monotonic()
 
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return
-        if time.monotonic() > job.deadline:
-            job.emit(Failed(timed_out(job.timeout_s)))
+    def _gathered(self, ended: float, expected: int) -> bool:
+        """Right after a batch, wait up to ``batch_wait_s`` for the clients it answered to send their
+        next requests (until ``expected`` jobs wait: those left waiting plus one per row), so
+        they join the batch that waits now instead of forming the next one behind it; otherwise
+        closed-loop clients split into two half-sized groups that take turns. A lone client never
+        waits (its own next request is all that is expected), nor does an idle server. False when
+        paused or stopping meanwhile: the caller starts over. (The caller holds the condition.)"""
+        until, wanted = ended + self.batch_wait_s, min(expected, self.max_batch)
+        while len(self._jobs) < wanted and not (self._paused or self._stopping):
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        return not (self._paused or self._stopping) and bool(self._jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Answer a batch; a job that cannot run (gone, late, adapter unloaded) is answered alone and
+        an engine fault fails only the rows it left unanswered."""
+        rows = [_Row(job, self.decode, self.tokenizer_lock) for job in jobs if not job.cancelled.is_set()]
+        for row in rows:
+            if time.monotonic() > row.job.deadline:
+                row.fail(timed_out(row.job.timeout_s))
+        rows = [row for row in rows if not row.finished]
+        if not rows:
             return
         try:
             with self._model_lock:
-                done = self.generate(job)
+                self.generate(rows)
         except APIError as err:
-            job.emit(Failed(err))
+            for row in rows:
+                if not row.finished:
+                    row.fail(err)
         except Exception:  # noqa: BLE001  (one bad request must not kill the worker)
             ref = uuid.uuid4().hex[:12]
-            log.exception("generation failed (reference %s, adapter %s)", ref, job.adapter or "base")
-            job.emit(Failed(internal_error(ref)))
-        else:
-            job.emit(done)
+            log.exception("generation failed (reference %s, adapter %s)", ref, rows[0].job.adapter or "base")
+            for row in rows:
+                if not row.finished:
+                    row.fail(internal_error(ref))
 
-    def generate(self, job: Job) -> Done:
-        """Run one job to the end (the caller holds the model lock)."""
-        if job.adapter is not None and job.adapter not in self.adapters:
-            raise APIError(
-                404, f"adapter '{job.adapter}' was unloaded while this request waited", param="model"
-            )
-        scanner = StopScanner(list(job.params.stop))
-        collector = _Collector(self.decode, self.tokenizer_lock, job, scanner)
-        ids = torch.tensor([job.prompt_ids], device=self.device)
-        with self._adapter(job.adapter), _seeded(job.params.seed, self.device), torch.inference_mode():
+    def generate(self, rows: list[_Row]) -> None:
+        """Decode a batch of compatible jobs (same adapter and sampling; see ``take_batch``) in one
+        ``generate`` call; each row is answered as soon as it stops (the caller holds the model lock)."""
+        adapter, params = rows[0].job.adapter, rows[0].job.params
+        if adapter is not None and adapter not in self.adapters:
+            raise APIError(404, f"adapter '{adapter}' was unloaded while this request waited", param="model")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, mask = left_pad([row.job.prompt_ids for row in rows], pad_id, self.device)
+        eos_ids = self._eos_ids()
+        with self._adapter(adapter), _seeded(params.seed, self.device), torch.inference_mode():
             self.model.generate(
                 input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=job.params.max_tokens,
-                streamer=collector,
-                stopping_criteria=StoppingCriteriaList([_Halt(job, scanner)]),
-                pad_token_id=self.tokenizer.pad_token_id,
-                **_sampling_kwargs(job.params),
+                attention_mask=mask,
+                max_new_tokens=max(row.job.params.max_tokens for row in rows),
+                stopping_criteria=StoppingCriteriaList([_BatchHalt(rows, eos_ids)]),
+                pad_token_id=pad_id,
+                **_sampling_kwargs(params),
             )
-        if job.cancelled.is_set() or (time.monotonic() > job.deadline and not scanner.stopped):
-            raise timed_out(job.timeout_s)
-        tail = scanner.flush()
-        if tail and job.stream:
-            job.emit(Delta(tail))
-        return Done(
-            scanner.text,
-            self._finish_reason(collector, scanner, job),
-            len(job.prompt_ids),
-            len(collector.ids),
-        )
+        for row in rows:  # generate also stops on its own limits; nothing may go unanswered
+            if not row.finished:
+                row.complete("length" if len(row.ids) >= row.job.params.max_tokens else "stop")
 
-    def _finish_reason(self, collector: _Collector, scanner: StopScanner, job: Job) -> str:
+    def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if scanner.stopped or (collector.ids and collector.ids[-1] in eos_ids):
-            return "stop"
-        return "length" if len(collector.ids) >= job.params.max_tokens else "stop"
+        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     @contextlib.contextmanager
     def _adapter(self, name: str | None) -> Iterator[None]:
