@@ -19,6 +19,7 @@ from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
 from tunelab.serve.cli import serve_cmd
 from tunelab.sweep import sweep_cmd
+from tunelab.synth.cli_judge import constitute_cmd, judge_cmd
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; the
 # warning is theirs to fix and says nothing to a tunelab user, so the command line does not repeat it.
@@ -42,6 +43,8 @@ app.command("plan")(plan_cmd)
 app.command("serve")(serve_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
+data_app.command("judge")(judge_cmd)
+data_app.command("constitute")(constitute_cmd)
 
 out = make_console()
 err = make_console(stderr=True)

@@ -1,0 +1,173 @@
+"""LLM-as-judge: pointwise scores (1-10 against a rubric) and pairwise verdicts (A/B, ties allowed).
+
+Pairwise judging asks twice with the candidates' positions swapped, so a judge that prefers whichever
+answer comes first (a known bias: Zheng et al., 2023, "Judging LLM-as-a-judge") cannot decide a pair
+by position: a candidate wins only when both orders name it; a split vote is a tie. Ties are never
+written as preference pairs (a pair needs a winner) but are counted, as unparseable verdicts are.
+
+The judge samples greedily (temperature 0) so a verdict is reproducible, and every call goes through
+the generation client, so a re-run with the same inputs is answered from its cache.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.synth.client import Generator, GenSettings
+
+DEFAULT_RUBRIC = (
+    "Helpfulness: does the answer do what the user asked, completely?\n"
+    "Correctness: are its facts, reasoning and code right?\n"
+    "Harmlessness: does it avoid unsafe, deceptive or offensive content?\n"
+    "Clarity: is it well organised and no longer than it needs to be?"
+)
+
+POINTWISE_SYSTEM = (
+    "You are an impartial judge of an AI assistant's answer. Rate it against this rubric:\n{rubric}\n"
+    "First explain your assessment in a few sentences, then give the rating, an integer from 1 (worst) "
+    "to 10 (best), in exactly this form on the last line: Rating: [[7]]"
+)
+PAIRWISE_SYSTEM = (
+    "You are an impartial judge comparing the answers of two AI assistants, A and B, to the same "
+    "conversation. Judge them against this rubric:\n{rubric}\n"
+    "The order in which the answers appear, their length and the assistants' names must not affect your "
+    "verdict. First explain your comparison in a few sentences, then give the verdict on the last line "
+    'in exactly this form: "[[A]]" if A is better, "[[B]]" if B is better, "[[C]]" for a tie.'
+)
+
+_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+_RATING_WORD = re.compile(r"(?i)\b(?:rating|score)\s*[:=]\s*(\d+(?:\.\d+)?)")
+_VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
+_VERDICT_WORD = re.compile(r"(?i)\bverdict\s*[:=]\s*\W*(A|B|C|tie)\b")
+
+
+def parse_rating(text: str) -> float | None:
+    """The 1-10 rating in a judge's answer (the last one given), or None when there is none."""
+    found = _RATING.findall(text) or _RATING_WORD.findall(text)
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if 1 <= value <= 10 else None
+
+
+def parse_verdict(text: str) -> str | None:
+    """``"A"``, ``"B"`` or ``"tie"`` from a judge's answer (the last verdict given), else None."""
+    found = _VERDICT.findall(text) or _VERDICT_WORD.findall(text)
+    if not found:
+        return None
+    verdict = found[-1].upper()
+    return "tie" if verdict in ("C", "TIE") else verdict
+
+
+def render_conversation(messages: Sequence[dict[str, Any]]) -> str:
+    """A conversation as plain text for the judge to read (roles named, content as written)."""
+    return "\n\n".join(f"[{m['role']}]\n{m.get('content') or ''}" for m in messages)
+
+
+def pointwise_request(prompt: Sequence[dict[str, Any]], answer: str, rubric: str) -> list[dict[str, str]]:
+    """The judge's conversation for rating one answer."""
+    user = f"## Conversation\n{render_conversation(prompt)}\n\n## Answer to rate\n{answer}"
+    return [
+        {"role": "system", "content": POINTWISE_SYSTEM.format(rubric=rubric)},
+        {"role": "user", "content": user},
+    ]
+
+
+def pairwise_request(
+    prompt: Sequence[dict[str, Any]], first: str, second: str, rubric: str
+) -> list[dict[str, str]]:
+    """The judge's conversation for comparing two answers, ``first`` shown as A."""
+    user = (
+        f"## Conversation\n{render_conversation(prompt)}\n\n"
+        f"## Answer of assistant A\n{first}\n\n## Answer of assistant B\n{second}"
+    )
+    return [
+        {"role": "system", "content": PAIRWISE_SYSTEM.format(rubric=rubric)},
+        {"role": "user", "content": user},
+    ]
+
+
+@dataclass
+class Rating:
+    """One pointwise judgement: the score (None when the answer held no rating) and the judge's text."""
+
+    score: float | None
+    reason: str
+
+
+@dataclass
+class Comparison:
+    """One pairwise judgement of (x, y), asked in both orders.
+
+    ``winner`` is ``"x"``, ``"y"``, ``"tie"`` (the judge said so, or the two orders disagreed) or None
+    (a verdict could not be read). ``verdicts`` are the raw verdicts of the (x, y) and (y, x) orders.
+    """
+
+    winner: str | None
+    verdicts: tuple[str | None, str | None]
+    reasons: tuple[str, str]
+    consistent: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        first, second = self.verdicts
+        swapped = {"A": "B", "B": "A"}.get(second or "", second)
+        self.consistent = first is not None and first == swapped
+
+
+def combine(first: str | None, second: str | None) -> str | None:
+    """The winner of (x, y) from the verdict on (x as A, y as B) and on (y as A, x as B)."""
+    if first is None or second is None:
+        return None
+    as_xy = {"A": "x", "B": "y", "tie": "tie"}
+    a, b = as_xy[first], {"A": "y", "B": "x", "tie": "tie"}[second]
+    return a if a == b else "tie"
+
+
+class Judge:
+    """A generator asked to rate or compare answers against a rubric."""
+
+    def __init__(
+        self, generator: Generator, *, rubric: str | None = None, max_tokens: int = 256, seed: int = 0
+    ):
+        self.generator = generator
+        self.rubric = rubric or DEFAULT_RUBRIC
+        self.settings = GenSettings(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed)
+
+    @property
+    def name(self) -> str:
+        return self.generator.name
+
+    def rate(self, items: Sequence[tuple[Sequence[dict[str, Any]], str]]) -> list[Rating]:
+        """Score each (prompt messages, answer) from 1 to 10."""
+        if not items:
+            return []
+        requests = [pointwise_request(prompt, answer, self.rubric) for prompt, answer in items]
+        answers = self.generator.chat(requests, self.settings, desc="judging")
+        return [Rating(parse_rating(text), text) for text in answers]
+
+    def compare(self, items: Sequence[tuple[Sequence[dict[str, Any]], str, str]]) -> list[Comparison]:
+        """Judge each (prompt messages, x, y) twice, x first and then y first, in one batch."""
+        if not items:
+            return []
+        forward = [pairwise_request(prompt, x, y, self.rubric) for prompt, x, y in items]
+        backward = [pairwise_request(prompt, y, x, self.rubric) for prompt, x, y in items]
+        answers = self.generator.chat(forward + backward, self.settings, desc="judging")
+        out = []
+        for first_text, second_text in zip(answers[: len(items)], answers[len(items) :]):
+            first, second = parse_verdict(first_text), parse_verdict(second_text)
+            out.append(Comparison(combine(first, second), (first, second), (first_text, second_text)))
+        return out
+
+
+def open_spec(spec: str, **options: Any) -> Generator:
+    """A generator from one spec string: a tunelab model spec, or an OpenAI-compatible endpoint URL
+    with the served model after ``#`` (``http://127.0.0.1:8000/v1#my-model``; none: the first listed)."""
+    from tunelab.synth.client import open_generator  # noqa: PLC0415  (loads torch/openai on use)
+
+    if spec.startswith(("http://", "https://")):
+        url, _, served = spec.partition("#")
+        return open_generator(served or None, endpoint=url, **options)
+    return open_generator(spec, **options)
