@@ -610,7 +610,7 @@ def missing_files(recipe: Recipe) -> list[str]:
         if not Path(value).exists() and not is_hub_id:
             problems.append(f"{name}: {value}: file not found")
     reward = getattr(recipe.objective, "reward", None) or ""
-    script, sep, _ = reward.rpartition(":")
+    script, sep, _ = reward.rpartition(":") if isinstance(reward, str) else ("", "", "")
     if sep and script.endswith(".py") and not Path(script).expanduser().is_file():
         problems.append(f"objective.reward: {script}: file not found")
     return problems
@@ -639,6 +639,9 @@ def _resolve_reward(recipe: Recipe, base: Path, resolve: Any) -> None:
     """An online objective's reward: ``file.py:function`` or a reward run dir next to the recipe."""
     reward = getattr(recipe.objective, "reward", None)
     if not reward:
+        return
+    if not isinstance(reward, str):  # {judge: ...}: a judge model directory next to the recipe
+        resolve(reward, "judge")
         return
     file, sep, function = reward.rpartition(":")
     if sep and file.endswith(".py") and not Path(file).is_absolute() and (base / file).exists():

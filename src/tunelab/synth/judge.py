@@ -171,3 +171,39 @@ def open_spec(spec: str, **options: Any) -> Generator:
         url, _, served = spec.partition("#")
         return open_generator(served or None, endpoint=url, **options)
     return open_generator(spec, **options)
+
+
+class JudgeReward:
+    """A judge as an online-RL reward source: each completion's 1-10 rating is its reward.
+
+    Called as ``reward(prompts, completions, messages)`` like every reward in
+    :mod:`tunelab.train.rewards`. The judge reads the conversation when the row had one (``messages``),
+    else the prompt text as the user's turn. A rating that cannot be read scores ``unparsed_score``,
+    the middle of the scale by default, so a judge's slip neither rewards nor punishes the policy.
+    """
+
+    def __init__(self, judge: Judge, *, unparsed_score: float = 5.5) -> None:
+        self.judge, self.unparsed_score = judge, unparsed_score
+        self.unreadable = 0  # ratings that could not be read, over the run
+
+    @classmethod
+    def from_config(cls, config: Any, *, device: str = "auto") -> JudgeReward:
+        """From the recipe's ``{judge, rubric, max_tokens, unparsed_score, concurrency}``."""
+        from tunelab.console import make_console  # noqa: PLC0415
+
+        # The per-call "judging: N rows" lines would interleave with the training log; keep it quiet.
+        quiet = make_console(stderr=True, quiet=True)
+        generator = open_spec(config.judge, device=device, concurrency=config.concurrency, console=quiet)
+        judge = Judge(generator, rubric=config.rubric, max_tokens=config.max_tokens)
+        return cls(judge, unparsed_score=config.unparsed_score)
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], messages: Sequence[list[dict[str, Any]] | None] = ()
+    ) -> list[float]:
+        items = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            conversation = messages[i] if i < len(messages) else None
+            items.append((conversation or [{"role": "user", "content": prompt}], completion))
+        ratings = self.judge.rate(items)
+        self.unreadable += sum(r.score is None for r in ratings)
+        return [self.unparsed_score if r.score is None else r.score for r in ratings]
