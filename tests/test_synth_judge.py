@@ -316,7 +316,7 @@ PROMPTS = [{"prompt": p} for p in ("Say hi", "Name a colour", "Count to three", 
 def judge_args(tmp_path: Path, served: Served, judge: ScriptedJudge, *extra: str) -> list[str]:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     return [
-        "data", "judge", str(prompts), "--out", str(tmp_path / "pairs.jsonl"),
+        "data", "judge", str(prompts), "--output", str(tmp_path / "pairs.jsonl"),
         "--model", f"{served.server.url}/v1", "--judge", f"{judge.server.url}/v1#judge",
         "--candidates", "2", "--max-tokens", "12", "--cache-dir", str(tmp_path / "cache"), *extra,
     ]  # fmt: skip
@@ -360,14 +360,14 @@ def test_judge_command_reports_agreement_with_human_labels(servers, tmp_path: Pa
         "data",
         "judge",
         str(data),
-        "--out",
+        "--output",
         str(tmp_path / "p.jsonl"),
         "--judge",
         f"{judge.server.url}/v1",
     ]
     result = CliRunner().invoke(app, [*args, "--mode", "pointwise", "--no-cache"])
     assert result.exit_code == 0, result.output
-    assert "Judge vs human labels" in result.output and "50%" in result.output
+    assert "judge vs human labels" in result.output and "50%" in result.output
     rows = read_jsonl(tmp_path / "p.jsonl")
     assert [r["judge"]["agrees_with_human"] for r in rows] == [True, False]
     assert rows[1]["chosen"][0]["content"].startswith("a longer answer")  # the judge's preference is written
@@ -378,17 +378,17 @@ def test_judge_command_errors_are_one_line(servers, tmp_path: Path) -> None:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     runner = CliRunner()
     no_model = runner.invoke(
-        app, ["data", "judge", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--judge", "x"]
+        app, ["data", "judge", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--judge", "x"]
     )
     assert no_model.exit_code == 2 and "need --model" in no_model.output
     same = runner.invoke(
-        app, ["data", "judge", str(prompts), "--out", str(prompts), "--judge", "x", "--model", "y"]
+        app, ["data", "judge", str(prompts), "--output", str(prompts), "--judge", "x", "--model", "y"]
     )
     assert same.exit_code == 2 and "is the input file" in same.output
     assert prompts.read_text().count("\n") == 4  # the input is untouched
     mode = runner.invoke(
         app,
-        ["data", "judge", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--judge", "x", "--mode", "x"],
+        ["data", "judge", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--judge", "x", "--mode", "x"],
     )
     assert mode.exit_code == 2 and "--mode must be" in mode.output
     for result in (no_model, same, mode):
@@ -401,7 +401,7 @@ def test_judge_and_constitute_on_the_local_tiny_model(tmp_path: Path) -> None:
     runner = CliRunner()
     judged = runner.invoke(
         app,
-        ["data", "judge", str(prompts), "--out", str(tmp_path / "j.jsonl"), "--model", "tiny:llama",
+        ["data", "judge", str(prompts), "--output", str(tmp_path / "j.jsonl"), "--model", "tiny:llama",
          "--judge", "tiny:llama", "--judge-max-tokens", "8", *common],
     )  # fmt: skip
     assert judged.exit_code == 0, judged.output
@@ -411,7 +411,7 @@ def test_judge_and_constitute_on_the_local_tiny_model(tmp_path: Path) -> None:
     assert rejects[0]["row"]["candidates"][0]["model"] == "tiny:llama"
 
     made = runner.invoke(
-        app, ["data", "constitute", str(prompts), "--out", str(tmp_path / "sft.jsonl"), "--model", "tiny:llama",
+        app, ["data", "constitute", str(prompts), "--output", str(tmp_path / "sft.jsonl"), "--model", "tiny:llama",
               "--rounds", "2", *common],
     )  # fmt: skip
     assert made.exit_code == 0, made.output
@@ -431,7 +431,7 @@ def test_constitute_refuses_a_bad_constitution(tmp_path: Path) -> None:
     bad = tmp_path / "c.yaml"
     bad.write_text("- critique: only a critique\n")
     result = CliRunner().invoke(
-        app, ["data", "constitute", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--model", "tiny:llama",
+        app, ["data", "constitute", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--model", "tiny:llama",
               "--constitution", str(bad)],
     )  # fmt: skip
     assert result.exit_code == 2 and "revision" in result.output and str(bad) in result.output
@@ -486,3 +486,21 @@ def test_grpo_trains_on_judge_rewards(servers, tmp_path: Path, monkeypatch: pyte
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
     assert len(rewards) == 2 and all(1.0 <= r <= 10.0 for r in rewards)
     assert judge.requests - before == 16  # 2 steps x 4 prompts x 2 completions, each rated once
+
+
+def test_judge_output_goes_through_the_closing_audit(servers, tmp_path: Path) -> None:
+    _, judge = servers
+    labelled = [
+        {"prompt": "Plant a leak", "chosen": "a long and careful answer", "rejected": "meh"},
+        {"prompt": "Keep me", "chosen": "another long careful answer", "rejected": "nah"},
+    ]
+    data = write_jsonl(tmp_path / "labelled.jsonl", labelled)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "Plant a leak", "output": "anything"}])
+    args = ["data", "judge", str(data), "-o", str(tmp_path / "p.jsonl"), "--judge", f"{judge.server.url}/v1"]
+    result = CliRunner().invoke(app, [*args, "--eval", str(held_out), "--no-cache", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["kept"] == 1 and summary["dropped_by"] == {"audit": {"eval_leak": 1}}
+    assert [r["prompt"][0]["content"] for r in read_jsonl(tmp_path / "p.jsonl")] == ["Keep me"]
+    (leak,) = read_jsonl(tmp_path / "p.jsonl.rejects.jsonl")
+    assert leak["reason"] == "eval_leak" and leak["row"]["judge"]["reasons"]  # dropped with its reasons

@@ -19,6 +19,7 @@ from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
 from tunelab.serve.cli import serve_cmd
 from tunelab.sweep import sweep_cmd
+from tunelab.synth.cli_generate import augment_cmd, synth_cmd
 from tunelab.synth.cli_judge import constitute_cmd, judge_cmd
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; the
@@ -35,6 +36,8 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Validate and show run recipes.", no_args_is_help=True)
 app.add_typer(assets_app, name="assets")
 app.add_typer(data_app, name="data")
+data_app.command("synth")(synth_cmd)
+data_app.command("augment")(augment_cmd)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(runs_app, name="runs")

@@ -1,69 +1,54 @@
 """`tunelab data judge` and `tunelab data constitute` (registered on the data app in tunelab.cli).
 
-Model options take one spec each: any tunelab model spec (hub id, directory, ``.gguf``, ``asset:``,
-``tiny:llama``, a run directory), or an OpenAI-compatible endpoint URL with the served model after
-``#`` (``http://127.0.0.1:8000/v1#my-model``). Every command ends with the closing audit
-(:mod:`tunelab.synth.finish`), which writes the kept rows and a rejects file with reasons.
+Candidate models and the judge are each one spec: any tunelab model spec (hub id, directory,
+``.gguf``, ``asset:``, ``tiny:llama``, a run directory), or an OpenAI-compatible endpoint URL with
+the served model after ``#`` (``http://127.0.0.1:8000/v1#my-model``; none: the first it lists).
+Every command ends with the closing audit (:mod:`tunelab.synth.finish`), which writes the kept rows
+and every dropped one, with its reason, to ``OUT.rejects.jsonl``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from tunelab.console import fail, labelled, make_console
-from tunelab.data.formats import FormatError
-from tunelab.data.loaders import DataError
-from tunelab.synth.client import GenerationError, Generator, GenSettings
+from tunelab.console import make_console
+from tunelab.synth.cli_common import (
+    ApiKeyOpt,
+    BatchOpt,
+    CacheDirOpt,
+    CacheOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EndpointOpt,
+    EvalOpt,
+    GeneratorOptions,
+    JsonOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    OutputOpt,
+    OverwriteOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopPOpt,
+    err,
+    errors,
+    report_calls,
+)
 
 out = make_console()
-err = make_console(stderr=True)
 
-EvalOpt = Annotated[
-    Path | None, typer.Option("--eval", help="Held-out file: generated rows that leak into it are dropped.")
-]
 LimitOpt = Annotated[
     int | None, typer.Option("--limit", min=1, help="Use only the first N prompts of INPUT.")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (candidate k uses seed + k).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most new tokens per answer.")]
-TemperatureOpt = Annotated[
-    float, typer.Option("--temperature", min=0.0, help="Sampling temperature (0 = greedy).")
-]
-ApiKeyOpt = Annotated[
-    str | None, typer.Option("--api-key", envvar="OPENAI_API_KEY", help="Key for endpoints that need one.")
-]
-ConcurrencyOpt = Annotated[
-    int, typer.Option("--concurrency", min=1, help="Endpoint requests in flight at once.")
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch for a local model.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Device of a local model: auto, cpu, cuda, mps.")]
-CacheDirOpt = Annotated[
-    Path | None, typer.Option("--cache-dir", help="Generation cache (default $TUNELAB_HOME/cache/generate).")
-]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the generation cache.")]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace outputs that exist (never an input).")
-]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="Format of INPUT; default: detect.")]
 ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="Column renames, canonical=source.")]
-
-
-@contextmanager
-def errors() -> Iterator[None]:
-    """A problem the user can fix ends the command with one line on stderr and exit code 2."""
-    try:
-        yield
-    except (DataError, FormatError, ValueError, GenerationError) as e:
-        fail(err, " ".join(str(e).split("\n")))
-    except OSError as e:  # a directory where a file belongs, permissions, a full disk
-        where = f"{e.filename}: " if e.filename else ""
-        fail(err, f"{where}{e.strerror or e}")
 
 
 def parse_columns(text: str | None) -> dict[str, str] | None:
@@ -75,36 +60,29 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+def for_spec(spec: str, base: GeneratorOptions) -> GeneratorOptions:
+    """The options that open one spec: an endpoint ``URL[#served-model]`` or a local model spec."""
+    if spec.startswith(("http://", "https://")):
+        url, _, served = spec.partition("#")
+        return replace(base, model=served or None, endpoint=url)
+    return replace(base, model=spec, endpoint=None)
+
+
 class Generators:
-    """Opens each model spec once (a judge that is also a candidate model is loaded one time)."""
+    """Opens each model once (a judge that is also a candidate model is loaded one time)."""
 
-    def __init__(self, **options: Any) -> None:
-        self.options, self.open = options, {}
+    def __init__(self, base: GeneratorOptions) -> None:
+        self.base, self.opened = base, {}
 
-    def __call__(self, spec: str) -> Generator:
-        from tunelab.synth.judge import open_spec  # noqa: PLC0415
+    def __call__(self, options: GeneratorOptions) -> Any:
+        key = (options.model, options.endpoint)
+        if key not in self.opened:
+            self.opened[key] = options.open()
+        return self.opened[key]
 
-        if spec not in self.open:
-            self.open[spec] = open_spec(spec, console=err, **self.options)
-        return self.open[spec]
-
-
-def generator_options(
-    api_key: str | None,
-    concurrency: int,
-    batch_size: int,
-    device: str,
-    cache_dir: Path | None,
-    no_cache: bool,
-) -> dict[str, Any]:
-    return {
-        "api_key": api_key,
-        "concurrency": concurrency,
-        "batch_size": batch_size,
-        "device": device,
-        "cache_dir": cache_dir,
-        "use_cache": not no_cache,
-    }
+    def report(self) -> None:
+        for generator in self.opened.values():
+            report_calls(generator)
 
 
 def read_rubric(value: str | None) -> str | None:
@@ -117,94 +95,194 @@ def read_rubric(value: str | None) -> str | None:
 def print_agreement(stats: dict[str, Any] | None) -> None:
     if stats is None:
         return
-    table = Table(title="Judge vs human labels")
-    for name in ("labelled", "agree", "disagree", "tie", "unreadable"):
+    table = Table(title="judge vs human labels", title_justify="left")
+    names = ("labelled", "agree", "disagree", "tie", "unreadable")
+    for name in (*names, "agreement"):
         table.add_column(name, justify="right")
-    table.add_column("agreement", justify="right")
     rate = stats["rate"]
-    table.add_row(*(str(stats[k]) for k in ("labelled", "agree", "disagree", "tie", "unreadable")),
-                  "n/a" if rate is None else f"{rate:.0%}")  # fmt: skip
+    table.add_row(*(str(stats[k]) for k in names), "n/a" if rate is None else f"{rate:.0%}")
     out.print(table)
 
 
+@dataclass(frozen=True)
+class JudgeJob:
+    """What `data judge` was asked to do, minus the models."""
+
+    input: str
+    output: Path
+    mode: str = "pairwise"
+    candidates: int = 2
+    rubric: str | None = None
+    min_margin: float = 1.0
+    judge_max_tokens: int = 256
+    eval_file: str | None = None
+    limit: int | None = None
+    fmt: str | None = None
+    columns: dict[str, str] | None = None
+    overwrite: bool = False
+
+
+def run_judge(
+    job: JudgeJob,
+    judge_spec: str,
+    models: list[GeneratorOptions],
+    base: GeneratorOptions,
+    settings: Any,
+    *,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Read the prompts, sample candidates where rows have none, judge, and end with the closing audit."""
+    from tunelab.synth import preferences as prefs  # noqa: PLC0415
+    from tunelab.synth.finish import check_paths, finish  # noqa: PLC0415
+    from tunelab.synth.judge import Judge  # noqa: PLC0415
+
+    if job.mode not in ("pairwise", "pointwise"):
+        raise ValueError(f"--mode must be pairwise or pointwise, got '{job.mode}'")
+    check_paths(job.output, [job.input, job.eval_file], overwrite=job.overwrite)
+    items = prefs.read_items(job.input, job.fmt, job.columns)[: job.limit]
+    if not items:
+        raise ValueError(f"{job.input}: no prompts to judge")
+    opened = Generators(base)
+    if any(not item.candidates for item in items):
+        if not models:
+            raise ValueError(
+                f"{job.input}: rows without candidates need --model (or --endpoint) to sample answers"
+            )
+        prefs.sample_candidates(items, [opened(m) for m in models], job.candidates, settings)
+    judge = Judge(
+        opened(for_spec(judge_spec, base)),
+        rubric=job.rubric,
+        max_tokens=job.judge_max_tokens,
+        seed=settings.seed,
+    )
+    if job.mode == "pairwise":
+        outcomes = prefs.judge_pairwise(judge, items)
+    else:
+        outcomes = prefs.judge_pointwise(judge, items, job.min_margin)
+    rows = [prefs.pair_row(o, judge, settings) for o in outcomes if o.chosen is not None]
+    dropped = [{"reason": o.reason, "row": prefs.dropped_row(o)} for o in outcomes if o.chosen is None]
+    summary = finish(
+        rows,
+        job.output,
+        eval_path=job.eval_file,
+        kind="judge",
+        dropped=dropped,
+        inputs=[job.input],
+        console=err if quiet else None,
+    )
+    summary.update(judge=judge.name, mode=job.mode, agreement=prefs.agreement(outcomes))
+    opened.report()
+    return summary
+
+
 def judge_cmd(
-    input: Annotated[Path, typer.Argument(help="Prompts (any format), or preference rows to re-judge.")],
-    output: Annotated[Path, typer.Option("--out", help="Preference pairs to write (JSONL).")],
+    input: Annotated[str, typer.Argument(help="Prompts (any format), or preference rows to re-judge.")],
+    output: OutputOpt,
     judge: Annotated[
         str, typer.Option("--judge", help="The judge: a model spec or an endpoint URL[#model].")
     ],
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", help="Candidate model (repeat for several); spec or URL[#model]."),
-    ] = None,
+        typer.Option(
+            "--model",
+            help="Candidate model, repeat for several: a spec or URL[#model]; with "
+            "--endpoint, a model it serves.",
+        ),
+    ] = None,  # fmt: skip
+    endpoint: EndpointOpt = None,
     mode: Annotated[
         str, typer.Option("--mode", help="pairwise (A/B, both orders) or pointwise (1-10).")
     ] = "pairwise",
     candidates: Annotated[int, typer.Option("--candidates", min=1, help="Answers sampled per model.")] = 2,
-    rubric: Annotated[str | None, typer.Option("--rubric", help="Rubric text or a file with it.")] = None,
+    rubric: Annotated[str | None, typer.Option("--rubric", help="Rubric text, or a file with it.")] = None,
     min_margin: Annotated[
         float, typer.Option("--min-margin", min=0.0, help="Pointwise: least score gap.")
     ] = 1.0,
-    eval_path: EvalOpt = None,
+    judge_max_tokens: Annotated[int, typer.Option("--judge-max-tokens", min=1)] = 256,
+    eval_file: EvalOpt = None,
     limit: LimitOpt = None,
-    seed: SeedOpt = 0,
+    api_key: ApiKeyOpt = None,
     max_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.8,
-    judge_max_tokens: Annotated[int, typer.Option("--judge-max-tokens", min=1)] = 256,
-    api_key: ApiKeyOpt = None,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     concurrency: ConcurrencyOpt = 4,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
+    cache: CacheOpt = True,
     overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
 ) -> None:
     """LLM-as-judge: sample candidates, judge them (pairwise or pointwise), write preference pairs."""
-    from tunelab.synth import preferences as prefs  # noqa: PLC0415
-    from tunelab.synth.finish import check_paths, finish  # noqa: PLC0415
-    from tunelab.synth.judge import Judge  # noqa: PLC0415
+    from tunelab.synth.client import GenSettings  # noqa: PLC0415
 
     with errors():
-        if mode not in ("pairwise", "pointwise"):
-            raise ValueError(f"--mode must be pairwise or pointwise, got '{mode}'")
-        check_paths(output, [input], overwrite=overwrite)
-        items = prefs.read_items(str(input), fmt, parse_columns(columns))[:limit]
-        if not items:
-            raise DataError(input, 0, "", "holds no prompts to judge")
-        open_model = Generators(
-            **generator_options(api_key, concurrency, batch_size, device, cache_dir, no_cache)
-        )
-        settings = GenSettings(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        if any(not item.candidates for item in items):
-            if not model:
-                raise ValueError(f"{input}: rows without candidates need --model to sample answers from")
-            prefs.sample_candidates(items, [open_model(m) for m in model], candidates, settings)
-        referee = Judge(open_model(judge), rubric=read_rubric(rubric), max_tokens=judge_max_tokens, seed=seed)
-        if mode == "pairwise":
-            outcomes = prefs.judge_pairwise(referee, items)
+        base = GeneratorOptions(None, None, api_key, concurrency, batch_size, device, dtype, cache_dir, cache)
+        if endpoint:
+            models = [replace(base, model=m, endpoint=endpoint) for m in (model or [None])]
         else:
-            outcomes = prefs.judge_pointwise(referee, items, min_margin)
-        rows = [prefs.pair_row(o, referee, settings) for o in outcomes if o.chosen is not None]
-        dropped = [{"reason": o.reason, "row": prefs.dropped_row(o)} for o in outcomes if o.chosen is None]
-        finish(rows, output, eval_path=eval_path, kind="judge", dropped=dropped, inputs=[input], console=out)
-        print_agreement(prefs.agreement(outcomes))
+            models = [for_spec(m, base) for m in model or []]
+        job = JudgeJob(
+            input, output, mode, candidates, read_rubric(rubric), min_margin, judge_max_tokens, eval_file, limit,
+            fmt, parse_columns(columns), overwrite,
+        )  # fmt: skip
+        settings = GenSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        summary = run_judge(job, judge, models, base, settings, quiet=as_json)
+    if as_json:
+        out.print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print_agreement(summary["agreement"])
 
 
 def default_pairs_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.pairs{output.suffix or '.jsonl'}")
 
 
+def run_constitute(
+    input: str, output: Path, pairs: Path, options: GeneratorOptions, settings: Any, *, constitution: Path | None = None, rounds: int = 1,
+    eval_file: str | None = None, limit: int | None = None, fmt: str | None = None, columns: dict[str, str] | None = None,
+    overwrite: bool = False, quiet: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Answer, critique and revise every prompt; write SFT rows and pairs, each through the closing audit."""
+    from tunelab.synth import constitute as cai  # noqa: PLC0415
+    from tunelab.synth.finish import check_paths, finish  # noqa: PLC0415
+    from tunelab.synth.preferences import read_items  # noqa: PLC0415
+
+    inputs = [input, constitution, eval_file]
+    check_paths(output, inputs, overwrite=overwrite)
+    check_paths(pairs, [*inputs, output], overwrite=overwrite)
+    principles = cai.load_constitution(constitution)
+    items = read_items(input, fmt, columns)[:limit]
+    if not items:
+        raise ValueError(f"{input}: no prompts")
+    generator = options.open()
+    traces = cai.constitute(generator, items, principles, rounds=rounds, settings=settings)
+    source = str(constitution) if constitution else "default"
+    sft, sft_dropped, kept, kept_dropped = cai.outputs(traces, generator.name, settings, source)
+    common = {"eval_path": eval_file, "inputs": [input, constitution], "console": err if quiet else None}
+    summaries = {
+        "sft": finish(sft, output, kind="constitute", dropped=_reasons(sft_dropped), **common),
+        "pairs": finish(kept, pairs, kind="constitute", dropped=_reasons(kept_dropped), **common),
+    }
+    report_calls(generator)
+    return {
+        "command": "constitute",
+        "model": generator.name,
+        "prompts": len(traces),
+        "rounds": rounds,
+        **summaries,
+    }
+
+
 def constitute_cmd(
-    input: Annotated[Path, typer.Argument(help="Prompts (any format; existing answers are ignored).")],
-    output: Annotated[
-        Path, typer.Option("--out", help="SFT rows to write: prompt -> final revision (JSONL).")
-    ],
-    model: Annotated[
-        str | None, typer.Option("--model", help="Model spec, or the served model with --endpoint.")
-    ] = None,
-    endpoint: Annotated[str | None, typer.Option("--endpoint", help="OpenAI-compatible base URL.")] = None,
+    input: Annotated[str, typer.Argument(help="Prompts (any format; existing answers are ignored).")],
+    output: OutputOpt,
+    model: ModelOpt = None,
+    endpoint: EndpointOpt = None,
     pairs: Annotated[
         Path | None,
         typer.Option("--pairs", help="Preference pairs (revision over original); default OUT.pairs.jsonl."),
@@ -216,45 +294,39 @@ def constitute_cmd(
     rounds: Annotated[
         int, typer.Option("--rounds", min=1, help="Critique-and-revise rounds per prompt.")
     ] = 1,
-    eval_path: EvalOpt = None,
+    eval_file: EvalOpt = None,
     limit: LimitOpt = None,
-    seed: SeedOpt = 0,
+    api_key: ApiKeyOpt = None,
     max_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.7,
-    api_key: ApiKeyOpt = None,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     concurrency: ConcurrencyOpt = 4,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
+    cache: CacheOpt = True,
     overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
 ) -> None:
     """Constitutional AI's supervised stage: answer, critique against a principle, revise (--rounds)."""
-    from tunelab.synth import constitute as cai  # noqa: PLC0415
-    from tunelab.synth.client import open_generator  # noqa: PLC0415
-    from tunelab.synth.finish import check_paths, finish  # noqa: PLC0415
-    from tunelab.synth.preferences import read_items  # noqa: PLC0415
+    from tunelab.synth.client import GenSettings  # noqa: PLC0415
 
     with errors():
-        pairs = pairs or default_pairs_path(output)
-        check_paths(output, [input, constitution], overwrite=overwrite)
-        check_paths(pairs, [input, constitution, output], overwrite=overwrite)
-        principles = cai.load_constitution(constitution)
-        items = read_items(str(input), fmt, parse_columns(columns))[:limit]
-        if not items:
-            raise DataError(input, 0, "", "holds no prompts")
-        options = generator_options(api_key, concurrency, batch_size, device, cache_dir, no_cache)
-        generator = open_generator(model, endpoint=endpoint, console=err, **options)
-        settings = GenSettings(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        traces = cai.constitute(generator, items, principles, rounds=rounds, settings=settings)
-        source = str(constitution) if constitution else "default"
-        sft, sft_dropped, kept_pairs, pairs_dropped = cai.outputs(traces, generator.name, settings, source)
-        common = {"eval_path": eval_path, "inputs": [input, constitution], "console": out}
-        finish(sft, output, kind="constitute", dropped=_reasons(sft_dropped), **common)
-        finish(kept_pairs, pairs, kind="constitute-pairs", dropped=_reasons(pairs_dropped), **common)
-        out.print(labelled("note", f"{len(traces)} prompts, {rounds} round(s), constitution: {source}"))
+        options = GeneratorOptions(
+            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache
+        )
+        settings = GenSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        summary = run_constitute(
+            input, output, pairs or default_pairs_path(output), options, settings, constitution=constitution,
+            rounds=rounds, eval_file=eval_file, limit=limit, fmt=fmt, columns=parse_columns(columns),
+            overwrite=overwrite, quiet=as_json,
+        )  # fmt: skip
+    if as_json:
+        out.print(json.dumps(summary, ensure_ascii=False))
 
 
 def _reasons(dropped: list[tuple[dict, str]]) -> list[dict]:

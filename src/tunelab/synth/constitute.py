@@ -24,8 +24,8 @@ from tunelab.synth.client import Generator, GenSettings
 from tunelab.synth.preferences import Item
 
 DEFAULT_CONSTITUTION = "constitution.yaml"
-UNCHANGED = "unchanged: the revision is the original answer"
-EMPTY = "empty: the model gave no answer or no revision"
+UNCHANGED = "unchanged_revision"  # the final revision is the original answer: no pair to learn from
+EMPTY = "empty_output"  # the model gave no answer (and so no revision)
 # Small models often echo the request's label ("Revision: ...") before the text.
 _LABEL = re.compile(r"^\s*(?:revision|rewritten response|revised response|critique)\s*:\s*", re.IGNORECASE)
 

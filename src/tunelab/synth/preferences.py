@@ -18,9 +18,11 @@ from tunelab.data.canonical import read_canonical
 from tunelab.synth.client import Generator, GenSettings
 from tunelab.synth.judge import Judge
 
-TIE = "tie: the judge preferred neither candidate"
-UNREADABLE = "unreadable: no verdict or rating could be read from the judge's answer"
-TOO_FEW = "too few candidates: fewer than two distinct, non-empty answers"
+# Why an item gives no pair (the rejects file's ``reason``): the judge preferred neither candidate; no
+# verdict or rating could be read from the judge's answers; fewer than two distinct, non-empty answers.
+TIE = "tie"
+UNREADABLE = "unreadable_verdict"
+TOO_FEW = "too_few_candidates"
 
 
 @dataclass
