@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tunelab.console import make_console
+from tunelab.data.loaders import DataError
 from tunelab.serve.server import BackgroundServer, ServeConfig, build_app
 from tunelab.synth.client import (
     EndpointBackend,
@@ -181,3 +182,333 @@ def test_unreachable_endpoint_fails_after_retries() -> None:
     with pytest.raises(GenerationError, match="after 3 attempt"):
         list(_backend_with(down, sleeps, retries=2).generate(CONVS[:1], GenSettings()))
     assert sleeps == [0.5, 1.0]
+
+
+# -- the closing audit -----------------------------------------------------------------------------
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_finish_drops_what_the_audit_would_and_logs_reasons(tmp_path: Path) -> None:
+    from tunelab.synth.finish import finish
+
+    evaluation = write_rows(
+        tmp_path / "eval.jsonl", [EVAL_ROW, {"instruction": "Write a haiku about rain", "output": "x"}]
+    )
+    long_text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+    rows = [
+        {"instruction": "Name three red fruits", "output": "apple cherry strawberry"},
+        {"instruction": "Name three red fruits", "output": "apple cherry strawberry"},  # exact duplicate
+        dict(EVAL_ROW),  # the eval row itself
+        {"instruction": "Write a haiku about rain", "output": "something else"},  # same prompt as eval
+        {"instruction": "Tell me a joke", "output": "   "},  # empty output
+        {"instruction": "Who to mail", "output": "write to bob@example.com"},  # PII
+        {"instruction": "Count", "output": long_text},
+        {"instruction": "Count", "output": long_text + " sixteen"},  # near duplicate of the one above
+        {"instruction": "List two big cities in Asia", "output": "Tokyo and Delhi"},
+    ]
+    out = tmp_path / "out.jsonl"
+    summary = finish(
+        rows, out, eval_path=evaluation, kind="test", dropped=[{"reason": "length", "instruction": "Hi"}]
+    )
+    assert [r["instruction"] for r in _read(out)] == [
+        "Name three red fruits",
+        "Count",
+        "List two big cities in Asia",
+    ]
+    assert summary["kept"] == 3
+    assert summary["dropped_by"] == {
+        "test": {"length": 1},
+        "audit": {"empty_output": 1, "eval_leak": 2, "exact_duplicate": 1, "near_duplicate": 1, "pii": 1},
+    }
+    rejects = _read(tmp_path / "out.jsonl.rejects.jsonl")
+    leaks = {r["kind"] for r in rejects if r["reason"] == "eval_leak"}
+    assert leaks == {"exact", "prompt"} and all("row" in r for r in rejects if r["stage"] == "audit")
+    # Never over an input; a limit keeps the first clean rows only.
+    with pytest.raises(DataError, match="is the input file"):
+        finish(rows, evaluation, eval_path=evaluation, kind="test")
+    assert finish(rows, out, kind="test", limit=1)["kept"] == 1 and len(_read(out)) == 1
+
+
+# -- data synth ------------------------------------------------------------------------------------
+
+EVAL_ROW = {"instruction": "Name the largest planet in the solar system.", "input": "", "output": "Jupiter"}
+LONG_TASK = (
+    "Write a detailed step by step plan for a family of four who want to spend a quiet and cheap "
+    "weekend camping in the mountains"
+)
+PLANTED = [
+    "Write a short poem about the moon tonight.",  # ROUGE-L close to a seed
+    "Describe the picture of a cat on a sofa.",  # blocklist: picture
+    "Hi there",  # too short
+    "Summarise the story of a famous novel in two sentences.",
+    "Summarise the story of a famous novel in two short sentences.",  # ROUGE-L close to the one above
+    LONG_TASK,
+    LONG_TASK + " today",  # a near duplicate by MinHash (the ROUGE-L threshold is 0.99 in that test)
+    "Explain why the sky is blue to a young child.",  # its output is over-long
+    "Classify the sentiment of the tweet as happy or sad.",  # classification: output first
+    EVAL_ROW["instruction"],  # its instance is the eval row: a leak
+]
+INSTANCES = {
+    "Summarise the story": "Input: <none>\nOutput: A boy meets a whale. The whale wins.",
+    "Write a detailed": "Input: <none>\nOutput: Pack a tent, drive up on Friday, hike on Saturday.",
+    "Explain why the sky": "Input: <none>\nOutput: " + "blue " * 40,
+    "Classify the sentiment": "Class label: happy\nInput: I won the lottery today",
+    "Name the largest planet": "Input: <none>\nOutput: Jupiter",
+}
+
+
+class Scripted:
+    """A Generator that answers each kind of synth prompt from a script, counting what it is asked."""
+
+    name = "scripted"
+
+    def __init__(self, instructions: list[str]) -> None:
+        self.instructions, self.calls, self.seen = instructions, 0, []
+
+    def chat(self, conversations, settings, *, desc="generating"):
+        self.calls += len(conversations)
+        self.seen += [(c[-1]["content"], settings) for c in conversations]
+        return [self.answer(c[-1]["content"]) for c in conversations]
+
+    def answer(self, text: str) -> str:
+        if text.startswith("Here are some tasks"):
+            return "\n".join(f"{i}. {t}" for i, t in enumerate(self.instructions, 4))
+        if text.startswith("Is each task"):
+            return "Yes" if "sentiment of the tweet" in text.rsplit("Task:", 1)[1] else "No"
+        task = text.split("\n", 1)[0].removeprefix("Task: ")
+        return next((v for k, v in INSTANCES.items() if task.startswith(k)), "Input: <none>\nOutput: ok")
+
+
+SEEDS = [
+    {"instruction": "Write a short poem about the moon.", "input": "", "output": "Silver light."},
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, move."},
+    {
+        "instruction": "Classify the review as positive or negative.",
+        "instances": [{"input": "Great", "output": "positive"}],
+        "is_classification": True,
+    },
+]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_self_instruct_filters_planted_candidates_and_writes_provenance(tmp_path: Path) -> None:
+    from tunelab.synth.finish import finish
+    from tunelab.synth.selfinstruct import SelfInstruct, SynthConfig, read_seeds
+
+    seeds = read_seeds(write_rows(tmp_path / "seeds.jsonl", SEEDS))
+    evaluation = write_rows(tmp_path / "eval.jsonl", [EVAL_ROW])
+    config = SynthConfig(n=20, max_rounds=1, prompts_per_round=1, max_output_words=30, rouge_threshold=0.7)
+    gen = Scripted(PLANTED)
+    rows, dropped = SelfInstruct(gen, seeds, config, eval_path=str(evaluation)).run()
+    reasons = {d.get("instruction", d.get("row", {}).get("instruction")): d["reason"] for d in dropped}
+    assert reasons[PLANTED[0]] == "rouge_similar" and reasons[PLANTED[4]] == "rouge_similar"
+    assert reasons[PLANTED[1]] == "blocklist" and reasons[PLANTED[2]] == "length"
+    assert reasons[PLANTED[7]] == "output_too_long"
+    summary = finish(rows, tmp_path / "out.jsonl", eval_path=evaluation, kind="synth", dropped=dropped)
+    kept = {r["instruction"]: r for r in _read(tmp_path / "out.jsonl")}
+    assert EVAL_ROW["instruction"] not in kept and summary["dropped_by"]["audit"] == {"eval_leak": 1}
+    assert set(kept) == {PLANTED[3], PLANTED[5], PLANTED[8]}  # LONG_TASK + " today" is ROUGE-L close too
+    sentiment = kept[PLANTED[8]]
+    assert sentiment["output"] == "happy" and sentiment["input"] == "I won the lottery today"
+    prov = sentiment["provenance"]
+    assert (
+        prov["method"] == "self-instruct" and prov["model"] == "scripted" and prov["classification"] is True
+    )
+    assert {e["seed_row"] for e in prov["examples"]} <= {1, 2, 3} and len(prov["examples"]) == 3
+    assert prov["instance_settings"]["max_tokens"] == 256 and "seed" in prov["instruction_settings"]
+
+
+def test_minhash_catches_near_duplicate_instructions_rouge_lets_through(tmp_path: Path) -> None:
+    from tunelab.synth.selfinstruct import SelfInstruct, SynthConfig, read_seeds
+
+    seeds = read_seeds(write_rows(tmp_path / "seeds.jsonl", SEEDS))
+    config = SynthConfig(n=20, max_rounds=1, prompts_per_round=1, rouge_threshold=0.99)
+    _, dropped = SelfInstruct(Scripted([LONG_TASK, LONG_TASK + " today"]), seeds, config).run()
+    assert [d["reason"] for d in dropped] == ["near_duplicate_instruction"]
+    assert dropped[0]["instruction"] == LONG_TASK + " today" and dropped[0]["similarity"] >= 0.8
+
+
+def test_self_instruct_stops_at_n_and_classification_is_asked(tmp_path: Path) -> None:
+    from tunelab.synth.selfinstruct import SelfInstruct, SynthConfig, read_seeds
+
+    seeds = read_seeds(write_rows(tmp_path / "seeds.jsonl", SEEDS))
+    gen = Scripted(PLANTED)
+    loop = SelfInstruct(gen, seeds, SynthConfig(n=2, max_rounds=5, prompts_per_round=1))
+    rows, _ = loop.run()
+    assert len(rows) == 2 and loop.rounds == 1  # two clean rows after one round: no second round
+    asked = [text for text, _ in gen.seen if text.startswith("Is each task")]
+    assert len(asked) == 2 and "Classification: Yes" in asked[0]  # few-shot from the seed's flag
+
+
+def test_seed_file_errors_are_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    bad = write_rows(
+        tmp_path / "seeds.jsonl", [{"instruction": "ok task here"}, {"output": "no instruction"}]
+    )
+    result = CliRunner().invoke(
+        app, ["data", "synth", str(bad), "-o", str(tmp_path / "o.jsonl"), "--model", "tiny:llama"]
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "seeds.jsonl:2" in lines[0] and "'instruction'" in lines[0]
+
+
+def _synth_args(seeds: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "data", "synth", str(seeds), "-o", str(out), "--n", "2", "--max-rounds", "2", "--min-words", "1",
+        "--max-tokens", "24", "--prompts-per-round", "2", "--cache-dir", str(cache), "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_synth_cli_on_tiny_llama_writes_provenance_and_reruns_from_cache(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    seeds = write_rows(tmp_path / "seeds.jsonl", SEEDS)
+    args = _synth_args(
+        seeds, tmp_path / "out.jsonl", tmp_path / "cache", "--model", "tiny:llama", "--device", "cpu"
+    )
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["model_calls"] > 0 and summary["model"] == "tiny:llama"
+    rows = _read(tmp_path / "out.jsonl")
+    assert len(rows) == summary["kept"] <= 2
+    assert all(r["provenance"]["model"] == "tiny:llama" for r in rows)
+    again = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["model_calls"] == 0
+    assert _read(tmp_path / "out.jsonl") == rows  # the same rows, from the cache
+
+
+def test_synth_against_a_real_server_reruns_without_requests(served: Served, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    seeds = write_rows(tmp_path / "seeds.jsonl", SEEDS)
+    args = _synth_args(seeds, tmp_path / "out.jsonl", tmp_path / "cache", "--endpoint", served.server.url)
+    before = served.requests
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    made = served.requests - before
+    assert made > 0 and json.loads(first.stdout.strip().splitlines()[-1])["model_calls"] == made
+    rows = _read(tmp_path / "out.jsonl")
+    assert all(r["provenance"]["model"].startswith("endpoint:") for r in rows)
+    again = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert again.exit_code == 0 and served.requests - before == made  # the re-run sent nothing
+    assert _read(tmp_path / "out.jsonl") == rows
+
+
+# -- data augment ----------------------------------------------------------------------------------
+
+REVIEWS = [
+    {"text": "the film was a delight from start to finish and I smiled the whole time", "label": "positive"},
+    {"text": "a dull and tired story with wooden acting that never takes off at all", "label": "negative"},
+    {"text": "What is the capital of France", "label": "neutral"},
+]
+
+
+def test_augment_eda_keeps_labels_changes_inputs_and_never_leaks(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    source = write_rows(tmp_path / "train.jsonl", REVIEWS)
+    evaluation = write_rows(tmp_path / "eval.jsonl", [REVIEWS[2]])
+    out = tmp_path / "aug.jsonl"
+    args = [
+        "data",
+        "augment",
+        str(source),
+        "-o",
+        str(out),
+        "--eval",
+        str(evaluation),
+        "--variants",
+        "2",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, [*args, "--alpha", "0.2"])
+    assert result.exit_code == 0, result.output
+    rows = _read(out)
+    assert REVIEWS[2] not in rows and all(r.get("provenance", {}).get("source_row") != 3 for r in rows)
+    made = [r for r in rows if "provenance" in r]
+    assert {r["provenance"]["op"] for r in made} == {"swap", "delete", "insert"}
+    for r in made:
+        source_row = REVIEWS[r["provenance"]["source_row"] - 1]
+        assert r["label"] == source_row["label"] and r["text"] != source_row["text"]
+        assert set(r["text"].split()) <= set(source_row["text"].split())  # EDA uses the text's own words
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["dropped_by"] == {"augment": {"source_leaks_eval": 1}, "audit": {"eval_leak": 1}}
+    CliRunner().invoke(app, [*args, "--alpha", "0.2", "--overwrite"])
+    assert _read(out) == rows  # seeded: the same variants again
+
+
+def test_augment_with_a_model_paraphrases_and_backtranslates_the_input_side(
+    served: Served, tmp_path: Path
+) -> None:
+    from tunelab.synth.augment import AugmentConfig, augment_rows
+
+    rows = [
+        (1, {"instruction": "Summarise this", "input": "A long day at the office.", "output": "Long day."})
+    ]
+    gen = open_generator(endpoint=served.server.url, cache_dir=tmp_path / "c", console=quiet())
+    config = AugmentConfig(
+        ops=("paraphrase", "backtranslate"), pivot="German", settings=GenSettings(max_tokens=8)
+    )
+    made, _ = augment_rows(rows, "instruction", config, gen)
+    assert made[0] == rows[0][1] and gen.model_calls == 3  # paraphrase, to German, back
+    ops = {r["provenance"]["op"]: r for r in made[1:]}
+    assert set(ops) <= {"paraphrase", "backtranslate"}  # a variant equal to its source is dropped
+    for r in made[1:]:
+        assert r["output"] == "Long day." and r["instruction"] == "Summarise this"
+        assert r["provenance"]["field"] == "input" and r["provenance"]["model"].startswith("endpoint:")
+    if "backtranslate" in ops:
+        assert ops["backtranslate"]["provenance"]["pivot"] == "German"
+
+
+def test_eda_operations() -> None:
+    import random
+
+    from tunelab.synth.augment import eda
+
+    text = "one two three four five six seven eight nine ten"
+    swapped = eda(text, "swap", 0.1, random.Random(0))
+    assert sorted(swapped.split()) == sorted(text.split()) and swapped != text
+    deleted = eda(text, "delete", 0.1, random.Random(0))
+    assert len(deleted.split()) < 10 and set(deleted.split()) < set(text.split())
+    inserted = eda(text, "insert", 0.2, random.Random(0)).split()
+    assert len(inserted) == 12 and set(inserted) == set(text.split())
+    assert eda("alone", "swap", 0.5, random.Random(0)) == "alone"
+
+
+def test_augment_needs_a_model_for_model_ops(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    source = write_rows(tmp_path / "train.jsonl", REVIEWS)
+    result = CliRunner().invoke(
+        app, ["data", "augment", str(source), "-o", str(tmp_path / "o.jsonl"), "--ops", "paraphrase"]
+    )
+    assert (
+        result.exit_code == 2
+        and "need a model" in result.output
+        and len(result.output.strip().splitlines()) == 1
+    )
+    result = CliRunner().invoke(
+        app, ["data", "augment", str(source), "-o", str(tmp_path / "o.jsonl"), "--ops", "shuffle"]
+    )
+    assert result.exit_code == 2 and "--ops takes" in result.output
