@@ -250,7 +250,10 @@ def test_judge_reward_rates_completions_and_parses_from_a_recipe() -> None:
     assert recipe.objective.reward.judge == "http://127.0.0.1:1/v1#j"
     assert recipe.objective.reward.rubric == "be brief"
     raw["objective"]["reward"] = {"judge": "tiny:llama", "bogus": 1}
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ValueError, match=r"objective\.reward\.bogus: unknown key"):
+        parse_recipe(raw)
+    raw["objective"]["reward"] = {"rubric": "no judge named"}  # the mapping's own error, not the string's
+    with pytest.raises(ValueError, match=r"^recipe: objective\.reward\.judge: required field is missing$"):
         parse_recipe(raw)
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
 
 # Keys that were renamed: the loader says so forever instead of calling the old one unknown.
@@ -424,8 +425,9 @@ def _without_union_tag(loc: tuple[Any, ...]) -> list[Any]:
     name, even one that equals a registered name (PPO's ``reward`` field vs the ``reward`` objective)."""
     registry = {"method": METHODS, "objective": OBJECTIVES}.get(loc[0]) if loc else None
     if registry is not None and len(loc) > 1 and isinstance(loc[1], str) and loc[1] in registry:
-        return [loc[0], *loc[2:]]
-    return list(loc)
+        loc = (loc[0], *loc[2:])
+    # objective.reward is a string or a {judge: ...} mapping; the shape's tag is no field either
+    return [p for i, p in enumerate(loc) if not (p in REWARD_TAGS and i and loc[i - 1] == "reward")]
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:

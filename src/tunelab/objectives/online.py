@@ -10,9 +10,9 @@ any, is ignored; a chat row may simply end with the user's turn), preference row
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import render
@@ -41,10 +41,25 @@ class JudgeReward(BaseModel):
         return self
 
 
+# The two shapes of ``reward``, told apart by type (a mapping is a judge), so a mistake in one is
+# reported against that shape alone; tunelab.recipe drops these tags from the field paths it prints.
+REWARD_TAGS = ("reward_spec", "judge_reward")
+
+
+def _reward_shape(value: Any) -> str:
+    return REWARD_TAGS[1] if isinstance(value, dict | JudgeReward) else REWARD_TAGS[0]
+
+
+RewardSource = Annotated[
+    Annotated[str, Tag(REWARD_TAGS[0])] | Annotated[JudgeReward, Tag(REWARD_TAGS[1])],
+    Discriminator(_reward_shape),
+]
+
+
 class RolloutConfig(ObjectiveConfig):
     """Settings every online objective has: where rewards come from and how completions are sampled."""
 
-    reward: str | JudgeReward = Field(
+    reward: RewardSource = Field(
         description="reward source: a tunelab reward run dir, a sequence-classification model spec "
         "(score = its single logit), a Python function 'module:function' / 'path/file.py:function' "
         "called as f(prompts, completions) -> list[float], or {judge: MODEL_OR_ENDPOINT, rubric: ...} "
