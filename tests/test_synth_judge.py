@@ -76,6 +76,8 @@ def test_verdicts_and_ratings_are_read_from_the_judges_text() -> None:
     assert parse_verdict("blah [[A]]") == "A"
     assert parse_verdict("first [[B]] then on reflection [[C]]") == "tie"  # the last verdict counts
     assert parse_verdict("Verdict: tie") == "tie" and parse_verdict("no idea") is None
+    assert parse_verdict("Overall, Assistant B is better.") == "B"
+    assert parse_rating("I would give it 6/10.") == 6.0
     assert parse_rating("good.\nRating: [[7]]") == 7.0
     assert parse_rating("Score: 3") == 3.0
     assert parse_rating("Rating: [[11]]") is None and parse_rating("nothing") is None

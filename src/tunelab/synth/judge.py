@@ -38,15 +38,19 @@ PAIRWISE_SYSTEM = (
     'in exactly this form: "[[A]]" if A is better, "[[B]]" if B is better, "[[C]]" for a tie.'
 )
 
+# The asked-for form first; then, for judges that do not follow it exactly, the usual free forms
+# ("Score: 7", "7/10"; "Verdict: A", "Assistant B is better").
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-_RATING_WORD = re.compile(r"(?i)\b(?:rating|score)\s*[:=]\s*(\d+(?:\.\d+)?)")
+_RATING_FREE = re.compile(r"(?i)\b(?:rating|score)\s*[:=]\s*(\d+(?:\.\d+)?)|\b(\d+(?:\.\d+)?)\s*/\s*10\b")
 _VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
-_VERDICT_WORD = re.compile(r"(?i)\bverdict\s*[:=]\s*\W*(A|B|C|tie)\b")
+_VERDICT_FREE = re.compile(
+    r"(?i)\bverdict\s*[:=]\s*\W*(A|B|C|tie)\b|\b(?:assistant|answer)\s+(A|B)\s+is\s+better\b"
+)
 
 
 def parse_rating(text: str) -> float | None:
     """The 1-10 rating in a judge's answer (the last one given), or None when there is none."""
-    found = _RATING.findall(text) or _RATING_WORD.findall(text)
+    found = _RATING.findall(text) or ["".join(groups) for groups in _RATING_FREE.findall(text)]
     if not found:
         return None
     value = float(found[-1])
@@ -55,7 +59,7 @@ def parse_rating(text: str) -> float | None:
 
 def parse_verdict(text: str) -> str | None:
     """``"A"``, ``"B"`` or ``"tie"`` from a judge's answer (the last verdict given), else None."""
-    found = _VERDICT.findall(text) or _VERDICT_WORD.findall(text)
+    found = _VERDICT.findall(text) or ["".join(groups) for groups in _VERDICT_FREE.findall(text)]
     if not found:
         return None
     verdict = found[-1].upper()
