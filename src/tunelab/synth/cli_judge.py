@@ -179,13 +179,16 @@ def judge_cmd(
     input: Annotated[str, typer.Argument(help="Prompts (any format), or preference rows to re-judge.")],
     output: OutputOpt,
     judge: Annotated[
-        str, typer.Option("--judge", help="The judge: a model spec or an endpoint URL[#model].")
+        str,
+        typer.Option(
+            "--judge", help="The judge: a model spec, or an endpoint URL (with #served-model to pick one)."
+        ),
     ],
     model: Annotated[
         list[str] | None,
         typer.Option(
             "--model",
-            help="Candidate model, repeat for several: a spec or URL[#model]; with "
+            help="Candidate model, repeat for several: a spec, or an endpoint URL with optional #served-model; with "
             "--endpoint, a model it serves.",
         ),
     ] = None,  # fmt: skip
