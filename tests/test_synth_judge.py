@@ -23,8 +23,10 @@ from tunelab.synth.client import GenSettings
 from tunelab.synth.judge import Judge, JudgeReward, combine, parse_rating, parse_verdict
 from tunelab.train.rewards import load_reward
 
-PAIR = re.compile(r"## Answer of assistant A\n(.*)\n\n## Answer of assistant B\n(.*)\Z", re.DOTALL)
-RATED = re.compile(r"## Answer to rate\n(.*)\Z", re.DOTALL)
+PAIR = re.compile(
+    r"## Answer of assistant A\n(.*)\n\n## Answer of assistant B\n(.*)\n\n## Verdict\n", re.DOTALL
+)
+RATED = re.compile(r"## Answer to rate\n(.*)\n\n## Verdict\n", re.DOTALL)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,10 +42,10 @@ def prefers_longer(messages: list[dict]) -> str:
     """A fair judge: the longer answer wins, wherever it is shown; equal lengths tie."""
     user = messages[-1]["content"]
     if (rated := RATED.search(user)) is not None:
-        return f"Looks fine.\nRating: [[{min(10, 1 + len(rated.group(1)) // 4)}]]"
+        return f"[[{min(10, 1 + len(rated.group(1)) // 4)}]] Looks fine."
     a, b = PAIR.search(user).groups()
     verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"
-    return f"The better answer is longer. [[{verdict}]]"
+    return f"[[{verdict}]] The better answer is longer."
 
 
 def always_first(messages: list[dict]) -> str:
@@ -74,7 +76,7 @@ def item(prompt: str, *answers: str, human: int | None = None) -> prefs.Item:
 
 def test_verdicts_and_ratings_are_read_from_the_judges_text() -> None:
     assert parse_verdict("blah [[A]]") == "A"
-    assert parse_verdict("first [[B]] then on reflection [[C]]") == "tie"  # the last verdict counts
+    assert parse_verdict("[[B]] because ... unlike [[A]]") == "B"  # the first verdict counts (asked first)
     assert parse_verdict("Verdict: tie") == "tie" and parse_verdict("no idea") is None
     assert parse_verdict("Overall, Assistant B is better.") == "B"
     assert parse_rating("I would give it 6/10.") == 6.0
@@ -509,3 +511,25 @@ def test_judge_output_goes_through_the_closing_audit(servers, tmp_path: Path) ->
     assert [r["prompt"][0]["content"] for r in read_jsonl(tmp_path / "p.jsonl")] == ["Keep me"]
     (leak,) = read_jsonl(tmp_path / "p.jsonl.rejects.jsonl")
     assert leak["reason"] == "eval_leak" and leak["row"]["judge"]["reasons"]  # dropped with its reasons
+
+
+def test_constitute_over_http_and_a_rerun_hits_the_cache(servers, tmp_path: Path) -> None:
+    served, _ = servers
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:2])
+    args = [
+        "data", "constitute", str(prompts), "-o", str(tmp_path / "sft.jsonl"), "--endpoint", served.server.url,
+        "--pairs", str(tmp_path / "pairs.jsonl"), "--max-tokens", "8", "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    before = served.requests
+    first = CliRunner().invoke(app, [*args, "--json"])
+    assert first.exit_code == 0, first.output
+    assert served.requests - before == 6  # 2 prompts x (answer, critique, revision)
+    summary = json.loads(first.output.strip().splitlines()[-1])
+    assert summary["model"] == f"endpoint:{served.server.url}/v1#tiny:llama" and summary["prompts"] == 2
+    made = read_jsonl(tmp_path / "sft.jsonl") + [
+        r["row"] for r in read_jsonl(tmp_path / "sft.jsonl.rejects.jsonl")
+    ]
+    assert sorted(r["provenance"]["source_row"] for r in made) == [1, 2]
+    again = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert served.requests - before == 6  # the re-run is answered by the cache

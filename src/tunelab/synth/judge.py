@@ -25,17 +25,24 @@ DEFAULT_RUBRIC = (
     "Clarity: is it well organised and no longer than it needs to be?"
 )
 
+# The request ends the user's turn and asks for the verdict first: small models follow the end of a
+# prompt best, and a judge cut off by its token budget has still given its verdict. The first verdict
+# in the answer counts (the one asked for); a judge that explains first and then concludes has only one.
 POINTWISE_SYSTEM = (
-    "You are an impartial judge of an AI assistant's answer. Rate it against this rubric:\n{rubric}\n"
-    "First explain your assessment in a few sentences, then give the rating, an integer from 1 (worst) "
-    "to 10 (best), in exactly this form on the last line: Rating: [[7]]"
+    "You are an impartial judge of an AI assistant's answer. Judge it against this rubric:\n{rubric}"
 )
 PAIRWISE_SYSTEM = (
     "You are an impartial judge comparing the answers of two AI assistants, A and B, to the same "
-    "conversation. Judge them against this rubric:\n{rubric}\n"
-    "The order in which the answers appear, their length and the assistants' names must not affect your "
-    "verdict. First explain your comparison in a few sentences, then give the verdict on the last line "
-    'in exactly this form: "[[A]]" if A is better, "[[B]]" if B is better, "[[C]]" for a tie.'
+    "conversation. Judge them against this rubric:\n{rubric}\nThe order in which the answers appear, "
+    "their length and the assistants' names must not affect your verdict."
+)
+POINTWISE_ASK = (
+    "Rate the answer from 1 (worst) to 10 (best) by the rubric. Start your reply with the rating in "
+    "double brackets, for example [[7]], then explain it in one or two sentences."
+)
+PAIRWISE_ASK = (
+    "Which answer is better by the rubric? Start your reply with [[A]] if A is better, [[B]] if B is "
+    "better or [[C]] for a tie, then explain it in one or two sentences."
 )
 
 # The asked-for form first; then, for judges that do not follow it exactly, the usual free forms
@@ -49,20 +56,20 @@ _VERDICT_FREE = re.compile(
 
 
 def parse_rating(text: str) -> float | None:
-    """The 1-10 rating in a judge's answer (the last one given), or None when there is none."""
+    """The 1-10 rating in a judge's answer (the first one given), or None when there is none."""
     found = _RATING.findall(text) or ["".join(groups) for groups in _RATING_FREE.findall(text)]
     if not found:
         return None
-    value = float(found[-1])
+    value = float(found[0])
     return value if 1 <= value <= 10 else None
 
 
 def parse_verdict(text: str) -> str | None:
-    """``"A"``, ``"B"`` or ``"tie"`` from a judge's answer (the last verdict given), else None."""
+    """``"A"``, ``"B"`` or ``"tie"`` from a judge's answer (the first verdict given), else None."""
     found = _VERDICT.findall(text) or ["".join(groups) for groups in _VERDICT_FREE.findall(text)]
     if not found:
         return None
-    verdict = found[-1].upper()
+    verdict = found[0].upper()
     return "tie" if verdict in ("C", "TIE") else verdict
 
 
@@ -73,7 +80,7 @@ def render_conversation(messages: Sequence[dict[str, Any]]) -> str:
 
 def pointwise_request(prompt: Sequence[dict[str, Any]], answer: str, rubric: str) -> list[dict[str, str]]:
     """The judge's conversation for rating one answer."""
-    user = f"## Conversation\n{render_conversation(prompt)}\n\n## Answer to rate\n{answer}"
+    user = f"## Conversation\n{render_conversation(prompt)}\n\n## Answer to rate\n{answer}\n\n## Verdict\n{POINTWISE_ASK}"
     return [
         {"role": "system", "content": POINTWISE_SYSTEM.format(rubric=rubric)},
         {"role": "user", "content": user},
@@ -86,7 +93,7 @@ def pairwise_request(
     """The judge's conversation for comparing two answers, ``first`` shown as A."""
     user = (
         f"## Conversation\n{render_conversation(prompt)}\n\n"
-        f"## Answer of assistant A\n{first}\n\n## Answer of assistant B\n{second}"
+        f"## Answer of assistant A\n{first}\n\n## Answer of assistant B\n{second}\n\n## Verdict\n{PAIRWISE_ASK}"
     )
     return [
         {"role": "system", "content": PAIRWISE_SYSTEM.format(rubric=rubric)},
