@@ -533,3 +533,22 @@ def test_constitute_over_http_and_a_rerun_hits_the_cache(servers, tmp_path: Path
     again = CliRunner().invoke(app, [*args, "--overwrite"])
     assert again.exit_code == 0, again.output
     assert served.requests - before == 6  # the re-run is answered by the cache
+
+
+def test_a_judge_that_cannot_load_fails_before_any_candidate_is_sampled(servers, tmp_path: Path) -> None:
+    served, _ = servers
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    before = served.requests
+    args = [
+        "data",
+        "judge",
+        str(prompts),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+        "--model",
+        f"{served.server.url}/v1",
+    ]
+    result = CliRunner().invoke(app, [*args, "--judge", str(tmp_path / "no-such-model")])
+    assert result.exit_code == 2 and "cannot load model" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert served.requests == before and not (tmp_path / "o.jsonl").exists()

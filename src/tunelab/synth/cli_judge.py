@@ -71,8 +71,8 @@ def for_spec(spec: str, base: GeneratorOptions) -> GeneratorOptions:
 class Generators:
     """Opens each model once (a judge that is also a candidate model is loaded one time)."""
 
-    def __init__(self, base: GeneratorOptions) -> None:
-        self.base, self.opened = base, {}
+    def __init__(self) -> None:
+        self.opened: dict[tuple[str | None, str | None], Any] = {}
 
     def __call__(self, options: GeneratorOptions) -> Any:
         key = (options.model, options.endpoint)
@@ -142,19 +142,21 @@ def run_judge(
     items = prefs.read_items(job.input, job.fmt, job.columns)[: job.limit]
     if not items:
         raise ValueError(f"{job.input}: no prompts to judge")
-    opened = Generators(base)
-    if any(not item.candidates for item in items):
-        if not models:
-            raise ValueError(
-                f"{job.input}: rows without candidates need --model (or --endpoint) to sample answers"
-            )
-        prefs.sample_candidates(items, [opened(m) for m in models], job.candidates, settings)
+    sampling = any(not item.candidates for item in items)
+    if sampling and not models:
+        raise ValueError(
+            f"{job.input}: rows without candidates need --model (or --endpoint) to sample answers"
+        )
+    opened = Generators()
+    # The judge opens first: a judge that cannot load or answer fails before candidates cost anything.
     judge = Judge(
         opened(for_spec(judge_spec, base)),
         rubric=job.rubric,
         max_tokens=job.judge_max_tokens,
         seed=settings.seed,
     )
+    if sampling:
+        prefs.sample_candidates(items, [opened(m) for m in models], job.candidates, settings)
     if job.mode == "pairwise":
         outcomes = prefs.judge_pairwise(judge, items)
     else:
