@@ -512,3 +512,61 @@ def test_augment_needs_a_model_for_model_ops(tmp_path: Path) -> None:
         app, ["data", "augment", str(source), "-o", str(tmp_path / "o.jsonl"), "--ops", "shuffle"]
     )
     assert result.exit_code == 2 and "--ops takes" in result.output
+
+
+def test_a_missing_eval_file_fails_before_any_generation(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    seeds = write_rows(tmp_path / "seeds.jsonl", SEEDS)
+    out = tmp_path / "out.jsonl"
+    args = [
+        "data",
+        "synth",
+        str(seeds),
+        "-o",
+        str(out),
+        "--model",
+        "no/such-model",
+        "--eval",
+        str(tmp_path / "nope.jsonl"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "nope.jsonl: file not found" in result.output  # not the model error
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_instruction_parsing() -> None:
+    from tunelab.synth.selfinstruct import parse_instance, parse_instructions
+
+    answer = 'Here are new tasks:\n4. Name a river.\nTask 5: Write a limerick.\n6) "Sort these words."\n\nInstruction: Add 2 and 3.'
+    assert parse_instructions(answer) == [
+        "Name a river.",
+        "Write a limerick.",
+        "Sort these words.",
+        "Add 2 and 3.",
+    ]
+    assert parse_instance("Input: <none>\nOutput: Nile", False) == ("", "Nile")
+    assert parse_instance("Input: 2, 3\nOutput: 5", False) == ("2, 3", "5")
+    assert parse_instance("just an answer", False) == ("", "just an answer")
+    assert parse_instance("Class label: spam\nInput: WIN A PRIZE", True) == ("WIN A PRIZE", "spam")
+    assert parse_instance("ham\nsee you at lunch", True) == ("see you at lunch", "ham")
+
+
+def test_input_side_of_each_format() -> None:
+    from tunelab.synth.augment import input_side
+
+    chat = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}  # fmt: skip
+    side = input_side(chat, "chat")
+    assert side.get(chat) == "q2"
+    changed = side.with_text(chat, "Q2")
+    assert changed["messages"][2]["content"] == "Q2" and chat["messages"][2]["content"] == "q2"  # a copy
+    assert changed["messages"][3] == chat["messages"][3]
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    assert input_side(sharegpt, "chat").get(sharegpt) == "hi"
+    assert input_side({"instruction": "Do", "input": "", "output": "x"}, "instruction").name == "instruction"
+    assert input_side({"instruction": "Do", "input": "this", "output": "x"}, "instruction").name == "input"
+    assert input_side({"prompt": "p", "completion": "c"}, "prompt_completion").name == "prompt"
+    assert input_side({"text": "t", "label": "l"}, "classification").name == "text"

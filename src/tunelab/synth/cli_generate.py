@@ -127,7 +127,7 @@ def run_synth(
     from tunelab.synth.finish import check_paths, finish  # noqa: PLC0415
     from tunelab.synth.selfinstruct import SelfInstruct, read_seeds  # noqa: PLC0415
 
-    check_paths(output, [seeds_path, eval_file], overwrite=overwrite)
+    check_paths(output, [seeds_path], overwrite=overwrite, eval_path=eval_file)
     seeds = read_seeds(seeds_path)
     generator = options.open()
     loop = SelfInstruct(generator, seeds, config, eval_path=eval_file)
@@ -218,7 +218,7 @@ def run_augment(
     from tunelab.synth.augment import MODEL_OPS, augment_rows, detect_rows_format, leaking_rows  # noqa: PLC0415
     from tunelab.synth.finish import check_paths, finish  # noqa: PLC0415
 
-    check_paths(output, [path, eval_file], overwrite=overwrite)
+    check_paths(output, [path], overwrite=overwrite, eval_path=eval_file)
     needs_model = any(op in MODEL_OPS for op in config.ops)
     if needs_model and not (options.model or options.endpoint):
         raise ValueError("--ops paraphrase/backtranslate need a model: give --model SPEC or --endpoint URL")

@@ -46,10 +46,17 @@ def rejects_path(out: str | os.PathLike) -> Path:
 
 
 def check_paths(
-    out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], *, overwrite: bool
+    out: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike | None],
+    *,
+    overwrite: bool,
+    eval_path: str | os.PathLike | None = None,
 ) -> None:
-    """Before any model call: the output and its rejects file may be written (never over an input)."""
-    check_outputs([p for p in inputs if p], [out, rejects_path(out)], overwrite=overwrite)
+    """Before any model call: the output and its rejects file may be written (never over an input),
+    and the eval file, if any, can be read (so a typo fails now, not after the generation)."""
+    check_outputs([p for p in (*inputs, eval_path) if p], [out, rejects_path(out)], overwrite=overwrite)
+    if eval_path:
+        _canonicalise(iter_records(eval_path), str(eval_path))
 
 
 @dataclass
@@ -198,6 +205,9 @@ def finish(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Audit ``rows``, write the kept ones to ``out_path`` and every drop to ``OUT.rejects.jsonl``.
+
+    Call :func:`check_paths` before generating: this refuses to write over an input, but replaces
+    an existing output (the command has checked ``--overwrite`` by then).
 
     ``dropped`` are the rows the command's own filters already dropped (each a dict with a
     ``reason``); they are counted and written to the rejects file too. ``limit`` keeps at most that

@@ -104,11 +104,12 @@ def instruction_prompt(examples: list[str]) -> list[dict[str, str]]:
 
 
 def parse_instructions(answer: str) -> list[str]:
-    """One candidate per non-empty line, numbering and ``Task:`` labels removed."""
+    """One candidate per non-empty line, numbering and ``Task:`` labels removed; a line ending in a
+    colon is a heading ("Here are some new tasks:"), not a task."""
     out = []
     for line in answer.splitlines():
         text = _LABELLED.sub("", _NUMBERED.sub("", line)).strip().strip('"').strip()
-        if text:
+        if text and not text.endswith(":"):
             out.append(text)
     return out
 
