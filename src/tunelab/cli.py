@@ -20,6 +20,7 @@ from tunelab.runs.cli import app as runs_app
 from tunelab.serve.cli import app as serve_app
 from tunelab.sweep import sweep_cmd
 from tunelab.synth.cli_generate import augment_cmd, synth_cmd
+from tunelab.synth.cli_judge import constitute_cmd, judge_cmd
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; the
 # warning is theirs to fix and says nothing to a tunelab user, so the command line does not repeat it.
@@ -45,6 +46,8 @@ app.command("plan")(plan_cmd)
 app.add_typer(serve_app, name="serve")
 app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
+data_app.command("judge")(judge_cmd)
+data_app.command("constitute")(constitute_cmd)
 
 out = make_console()
 err = make_console(stderr=True)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
 
 # Keys that were renamed: the loader says so forever instead of calling the old one unknown.
@@ -424,8 +425,9 @@ def _without_union_tag(loc: tuple[Any, ...]) -> list[Any]:
     name, even one that equals a registered name (PPO's ``reward`` field vs the ``reward`` objective)."""
     registry = {"method": METHODS, "objective": OBJECTIVES}.get(loc[0]) if loc else None
     if registry is not None and len(loc) > 1 and isinstance(loc[1], str) and loc[1] in registry:
-        return [loc[0], *loc[2:]]
-    return list(loc)
+        loc = (loc[0], *loc[2:])
+    # objective.reward is a string or a {judge: ...} mapping; the shape's tag is no field either
+    return [p for i, p in enumerate(loc) if not (p in REWARD_TAGS and i and loc[i - 1] == "reward")]
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
@@ -610,7 +612,7 @@ def missing_files(recipe: Recipe) -> list[str]:
         if not Path(value).exists() and not is_hub_id:
             problems.append(f"{name}: {value}: file not found")
     reward = getattr(recipe.objective, "reward", None) or ""
-    script, sep, _ = reward.rpartition(":")
+    script, sep, _ = reward.rpartition(":") if isinstance(reward, str) else ("", "", "")
     if sep and script.endswith(".py") and not Path(script).expanduser().is_file():
         problems.append(f"objective.reward: {script}: file not found")
     return problems
@@ -639,6 +641,9 @@ def _resolve_reward(recipe: Recipe, base: Path, resolve: Any) -> None:
     """An online objective's reward: ``file.py:function`` or a reward run dir next to the recipe."""
     reward = getattr(recipe.objective, "reward", None)
     if not reward:
+        return
+    if not isinstance(reward, str):  # {judge: ...}: a judge model directory next to the recipe
+        resolve(reward, "judge")
         return
     file, sep, function = reward.rpartition(":")
     if sep and file.endswith(".py") and not Path(file).is_absolute() and (base / file).exists():

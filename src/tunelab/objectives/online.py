@@ -10,22 +10,60 @@ any, is ignored; a chat row may simply end with the user's turn), preference row
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import render
 from tunelab.objectives.base import BaseObjective, Dropped, ObjectiveConfig
 
 
+class JudgeReward(BaseModel):
+    """``objective.reward: {judge: MODEL_OR_ENDPOINT, rubric: ...}``: an LLM rates each completion 1-10."""
+
+    model_config = ConfigDict(extra="forbid")
+    judge: str = Field(
+        description="the judge: a model spec (hub id, dir, asset:, run dir) or an OpenAI-compatible "
+        "endpoint URL, with the served model after '#' (http://host:8000/v1#name)"
+    )
+    rubric: str | None = Field(None, description="what the judge rates against; default: tunelab's rubric")
+    max_tokens: int = Field(256, ge=1, description="the judge's budget for its reasoning and rating")
+    unparsed_score: float = Field(
+        5.5, description="score of a completion whose rating cannot be read (5.5: the scale's middle)"
+    )
+    concurrency: int = Field(4, ge=1, description="endpoint requests in flight at once")
+
+    @model_validator(mode="after")
+    def _judge_given(self) -> JudgeReward:
+        if not self.judge.strip():
+            raise ValueError("judge: give a model spec or an endpoint URL")
+        return self
+
+
+# The two shapes of ``reward``, told apart by type (a mapping is a judge), so a mistake in one is
+# reported against that shape alone; tunelab.recipe drops these tags from the field paths it prints.
+REWARD_TAGS = ("reward_spec", "judge_reward")
+
+
+def _reward_shape(value: Any) -> str:
+    return REWARD_TAGS[1] if isinstance(value, dict | JudgeReward) else REWARD_TAGS[0]
+
+
+RewardSource = Annotated[
+    Annotated[str, Tag(REWARD_TAGS[0])] | Annotated[JudgeReward, Tag(REWARD_TAGS[1])],
+    Discriminator(_reward_shape),
+]
+
+
 class RolloutConfig(ObjectiveConfig):
     """Settings every online objective has: where rewards come from and how completions are sampled."""
 
-    reward: str = Field(
+    reward: RewardSource = Field(
         description="reward source: a tunelab reward run dir, a sequence-classification model spec "
-        "(score = its single logit), or a Python function 'module:function' / 'path/file.py:function' "
-        "called as f(prompts, completions) -> list[float]"
+        "(score = its single logit), a Python function 'module:function' / 'path/file.py:function' "
+        "called as f(prompts, completions) -> list[float], or {judge: MODEL_OR_ENDPOINT, rubric: ...} "
+        "for an LLM judge's 1-10 rating"
     )
     max_new_tokens: int = Field(64, ge=1, description="completion budget per rollout")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
@@ -34,8 +72,8 @@ class RolloutConfig(ObjectiveConfig):
 
     @model_validator(mode="after")
     def _reward_given(self) -> RolloutConfig:
-        if not self.reward.strip():
-            raise ValueError("reward: give a reward run dir, a model spec or 'module:function'")
+        if isinstance(self.reward, str) and not self.reward.strip():
+            raise ValueError("reward: give a reward run dir, a model spec, 'module:function' or {judge: ...}")
         return self
 
 

@@ -6,7 +6,9 @@ A spec is one of
 - any sequence-classification model spec ``load_model`` accepts (hub id, local dir, ``asset:``);
   the score is the model's single output logit;
 - a Python function ``package.module:function`` or ``path/to/file.py:function`` called as
-  ``function(prompts: list[str], completions: list[str]) -> list[float]``.
+  ``function(prompts: list[str], completions: list[str]) -> list[float]``;
+- an LLM judge, ``{judge: MODEL_OR_ENDPOINT, rubric: ...}`` in the recipe (a
+  :class:`~tunelab.objectives.online.JudgeReward`): the judge's 1-10 rating of each completion.
 
 ``prompts`` are the prompt text as the policy saw it (for chat data the rendered template,
 generation prompt included); ``completions`` are the decoded completions without special tokens.
@@ -26,14 +28,25 @@ RewardFn = Callable[[list[str], list[str], Sequence[list[dict[str, Any]] | None]
 _MODEL_PREFIXES = ("asset", "tiny")
 
 
-def load_reward(spec: str, *, device: str | torch.device = "cpu", batch_size: int = 16) -> RewardFn:
+def load_reward(spec: str | Any, *, device: str | torch.device = "cpu", batch_size: int = 16) -> RewardFn:
     """Turn a reward spec into a callable; errors say which kind of spec was expected."""
     from tunelab.evaluate.run import final_dir_of  # noqa: PLC0415  (evaluate imports train modules)
+
+    if not isinstance(spec, str):
+        return judge_reward(spec, device=device)
 
     target = _function_target(spec)
     if target is not None and final_dir_of(spec) is None:
         return _python_reward(spec, *target)
     return RewardModel(spec, device=device, batch_size=batch_size)
+
+
+def judge_reward(config: Any, *, device: str | torch.device = "cpu") -> RewardFn:
+    """An LLM judge's rating as the reward (``config`` is the recipe's ``{judge: ..., rubric: ...}``)."""
+    # synth (the data-making commands) sits above train; it is loaded only when a recipe asks for it.
+    from tunelab.synth.judge import JudgeReward  # noqa: PLC0415
+
+    return JudgeReward.from_config(config, device=str(device))
 
 
 def _function_target(spec: str) -> tuple[str, str] | None:
