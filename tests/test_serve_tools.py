@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from tunelab.models.load import load_model
 from tunelab.models.tiny import build_tiny_tokenizer
 from tunelab.serve.app import ServeSettings, create_app
-from tunelab.serve.engine import Delta, Done, Engine, Job, make_decoder
+from tunelab.serve.engine import Delta, Done, Engine, make_decoder
 from tunelab.serve.routing import Router, WatchPolicy
 from tunelab.serve.schemas import ChatCompletionRequest
 from tunelab.serve.tools import (
@@ -264,12 +264,15 @@ def app_client(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Test
     monkeypatch.setattr(engine, "canned", GENERATED, raising=False)
     monkeypatch.setattr(engine, "seen", [], raising=False)
 
-    def generate(job: Job) -> Done:
-        engine.seen.append(job)
-        if job.stream:
-            for i in range(0, len(engine.canned), 5):  # deltas of 5 characters, as tokens would arrive
-                job.emit(Delta(engine.canned[i : i + 5]))
-        return Done(engine.canned, "stop", len(job.prompt_ids), 9)
+    def generate(rows: list) -> None:  # the engine decodes a batch of rows; each is answered here
+        for row in rows:
+            job = row.job
+            engine.seen.append(job)
+            if job.stream:
+                for i in range(0, len(engine.canned), 5):  # deltas of 5 characters, as tokens would arrive
+                    job.emit(Delta(engine.canned[i : i + 5]))
+            row.finished = True
+            job.emit(Done(engine.canned, "stop", len(job.prompt_ids), 9))
 
     monkeypatch.setattr(engine, "generate", generate)
     router = Router(engine.base_name, [], WatchPolicy(min_samples=3, max_latency_ratio=1e6))
