@@ -18,6 +18,7 @@ from tunelab.export import export_cmd
 from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
 from tunelab.serve.cli import app as serve_app
+from tunelab.studio.cli import studio_cmd
 from tunelab.sweep import sweep_cmd
 from tunelab.synth.cli_generate import augment_cmd, synth_cmd
 
@@ -45,6 +46,7 @@ app.command("plan")(plan_cmd)
 app.add_typer(serve_app, name="serve")
 app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
+app.command("studio")(studio_cmd)
 
 out = make_console()
 err = make_console(stderr=True)
