@@ -1,0 +1,160 @@
+"""tunelab studio in a real headless Chromium (Playwright driving the system's /usr/bin/chromium).
+
+Each test asserts on what the page shows. Skipped, saying why, where Playwright or Chromium is absent
+(`make chromium` installs Chromium). With TUNELAB_STUDIO_SHOTS=DIR each page's 1280x800 screenshot is
+written to DIR (`make studio-shots` writes docs/studio/); otherwise nothing leaves the tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip(
+    "playwright.sync_api", reason="playwright not installed (pip install playwright)"
+)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH; run `make chromium`")
+
+ROWS = [
+    {"instruction": "Say hi to the user", "output": "hi there friend"},
+    {"instruction": "Count to three please", "output": "one two three"},
+    {"instruction": "Say hi to the user", "output": "hi there friend"},
+    {"instruction": "Name a colour you like", "output": "blue is nice"},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory: pytest.TempPathFactory):
+    """The studio served by uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from tunelab.studio.app import create_app
+
+    runs = tmp_path_factory.mktemp("studio") / "runs"
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runs), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the studio did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield context.new_page()
+    context.close()
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    return path
+
+
+def serious_violations(page) -> list[str]:
+    """axe-core (vendored, served by the studio) run on the page: its serious and critical violations."""
+    page.add_script_tag(url="/static/vendor/axe.min.js")
+    result = page.evaluate("async () => await axe.run(document)")
+    assert result["passes"], "axe-core did not run"
+    return [
+        f"{v['id']}: {v['help']} ({len(v['nodes'])} nodes)"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+def shot(page, name: str) -> None:
+    folder = os.environ.get("TUNELAB_STUDIO_SHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")  # the top of the page, as a visitor first sees it
+        page.screenshot(path=str(Path(folder) / f"{name}.png"))
+
+
+def focus_by_tab(page, element_id: str, limit: int = 40) -> None:
+    """Press Tab from the top of the page until ``element_id`` has the focus (fails if it never does)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement && document.activeElement.id") == element_id:
+            return
+    raise AssertionError(f"#{element_id} is not reachable with the keyboard")
+
+
+def test_home_lists_the_pages_and_passes_axe(studio, page):
+    page.goto(studio + "/")
+    assert page.locator("nav a").all_inner_texts()[:3] == ["Home", "Data", "Recipe"]
+    shot(page, "home")
+    assert serious_violations(page) == []
+
+
+def test_data_page_audit_and_mask_preview_by_keyboard(studio, page, data_file):
+    page.goto(studio + "/data")
+    focus_by_tab(page, "path")
+    page.keyboard.type(str(data_file))
+    page.keyboard.press("Enter")  # submits the form: the audit
+    findings = page.locator("#findings")
+    findings.wait_for()
+    assert "exact duplicates" in findings.inner_text()
+    assert "Say hi to the user" in page.locator("table.rows").first.inner_text()  # the offending row
+    focus_by_tab(page, "preview-button")
+    page.keyboard.press("Enter")
+    page.locator("article.example").first.wait_for()
+    heading = page.locator("article.example h3").first.inner_text()
+    assert "with loss" in heading
+    trained = page.locator("article.example").first.locator("span.tok.loss")
+    assert trained.count() == int(heading.split(", ")[1].split()[0])  # as many as the heading counts
+    assert "hi there friend" in "".join(trained.all_inner_texts())  # the answer is what is trained
+    shot(page, "data")
+    assert serious_violations(page) == []
+
+
+def test_recipe_page_validates_inline_and_plans(studio, page, data_file):
+    page.goto(studio + "/recipe")
+    page.fill("#f-model-name_or_path", "tiny:llama")
+    page.fill("#f-data-train", str(data_file))
+    page.fill("#f-training-learning_rate", "-1")
+    problems = page.locator("#problems")
+    problems.wait_for()
+    assert "training.learning_rate" in problems.inner_text()
+    page.fill("#f-training-learning_rate", "0.001")
+    page.locator("#recipe-ok").wait_for()
+    assert "learning_rate: 0.001" in page.locator("#yaml").inner_text()
+    page.click("#plan-button")
+    page.locator("#plan-table").wait_for()
+    assert "predicted peak allocated" in page.locator("#plan-table").inner_text()
+    shot(page, "recipe")
+    assert serious_violations(page) == []
+    page.select_option("#f-method-name", "full")
+    page.wait_for_function("!document.querySelector('#f-method-r')")  # full fine-tuning has no rank
+    assert page.input_value("#f-model-name_or_path") == "tiny:llama"  # typed values survive
