@@ -38,8 +38,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory: pytest.TempPathFactory):
-    """The studio served by uvicorn on a free loopback port, in a thread; yields its base URL."""
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """The studio served by uvicorn on a free loopback port, in a thread: (base URL, runs dir)."""
     import uvicorn
 
     from tunelab.studio.app import create_app
@@ -55,9 +55,14 @@ def studio(tmp_path_factory: pytest.TempPathFactory):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "the studio did not start"
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", runs
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def studio(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +163,44 @@ def test_recipe_page_validates_inline_and_plans(studio, page, data_file):
     page.select_option("#f-method-name", "full")
     page.wait_for_function("!document.querySelector('#f-method-r')")  # full fine-tuning has no rank
     assert page.input_value("#f-model-name_or_path") == "tiny:llama"  # typed values survive
+
+
+def _points(page) -> int:
+    return int(page.inner_text("#points").split()[0])
+
+
+@pytest.mark.slow
+def test_train_page_live_chart_two_tabs_and_a_killed_run(studio, served, browser, page, tmp_path):
+    import signal
+
+    from test_studio_train import tiny_recipe
+
+    page.goto(studio + "/train")
+    focus_by_tab(page, "recipe-path")
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(tiny_recipe(tmp_path, 5000)))
+    focus_by_tab(page, "run-name")
+    page.keyboard.type("live")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/train/live")
+    page.wait_for_function("parseInt(document.querySelector('#points').textContent) >= 2", timeout=60_000)
+    first = _points(page)
+    page.wait_for_function(
+        f"parseInt(document.querySelector('#points').textContent) > {first}", timeout=30_000
+    )
+    assert page.inner_text("#status-word") == "running"
+    assert page.locator(".chart canvas").count() >= 4  # loss, lr, grad norm, tokens/s drawn by uPlot
+    shot(page, "train")
+    assert serious_violations(page) == []
+    other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+    other.goto(studio + "/train/live")  # a second tab on the same run: the same state, every row so far
+    other.wait_for_function(f"parseInt(document.querySelector('#points').textContent) >= {first}")
+    assert other.inner_text("#status-word") == "running"
+    job = json.loads((served[1] / ".studio" / "live.json").read_text(encoding="utf-8"))
+    os.kill(job["pid"], signal.SIGKILL)
+    for tab in (page, other):
+        tab.wait_for_function(
+            "document.querySelector('#status-word').textContent === 'failed'", timeout=5_000
+        )
+        assert "killed or crashed" in tab.inner_text("#run-status")
+    other.context.close()

@@ -1,0 +1,117 @@
+"""The studio's Train page: runs are `tunelab train` processes; their state is read from disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from tunelab.studio import jobs
+from tunelab.studio.app import create_app
+from tunelab.studio.live import MetricsTail, sse
+
+DATA = Path(__file__).parents[1] / "recipes" / "data"
+
+
+def tiny_recipe(folder: Path, steps: int) -> Path:
+    recipe = {
+        "seed": 0,
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {
+            "train": str(DATA / "tiny_train.jsonl"),
+            "eval": str(DATA / "tiny_eval.jsonl"),
+            "max_length": 64,
+        },
+        "method": {"name": "lora", "r": 4},
+        "training": {"max_steps": steps, "batch_size": 4, "learning_rate": 0.005, "eval_every": 1000},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sse_splits_lines_and_tail_reads_only_complete_rows(tmp_path):
+    assert sse("log", "a\nb") == "event: log\ndata: a\ndata: b\n\n"
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 1, "eval_loss": 3}\n{"step": 2, "lo', encoding="utf-8"
+    )
+    tail = MetricsTail(path)
+    assert [r["step"] for r in tail.new_rows()] == [1]  # eval rows and the partial line are not chart rows
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('ss": 1.5}\n')
+    assert [(r["step"], r["loss"]) for r in tail.new_rows()] == [(2, 1.5)]
+
+
+def test_a_bad_recipe_is_refused_with_recipe_checks_messages(tmp_path):
+    client = TestClient(create_app(tmp_path / "runs"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: {name_or_path: tiny:llama}\nmethod: {name: lora}\ndata: {train: nope.jsonl}\n",
+        encoding="utf-8",
+    )
+    html = client.post("/train/start", data={"recipe": str(bad)}).text
+    assert "data.train" in html and "file not found" in html
+    assert not (tmp_path / "runs" / ".studio").exists()  # nothing was started
+
+
+def test_unknown_or_escaping_run_names_are_404(tmp_path):
+    client = TestClient(create_app(tmp_path / "runs"))
+    assert client.get("/train/nope").status_code == 404
+    assert client.get("/train/..%2F..").status_code == 404
+
+
+@pytest.mark.slow
+def test_a_run_streams_its_metrics_and_finishes(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    response = client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 4)), "name": "one"})
+    assert response.headers["HX-Redirect"] == "/train/one"
+    events = []
+    with client.stream("GET", "/train/one/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            elif line.startswith("data: ") and events[-1] == "metrics":
+                events.append(json.loads(line[6:]))
+            if events and events[-1] == "done":
+                break
+    rows = [row for e in events if isinstance(e, list) for row in e]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
+    assert "status" in events and "log" in events
+    assert jobs.run_state(runs, "one").status == "completed"
+    assert "one" in client.get("/train").text  # listed after a restart too: it is on disk
+    assert "completed" in TestClient(create_app(runs)).get("/train/one").text
+
+
+@pytest.mark.slow
+def test_a_killed_run_reads_as_failed_within_seconds(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "doomed"})
+    wait_for(lambda: (runs / "doomed" / "metrics.jsonl").is_file(), 60, "the first metrics row")
+    assert jobs.run_state(runs, "doomed", client.app.state.processes).status == "running"
+    os.kill(jobs.read_job(runs, "doomed")["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    state = wait_for(
+        lambda: (s := jobs.run_state(runs, "doomed", client.app.state.processes)).finished and s, 10, "failed"
+    )
+    assert state.status == "failed" and "killed" in state.reason
+    assert time.monotonic() - killed < 3
+    assert "killed or crashed" in client.get("/train/doomed").text
