@@ -204,3 +204,26 @@ def test_train_page_live_chart_two_tabs_and_a_killed_run(studio, served, browser
         )
         assert "killed or crashed" in tab.inner_text("#run-status")
     other.context.close()
+
+
+def test_runs_page_filters_and_sorts(studio, served, page):
+    from test_studio_train import fake_run
+
+    runs = served[1]
+    fake_run(runs, "zeta-lora", "completed", "lora", 2.0)
+    fake_run(runs, "eta-full", "completed", "full", 1.0)
+    page.goto(studio + "/runs")
+    names = page.locator("#runs-table tbody th").all_inner_texts()
+    assert {"zeta-lora", "eta-full"} <= set(names)
+    page.select_option("#filter-method", "full")
+    focus_by_tab(page, "filter-button")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/runs?*method=full*")
+    assert page.locator("#runs-table tbody th").all_inner_texts() == ["eta-full"]
+    page.goto(studio + "/runs")
+    page.get_by_role("link", name="Key metric").click()
+    page.wait_for_url("**sort=key_value**")
+    names = page.locator("#runs-table tbody th").all_inner_texts()
+    assert names.index("eta-full") < names.index("zeta-lora")  # eval_loss 1.0 before 2.0
+    shot(page, "runs")
+    assert serious_violations(page) == []

@@ -115,3 +115,61 @@ def test_a_killed_run_reads_as_failed_within_seconds(tmp_path):
     assert state.status == "failed" and "killed" in state.reason
     assert time.monotonic() - killed < 3
     assert "killed or crashed" in client.get("/train/doomed").text
+
+
+def fake_run(runs: Path, name: str, status: str, method: str, value: float) -> None:
+    run = runs / name
+    run.mkdir(parents=True)
+    manifest = {
+        "status": status,
+        "started_at": f"2026-01-0{int(value)}T00:00:00Z",
+        "final_eval": {"eval_loss": value},
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    recipe = {
+        "method": {"name": method},
+        "objective": {"name": "sft"},
+        "model": {"name_or_path": "tiny:llama"},
+    }
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+
+def test_runs_page_lists_filters_and_sorts_the_index(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "alpha", "completed", "lora", 2.0)
+    fake_run(runs, "beta", "completed", "full", 1.0)
+    fake_run(runs, "gamma", "running", "lora", 3.0)  # no process holds its lock: it died
+    client = TestClient(create_app(runs))
+    html = client.get("/runs").text
+    assert "3 of 3 run(s)" in html
+    gamma = html[html.index(">gamma<") :]
+    assert gamma.index("failed") < gamma.index("</tr>")  # shown as failed, not running
+    html = client.get("/runs", params={"method": "lora"}).text
+    assert ">alpha<" in html and ">gamma<" in html and ">beta<" not in html
+    html = client.get("/runs", params={"sort": "key_value"}).text
+    assert html.index(">beta<") < html.index(">alpha<") < html.index(">gamma<")
+    html = client.get("/runs", params={"sort": "key_value", "desc": 1}).text
+    assert html.index(">gamma<") < html.index(">alpha<") < html.index(">beta<")
+    assert ">beta<" not in client.get("/runs", params={"q": "alp"}).text
+
+
+@pytest.mark.slow
+def test_a_failed_run_resumes_and_stops_as_interrupted(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    procs = client.app.state.processes
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "again"})
+    wait_for(lambda: (runs / "again" / "metrics.jsonl").is_file(), 60, "the first metrics row")
+    assert "only a failed or interrupted run" in client.post("/train/again/resume").text  # it is running
+    os.kill(jobs.read_job(runs, "again")["pid"], signal.SIGKILL)
+    wait_for(lambda: jobs.run_state(runs, "again", procs).status == "failed", 10, "failed")
+    response = client.post("/train/again/resume")
+    assert response.headers["HX-Redirect"] == "/train/again"
+    wait_for(
+        lambda: jobs.run_state(runs, "again", procs).status == "running" and jobs.lock_held(runs / "again"),
+        60,
+        "the resumed run",
+    )
+    assert "stop sent" in client.post("/train/again/stop").text
+    wait_for(lambda: jobs.run_state(runs, "again", procs).status == "interrupted", 30, "interrupted")
+    assert "--resume" in " ".join(jobs.read_job(runs, "again")["command"])

@@ -23,7 +23,7 @@ ENV = Environment(
 )
 
 # The pages in the nav, in lifecycle order: (path, label).
-NAV = [("/", "Home"), ("/data", "Data"), ("/recipe", "Recipe"), ("/train", "Train")]
+NAV = [("/", "Home"), ("/data", "Data"), ("/recipe", "Recipe"), ("/train", "Train"), ("/runs", "Runs")]
 
 
 def page(template: str, *, active: str = "", status_code: int = 200, **context: Any) -> HTMLResponse:

@@ -94,6 +94,17 @@ def register(app: FastAPI) -> None:
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    @app.post("/train/{name}/resume")
+    async def train_resume(request: Request, name: str):
+        state = request.app.state
+        run_state = jobs.run_state(state.runs_dir, name, state.processes) if valid_name(name) else None
+        if run_state is None or run_state.status not in ("failed", "interrupted"):
+            return page("_saved_note.html", note="only a failed or interrupted run can be resumed")
+        args = ["train", "--resume", str(state.runs_dir / name)]
+        process = jobs.start(state.runs_dir, name, args)
+        state.processes[process.pid] = process
+        return HTMLResponse("", headers={"HX-Redirect": f"/train/{name}"})
+
     @app.post("/train/{name}/stop")
     async def train_stop(request: Request, name: str):
         stopped = valid_name(name) and jobs.stop(request.app.state.runs_dir, name)
