@@ -149,9 +149,9 @@ def test_recipe_page_validates_inline_and_plans(studio, page, data_file):
     page.fill("#f-model-name_or_path", "tiny:llama")
     page.fill("#f-data-train", str(data_file))
     page.fill("#f-training-learning_rate", "-1")
-    problems = page.locator("#problems")
-    problems.wait_for()
-    assert "training.learning_rate" in problems.inner_text()
+    # The empty form already lists problems (no model yet): wait for the one this value causes.
+    page.locator("#problems li", has_text="training.learning_rate").wait_for()
+    assert "bad studio form: training.learning_rate" in page.inner_text("#problems")
     page.fill("#f-training-learning_rate", "0.001")
     page.locator("#recipe-ok").wait_for()
     assert "learning_rate: 0.001" in page.locator("#yaml").inner_text()

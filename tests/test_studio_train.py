@@ -173,3 +173,12 @@ def test_a_failed_run_resumes_and_stops_as_interrupted(tmp_path):
     assert "stop sent" in client.post("/train/again/stop").text
     wait_for(lambda: jobs.run_state(runs, "again", procs).status == "interrupted", 30, "interrupted")
     assert "--resume" in " ".join(jobs.read_job(runs, "again")["command"])
+
+
+def test_a_process_that_exits_before_its_run_exists_shows_its_last_log_line(tmp_path):
+    runs = tmp_path / "runs"
+    process = jobs.start(runs, "early", ["train", str(tmp_path / "missing.yaml")])
+    procs = {process.pid: process}
+    state = wait_for(lambda: (s := jobs.run_state(runs, "early", procs)).finished and s, 60, "the exit")
+    assert state.status == "failed"
+    assert state.reason.startswith("error:") and "missing.yaml" in state.reason  # the CLI's own line

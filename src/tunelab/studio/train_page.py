@@ -94,6 +94,12 @@ def register(app: FastAPI) -> None:
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    _register_controls(app)
+
+
+def _register_controls(app: FastAPI) -> None:
+    """Stop and resume: signals to, and new processes for, a run that exists."""
+
     @app.post("/train/{name}/resume")
     async def train_resume(request: Request, name: str):
         state = request.app.state
