@@ -173,3 +173,17 @@ def test_cli_refuses_a_public_bind_without_a_key(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: refusing to run the studio on 0.0.0.0")
     assert "Traceback" not in result.stderr
+
+
+def test_upload_is_stored_in_the_runs_dir_never_over_a_file(client, tmp_path, data_file):
+    body = data_file.read_bytes()
+    first = client.put("/data/upload", params={"name": "../../evil/train.jsonl"}, content=body).json()["path"]
+    second = client.put("/data/upload", params={"name": "train.jsonl"}, content=body).json()["path"]
+    uploads = tmp_path / "runs" / "uploads"
+    assert (Path(first), Path(second)) == (uploads / "train.jsonl", uploads / "train-2.jsonl")
+    assert Path(first).read_bytes() == body
+    refused = client.put("/data/upload", params={"name": "notes.exe"}, content=b"x")
+    assert refused.status_code == 400 and "upload a data file" in refused.json()["error"]
+    empty = client.put("/data/upload", params={"name": "e.jsonl"}, content=b"")
+    assert empty.status_code == 400 and not (uploads / "e.jsonl").exists()
+    assert sorted(p.name for p in uploads.iterdir()) == ["train-2.jsonl", "train.jsonl"]  # no partial left

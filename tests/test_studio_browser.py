@@ -227,3 +227,14 @@ def test_runs_page_filters_and_sorts(studio, served, page):
     assert names.index("eta-full") < names.index("zeta-lora")  # eval_loss 1.0 before 2.0
     shot(page, "runs")
     assert serious_violations(page) == []
+
+
+def test_data_page_upload_then_audit(studio, served, page, data_file):
+    page.goto(studio + "/data")
+    page.set_input_files("#upload", str(data_file))
+    page.locator("#findings").wait_for()
+    stored = page.input_value("#path")
+    assert (
+        Path(stored).parent == served[1] / "uploads" and Path(stored).read_bytes() == data_file.read_bytes()
+    )
+    assert "exact duplicates" in page.inner_text("#findings")

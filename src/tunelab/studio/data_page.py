@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from tunelab.data.formats import FormatError
 from tunelab.data.loaders import DataError, iter_records
 from tunelab.studio.forms import form_fields
 from tunelab.studio.render import page
+from tunelab.studio.uploads import UploadError, store
 
 ROWS_SHOWN = 5  # offending rows shown per finding (the count says how many there are)
 INPUT_ERRORS = (DataError, FormatError, ValueError, OSError)
@@ -117,6 +119,14 @@ def register(app: FastAPI) -> None:
     @app.get("/data")
     async def data_form(path: str = ""):
         return page("data.html", active="/data", path=path, model="tiny:llama")
+
+    @app.put("/data/upload")
+    async def data_upload(request: Request, name: str = ""):
+        try:
+            path = await store(request.app.state.runs_dir, name, request.stream())
+        except UploadError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return {"path": str(path)}
 
     @app.post("/data/audit")
     async def data_audit(request: Request):
