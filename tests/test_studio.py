@@ -187,3 +187,18 @@ def test_upload_is_stored_in_the_runs_dir_never_over_a_file(client, tmp_path, da
     empty = client.put("/data/upload", params={"name": "e.jsonl"}, content=b"")
     assert empty.status_code == 400 and not (uploads / "e.jsonl").exists()
     assert sorted(p.name for p in uploads.iterdir()) == ["train-2.jsonl", "train.jsonl"]  # no partial left
+
+
+def test_recommend_lists_the_rules_and_applies_to_the_form(client):
+    from tunelab.plan.recommend import count_params, recommend
+
+    expected = recommend(count_params("tiny:llama"), "lora")
+    form = {"model.name_or_path": "tiny:llama", "method.name": "lora"}
+    html = client.post("/recipe/recommend", data=form).text
+    for rec in expected:
+        assert rec.field in html and rec.rule.replace("'", "&#39;") in html
+    assert "method.target_modules (YAML only)" in html  # a list field: not in the form
+    lr = next(r.value for r in expected if r.field == "training.learning_rate")
+    applied = client.post("/recipe/form", data=form | {"training.learning_rate": str(lr)}).text
+    assert f'name="training.learning_rate" type="text" value="{lr}"' in applied
+    assert "give a model first" in client.post("/recipe/recommend", data={}).text

@@ -160,6 +160,17 @@ def test_recipe_page_validates_inline_and_plans(studio, page, data_file):
     assert "predicted peak allocated" in page.locator("#plan-table").inner_text()
     shot(page, "recipe")
     assert serious_violations(page) == []
+    page.click("#recommend-button")
+    page.locator("#recommend-table").wait_for()
+    assert "training.learning_rate" in page.inner_text("#recommend-table")
+    from tunelab.plan.recommend import count_params, recommend
+
+    lr = next(
+        r.value for r in recommend(count_params("tiny:llama"), "lora") if r.field == "training.learning_rate"
+    )
+    page.click("#apply-button")
+    page.wait_for_function(f"document.querySelector('#f-training-learning_rate').value === '{lr}'")
+    assert page.input_value("#f-method-r") == "16"
     page.select_option("#f-method-name", "full")
     page.wait_for_function("!document.querySelector('#f-method-r')")  # full fine-tuning has no rank
     assert page.input_value("#f-model-name_or_path") == "tiny:llama"  # typed values survive

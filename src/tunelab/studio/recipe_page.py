@@ -42,6 +42,31 @@ def memory_plan(recipe: Any, gpu: str | None) -> dict[str, Any]:
     return {"plan": plan.as_dict(), "largest": largest}
 
 
+def recommendations(values: dict[str, str]) -> dict[str, Any]:
+    """``tunelab recommend --model M --method X``: each suggested field, value and rule, and whether
+    the form has that field (the rest apply through the YAML, not this form)."""
+    from tunelab.plan.recommend import count_params, human_params, recommend
+
+    model = values.get("model.name_or_path", "").strip()
+    if not model:
+        raise ValueError("model.name_or_path: give a model first; the suggestions depend on its size")
+    method = values.get("method.name", DEFAULT_METHOD)
+    params = count_params(model)
+    shown = {
+        f.name for s in recipe_form(method, values.get("objective.name", DEFAULT_OBJECTIVE)) for f in s.fields
+    }
+    recs = [
+        {"field": r.field, "value": _text(r.value), "rule": r.rule, "in_form": r.field in shown}
+        for r in recommend(params, method)
+    ]
+    apply = {r["field"]: r["value"] for r in recs if r["in_form"]}
+    return {"model": model, "method": method, "params": human_params(params), "recs": recs, "apply": apply}
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def save_recipe(runs_dir: Path, name: str, text: str) -> Path:
     """Write ``text`` as ``runs_dir/recipes/NAME.yaml``; an existing file gets a numbered sibling."""
     folder = runs_dir / "recipes"
@@ -89,6 +114,13 @@ def register(app: FastAPI) -> None:
             return page("_recipe_check.html", **checked)
         try:
             return page("_plan.html", **memory_plan(checked["recipe"], values.get("gpu")))
+        except (OSError, ValueError) as e:
+            return page("_error.html", message=" ".join(str(e).split()))
+
+    @app.post("/recipe/recommend")
+    async def recipe_recommend(request: Request):
+        try:
+            return page("_recommend.html", **recommendations(await form_fields(request)))
         except (OSError, ValueError) as e:
             return page("_error.html", message=" ".join(str(e).split()))
 
