@@ -238,6 +238,14 @@ def test_runs_page_filters_and_sorts(studio, served, page):
     assert names.index("eta-full") < names.index("zeta-lora")  # eval_loss 1.0 before 2.0
     shot(page, "runs")
     assert serious_violations(page) == []
+    page.check("input[aria-label='compare zeta-lora']")
+    page.check("input[aria-label='compare eta-full']")
+    page.click("#compare-button")
+    page.wait_for_url("**/runs/compare?*")
+    assert "method.name" in page.inner_text("#recipe-diff")
+    assert "eval_loss" in page.inner_text("#final-metrics")
+    shot(page, "runs-compare")
+    assert serious_violations(page) == []
 
 
 def test_data_page_upload_then_audit(studio, served, page, data_file):

@@ -182,3 +182,25 @@ def test_a_process_that_exits_before_its_run_exists_shows_its_last_log_line(tmp_
     state = wait_for(lambda: (s := jobs.run_state(runs, "early", procs)).finished and s, 60, "the exit")
     assert state.status == "failed"
     assert state.reason.startswith("error:") and "missing.yaml" in state.reason  # the CLI's own line
+
+
+def test_compare_shows_recipe_differences_metrics_and_curves(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "a", "completed", "lora", 2.0)
+    fake_run(runs, "b", "completed", "full", 1.0)
+    for name, losses in (("a", [3.0, 2.5]), ("b", [3.0, 2.0])):
+        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
+        (runs / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+        )
+    client = TestClient(create_app(runs))
+    html = client.get("/runs/compare", params=[("run", "a"), ("run", "b")]).text
+    diff = html[html.index('id="recipe-diff"') : html.index('id="final-metrics"')]
+    assert "method.name" in diff and "<td>lora</td><td>full</td>" in diff
+    assert "objective.name" not in diff  # the same in both
+    metrics = html[html.index('id="final-metrics"') :]
+    assert "<td>2</td><td>1</td>" in metrics  # eval_loss side by side
+    assert "<td>2.5</td><td>2</td>" in metrics  # last train loss
+    assert 'src="data:image/png;base64,' in html
+    refused = client.get("/runs/compare", params=[("run", "a")])
+    assert refused.status_code == 400 and "two or more runs" in refused.text

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from tunelab.runs.index import refresh_index
 from tunelab.studio import jobs
 from tunelab.studio.render import page
+from tunelab.studio.train_page import valid_name
 
 SORTABLE = ("name", "status", "method", "objective", "model", "key_value", "started", "duration_s")
 
@@ -47,8 +48,47 @@ def sorted_rows(rows: list[dict[str, Any]], key: str, descending: bool) -> list[
     return sorted(present, key=lambda r: r[key], reverse=descending) + blank
 
 
+def compare_runs(runs_dir: Path, names: list[str]) -> dict[str, Any]:
+    """``tunelab runs compare``'s content: recipe fields that differ, final metrics, overlaid loss curves."""
+    import base64
+    import tempfile
+
+    from tunelab.runs.cli import final_metrics, recipe_differences
+    from tunelab.runs.plots import compare_loss_curves
+    from tunelab.runs.rundir import RunDir
+
+    missing = [n for n in names if not valid_name(n) or not (runs_dir / n / "manifest.json").is_file()]
+    if len(names) < 2 or missing:
+        raise ValueError(
+            f"no run {missing[0]!r} in {runs_dir}" if missing else "choose two or more runs to compare"
+        )
+    dirs = [RunDir(runs_dir / n) for n in names]
+    recipes = [d.read_recipe() if d.recipe_path.is_file() else {} for d in dirs]
+    metrics = [final_metrics(d) for d in dirs]
+    keys = list(dict.fromkeys(k for m in metrics for k in m))
+    with tempfile.TemporaryDirectory() as tmp:  # the CLI's own plot, written then inlined
+        written = compare_loss_curves([(d.name, d.read_metrics()) for d in dirs], Path(tmp) / "loss.png")
+        png = base64.b64encode(written.read_bytes()).decode() if written else None
+    return {
+        "names": names,
+        "differences": recipe_differences(recipes),
+        "metrics": {k: [m.get(k) for m in metrics] for k in keys},
+        "png": png,
+    }
+
+
 def register(app: FastAPI) -> None:
-    """The Runs page's route."""
+    """The Runs page's routes."""
+
+    @app.get("/runs/compare")
+    async def runs_compare(request: Request):
+        names = request.query_params.getlist("run")
+        try:
+            return page(
+                "runs_compare.html", active="/runs", **compare_runs(request.app.state.runs_dir, names)
+            )
+        except ValueError as e:
+            return page("error.html", active="/runs", status_code=400, message=str(e))
 
     @app.get("/runs")
     async def runs(

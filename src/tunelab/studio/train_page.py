@@ -74,7 +74,7 @@ def register(app: FastAPI) -> None:
         if not valid_name(name) or (
             jobs.read_job(state.runs_dir, name) is None and not (state.runs_dir / name).is_dir()
         ):
-            return page("_error.html", status_code=404, message=f"no run named {name} in {state.runs_dir}")
+            return page("error.html", status_code=404, message=f"no run named {name} in {state.runs_dir}")
         return page(
             "run_live.html",
             active="/train",
