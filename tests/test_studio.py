@@ -202,3 +202,29 @@ def test_recommend_lists_the_rules_and_applies_to_the_form(client):
     applied = client.post("/recipe/form", data=form | {"training.learning_rate": str(lr)}).text
     assert f'name="training.learning_rate" type="text" value="{lr}"' in applied
     assert "give a model first" in client.post("/recipe/recommend", data={}).text
+
+
+def test_clean_shows_dropped_rows_with_reasons_and_never_replaces(client, data_file, tmp_path):
+    first = client.post("/data/clean", data={"path": str(data_file), "action": "clean"}).text
+    assert "4 rows in, 3 rows out" in first
+    changes = first[first.index('id="clean-changes"') :]
+    assert '<th scope="row">3</th><td>dropped</td><td>exact_duplicate</td>' in changes
+    assert "pii_redacted" in changes
+    second = client.post("/data/clean", data={"path": str(data_file), "action": "clean"}).text
+    folder = tmp_path / "runs" / "data"
+    assert str(folder / "train.clean.jsonl") in first and str(folder / "train.clean-2.jsonl") in second
+    assert len((folder / "train.clean.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_split_writes_the_splits_into_the_runs_dir(client, data_file, tmp_path):
+    html = client.post(
+        "/data/clean", data={"path": str(data_file), "action": "split", "ratios": "0.5,0.5"}
+    ).text
+    folder = tmp_path / "runs" / "data" / "train-split"
+    assert str(folder / "train.jsonl") in html and str(folder / "validation.jsonl") in html
+    written = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in folder.glob("*.jsonl"))
+    assert written == len(ROWS)
+    assert (
+        'role="alert"'
+        in client.post("/data/clean", data={"path": str(data_file), "action": "split", "ratios": "2"}).text
+    )

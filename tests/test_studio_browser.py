@@ -140,6 +140,9 @@ def test_data_page_audit_and_mask_preview_by_keyboard(studio, page, data_file):
     trained = page.locator("article.example").first.locator("span.tok.loss")
     assert trained.count() == int(heading.split(", ")[1].split()[0])  # as many as the heading counts
     assert "hi there friend" in "".join(trained.all_inner_texts())  # the answer is what is trained
+    page.click("#clean-button")
+    page.locator("#clean-changes").wait_for()
+    assert "exact_duplicate" in page.inner_text("#clean-changes")  # the dropped row, with its reason
     shot(page, "data")
     assert serious_violations(page) == []
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from tunelab.data.formats import FormatError
 from tunelab.data.loaders import DataError, iter_records
 from tunelab.studio.forms import form_fields
+from tunelab.studio.prepare import clean_file, split_file
 from tunelab.studio.render import page
 from tunelab.studio.uploads import UploadError, store
 
@@ -133,6 +134,19 @@ def register(app: FastAPI) -> None:
         path = (await form_fields(request)).get("path", "").strip()
         try:
             return page("_audit.html", path=path, **run_audit(path or "(no file given)"))
+        except INPUT_ERRORS as e:
+            return page("_error.html", message=_one_line(e))
+
+    @app.post("/data/clean")
+    async def data_clean(request: Request):
+        fields = await form_fields(request)
+        path, runs_dir = fields.get("path", "").strip(), request.app.state.runs_dir
+        try:
+            if fields.get("action") == "split":
+                return page(
+                    "_split.html", **split_file(runs_dir, path or "(no file given)", fields.get("ratios", ""))
+                )
+            return page("_clean.html", **clean_file(runs_dir, path or "(no file given)"))
         except INPUT_ERRORS as e:
             return page("_error.html", message=_one_line(e))
 
