@@ -93,17 +93,21 @@ def serious_violations(page) -> list[str]:
     result = page.evaluate("async () => await axe.run(document)")
     assert result["passes"], "axe-core did not run"
     return [
-        f"{v['id']}: {v['help']} ({len(v['nodes'])} nodes)"
+        f"{v['id']}: {v['help']} ({', '.join(str(n['target']) for n in v['nodes'])})"
         for v in result["violations"]
         if v["impact"] in ("serious", "critical")
     ]
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, at: str | None = None) -> None:
+    """Screenshot to $TUNELAB_STUDIO_SHOTS/NAME.png: the top of the page, or from the element ``at``."""
     folder = os.environ.get("TUNELAB_STUDIO_SHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.evaluate("window.scrollTo(0, 0)")  # the top of the page, as a visitor first sees it
+        if at:
+            page.evaluate(f"document.querySelector('{at}').scrollIntoView()")
+        else:
+            page.evaluate("window.scrollTo(0, 0)")  # the top of the page, as a visitor first sees it
         page.screenshot(path=str(Path(folder) / f"{name}.png"))
 
 
@@ -260,3 +264,20 @@ def test_data_page_upload_then_audit(studio, served, page, data_file):
         Path(stored).parent == served[1] / "uploads" and Path(stored).read_bytes() == data_file.read_bytes()
     )
     assert "exact duplicates" in page.inner_text("#findings")
+
+
+def test_finished_run_page_shows_the_before_after_eval(studio, served, page):
+    from test_studio_train import PAYLOAD, fake_run
+
+    runs = served[1]
+    fake_run(runs, "evaluated", "completed", "lora", 1.0)
+    (runs / "evaluated" / "final").mkdir()
+    (runs / "evaluated" / "eval").mkdir()
+    (runs / "evaluated" / "eval" / "report.json").write_text(json.dumps(PAYLOAD), encoding="utf-8")
+    page.goto(studio + "/train/evaluated")
+    page.locator("#eval-table").wait_for()
+    assert page.input_value("#eval-base") == "tiny:llama"
+    assert "paired bootstrap CI" in page.inner_text("#eval-ci")
+    assert page.inner_text("#status-word") == "completed"
+    shot(page, "evaluate", at="#eval")
+    assert serious_violations(page) == []

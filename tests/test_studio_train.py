@@ -204,3 +204,54 @@ def test_compare_shows_recipe_differences_metrics_and_curves(tmp_path):
     assert 'src="data:image/png;base64,' in html
     refused = client.get("/runs/compare", params=[("run", "a")])
     assert refused.status_code == 400 and "two or more runs" in refused.text
+
+
+PAYLOAD = {
+    "title": "before vs after",
+    "n": 8,
+    "main_metric": "accuracy",
+    "models": [
+        {"name": "tiny:llama", "role": "base", "metrics": {"accuracy": 0.25, "loss": 7.0}},
+        {"name": "r", "role": "tuned", "metrics": {"accuracy": 0.75, "loss": 6.0}},
+    ],
+    "comparison": {
+        "metric": "accuracy",
+        "base": 0.25,
+        "tuned": 0.75,
+        "delta": 0.5,
+        "ci95": [0.125, 0.875],
+        "n": 8,
+    },
+    "confusion_matrices": {
+        "r": {"labels": ["neg", "pos"], "columns": ["neg", "pos"], "matrix": [[3, 1], [1, 3]]}
+    },
+}
+
+
+def test_eval_section_shows_the_payload_table_ci_and_confusion(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "r", "completed", "lora", 1.0)
+    (runs / "r" / "final").mkdir()
+    client = TestClient(create_app(runs))
+    form = client.get("/train/r/eval", params={"part": "form"}).text
+    assert 'value="tiny:llama"' in form and 'id="eval-button"' in form  # the recipe's base model
+    (runs / "r" / "eval").mkdir()
+    (runs / "r" / "eval" / "report.json").write_text(json.dumps(PAYLOAD), encoding="utf-8")
+    html = client.get("/train/r/eval").text
+    assert "<td>0.25</td><td>0.75</td>" in html
+    assert "Δ +0.5000 (95% paired bootstrap CI [+0.1250, +0.8750], n=8)" in html
+    assert "Confusion matrix: r" in html and "<td>3</td><td>1</td>" in html
+    refused = client.post("/train/nope/eval", data={"base": "tiny:llama", "data": "x"}).text
+    assert "only a finished run" in refused
+
+
+@pytest.mark.slow
+def test_before_after_eval_of_a_finished_run(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 2)), "name": "ev"})
+    wait_for(lambda: jobs.run_state(runs, "ev", client.app.state.processes).finished, 120, "training")
+    data = str(DATA / "tiny_eval.jsonl")
+    assert "Evaluating" in client.post("/train/ev/eval", data={"base": "tiny:llama", "data": data}).text
+    html = wait_for(lambda: "eval-table" in (t := client.get("/train/ev/eval").text) and t, 180, "the eval")
+    assert "tiny:llama (base)" in html and "(tuned)" in html and "95% paired bootstrap CI" in html

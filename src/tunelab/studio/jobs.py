@@ -62,8 +62,7 @@ def free_name(runs_dir: Path, stem: str) -> str:
 
 def start(runs_dir: Path, name: str, args: list[str]) -> subprocess.Popen:
     """Start ``tunelab ARGS`` in its own session, logging to the run's log; record its PID."""
-    folder = runs_dir / STUDIO_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    log_path(runs_dir, name).parent.mkdir(parents=True, exist_ok=True)  # eval jobs: .studio/eval/
     command = [sys.executable, "-m", "tunelab", *args]
     with open(log_path(runs_dir, name), "ab") as log:
         process = subprocess.Popen(
@@ -86,7 +85,7 @@ def read_job(runs_dir: Path, name: str) -> dict | None:
         return None
 
 
-def _alive(pid: int, processes: dict[int, subprocess.Popen]) -> bool:
+def alive(pid: int, processes: dict[int, subprocess.Popen]) -> bool:
     """Is ``pid`` running? A child of this studio is polled (which also reaps it, so it is not a zombie)."""
     if pid in processes:
         return processes[pid].poll() is None
@@ -97,6 +96,14 @@ def _alive(pid: int, processes: dict[int, subprocess.Popen]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def job_started(runs_dir: Path, name: str) -> float | None:
+    """When the job was started (its record's mtime), to tell a fresh result from an older one."""
+    try:
+        return _job_path(runs_dir, name).stat().st_mtime
+    except OSError:
+        return None
 
 
 def lock_held(run_path: Path) -> bool:
@@ -129,7 +136,7 @@ def run_state(runs_dir: Path, name: str, processes: dict[int, subprocess.Popen] 
     job = read_job(runs_dir, name)
     if job is None:
         return RunState("failed", f"no run named {name} in {runs_dir}")
-    if _alive(int(job["pid"]), processes):
+    if alive(int(job["pid"]), processes):
         return RunState("starting", "checking the recipe and data, loading the model")
     last = next((line for line in reversed(log_tail(runs_dir, name)) if line.strip()), "")
     return RunState("failed", last or "the training process exited before the run started")
