@@ -255,3 +255,13 @@ def test_before_after_eval_of_a_finished_run(tmp_path):
     assert "Evaluating" in client.post("/train/ev/eval", data={"base": "tiny:llama", "data": data}).text
     html = wait_for(lambda: "eval-table" in (t := client.get("/train/ev/eval").text) and t, 180, "the eval")
     assert "tiny:llama (base)" in html and "(tuned)" in html and "95% paired bootstrap CI" in html
+
+
+def test_stop_never_signals_the_pid_of_a_finished_run(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "done", "completed", "lora", 1.0)
+    (runs / jobs.STUDIO_DIR).mkdir()
+    # A finished run whose recorded PID is now someone else's (here: this test process).
+    (runs / jobs.STUDIO_DIR / "done.json").write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
+    client = TestClient(create_app(runs))
+    assert "the run is not running" in client.post("/train/done/stop").text  # and this process lives on

@@ -113,7 +113,10 @@ def _register_controls(app: FastAPI) -> None:
 
     @app.post("/train/{name}/stop")
     async def train_stop(request: Request, name: str):
-        stopped = valid_name(name) and jobs.stop(request.app.state.runs_dir, name)
+        state = request.app.state
+        # Only a live run is signalled: the PID of a finished one may belong to another process by now.
+        live = valid_name(name) and not jobs.run_state(state.runs_dir, name, state.processes).finished
+        stopped = live and jobs.stop(state.runs_dir, name)
         return page(
             "_saved_note.html",
             note="stop sent; the run saves and ends" if stopped else "the run is not running",
