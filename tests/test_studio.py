@@ -228,3 +228,45 @@ def test_split_writes_the_splits_into_the_runs_dir(client, data_file, tmp_path):
         'role="alert"'
         in client.post("/data/clean", data={"path": str(data_file), "action": "split", "ratios": "2"}).text
     )
+
+
+def test_cli_serves_the_studio_and_refuses_a_file_as_runs_dir(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    env = {"PATH": "/usr/bin", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    not_a_dir = tmp_path / "runs.txt"
+    not_a_dir.write_text("x", encoding="utf-8")
+    bad = subprocess.run(
+        [sys.executable, "-m", "tunelab", "studio", "--runs", str(not_a_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "is a file" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "tunelab",
+        "studio",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline, html = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and not html:
+            try:
+                html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert str(tmp_path / "runs") in html  # the home page names the runs dir it was given
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
