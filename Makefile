@@ -13,9 +13,10 @@ PYTEST_ARGS ?=
 # tunelab's cache (assets, converted models, llama.cpp); the Python code reads the same TUNELAB_HOME
 TUNELAB_HOME ?= $(HOME)/.cache/tunelab
 LLAMA_CPP_VERSION := 0.3.36
+TMPDIR_SHOTS := $(or $(TMPDIR),/tmp)/tunelab-studio-shots
 LLAMA_SDIST := $(TUNELAB_HOME)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: setup gguf chromium demo test test-all lint format bench bench-gpu clean
+.PHONY: setup gguf chromium demo test test-all lint format bench bench-gpu clean studio-shots
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +60,13 @@ test: setup gguf chromium
 
 test-all: setup gguf chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Screenshots of each studio page at 1280x800, taken by the browser tests, kept in docs/studio/. The tests
+# write into a temporary folder (a test session may not change the checkout), copied here after they pass.
+studio-shots: setup chromium
+	rm -rf $(TMPDIR_SHOTS) && mkdir -p $(TMPDIR_SHOTS) docs/studio
+	TUNELAB_STUDIO_SHOTS=$(TMPDIR_SHOTS) $(PY) -m pytest -q tests/test_studio_browser.py
+	cp $(TMPDIR_SHOTS)/*.png docs/studio/
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -18,7 +18,7 @@ def test_help_lists_every_stage():
     assert result.exit_code == 0
     stages = (
         "assets", "data", "recipe", "plan", "train", "sweep", "eval", "runs", "export", "serve", "demo",
-        "recommend", "adapters",
+        "recommend", "adapters", "studio",
     )  # fmt: skip
     for command in stages:
         assert f"│ {command} " in result.output, command

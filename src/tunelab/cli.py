@@ -18,6 +18,7 @@ from tunelab.export import export_cmd
 from tunelab.plan import plan_cmd, recommend_cmd
 from tunelab.runs.cli import app as runs_app
 from tunelab.serve.cli import app as serve_app
+from tunelab.studio.cli import studio_cmd
 from tunelab.sweep import sweep_cmd
 from tunelab.synth.cli_generate import augment_cmd, synth_cmd
 from tunelab.synth.cli_judge import constitute_cmd, judge_cmd
@@ -48,6 +49,7 @@ app.command("sweep")(sweep_cmd)
 app.command("export")(export_cmd)
 data_app.command("judge")(judge_cmd)
 data_app.command("constitute")(constitute_cmd)
+app.command("studio")(studio_cmd)
 
 out = make_console()
 err = make_console(stderr=True)

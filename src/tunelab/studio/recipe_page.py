@@ -1,0 +1,134 @@
+"""The Recipe page: the schema-generated form, checked as the user types, its YAML and memory plan.
+
+Checking calls :func:`tunelab.recipe.parse_recipe` and :func:`tunelab.recipe.missing_files` (what
+``recipe check`` runs, so the messages are the same, each ``bad SOURCE: problem``); the YAML is
+:func:`tunelab.recipe.dump_yaml` (``recipe show``) and the plan :func:`tunelab.plan.memory.plan_report`
+(``tunelab plan``). Saving writes the YAML into the runs directory, never over an existing file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from tunelab.recipe import RecipeError, dump_yaml, missing_files, parse_recipe
+from tunelab.studio.forms import form_fields
+from tunelab.studio.render import page
+from tunelab.studio.schema import DEFAULT_METHOD, DEFAULT_OBJECTIVE, raw_recipe, recipe_form
+
+SOURCE = "studio form"  # names the recipe in its problems, as recipe check names the file
+
+
+def check_recipe(values: dict[str, str]) -> dict[str, Any]:
+    """The form's recipe checked as ``recipe check`` checks a file: problems, or the resolved YAML."""
+    sections = recipe_form(
+        values.get("method.name", DEFAULT_METHOD), values.get("objective.name", DEFAULT_OBJECTIVE)
+    )
+    try:
+        recipe = parse_recipe(raw_recipe(sections, values), source=SOURCE)
+    except RecipeError as e:
+        return {"problems": e.problems, "source": e.source, "recipe": None, "yaml": ""}
+    problems = missing_files(recipe)
+    return {"problems": problems, "source": SOURCE, "recipe": recipe, "yaml": dump_yaml(recipe)}
+
+
+def memory_plan(recipe: Any, gpu: str | None) -> dict[str, Any]:
+    """``tunelab plan``'s numbers for the recipe: components, peak, whether it fits, the largest batch."""
+    from tunelab.plan.memory import plan_report
+
+    plan, largest = plan_report(recipe, gpu or None, None)
+    return {"plan": plan.as_dict(), "largest": largest}
+
+
+def recommendations(values: dict[str, str]) -> dict[str, Any]:
+    """``tunelab recommend --model M --method X``: each suggested field, value and rule, and whether
+    the form has that field (the rest apply through the YAML, not this form)."""
+    from tunelab.plan.recommend import count_params, human_params, recommend
+
+    model = values.get("model.name_or_path", "").strip()
+    if not model:
+        raise ValueError("model.name_or_path: give a model first; the suggestions depend on its size")
+    method = values.get("method.name", DEFAULT_METHOD)
+    params = count_params(model)
+    shown = {
+        f.name for s in recipe_form(method, values.get("objective.name", DEFAULT_OBJECTIVE)) for f in s.fields
+    }
+    recs = [
+        {"field": r.field, "value": _text(r.value), "rule": r.rule, "in_form": r.field in shown}
+        for r in recommend(params, method)
+    ]
+    apply = {r["field"]: r["value"] for r in recs if r["in_form"]}
+    return {"model": model, "method": method, "params": human_params(params), "recs": recs, "apply": apply}
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def save_recipe(runs_dir: Path, name: str, text: str) -> Path:
+    """Write ``text`` as ``runs_dir/recipes/NAME.yaml``; an existing file gets a numbered sibling."""
+    folder = runs_dir / "recipes"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "recipe"
+    path, k = folder / f"{stem}.yaml", 1
+    while path.exists():
+        k += 1
+        path = folder / f"{stem}-{k}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _form_page(values: dict[str, str], template: str = "recipe.html"):
+    from tunelab.plan.gpus import GPUS
+
+    sections = recipe_form(
+        values.get("method.name", DEFAULT_METHOD), values.get("objective.name", DEFAULT_OBJECTIVE)
+    )
+    return page(
+        template, active="/recipe", sections=sections, values=values, gpus=list(GPUS), **check_recipe(values)
+    )
+
+
+def register(app: FastAPI) -> None:
+    """The Recipe page's routes."""
+
+    @app.get("/recipe")
+    async def recipe(request: Request):
+        return _form_page(dict(request.query_params))
+
+    @app.post("/recipe/form")  # method or objective changed: their fields change
+    async def recipe_form_fragment(request: Request):
+        return _form_page(await form_fields(request), "_recipe_form.html")
+
+    @app.post("/recipe/check")
+    async def recipe_check(request: Request):
+        return page("_recipe_check.html", **check_recipe(await form_fields(request)))
+
+    @app.post("/recipe/plan")
+    async def recipe_plan(request: Request):
+        values = await form_fields(request)
+        checked = check_recipe(values)
+        if checked["recipe"] is None:
+            return page("_recipe_check.html", **checked)
+        try:
+            return page("_plan.html", **memory_plan(checked["recipe"], values.get("gpu")))
+        except (OSError, ValueError) as e:
+            return page("_error.html", message=" ".join(str(e).split()))
+
+    @app.post("/recipe/recommend")
+    async def recipe_recommend(request: Request):
+        try:
+            return page("_recommend.html", **recommendations(await form_fields(request)))
+        except (OSError, ValueError) as e:
+            return page("_error.html", message=" ".join(str(e).split()))
+
+    @app.post("/recipe/save")
+    async def recipe_save(request: Request):
+        checked = check_recipe(await form_fields(request))
+        if checked["problems"]:
+            return page("_recipe_check.html", **checked)
+        name = checked["recipe"].output.name or checked["recipe"].model.name_or_path.split("/")[-1]
+        path = save_recipe(request.app.state.runs_dir, name.replace(":", "-"), checked["yaml"])
+        return page("_saved.html", path=str(path))

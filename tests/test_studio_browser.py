@@ -1,0 +1,283 @@
+"""tunelab studio in a real headless Chromium (Playwright driving the system's /usr/bin/chromium).
+
+Each test asserts on what the page shows. Skipped, saying why, where Playwright or Chromium is absent
+(`make chromium` installs Chromium). With TUNELAB_STUDIO_SHOTS=DIR each page's 1280x800 screenshot is
+written to DIR (`make studio-shots` writes docs/studio/); otherwise nothing leaves the tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip(
+    "playwright.sync_api", reason="playwright not installed (pip install playwright)"
+)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH; run `make chromium`")
+
+ROWS = [
+    {"instruction": "Say hi to the user", "output": "hi there friend"},
+    {"instruction": "Count to three please", "output": "one two three"},
+    {"instruction": "Say hi to the user", "output": "hi there friend"},
+    {"instruction": "Name a colour you like", "output": "blue is nice"},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """The studio served by uvicorn on a free loopback port, in a thread: (base URL, runs dir)."""
+    import uvicorn
+
+    from tunelab.studio.app import create_app
+
+    runs = tmp_path_factory.mktemp("studio") / "runs"
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runs), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the studio did not start"
+    yield f"http://127.0.0.1:{port}", runs
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def studio(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield context.new_page()
+    context.close()
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    return path
+
+
+def serious_violations(page) -> list[str]:
+    """axe-core (vendored, served by the studio) run on the page: its serious and critical violations."""
+    page.add_script_tag(url="/static/vendor/axe.min.js")
+    result = page.evaluate("async () => await axe.run(document)")
+    assert result["passes"], "axe-core did not run"
+    return [
+        f"{v['id']}: {v['help']} ({', '.join(str(n['target']) for n in v['nodes'])})"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+def shot(page, name: str, at: str | None = None) -> None:
+    """Screenshot to $TUNELAB_STUDIO_SHOTS/NAME.png: the top of the page, or from the element ``at``."""
+    folder = os.environ.get("TUNELAB_STUDIO_SHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if at:
+            page.evaluate(f"document.querySelector('{at}').scrollIntoView()")
+        else:
+            page.evaluate("window.scrollTo(0, 0)")  # the top of the page, as a visitor first sees it
+        page.screenshot(path=str(Path(folder) / f"{name}.png"))
+
+
+def focus_by_tab(page, element_id: str, limit: int = 40) -> None:
+    """Press Tab from the top of the page until ``element_id`` has the focus (fails if it never does)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement && document.activeElement.id") == element_id:
+            return
+    raise AssertionError(f"#{element_id} is not reachable with the keyboard")
+
+
+def test_home_lists_the_pages_and_passes_axe(studio, page):
+    page.goto(studio + "/")
+    assert page.locator("nav a").all_inner_texts()[:3] == ["Home", "Data", "Recipe"]
+    shot(page, "home")
+    assert serious_violations(page) == []
+
+
+def test_data_page_audit_and_mask_preview_by_keyboard(studio, page, data_file):
+    page.goto(studio + "/data")
+    focus_by_tab(page, "path")
+    page.keyboard.type(str(data_file))
+    page.keyboard.press("Enter")  # submits the form: the audit
+    findings = page.locator("#findings")
+    findings.wait_for()
+    assert "exact duplicates" in findings.inner_text()
+    assert "Say hi to the user" in page.locator("table.rows").first.inner_text()  # the offending row
+    focus_by_tab(page, "preview-button")
+    page.keyboard.press("Enter")
+    page.locator("article.example").first.wait_for()
+    heading = page.locator("article.example h3").first.inner_text()
+    assert "with loss" in heading
+    trained = page.locator("article.example").first.locator("span.tok.loss")
+    assert trained.count() == int(heading.split(", ")[1].split()[0])  # as many as the heading counts
+    assert "hi there friend" in "".join(trained.all_inner_texts())  # the answer is what is trained
+    page.click("#clean-button")
+    page.locator("#clean-changes").wait_for()
+    assert "exact_duplicate" in page.inner_text("#clean-changes")  # the dropped row, with its reason
+    shot(page, "data")
+    assert serious_violations(page) == []
+
+
+def test_recipe_page_validates_inline_and_plans(studio, page, data_file):
+    page.goto(studio + "/recipe")
+    page.fill("#f-model-name_or_path", "tiny:llama")
+    page.fill("#f-data-train", str(data_file))
+    page.fill("#f-training-learning_rate", "-1")
+    # The empty form already lists problems (no model yet): wait for the one this value causes.
+    page.locator("#problems li", has_text="training.learning_rate").wait_for()
+    assert "bad studio form: training.learning_rate" in page.inner_text("#problems")
+    page.fill("#f-training-learning_rate", "0.001")
+    page.locator("#recipe-ok").wait_for()
+    assert "learning_rate: 0.001" in page.locator("#yaml").inner_text()
+    page.click("#plan-button")
+    page.locator("#plan-table").wait_for()
+    assert "predicted peak allocated" in page.locator("#plan-table").inner_text()
+    shot(page, "recipe")
+    assert serious_violations(page) == []
+    page.click("#recommend-button")
+    page.locator("#recommend-table").wait_for()
+    assert "training.learning_rate" in page.inner_text("#recommend-table")
+    from tunelab.plan.recommend import count_params, recommend
+
+    lr = next(
+        r.value for r in recommend(count_params("tiny:llama"), "lora") if r.field == "training.learning_rate"
+    )
+    page.click("#apply-button")
+    page.wait_for_function(f"document.querySelector('#f-training-learning_rate').value === '{lr}'")
+    assert page.input_value("#f-method-r") == "16"
+    page.select_option("#f-method-name", "full")
+    page.wait_for_function("!document.querySelector('#f-method-r')")  # full fine-tuning has no rank
+    assert page.input_value("#f-model-name_or_path") == "tiny:llama"  # typed values survive
+
+
+def _points(page) -> int:
+    return int(page.inner_text("#points").split()[0])
+
+
+@pytest.mark.slow
+def test_train_page_live_chart_two_tabs_and_a_killed_run(studio, served, browser, page, tmp_path):
+    import signal
+
+    from test_studio_train import tiny_recipe
+
+    page.goto(studio + "/train")
+    focus_by_tab(page, "recipe-path")
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(tiny_recipe(tmp_path, 5000)))
+    focus_by_tab(page, "run-name")
+    page.keyboard.type("live")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/train/live")
+    page.wait_for_function("parseInt(document.querySelector('#points').textContent) >= 2", timeout=60_000)
+    first = _points(page)
+    page.wait_for_function(
+        f"parseInt(document.querySelector('#points').textContent) > {first}", timeout=30_000
+    )
+    assert page.inner_text("#status-word") == "running"
+    assert page.locator(".chart canvas").count() >= 4  # loss, lr, grad norm, tokens/s drawn by uPlot
+    shot(page, "train")
+    assert serious_violations(page) == []
+    other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+    other.goto(studio + "/train/live")  # a second tab on the same run: the same state, every row so far
+    other.wait_for_function(f"parseInt(document.querySelector('#points').textContent) >= {first}")
+    assert other.inner_text("#status-word") == "running"
+    job = json.loads((served[1] / ".studio" / "live.json").read_text(encoding="utf-8"))
+    os.kill(job["pid"], signal.SIGKILL)
+    for tab in (page, other):
+        tab.wait_for_function(
+            "document.querySelector('#status-word').textContent === 'failed'", timeout=5_000
+        )
+        assert "killed or crashed" in tab.inner_text("#run-status")
+    other.context.close()
+
+
+def test_runs_page_filters_and_sorts(studio, served, page):
+    from test_studio_train import fake_run
+
+    runs = served[1]
+    fake_run(runs, "zeta-lora", "completed", "lora", 2.0)
+    fake_run(runs, "eta-full", "completed", "full", 1.0)
+    page.goto(studio + "/runs")
+    names = page.locator("#runs-table tbody th").all_inner_texts()
+    assert {"zeta-lora", "eta-full"} <= set(names)
+    page.select_option("#filter-method", "full")
+    focus_by_tab(page, "filter-button")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/runs?*method=full*")
+    assert page.locator("#runs-table tbody th").all_inner_texts() == ["eta-full"]
+    page.goto(studio + "/runs")
+    page.get_by_role("link", name="Key metric").click()
+    page.wait_for_url("**sort=key_value**")
+    names = page.locator("#runs-table tbody th").all_inner_texts()
+    assert names.index("eta-full") < names.index("zeta-lora")  # eval_loss 1.0 before 2.0
+    shot(page, "runs")
+    assert serious_violations(page) == []
+    page.check("input[aria-label='compare zeta-lora']")
+    page.check("input[aria-label='compare eta-full']")
+    page.click("#compare-button")
+    page.wait_for_url("**/runs/compare?*")
+    assert "method.name" in page.inner_text("#recipe-diff")
+    assert "eval_loss" in page.inner_text("#final-metrics")
+    shot(page, "runs-compare")
+    assert serious_violations(page) == []
+
+
+def test_data_page_upload_then_audit(studio, served, page, data_file):
+    page.goto(studio + "/data")
+    page.set_input_files("#upload", str(data_file))
+    page.locator("#findings").wait_for()
+    stored = page.input_value("#path")
+    assert (
+        Path(stored).parent == served[1] / "uploads" and Path(stored).read_bytes() == data_file.read_bytes()
+    )
+    assert "exact duplicates" in page.inner_text("#findings")
+
+
+def test_finished_run_page_shows_the_before_after_eval(studio, served, page):
+    from test_studio_train import PAYLOAD, fake_run
+
+    runs = served[1]
+    fake_run(runs, "evaluated", "completed", "lora", 1.0)
+    (runs / "evaluated" / "final").mkdir()
+    (runs / "evaluated" / "eval").mkdir()
+    (runs / "evaluated" / "eval" / "report.json").write_text(json.dumps(PAYLOAD), encoding="utf-8")
+    page.goto(studio + "/train/evaluated")
+    page.locator("#eval-table").wait_for()
+    assert page.input_value("#eval-base") == "tiny:llama"
+    assert "paired bootstrap CI" in page.inner_text("#eval-ci")
+    assert page.inner_text("#status-word") == "completed"
+    shot(page, "evaluate", at="#eval")
+    assert serious_violations(page) == []

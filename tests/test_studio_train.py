@@ -1,0 +1,267 @@
+"""The studio's Train page: runs are `tunelab train` processes; their state is read from disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from tunelab.studio import jobs
+from tunelab.studio.app import create_app
+from tunelab.studio.live import MetricsTail, sse
+
+DATA = Path(__file__).parents[1] / "recipes" / "data"
+
+
+def tiny_recipe(folder: Path, steps: int) -> Path:
+    recipe = {
+        "seed": 0,
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {
+            "train": str(DATA / "tiny_train.jsonl"),
+            "eval": str(DATA / "tiny_eval.jsonl"),
+            "max_length": 64,
+        },
+        "method": {"name": "lora", "r": 4},
+        "training": {"max_steps": steps, "batch_size": 4, "learning_rate": 0.005, "eval_every": 1000},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sse_splits_lines_and_tail_reads_only_complete_rows(tmp_path):
+    assert sse("log", "a\nb") == "event: log\ndata: a\ndata: b\n\n"
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 1, "eval_loss": 3}\n{"step": 2, "lo', encoding="utf-8"
+    )
+    tail = MetricsTail(path)
+    assert [r["step"] for r in tail.new_rows()] == [1]  # eval rows and the partial line are not chart rows
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('ss": 1.5}\n')
+    assert [(r["step"], r["loss"]) for r in tail.new_rows()] == [(2, 1.5)]
+
+
+def test_a_bad_recipe_is_refused_with_recipe_checks_messages(tmp_path):
+    client = TestClient(create_app(tmp_path / "runs"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: {name_or_path: tiny:llama}\nmethod: {name: lora}\ndata: {train: nope.jsonl}\n",
+        encoding="utf-8",
+    )
+    html = client.post("/train/start", data={"recipe": str(bad)}).text
+    assert "data.train" in html and "file not found" in html
+    assert not (tmp_path / "runs" / ".studio").exists()  # nothing was started
+
+
+def test_unknown_or_escaping_run_names_are_404(tmp_path):
+    client = TestClient(create_app(tmp_path / "runs"))
+    assert client.get("/train/nope").status_code == 404
+    assert client.get("/train/..%2F..").status_code == 404
+
+
+@pytest.mark.slow
+def test_a_run_streams_its_metrics_and_finishes(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    response = client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 4)), "name": "one"})
+    assert response.headers["HX-Redirect"] == "/train/one"
+    events = []
+    with client.stream("GET", "/train/one/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            elif line.startswith("data: ") and events[-1] == "metrics":
+                events.append(json.loads(line[6:]))
+            if events and events[-1] == "done":
+                break
+    rows = [row for e in events if isinstance(e, list) for row in e]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
+    assert "status" in events and "log" in events
+    assert jobs.run_state(runs, "one").status == "completed"
+    assert "one" in client.get("/train").text  # listed after a restart too: it is on disk
+    assert "completed" in TestClient(create_app(runs)).get("/train/one").text
+
+
+@pytest.mark.slow
+def test_a_killed_run_reads_as_failed_within_seconds(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "doomed"})
+    wait_for(lambda: (runs / "doomed" / "metrics.jsonl").is_file(), 60, "the first metrics row")
+    assert jobs.run_state(runs, "doomed", client.app.state.processes).status == "running"
+    os.kill(jobs.read_job(runs, "doomed")["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    state = wait_for(
+        lambda: (s := jobs.run_state(runs, "doomed", client.app.state.processes)).finished and s, 10, "failed"
+    )
+    assert state.status == "failed" and "killed" in state.reason
+    assert time.monotonic() - killed < 3
+    assert "killed or crashed" in client.get("/train/doomed").text
+
+
+def fake_run(runs: Path, name: str, status: str, method: str, value: float) -> None:
+    run = runs / name
+    run.mkdir(parents=True)
+    manifest = {
+        "status": status,
+        "started_at": f"2026-01-0{int(value)}T00:00:00Z",
+        "final_eval": {"eval_loss": value},
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    recipe = {
+        "method": {"name": method},
+        "objective": {"name": "sft"},
+        "model": {"name_or_path": "tiny:llama"},
+    }
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+
+def test_runs_page_lists_filters_and_sorts_the_index(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "alpha", "completed", "lora", 2.0)
+    fake_run(runs, "beta", "completed", "full", 1.0)
+    fake_run(runs, "gamma", "running", "lora", 3.0)  # no process holds its lock: it died
+    client = TestClient(create_app(runs))
+    html = client.get("/runs").text
+    assert "3 of 3 run(s)" in html
+    gamma = html[html.index(">gamma<") :]
+    assert gamma.index("failed") < gamma.index("</tr>")  # shown as failed, not running
+    html = client.get("/runs", params={"method": "lora"}).text
+    assert ">alpha<" in html and ">gamma<" in html and ">beta<" not in html
+    html = client.get("/runs", params={"sort": "key_value"}).text
+    assert html.index(">beta<") < html.index(">alpha<") < html.index(">gamma<")
+    html = client.get("/runs", params={"sort": "key_value", "desc": 1}).text
+    assert html.index(">gamma<") < html.index(">alpha<") < html.index(">beta<")
+    assert ">beta<" not in client.get("/runs", params={"q": "alp"}).text
+
+
+@pytest.mark.slow
+def test_a_failed_run_resumes_and_stops_as_interrupted(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    procs = client.app.state.processes
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "again"})
+    wait_for(lambda: (runs / "again" / "metrics.jsonl").is_file(), 60, "the first metrics row")
+    assert "only a failed or interrupted run" in client.post("/train/again/resume").text  # it is running
+    os.kill(jobs.read_job(runs, "again")["pid"], signal.SIGKILL)
+    wait_for(lambda: jobs.run_state(runs, "again", procs).status == "failed", 10, "failed")
+    response = client.post("/train/again/resume")
+    assert response.headers["HX-Redirect"] == "/train/again"
+    wait_for(
+        lambda: jobs.run_state(runs, "again", procs).status == "running" and jobs.lock_held(runs / "again"),
+        60,
+        "the resumed run",
+    )
+    assert "stop sent" in client.post("/train/again/stop").text
+    wait_for(lambda: jobs.run_state(runs, "again", procs).status == "interrupted", 30, "interrupted")
+    assert "--resume" in " ".join(jobs.read_job(runs, "again")["command"])
+
+
+def test_a_process_that_exits_before_its_run_exists_shows_its_last_log_line(tmp_path):
+    runs = tmp_path / "runs"
+    process = jobs.start(runs, "early", ["train", str(tmp_path / "missing.yaml")])
+    procs = {process.pid: process}
+    state = wait_for(lambda: (s := jobs.run_state(runs, "early", procs)).finished and s, 60, "the exit")
+    assert state.status == "failed"
+    assert state.reason.startswith("error:") and "missing.yaml" in state.reason  # the CLI's own line
+
+
+def test_compare_shows_recipe_differences_metrics_and_curves(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "a", "completed", "lora", 2.0)
+    fake_run(runs, "b", "completed", "full", 1.0)
+    for name, losses in (("a", [3.0, 2.5]), ("b", [3.0, 2.0])):
+        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
+        (runs / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+        )
+    client = TestClient(create_app(runs))
+    html = client.get("/runs/compare", params=[("run", "a"), ("run", "b")]).text
+    diff = html[html.index('id="recipe-diff"') : html.index('id="final-metrics"')]
+    assert "method.name" in diff and "<td>lora</td><td>full</td>" in diff
+    assert "objective.name" not in diff  # the same in both
+    metrics = html[html.index('id="final-metrics"') :]
+    assert "<td>2</td><td>1</td>" in metrics  # eval_loss side by side
+    assert "<td>2.5</td><td>2</td>" in metrics  # last train loss
+    assert 'src="data:image/png;base64,' in html
+    refused = client.get("/runs/compare", params=[("run", "a")])
+    assert refused.status_code == 400 and "two or more runs" in refused.text
+
+
+PAYLOAD = {
+    "title": "before vs after",
+    "n": 8,
+    "main_metric": "accuracy",
+    "models": [
+        {"name": "tiny:llama", "role": "base", "metrics": {"accuracy": 0.25, "loss": 7.0}},
+        {"name": "r", "role": "tuned", "metrics": {"accuracy": 0.75, "loss": 6.0}},
+    ],
+    "comparison": {
+        "metric": "accuracy",
+        "base": 0.25,
+        "tuned": 0.75,
+        "delta": 0.5,
+        "ci95": [0.125, 0.875],
+        "n": 8,
+    },
+    "confusion_matrices": {
+        "r": {"labels": ["neg", "pos"], "columns": ["neg", "pos"], "matrix": [[3, 1], [1, 3]]}
+    },
+}
+
+
+def test_eval_section_shows_the_payload_table_ci_and_confusion(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "r", "completed", "lora", 1.0)
+    (runs / "r" / "final").mkdir()
+    client = TestClient(create_app(runs))
+    form = client.get("/train/r/eval", params={"part": "form"}).text
+    assert 'value="tiny:llama"' in form and 'id="eval-button"' in form  # the recipe's base model
+    (runs / "r" / "eval").mkdir()
+    (runs / "r" / "eval" / "report.json").write_text(json.dumps(PAYLOAD), encoding="utf-8")
+    html = client.get("/train/r/eval").text
+    assert "<td>0.25</td><td>0.75</td>" in html
+    assert "Δ +0.5000 (95% paired bootstrap CI [+0.1250, +0.8750], n=8)" in html
+    assert "Confusion matrix: r" in html and "<td>3</td><td>1</td>" in html
+    refused = client.post("/train/nope/eval", data={"base": "tiny:llama", "data": "x"}).text
+    assert "only a finished run" in refused
+
+
+@pytest.mark.slow
+def test_before_after_eval_of_a_finished_run(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 2)), "name": "ev"})
+    wait_for(lambda: jobs.run_state(runs, "ev", client.app.state.processes).finished, 120, "training")
+    data = str(DATA / "tiny_eval.jsonl")
+    assert "Evaluating" in client.post("/train/ev/eval", data={"base": "tiny:llama", "data": data}).text
+    html = wait_for(lambda: "eval-table" in (t := client.get("/train/ev/eval").text) and t, 180, "the eval")
+    assert "tiny:llama (base)" in html and "(tuned)" in html and "95% paired bootstrap CI" in html
+
+
+def test_stop_never_signals_the_pid_of_a_finished_run(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "done", "completed", "lora", 1.0)
+    (runs / jobs.STUDIO_DIR).mkdir()
+    # A finished run whose recorded PID is now someone else's (here: this test process).
+    (runs / jobs.STUDIO_DIR / "done.json").write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
+    client = TestClient(create_app(runs))
+    assert "the run is not running" in client.post("/train/done/stop").text  # and this process lives on
