@@ -93,3 +93,27 @@ def review_files(tmp_path_factory: pytest.TempPathFactory):
     except AssetMissingError:
         pytest.skip("SmolLM2 / reviews not fetched; run `tunelab assets fetch`")
     return build_demo_data(tmp_path_factory.mktemp("reviews"), n_eval=32, n_train=48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def bot_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA runs on the same tiny base that learned different answers (the serve tests' adapters)."""
+    from tunelab.recipe import parse_recipe
+    from tunelab.train.run import train
+
+    root = tmp_path_factory.mktemp("bots")
+    made = {}
+    for name, answer in (("yes-bot", "yes yes yes"), ("no-bot", "no no no")):
+        data = write_jsonl(
+            root / f"{name}.jsonl", [{"instruction": f"question {i}", "output": answer} for i in range(6)]
+        )
+        raw = {
+            "seed": 0,
+            "model": {"name_or_path": "tiny:llama"},
+            "data": {"train": str(data), "max_length": 64},
+            "method": {"name": "lora", "r": 4, "alpha": 8},
+            "training": {"max_steps": 4, "batch_size": 3, "learning_rate": 5e-2, "warmup_steps": 0},
+            "output": {"dir": str(root / "runs"), "name": name},
+        }
+        made[name] = train(parse_recipe(raw)).run_dir
+    return made

@@ -19,7 +19,6 @@ from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.engine import Engine
 from tunelab.serve.routing import Router, WatchPolicy
 from tunelab.serve.server import BackgroundServer
-from tunelab.train.run import train
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,34 +26,11 @@ ASK = [{"role": "user", "content": "question 1"}]
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two LoRA runs on the same tiny base that learned different answers."""
-    from tunelab.recipe import parse_recipe
-
-    root = tmp_path_factory.mktemp("serve")
-    made = {}
-    for name, answer in (("yes-bot", "yes yes yes"), ("no-bot", "no no no")):
-        data = root / f"{name}.jsonl"
-        rows = [{"instruction": f"question {i}", "output": answer} for i in range(6)]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        raw = {
-            "seed": 0,
-            "model": {"name_or_path": "tiny:llama"},
-            "data": {"train": str(data), "max_length": 64},
-            "method": {"name": "lora", "r": 4, "alpha": 8},
-            "training": {"max_steps": 4, "batch_size": 3, "learning_rate": 5e-2, "warmup_steps": 0},
-            "output": {"dir": str(root / "runs"), "name": name},
-        }
-        made[name] = train(parse_recipe(raw)).run_dir
-    return made
-
-
 def start(
-    runs: dict[str, Path], *, policy: WatchPolicy | None = None, **settings: object
+    bot_runs: dict[str, Path], *, policy: WatchPolicy | None = None, **settings: object
 ) -> BackgroundServer:
     engine = Engine.load(
-        None, runs, device="cpu", queue_size=settings.pop("queue_size", 16), max_tokens_limit=64
+        None, bot_runs, device="cpu", queue_size=settings.pop("queue_size", 16), max_tokens_limit=64
     )
     # Latency on a shared CI machine is noise: only errors and feedback may roll back in these tests.
     policy = policy or WatchPolicy(min_samples=3, max_latency_ratio=1e6)
@@ -64,8 +40,8 @@ def start(
 
 
 @pytest.fixture(scope="module")
-def server(runs: dict[str, Path]) -> Iterator[BackgroundServer]:
-    with start(runs) as running:
+def server(bot_runs: dict[str, Path]) -> Iterator[BackgroundServer]:
+    with start(bot_runs) as running:
         yield running
 
 
@@ -181,14 +157,14 @@ def test_concurrent_requests_for_different_adapters_match_each_served_alone(clie
 
 
 def test_admin_shares_load_unload_and_rollback_by_feedback(
-    client: openai.OpenAI, server: BackgroundServer, runs: dict[str, Path]
+    client: openai.OpenAI, server: BackgroundServer, bot_runs: dict[str, Path]
 ) -> None:
     admin = httpx.Client(base_url=server.url, headers=AUTH)
     put = admin.put("/admin/aliases/canary", json={"shares": {"yes-bot": 0.0, "no-bot": 1.0}})
     assert put.status_code == 200 and put.json()["baseline"] == "yes-bot"
     assert all(chat(client, "canary", user=f"u{i}")[1] == "no-bot" for i in range(4))
 
-    loaded = admin.post("/admin/adapters", json={"name": "yes-copy", "path": str(runs["yes-bot"])})
+    loaded = admin.post("/admin/adapters", json={"name": "yes-copy", "path": str(bot_runs["yes-bot"])})
     assert loaded.status_code == 201
     assert chat(client, "yes-copy")[0] == chat(client, "yes-bot")[0]
     assert admin.delete("/admin/adapters/no-bot").status_code == 409  # aliases still route to it
@@ -353,8 +329,8 @@ def test_metrics_count_requests_and_tokens_per_adapter(
     assert grew("tunelab_request_latency_seconds_count", "yes-bot") == 1
 
 
-def test_full_queue_is_429_and_a_stuck_request_times_out(runs: dict[str, Path]) -> None:
-    with start(runs, queue_size=1, request_timeout_s=1.0) as small:
+def test_full_queue_is_429_and_a_stuck_request_times_out(bot_runs: dict[str, Path]) -> None:
+    with start(bot_runs, queue_size=1, request_timeout_s=1.0) as small:
         engine = engine_of(small)
         client = openai.OpenAI(base_url=f"{small.url}/v1", api_key=KEY, max_retries=0)
         body = {"model": "yes-bot", "messages": ASK, **GREEDY}
@@ -383,11 +359,11 @@ def _wait_for(condition: object, timeout: float = 10.0) -> None:
 
 
 def test_client_errors_never_count_against_an_adapter_but_engine_faults_do(
-    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    bot_runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bad requests once came back as 500s and were counted as the adapter's errors, which is the
     number the rollback watcher acts on: a client could roll back a healthy adapter."""
-    with start(runs) as own:
+    with start(bot_runs) as own:
         admin = httpx.Client(base_url=own.url, headers=AUTH, timeout=30)
 
         def post(path: str, **body: object) -> httpx.Response:

@@ -5,7 +5,6 @@ once). One row's cancellation, timeout or broken client never touches the others
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -20,7 +19,6 @@ from tunelab.serve.batching import batch_key, left_pad, take_batch
 from tunelab.serve.engine import Delta, Done, Engine, Event, Failed, Job, SamplingParams
 from tunelab.serve.routing import Router
 from tunelab.serve.server import BackgroundServer
-from tunelab.train.run import train
 
 QUESTIONS = {
     "short": "hi",
@@ -30,31 +28,8 @@ QUESTIONS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two LoRA runs on the tiny base that learned different answers."""
-    from tunelab.recipe import parse_recipe
-
-    root = tmp_path_factory.mktemp("batching")
-    made = {}
-    for name, answer in (("yes-bot", "yes yes yes"), ("no-bot", "no no no")):
-        data = root / f"{name}.jsonl"
-        rows = [{"instruction": f"question {i}", "output": answer} for i in range(6)]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        raw = {
-            "seed": 0,
-            "model": {"name_or_path": "tiny:llama"},
-            "data": {"train": str(data), "max_length": 64},
-            "method": {"name": "lora", "r": 4, "alpha": 8},
-            "training": {"max_steps": 4, "batch_size": 3, "learning_rate": 5e-2, "warmup_steps": 0},
-            "output": {"dir": str(root / "runs"), "name": name},
-        }
-        made[name] = train(parse_recipe(raw)).run_dir
-    return made
-
-
-@pytest.fixture(scope="module")
-def engine(runs: dict[str, Path]) -> Iterator[Engine]:
-    engine = Engine.load(None, runs, device="cpu", queue_size=64, max_tokens_limit=64, max_batch=16)
+def engine(bot_runs: dict[str, Path]) -> Iterator[Engine]:
+    engine = Engine.load(None, bot_runs, device="cpu", queue_size=64, max_tokens_limit=64, max_batch=16)
     batches: list[int] = []
     real = engine.generate
 
@@ -315,7 +290,7 @@ def test_left_pad_right_aligns_prompts_and_masks_the_padding() -> None:
 
 
 def test_concurrent_streamed_and_plain_requests_through_the_server_match_alone(
-    engine: Engine, runs: dict[str, Path]
+    engine: Engine, bot_runs: dict[str, Path]
 ) -> None:
     """The HTTP path: the openai client's requests queued together answer as they do alone."""
     router = Router(engine.base_name, list(engine.adapters))
