@@ -180,10 +180,15 @@ class Trainer:
         for key, value in prepared.notes.items():
             self.console.print(labelled("note", f"{key}: {value}"))
         if recipe.training.gradient_checkpointing:
-            # transformers 5 renamed gradient checkpointing to activation checkpointing (old name warns)
-            prepared.model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
+            # transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old name
+            # warns there); 5.17, the oldest version tunelab supports, has only the old name
+            enable = getattr(prepared.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                prepared.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
             if hasattr(prepared.model, "enable_input_require_grads"):
                 prepared.model.enable_input_require_grads()
         if recipe.data.packing:
