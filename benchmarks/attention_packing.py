@@ -11,6 +11,8 @@ ways:
 - ``sdpa packed``: the same examples packed into rows of ``max_length`` with restarting position ids
   and no 2-D mask, so transformers builds a dense block-diagonal mask (SDPA's slow path on a GPU);
 - ``flex packed``: the same packed rows through FlexAttention, whose document mask is a BlockMask;
+- ``varlen packed``: the same packed rows through PyTorch's own variable-length FlashAttention
+  (``tunelab.models.varlen``: no mask, no padding, no ``flash-attn`` package);
 - ``flash packed``: the same through flash-attention 2's varlen path, where ``flash_attn`` imports.
 
 It also checks isolation on the device: one example's logits inside a packed row equal its logits
@@ -31,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_sft import SHAPES, example_lengths  # noqa: E402
+
+from tunelab.models import varlen  # noqa: E402
 
 
 def batches(lengths: list[int], micro_batch: int, max_length: int, vocab: int) -> dict[str, list]:
@@ -128,6 +132,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile is slow)")
     args = parser.parse_args()
     if args.dry_run:
         args.shape, args.max_length, args.reps, args.micro_batch = "tiny", 64, 2, 2
@@ -135,7 +140,8 @@ def main() -> None:
     vocab = SHAPES[args.shape]["vocab_size"]
     lengths = [int(n) for n in example_lengths(args.micro_batch * (args.reps + 2) * 2, args.max_length, 0)]
     layouts = batches(lengths, args.micro_batch, args.max_length, vocab)
-    rows = [("sdpa", "padded"), ("sdpa", "packed"), ("flex_attention", "packed")]
+    rows = [("sdpa", "padded"), ("sdpa", "packed"), (varlen.register(), "packed")]
+    rows += [("flex_attention", "packed")] if not args.no_flex else []
     if importlib.util.find_spec("flash_attn") is not None and device == "cuda":
         rows.append(("flash_attention_2", "packed"))
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
