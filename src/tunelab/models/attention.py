@@ -41,6 +41,7 @@ def resolve_attention(choice: str, device_type: str, *, packing: bool) -> str | 
     (``packing``: the objective packs and ``data.packing`` is not false), else sdpa. An explicit
     choice that cannot train here raises :class:`AttentionUnavailable`.
     """
+    device_type = torch.device(device_type).type  # "cuda:1" is cuda
     if choice == "auto":
         if device_type != "cuda":
             return None
