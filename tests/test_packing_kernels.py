@@ -244,19 +244,39 @@ def test_the_cli_refuses_an_attention_it_cannot_run_in_one_line(tmp_path, qa_row
     assert "Traceback" not in result.output
 
 
-def test_the_run_says_which_attention_and_packing_are_in_effect(tiny_recipe):
+def test_the_run_says_what_is_in_effect_and_a_flat_packed_step_has_the_unpacked_loss(
+    tiny_recipe, monkeypatch
+):
+    """The trainer's flat layout end to end: on CPU no varlen kernel runs, so the flat layout is
+    forced for sdpa (which isolates a flat row too, tested above). Six examples make three packs of
+    at most 64 tokens, one micro-batch of 3 (one flat row); unpacked at batch 6 that step sees the
+    same tokens with the same weights, so its loss is the same."""
     from io import StringIO
 
     from tunelab.console import make_console
+    from tunelab.train import loop
     from tunelab.train.run import train
 
+    monkeypatch.setattr(loop, "VARLEN_ATTENTION", frozenset({None}))
     log = StringIO()
-    result = train(
-        tiny_recipe("lora", data__packing="true", training__max_steps=1), console=make_console(file=log)
+    packed = train(
+        tiny_recipe("lora", data__packing="true", training__max_steps="null", training__epochs=1),
+        console=make_console(file=log),
     )
     assert "attention: sdpa (model.attention: auto); packing: on (data.packing: true)" in log.getvalue()
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert (
+        "6 examples in 3 sequences of at most 64 tokens, each micro-batch one padding-free row"
+        in log.getvalue()
+    )
+    manifest = json.loads((packed.run_dir / "manifest.json").read_text())
     assert manifest["attention"] == "sdpa" and manifest["packing"] is True
+    unpacked = train(
+        tiny_recipe(
+            "lora", training__max_steps="null", training__epochs=1, training__batch_size=6, output__name="u"
+        )
+    )
+    assert packed.steps == unpacked.steps == 1
+    assert packed.losses[0] == pytest.approx(unpacked.losses[0], rel=1e-4)
 
 
 # --- the plan -------------------------------------------------------------------------------------
