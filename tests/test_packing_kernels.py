@@ -190,6 +190,10 @@ def test_auto_on_cuda_picks_a_varlen_kernel_and_packs(no_flash, monkeypatch):
     monkeypatch.setattr(attention_mod, "flash_attn_installed", lambda: True)
     assert _recipe().fast_path("cuda") == ("flash_attention_2", True)
     assert dpo.fast_path("cuda") == ("flash_attention_2", False)
+    assert _recipe(**{"model.dtype": "float32"}).fast_path("cuda") == (
+        "flex_attention",
+        True,
+    )  # flash: half only
 
 
 def test_packing_auto_needs_a_varlen_kernel_and_a_token_objective():

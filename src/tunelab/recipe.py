@@ -380,8 +380,9 @@ class Recipe(Section):
         the loop, the plan and anything else that must agree with them. Raises
         :class:`~tunelab.models.attention.AttentionUnavailable` for a kernel that cannot run here."""
         packs = OBJECTIVES.get(self.objective.name).impl.packs
+        fp32 = self.model.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32")
         attention = resolve_attention(
-            self.model.attention, device_type, packing=packs and self.data.packing is not False
+            self.model.attention, device_type, packing=packs and self.data.packing is not False, fp32=fp32
         )
         return attention, packing_in_effect(self.data.packing, packs, attention)
 

@@ -32,20 +32,21 @@ def flex_attention_in_torch() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def resolve_attention(choice: str, device_type: str, *, packing: bool) -> str | None:
+def resolve_attention(choice: str, device_type: str, *, packing: bool, fp32: bool = False) -> str | None:
     """The attention a run uses on ``device_type`` ("cuda", "cpu", "mps"); None keeps the model's
     own default (what transformers picks, sdpa for Llama-family models).
 
     ``auto`` changes nothing off CUDA, so CPU runs behave as before. On CUDA it is
     flash_attention_2 when flash-attn is installed, else flex_attention when the run may pack
-    (``packing``: the objective packs and ``data.packing`` is not false), else sdpa. An explicit
-    choice that cannot train here raises :class:`AttentionUnavailable`.
+    (``packing``: the objective packs and ``data.packing`` is not false), else sdpa; ``fp32`` (the
+    model is asked for in float32) skips flash-attn, whose kernels take half precision only. An
+    explicit choice that cannot train here raises :class:`AttentionUnavailable`.
     """
     device_type = torch.device(device_type).type  # "cuda:1" is cuda
     if choice == "auto":
         if device_type != "cuda":
             return None
-        if flash_attn_installed():
+        if flash_attn_installed() and not fp32:
             return "flash_attention_2"
         return "flex_attention" if packing and flex_attention_in_torch() else "sdpa"
     problem = attention_problem(choice, device_type)
