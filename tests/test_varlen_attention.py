@@ -146,3 +146,61 @@ def test_flash_kernel_matches_the_per_example_reference_on_cuda() -> None:
     assert (out - ref).norm() / ref.norm() < 2e-2
     for name, p in model.named_parameters():
         assert (grads[name] - p.grad.float()).norm() <= 3e-2 * p.grad.float().norm() + 1e-6, name
+
+
+# --- model.attention: varlen in the recipe, the resolver and the trainer -------------------------
+
+
+def test_auto_picks_varlen_on_cuda_for_packing_runs_and_an_explicit_varlen_is_refused_on_cpu(monkeypatch):
+    from tunelab.models import attention
+
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    monkeypatch.setattr(varlen, "kernel_available", lambda: None)
+    assert attention.resolve_attention("auto", "cuda", packing=True) == varlen.NAME
+    assert attention.resolve_attention("auto", "cuda", packing=False) == "sdpa"
+    assert attention.resolve_attention("auto", "cuda", packing=True, fp32=True) == "flex_attention"
+    with pytest.raises(attention.AttentionUnavailable, match="bfloat16"):
+        attention.resolve_attention("varlen", "cuda", packing=True, fp32=True)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            attention.AttentionUnavailable, match="model.attention: varlen cannot run: no CUDA"
+        ):
+            attention.resolve_attention("varlen", "cpu", packing=True)
+
+
+def test_a_run_on_varlen_trains_flat_packs_with_the_unpacked_loss(tiny_recipe, monkeypatch) -> None:
+    """The whole path on CPU: the recipe's varlen resolves (kernel check patched, since the kernel is
+    CUDA-only), the loader registers it, the trainer packs flat rows and the attention runs its
+    per-example reference; the step's loss equals the unpacked one (same tokens, same weights)."""
+    import json
+    from io import StringIO
+
+    from tunelab.console import make_console
+    from tunelab.train.run import train
+
+    calls = []
+    monkeypatch.setattr(varlen, "kernel_available", lambda: None)
+    monkeypatch.setattr(varlen, "_reference", lambda *a: calls.append(1) or REFERENCE(*a))
+    log = StringIO()
+    packed = train(
+        tiny_recipe("lora", model__attention="varlen", training__max_steps="null", training__epochs=1),
+        console=make_console(file=log),
+    )
+    assert (
+        "attention: tunelab_varlen (model.attention: varlen); packing: on (data.packing: auto)"
+        in log.getvalue()
+    )
+    assert json.loads((packed.run_dir / "manifest.json").read_text())["packing"] is True
+    assert calls  # the packed forward really went through varlen attention
+    monkeypatch.undo()
+    unpacked = train(
+        tiny_recipe(
+            "lora", training__max_steps="null", training__epochs=1, training__batch_size=6, output__name="u"
+        )
+    )
+    assert packed.steps == unpacked.steps == 1
+    assert packed.losses[0] == pytest.approx(unpacked.losses[0], rel=1e-4)
+
+
+REFERENCE = varlen._reference

@@ -41,10 +41,11 @@ class ModelSection(Section):
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
-    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+    attention: Literal["auto", "sdpa", "eager", "varlen", "flex_attention", "flash_attention_2"] = Field(
         "auto",
         description="attention kernel; auto: the model's default off CUDA, on CUDA flash_attention_2 if "
-        "flash-attn is installed, else flex_attention when the run packs, else sdpa",
+        "flash-attn is installed, else varlen (PyTorch's own FlashAttention varlen kernel) when the run "
+        "packs, else sdpa",
     )
 
 

@@ -4,8 +4,14 @@ Packing needs attention that keeps packed examples apart. ``sdpa`` and ``eager``
 dense ``(b, 1, s, s)`` block-diagonal mask that transformers builds from the restarting position
 ids (on a GPU that mask forces SDPA off its fast kernels). The *varlen* paths do it without a
 mask: FlashAttention-2 derives cumulative sequence lengths from the position ids of one flattened
-row, and FlexAttention gets a block-sparse document mask (a ``BlockMask``) from transformers'
-masking utilities. Those two make padding-free packing worth turning on by default.
+row, FlexAttention gets a block-sparse document mask (a ``BlockMask``) from transformers'
+masking utilities, and ``varlen`` (:mod:`tunelab.models.varlen`) calls PyTorch's own build of the
+FlashAttention-2 varlen kernel, so it needs no flash-attn package. Those make padding-free packing
+worth turning on by default.
+
+``auto`` on CUDA prefers varlen to flex_attention: on an H200 (torch 2.11, transformers 5.17, 1B
+Llama shape) FlexAttention's backward failed to compile (inductor: "NoValidChoicesError"), while
+the varlen kernel needs no compilation at all.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import importlib.util
 
 import torch
 
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
-VARLEN_ATTENTION = frozenset({"flex_attention", "flash_attention_2"})
+from tunelab.models import varlen
+
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "varlen", "flex_attention", "flash_attention_2")
+VARLEN_ATTENTION = frozenset({"flex_attention", "flash_attention_2", "varlen", varlen.NAME})
 """Attention that isolates packed examples without a dense mask (see the module docstring)."""
 
 
@@ -37,10 +45,12 @@ def resolve_attention(choice: str, device_type: str, *, packing: bool, fp32: boo
     own default (what transformers picks, sdpa for Llama-family models).
 
     ``auto`` changes nothing off CUDA, so CPU runs behave as before. On CUDA it is
-    flash_attention_2 when flash-attn is installed, else flex_attention when the run may pack
-    (``packing``: the objective packs and ``data.packing`` is not false), else sdpa; ``fp32`` (the
-    model is asked for in float32) skips flash-attn, whose kernels take half precision only. An
-    explicit choice that cannot train here raises :class:`AttentionUnavailable`.
+    flash_attention_2 when flash-attn is installed, else, when the run may pack (``packing``: the
+    objective packs and ``data.packing`` is not false), PyTorch's varlen kernel, or flex_attention
+    on a torch without it; else sdpa. ``fp32`` (the model is asked for in float32) skips the
+    FlashAttention kernels, which take half precision only. ``varlen`` comes back as the name it is
+    registered under in transformers. An explicit choice that cannot train here raises
+    :class:`AttentionUnavailable`.
     """
     device_type = torch.device(device_type).type  # "cuda:1" is cuda
     if choice == "auto":
@@ -48,11 +58,15 @@ def resolve_attention(choice: str, device_type: str, *, packing: bool, fp32: boo
             return None
         if flash_attn_installed() and not fp32:
             return "flash_attention_2"
+        if packing and not fp32 and varlen.kernel_available() is None:
+            return varlen.NAME
         return "flex_attention" if packing and flex_attention_in_torch() else "sdpa"
     problem = attention_problem(choice, device_type)
+    if problem is None and choice == "varlen" and fp32:
+        problem = "runs FlashAttention, which takes bfloat16 or float16; set model.dtype: bfloat16"
     if problem is not None:
         raise AttentionUnavailable(f"model.attention: {choice} {problem}")
-    return choice
+    return varlen.NAME if choice == "varlen" else choice
 
 
 def attention_problem(choice: str, device_type: str) -> str | None:
@@ -64,6 +78,8 @@ def attention_problem(choice: str, device_type: str) -> str | None:
             return "needs the flash-attn package (pip install flash-attn); use flex_attention or sdpa"
         if device_type != "cuda":
             return f"runs on CUDA GPUs only (this run is on {device_type}); use sdpa"
+    if choice == "varlen" and (reason := varlen.kernel_available()) is not None:
+        return f"cannot run: {reason}; use sdpa here"
     if choice == "flex_attention":
         if not flex_attention_in_torch():
             return f"needs torch >= 2.5 (this is torch {torch.__version__}); use sdpa"

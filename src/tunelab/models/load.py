@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from tunelab.assets import asset_path, tunelab_home
+from tunelab.models import varlen
 
 Source = Literal["gguf", "local", "hub"]
 
@@ -390,6 +391,8 @@ def load_model(
     """
     if spec.startswith(ASSET_PREFIX):
         spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
+    if attention == varlen.NAME:
+        varlen.register()  # transformers must know the name before the model is built
     if spec.startswith(TINY_PREFIX):
         model, tokenizer = _tiny(spec, seed, resolve_device(device), model_cls, model_kwargs)
         if attention is not None:
