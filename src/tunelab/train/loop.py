@@ -24,6 +24,7 @@ from tunelab.recipe import Recipe
 from tunelab.runs.manifest import update_manifest
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
+from tunelab.train.activations import setup_activation_memory
 from tunelab.train.checkpoint import (
     capture_rng,
     collect_checkpoint,
@@ -179,17 +180,27 @@ class Trainer:
         self.hooks = prepared.hooks
         for key, value in prepared.notes.items():
             self.console.print(labelled("note", f"{key}: {value}"))
-        if recipe.training.gradient_checkpointing:
-            # transformers 5 renamed gradient checkpointing to activation checkpointing (old name warns)
-            prepared.model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-            if hasattr(prepared.model, "enable_input_require_grads"):
-                prepared.model.enable_input_require_grads()
+        self._setup_activations(prepared.model, device)
         if recipe.data.packing:
             self._pack(prepared.model)
         self.trainable, self.total_params = count_parameters(prepared.model)
         return prepared
+
+    def _setup_activations(self, model: Any, device: str) -> None:
+        """Checkpointing (one decoder layer in ``checkpoint_every``) and activation offload, said on
+        the console when on and recorded in the manifest either way."""
+        training = self.recipe.training
+        self.activations = setup_activation_memory(
+            model,
+            checkpointing=training.gradient_checkpointing,
+            every=training.checkpoint_every,
+            offload=training.offload_activations,
+            device=device,
+        )
+        if self.activations.checkpointed:
+            self.console.print(Text(self.activations.describe()))
+        if self.writes and self.run.manifest_path.exists():
+            update_manifest(self.run.manifest_path, activation_memory=self.activations.manifest())
 
     def _setup_optimization(self, prepared: Prepared) -> None:
         """Batch size (``auto`` probed now), sharding, optimizer, schedule, accelerate wrapping, EWC."""
