@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.data.packing import packing_in_effect
 from tunelab.methods import METHODS
+from tunelab.models.attention import resolve_attention
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
@@ -39,6 +41,11 @@ class ModelSection(Section):
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto",
+        description="attention kernel; auto: the model's default off CUDA, on CUDA flash_attention_2 if "
+        "flash-attn is installed, else flex_attention when the run packs, else sdpa",
+    )
 
 
 class SplitSpec(Section):
@@ -95,8 +102,10 @@ class DataSection(Section):
         True, description="loss on assistant reasoning (reasoning_content, <think>…</think>); false masks it"
     )
     max_length: int = Field(1024, ge=8)
-    packing: bool = Field(
-        False, description="pack short examples into max_length sequences, attention kept per example"
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="pack short examples into max_length sequences, attention kept per example; auto: "
+        "pack for token-level objectives when the attention is flash_attention_2 or flex_attention",
     )
     split: SplitSpec | None = Field(None, description="split data.train into train/eval on the fly")
     skip_bad: bool = False
@@ -402,12 +411,24 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _packing_needs_a_token_objective(self) -> Recipe:
-        if self.data.packing and not OBJECTIVES.get(self.objective.name).impl.packs:
+        if self.data.packing is True and not OBJECTIVES.get(self.objective.name).impl.packs:
             raise ValueError(
                 f"data.packing: objective {self.objective.name} trains on whole examples (pairs, labelled "
                 "sequences or prompts), which packing would cut apart; set data.packing: false"
             )
         return self
+
+    def fast_path(self, device_type: str) -> tuple[str | None, bool]:
+        """The attention in effect on ``device_type`` (None: the model's default) and whether
+        training packs: the one place ``model.attention`` and ``data.packing`` are resolved, for
+        the loop, the plan and anything else that must agree with them. Raises
+        :class:`~tunelab.models.attention.AttentionUnavailable` for a kernel that cannot run here."""
+        packs = OBJECTIVES.get(self.objective.name).impl.packs
+        fp32 = self.model.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32")
+        attention = resolve_attention(
+            self.model.attention, device_type, packing=packs and self.data.packing is not False, fp32=fp32
+        )
+        return attention, packing_in_effect(self.data.packing, packs, attention)
 
     def resolved(self) -> dict[str, Any]:
         """Plain dict with every default filled in, as written to the run directory."""

@@ -1,10 +1,14 @@
 """Packing: several short examples in one sequence, without letting them attend to each other.
 
 Each example keeps its own position ids (restarting at 0), and the batch carries no 2-D padding
-mask: ``transformers`` then detects the restarts and builds a block-diagonal causal mask (SDPA,
-eager) or variable-length attention (flash-attention). Models whose attention does not honour
-this are detected by :func:`packing_isolates` and packing is refused rather than silently letting
-examples see each other.
+mask: ``transformers`` then detects the restarts and isolates the examples. How depends on the
+attention in effect (``tunelab.models.attention``): SDPA and eager get a dense block-diagonal mask;
+FlexAttention gets a block-sparse document mask; FlashAttention-2 runs its variable-length kernel
+on cumulative sequence lengths, which transformers derives only from a batch of *one* row. So on
+the varlen paths a micro-batch's packs are concatenated into one row with no padding at all
+(:func:`collate_packed` with ``flat=True``). Models whose attention does not honour position
+restarts are detected by :func:`packing_isolates` and packing is refused rather than silently
+letting examples see each other.
 """
 
 from __future__ import annotations
@@ -14,10 +18,21 @@ from typing import Any
 import torch
 
 from tunelab.data.templates import IGNORE_INDEX
+from tunelab.models.attention import VARLEN_ATTENTION
 
 
 class PackingUnsupported(ValueError):
     """The model's attention would mix packed examples."""
+
+
+def packing_in_effect(setting: bool | str, objective_packs: bool, attention: str | None) -> bool:
+    """``data.packing`` resolved: ``auto`` packs when the objective trains per token and the
+    attention in effect isolates examples without a dense mask (flash/flex), so a run on sdpa (every
+    CPU run by default) stays unpacked; true and false mean what they say (the recipe already
+    refused true for objectives that cannot pack)."""
+    if setting == "auto":
+        return objective_packs and attention in VARLEN_ATTENTION
+    return bool(setting) and objective_packs
 
 
 def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -41,8 +56,17 @@ def pack_features(features: list[dict[str, Any]], max_length: int) -> list[dict[
     return packs
 
 
-def collate_packed(packs: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad packs; padding is its own 'example' (positions restart) and carries no loss."""
+def collate_packed(
+    packs: list[dict[str, Any]], pad_id: int, *, flat: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-pad packs; padding is its own 'example' (positions restart) and carries no loss.
+
+    ``flat``: one row holding every pack back to back, no padding (the varlen attention paths).
+    """
+    if flat:
+        packs = [
+            {key: [v for pack in packs for v in pack[key]] for key in ("input_ids", "labels", "position_ids")}
+        ]
     width = max(len(p["input_ids"]) for p in packs)
     ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)

@@ -376,6 +376,7 @@ def load_model(
     seed: int = 0,
     model_cls: Any = None,
     model_kwargs: dict[str, Any] | None = None,
+    attention: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Like :func:`load_causal_lm`, plus two tunelab specs.
 
@@ -383,12 +384,19 @@ def load_model(
     anywhere in seconds with nothing downloaded. ``asset:NAME`` is an embedded default asset
     (e.g. ``asset:smollm2-135m-instruct``) fetched by ``tunelab assets fetch``. ``model_cls`` (an
     ``AutoModelFor...`` class) and ``model_kwargs`` (e.g. ``num_labels``) serve objectives that need
-    another head than the language-model one.
+    another head than the language-model one. ``attention`` is transformers' ``attn_implementation``
+    (resolved from ``model.attention`` by :func:`tunelab.models.attention.resolve_attention`); None
+    keeps the model's default.
     """
     if spec.startswith(ASSET_PREFIX):
         spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
     if spec.startswith(TINY_PREFIX):
-        return _tiny(spec, seed, resolve_device(device), model_cls, model_kwargs)
+        model, tokenizer = _tiny(spec, seed, resolve_device(device), model_cls, model_kwargs)
+        if attention is not None:
+            model.set_attn_implementation(attention)
+        return model, tokenizer
+    if attention is not None:
+        model_kwargs = {**(model_kwargs or {}), "attn_implementation": attention}
     return load_causal_lm(
         spec,
         dtype=dtype,

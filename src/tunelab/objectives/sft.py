@@ -32,6 +32,8 @@ class SftObjective(BaseObjective):
     """Next-token loss on the rendered chat (assistant tokens only by default) or on plain text."""
 
     packs = True
+    flat_packs = False
+    """Set by the trainer when packing for a varlen attention: a micro-batch's packs go in one row."""
 
     def __init__(self, cfg: SftConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
         self.config = cfg
@@ -86,7 +88,7 @@ class SftObjective(BaseObjective):
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "position_ids" in features[0]:
-            return collate_packed(features, self.tokenizer.pad_token_id)
+            return collate_packed(features, self.tokenizer.pad_token_id, flat=self.flat_packs)
         # Left padding lines every answer up against the right edge, so the logits the loss needs
         # are the last few positions of the batch (see `causal_lm_forward`). Models with virtual
         # tokens in front number positions themselves, so they get right padding: pads then never

@@ -21,7 +21,10 @@ Assumptions, each a line in :func:`layer_bytes_per_token` or :func:`estimate`:
 
 - every sequence is ``data.max_length`` tokens long and every position carries loss (the worst
   case a micro-batch can reach; padding is computed like real tokens);
-- padded batches (no packing) give SDPA a mask of ``b·s²`` elements, materialised per layer;
+- with SDPA or eager attention, padded batches and packed ones alike (packing builds a
+  block-diagonal mask) give the kernel a mask of ``b·s²`` elements, materialised per layer; the
+  varlen kernels (``model.attention`` flash_attention_2 or flex_attention, as ``auto`` picks on
+  CUDA) take none, and a packed micro-batch of ``b`` rows is ``b·s`` tokens like a padded one;
 - with gradient checkpointing (transformers' non-reentrant, per decoder layer) a checkpointed layer
   keeps only its input, and backward recomputes one layer at a time; with ``checkpoint_every: k``
   layers 0, k, 2k, ... (``ceil(L/k)`` of them) are checkpointed and the others keep everything;
@@ -49,6 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelab.data.packing import packing_in_effect
+from tunelab.models.attention import VARLEN_ATTENTION, AttentionUnavailable
+from tunelab.objectives import OBJECTIVES
 from tunelab.plan.gpus import GIB, Gpu
 
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
@@ -134,7 +140,9 @@ class Regime:
     autocast: bool
     optimizer: str
     checkpointing: bool
-    padded: bool
+    dense_mask: bool
+    """SDPA/eager get a ``(b, 1, s, s)`` mask: padded batches, and packed ones (block-diagonal);
+    the varlen kernels (flash, flex) take none."""
     seq_len: int
     grad_accum: int
     fused_loss: bool = False  # SFT's objective.fused_cross_entropy: no whole logits tensor
@@ -315,9 +323,9 @@ def layer_bytes_per_token(facts: ModelFacts, regime: Regime) -> dict[str, float]
     # SDPA keeps rotated q, k and v, its output (also o_proj's input) and a fp32 log-sum-exp per
     # head; with a padding mask transformers repeats k/v to every head (use_gqa_in_sdpa) and the
     # kernel keeps its own (b, 1, s, s) copy of the mask in the activation dtype
-    kv_width = h if regime.padded else arch.kv_heads * arch.head_dim
+    kv_width = h if regime.dense_mask else arch.kv_heads * arch.head_dim
     terms["attention"] = a * (arch.heads * arch.head_dim + 2 * kv_width + h) + 4 * arch.heads
-    if regime.padded:
+    if regime.dense_mask:
         terms["attention mask"] = a * regime.seq_len
     # SwiGLU: gate (silu's input), silu(gate) and up (the product's inputs), and the product when
     # down_proj's weight trains
@@ -488,6 +496,10 @@ def plan_inputs(
         config = model_config(spec, trust_remote_code=recipe.model.trust_remote_code, seed=recipe.seed)
     model = prepared_on_meta(config, recipe.method, dtype)
     facts = model_facts(model, config, double_quant=getattr(recipe.method, "double_quant", True))
+    attention, packing = _planned_fast_path(recipe, device)
+    notes.append(
+        f"attention: {attention or 'the model default (sdpa)'}; packing: {'on' if packing else 'off'}"
+    )
     mixed = recipe.training.mixed_precision
     autocast = device == "cuda" and mixed != "no"
     compute = 2 if (dtype != torch.float32 or autocast) else 4
@@ -497,7 +509,7 @@ def plan_inputs(
         autocast=autocast,
         optimizer=getattr(recipe.method, "optimizer", "adamw"),
         checkpointing=recipe.training.gradient_checkpointing,
-        padded=not recipe.data.packing,
+        dense_mask=attention not in VARLEN_ATTENTION,
         seq_len=recipe.data.max_length,
         grad_accum=recipe.training.grad_accum,
         fused_loss=bool(getattr(recipe.objective, "fused_cross_entropy", False)),
@@ -517,6 +529,18 @@ def plan_inputs(
         )
     capacity = gpu.memory_bytes if gpu is not None else _visible_capacity(device)
     return PlanInputs(facts, regime, spec, recipe.method.name, gpu, capacity, tuple(notes))
+
+
+def _planned_fast_path(recipe: Any, device: str) -> tuple[str | None, bool]:
+    """Attention and packing as the run will resolve them (``Recipe.fast_path``). A plan for a GPU
+    made elsewhere keeps an explicit kernel this machine could not run (flash-attn not installed
+    here): the plan is for the machine that will."""
+    try:
+        return recipe.fast_path(device)
+    except AttentionUnavailable:
+        attention = recipe.model.attention
+        packs = OBJECTIVES.get(recipe.objective.name).impl.packs
+        return attention, packing_in_effect(recipe.data.packing, packs, attention)
 
 
 def _model_dtype(choice: str, device: str, half: torch.dtype) -> torch.dtype:

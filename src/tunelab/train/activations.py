@@ -1,10 +1,12 @@
 """Activation memory: gradient checkpointing of one decoder layer in k, and host offload of what the
 checkpointed layers keep.
 
-Checkpointing goes through transformers' own switch (``activation_checkpointing_enable`` with
-``every_n_layers``): every decoder layer is a ``GradientCheckpointingLayer`` whose
-``gradient_checkpointing`` flag says whether it runs under torch's non-reentrant checkpoint; layers
-0, k, 2k, ... get it. A checkpointed layer keeps only its input and recomputes the rest in backward;
+Checkpointing goes through transformers' own switch (``activation_checkpointing_enable``, or
+``gradient_checkpointing_enable`` before transformers renamed it): every decoder layer is a
+``GradientCheckpointingLayer`` whose ``gradient_checkpointing`` flag says whether it runs under
+torch's non-reentrant checkpoint. The switch sets every layer's flag; for one layer in k this module
+then clears all but layers 0, k, 2k, ... (the rule of transformers' newer ``every_n_layers``, which
+older versions lack). A checkpointed layer keeps only its input and recomputes the rest in backward;
 the others keep every activation, so k trades memory back for the recompute's time.
 
 Offload wraps each checkpointed layer's call in ``torch.autograd.graph.save_on_cpu``: the checkpoint
@@ -118,18 +120,29 @@ def setup_activation_memory(
             f"training.{field_name}: {type(model).__name__} has no decoder layers that transformers "
             f"checkpoints one by one; remove training.{field_name} (checkpointing then covers the whole model)"
         )
-    # transformers 5 renamed gradient checkpointing to activation checkpointing (old name warns)
-    model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every
-    )
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    _enable_checkpointing(model)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
     chosen = [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
     plan = ActivationPlan(len(layers), chosen, every, offload, device)
     if offload:
         plan.offloader = HostOffload(device)
         plan.handles = [_offload_inputs(layers[i], plan.offloader) for i in chosen]
     return plan
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Every layer checkpointed, non-reentrant, with input gradients on (a frozen embedding would
+    otherwise leave the checkpointed layers' inputs without grad, and LoRA without gradients)."""
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old name
+    # warns there); 5.17, the oldest version tunelab supports, has only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def _offload_inputs(layer: nn.Module, offloader: HostOffload) -> list[Any]:

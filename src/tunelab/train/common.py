@@ -142,7 +142,9 @@ def log_row(run: RunDir, tracking: Tracking, row: dict[str, Any]) -> None:
 def load_base_model(
     recipe: Recipe, device: str, model_kind: str, model_kwargs: dict[str, Any] | None = None
 ) -> Any:
-    """The recipe's model with the head the objective asks for (offline and online runs alike)."""
+    """The recipe's model with the head the objective asks for (offline and online runs alike), with
+    the attention ``model.attention`` resolves to on this device."""
+    attention, _ = recipe.fast_path(torch.device(device).type)
     model, _ = load_model(
         recipe.model.name_or_path,
         dtype=recipe.model.dtype,
@@ -151,6 +153,7 @@ def load_base_model(
         seed=recipe.seed,
         model_cls=MODEL_CLASSES[model_kind],
         model_kwargs=model_kwargs,
+        attention=attention,
     )
     return model
 

@@ -20,6 +20,7 @@ from tunelab.console import labelled, make_console, styled
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.evaluate.tasks import evaluate_per_task
 from tunelab.methods import METHODS, Prepared, count_parameters
+from tunelab.models.attention import VARLEN_ATTENTION
 from tunelab.recipe import Recipe
 from tunelab.runs.manifest import update_manifest
 from tunelab.runs.rundir import RunDir
@@ -169,6 +170,7 @@ class Trainer:
     def _setup_model(self, device: str) -> Prepared:
         """The model with the objective's head, shaped by the method; checkpointing and packing."""
         recipe = self.recipe
+        attention, packing = recipe.fast_path(torch.device(device).type)  # refuses a kernel that cannot run
         model = load_base_model(recipe, device, self.objective.model_kind, self.objective.model_kwargs())
         self.method = METHODS.get(recipe.method.name).impl
         prepared = apply_method(self.method, recipe, model)
@@ -181,8 +183,9 @@ class Trainer:
         for key, value in prepared.notes.items():
             self.console.print(labelled("note", f"{key}: {value}"))
         self._setup_activations(prepared.model, device)
-        if recipe.data.packing:
-            self._pack(prepared.model)
+        self._report_fast_path(prepared.model, attention, packing)
+        if packing:
+            self._pack(prepared.model, flat=attention in VARLEN_ATTENTION)
         self.trainable, self.total_params = count_parameters(prepared.model)
         return prepared
 
@@ -272,7 +275,22 @@ class Trainer:
             n_batches=ewc.batches,
         )
 
-    def _pack(self, model: Any) -> None:
+    def _report_fast_path(self, model: Any, attention: str | None, packing: bool) -> None:
+        """One line (and the manifest) saying which attention and packing the run uses, and why."""
+        data, chosen = self.recipe.data, self.recipe.model.attention
+        in_effect = attention or model.config._attn_implementation
+        self.console.print(
+            Text(
+                f"attention: {in_effect} (model.attention: {chosen}); "
+                f"packing: {'on' if packing else 'off'} (data.packing: {str(data.packing).lower()})"
+            )
+        )
+        if self.writes and self.run.manifest_path.exists():
+            update_manifest(self.run.manifest_path, attention=in_effect, packing=packing)
+
+    def _pack(self, model: Any, *, flat: bool) -> None:
+        """Pack the training split; ``flat``: each micro-batch becomes one padding-free row (the
+        varlen attention paths, see data/packing.py)."""
         if not packing_isolates(model, len(self.tokenizer)):
             raise PackingUnsupported(
                 f"data.packing: {type(model).__name__} with attention '{model.config._attn_implementation}' lets "
@@ -281,10 +299,12 @@ class Trainer:
             )
         before = len(self.train_split.features)
         self.train_split.features = pack_features(self.train_split.features, self.recipe.data.max_length)
+        self.objective.flat_packs = flat
+        layout = ", each micro-batch one padding-free row" if flat else ""
         self.console.print(
             Text(
                 f"packing: {before} examples in {len(self.train_split.features)} sequences "
-                f"of at most {self.recipe.data.max_length} tokens"
+                f"of at most {self.recipe.data.max_length} tokens{layout}"
             )
         )
 
