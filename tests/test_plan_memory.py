@@ -32,6 +32,7 @@ from tunelab.plan.memory import (
     prepared_on_meta,
 )
 from tunelab.plan.shapes import LLAMA_SHAPES
+from tunelab.train.activations import setup_activation_memory
 
 TOLERANCE = 0.15
 
@@ -143,14 +144,18 @@ def test_per_layer_activations_match_saved_tensor_hooks(
 
 
 def step_peak(
-    method: str, dtype: torch.dtype, checkpointing: bool, cfg: LlamaConfig, batch: int, seq: int
+    method: str,
+    dtype: torch.dtype,
+    checkpointing: bool,
+    cfg: LlamaConfig,
+    batch: int,
+    seq: int,
+    every: int | None = None,
 ) -> int:
     """Peak live bytes over two training steps (the second has optimizer states), as the engine runs them."""
     result = prepared(cfg, method, dtype)
     model = result.model
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    setup_activation_memory(model, checkpointing=checkpointing, every=every, offload=False, device="cpu")
     optimizer = torch.optim.AdamW(result.param_groups, lr=1e-3)
     ids, mask = padded_batch(batch, seq, cfg.vocab_size)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -187,6 +192,24 @@ def test_step_peak_within_15_percent_of_live_bytes(
     compute = 4 if dtype == torch.float32 else 2
     _, predicted = estimate(facts, regime(compute, checkpointing=checkpointing, seq=seq), batch)
     assert close(predicted, measured), (predicted, measured)
+
+
+@pytest.mark.slow  # three live-bytes training steps per case
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointing_one_layer_in_k_peak_within_15_percent_of_live_bytes(method: str, every: int) -> None:
+    """Checkpointed layers keep their input, the others everything: the plan follows the measured
+    peak as k changes (6 layers: k=2 checkpoints 3, k=3 checkpoints 2)."""
+    cfg, batch, seq = config(layers=6, vocab=1000), 2, 128
+    facts = model_facts(prepared(cfg, method, torch.float32).model, cfg)
+    measured, predicted = [], []
+    for k in (1, every, None):
+        measured.append(step_peak(method, torch.float32, k is not None, cfg, batch, seq, every=k))
+        ckpt = Regime("cpu", 4, False, "adamw", k is not None, True, seq, 1, checkpoint_every=k or 1)
+        predicted.append(estimate(facts, ckpt, batch)[1])
+    assert close(predicted[1], measured[1]), (predicted, measured)
+    # fewer checkpointed layers, more memory: in the measurement and in the plan alike
+    assert measured[0] < measured[1] < measured[2] and predicted[0] < predicted[1] < predicted[2]
 
 
 def test_checkpointing_cuts_predicted_activations(tiny_recipe) -> None:
@@ -278,3 +301,78 @@ def test_loss_transient_matches_the_loss_layer_alone(tiny_recipe, fused: bool, m
         loss.backward()
     measured, predicted = tracker.peak - before, logits_bytes(facts, inputs.regime, batch)
     assert close(predicted, measured), (predicted, measured)
+
+
+def planned_activations(plan) -> int:
+    return sum(v for k, v in plan.components.items() if k.startswith("activations"))
+
+
+def test_checkpoint_every_and_offload_shape_the_plan(tiny_recipe) -> None:
+    """Device activations grow as fewer layers are checkpointed and shrink with offload, whose bytes
+    appear as host memory; the recompute's FLOPs follow the checkpointed share of the layers."""
+    cfg = config(layers=8)
+    gpu = GPUS["a100-40gb"]
+
+    def plan(**training: object):
+        sets = {f"training__{k}": v for k, v in training.items()}
+        return plan_for(plan_inputs(tiny_recipe("lora", **sets), gpu, config=cfg), 8)
+
+    plain = plan()
+    every = {k: plan(gradient_checkpointing="true", checkpoint_every=k) for k in (1, 2, 4, 8)}
+    offload = {
+        k: plan(gradient_checkpointing="true", checkpoint_every=k, offload_activations="true") for k in (1, 2)
+    }
+    sizes = [planned_activations(every[k]) for k in (1, 2, 4, 8)] + [planned_activations(plain)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), sizes
+    assert every[1].components == plan(gradient_checkpointing="true").components  # k=1 is today's default
+    for k, off in offload.items():
+        assert planned_activations(off) < planned_activations(every[k])
+        assert (
+            off.host_bytes
+            == every[k].components["activations (layer inputs, checkpointed)"]
+            - off.components["activations (outside the layers)"]
+        )
+        assert off.peak_allocated < every[k].peak_allocated and every[k].host_bytes == 0
+    flops = [every[k].flops_per_token for k in (1, 2, 4, 8)] + [plain.flops_per_token]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == len(flops)
+
+
+def test_offload_changes_nothing_in_a_cpu_plan(tiny_recipe) -> None:
+    sets = {"training__gradient_checkpointing": "true"}
+    plain = plan_for(plan_inputs(tiny_recipe("lora", **sets), device="cpu"), 4)
+    offload = plan_for(
+        plan_inputs(tiny_recipe("lora", training__offload_activations="true", **sets), device="cpu"), 4
+    )
+    assert offload.components == plain.components and offload.host_bytes == 0
+    assert any("nothing moves" in note for note in offload.notes)
+
+
+def test_plan_command_shows_checkpoint_every_and_offload(tiny_recipe, tmp_path) -> None:
+    from tunelab.cli import app
+    from tunelab.recipe import dump_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_yaml(tiny_recipe("lora", training__gradient_checkpointing="true")), encoding="utf-8")
+    runner = CliRunner()
+    base = ["plan", str(path), "--gpu", "a100-40gb"]
+
+    def as_json(*sets: str) -> dict:
+        result = runner.invoke(app, [*base, "--json", *(x for s in sets for x in ("--set", s))])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    every, half = as_json(), as_json("training.checkpoint_every=2")
+    assert "activations (layers not checkpointed)" not in every["components_bytes"]
+    assert half["components_bytes"]["activations (layers not checkpointed)"] > 0
+    assert half["peak_allocated_bytes"] > every["peak_allocated_bytes"]
+    offloaded = as_json("training.checkpoint_every=2", "training.offload_activations=true")
+    assert offloaded["host_bytes"] > 0 and offloaded["peak_allocated_bytes"] < half["peak_allocated_bytes"]
+    table = runner.invoke(
+        app, [*base, "--set", "training.checkpoint_every=2", "--set", "training.offload_activations=true"]
+    )
+    assert "activations (layers not checkpointed)" in table.stdout
+    assert "host memory (offloaded layer inputs)" in table.stdout
+    refused = runner.invoke(
+        app, [*base, "--set", "training.gradient_checkpointing=false", "--set", "training.checkpoint_every=2"]
+    )
+    assert refused.exit_code == 2 and "set training.gradient_checkpointing: true" in refused.output

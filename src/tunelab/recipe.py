@@ -190,6 +190,17 @@ class TrainingSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="with gradient_checkpointing: checkpoint one decoder layer in k (layers 0, k, 2k, ...), "
+        "the others keep their activations; default every layer",
+    )
+    offload_activations: bool = Field(
+        False,
+        description="with gradient_checkpointing: keep the checkpointed layers' inputs in host memory "
+        "instead of on the GPU (copied out in forward, back in backward)",
+    )
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(
         None, ge=1, description="optimizer steps between evals; default once per epoch"
@@ -233,6 +244,28 @@ class TrainingSection(Section):
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             raise ValueError("give warmup_ratio or warmup_steps, not both. Choose one.")
         return self
+
+    @model_validator(mode="after")
+    def _activation_memory_needs_checkpointing(self) -> TrainingSection:
+        # they shape what checkpointing keeps; turning checkpointing on behind the user's back would
+        # make `gradient_checkpointing: false` mean two things
+        given = self._activation_settings()
+        if given and not self.gradient_checkpointing:
+            name, value = next(iter(given.items()))
+            raise ValueError(
+                f"{name}: {value} changes what gradient checkpointing keeps, but gradient_checkpointing "
+                "is false; set training.gradient_checkpointing: true"
+            )
+        return self
+
+    def _activation_settings(self) -> dict[str, Any]:
+        """checkpoint_every / offload_activations as given (empty when left at their defaults)."""
+        found: dict[str, Any] = {}
+        if self.checkpoint_every is not None:
+            found["checkpoint_every"] = self.checkpoint_every
+        if self.offload_activations:
+            found["offload_activations"] = "true"
+        return found
 
 
 class GateSection(Section):
@@ -350,6 +383,17 @@ class Recipe(Section):
             raise ValueError(
                 f"training.batch_size: auto sizes offline micro-batches; objective {self.objective.name} "
                 "batches rollouts, so give an integer"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _activation_memory_offline(self) -> Recipe:
+        given = self.training._activation_settings()
+        if given and OBJECTIVES.get(self.objective.name).impl.online:
+            name = next(iter(given))
+            raise ValueError(
+                f"training.{name}: objective {self.objective.name} runs its own rollout loop, which does not "
+                f"checkpoint activations; remove training.{name}"
             )
         return self
 

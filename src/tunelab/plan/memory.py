@@ -25,8 +25,11 @@ Assumptions, each a line in :func:`layer_bytes_per_token` or :func:`estimate`:
   block-diagonal mask) give the kernel a mask of ``b·s²`` elements, materialised per layer; the
   varlen kernels (``model.attention`` flash_attention_2 or flex_attention, as ``auto`` picks on
   CUDA) take none, and a packed micro-batch of ``b`` rows is ``b·s`` tokens like a padded one;
-- with gradient checkpointing (transformers' non-reentrant, per decoder layer) only each layer's
-  input is kept, and backward recomputes one layer at a time;
+- with gradient checkpointing (transformers' non-reentrant, per decoder layer) a checkpointed layer
+  keeps only its input, and backward recomputes one layer at a time; with ``checkpoint_every: k``
+  layers 0, k, 2k, ... (``ceil(L/k)`` of them) are checkpointed and the others keep everything;
+- ``offload_activations`` moves the checkpointed layers' inputs to host memory (reported as host
+  bytes, not device bytes); backward brings one back at a time. On a CPU run nothing moves;
 - the language-model loss upcasts the kept logits to fp32: at the start of backward the log-softmax
   output, its gradient and the gradient of the cross-entropy coexist (``12·k·V`` bytes for ``k``
   loss positions);
@@ -34,7 +37,8 @@ Assumptions, each a line in :func:`layer_bytes_per_token` or :func:`estimate`:
 
 Step time is FLOPs over an assumed fraction of the device's dense bf16 peak: ``6N`` per token for
 full fine-tuning, ``4N`` when base weights are frozen (no weight gradients), ``+2N`` to recompute
-the forward with checkpointing, plus causal attention ``6·L·h·s``.
+the forward of each checkpointed layer, plus causal attention ``6·L·h·s``. Offload's copies over
+the host link are not in the step time.
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ class Regime:
     seq_len: int
     grad_accum: int
     fused_loss: bool = False  # SFT's objective.fused_cross_entropy: no whole logits tensor
+    checkpoint_every: int = 1  # with checkpointing: layers 0, k, 2k, ... are checkpointed
+    offload: bool = False  # the checkpointed layers' inputs live in host memory (never on a CPU run)
 
 
 @dataclass
@@ -162,6 +168,8 @@ class MemoryPlan:
     step_time_s: float | None
     flops_per_token: float
     notes: list[str] = field(default_factory=list)
+    host_bytes: int = 0
+    """Activations offloaded to host memory (pinned RAM on CUDA), outside ``device_total``."""
 
     @property
     def fits(self) -> bool | None:
@@ -182,6 +190,7 @@ class MemoryPlan:
             "step_time_s": self.step_time_s,
             "flops_per_token": self.flops_per_token,
             "notes": self.notes,
+            "host_bytes": self.host_bytes,
         }
 
 
@@ -354,8 +363,22 @@ def logits_bytes(facts: ModelFacts, regime: Regime, batch: int) -> int:
     return 12 * chunk * vocab + 2 * tokens * hidden * regime.compute_bytes + head
 
 
+def checkpointed_layers(layers: int, regime: Regime) -> int:
+    """How many decoder layers run under the checkpoint: layers 0, k, 2k, ... (transformers'
+    ``every_n_layers``), none without checkpointing."""
+    return math.ceil(layers / regime.checkpoint_every) if regime.checkpointing else 0
+
+
+def offloaded_bytes(facts: ModelFacts, regime: Regime, batch: int) -> int:
+    """Host memory the offloaded layer inputs take for one micro-batch (0 without offload)."""
+    if not regime.offload:
+        return 0
+    tokens = batch * regime.seq_len
+    return checkpointed_layers(facts.arch.layers, regime) * tokens * regime.compute_bytes * facts.arch.hidden
+
+
 def activation_terms(facts: ModelFacts, regime: Regime, batch: int) -> dict[str, int]:
-    """Saved activations of one micro-batch, and the larger of the backward transients."""
+    """Saved activations of one micro-batch on the device, and the larger of the backward transients."""
     arch, tokens = facts.arch, batch * regime.seq_len
     per_layer = sum(layer_bytes_per_token(facts, regime).values()) * tokens
     # outside the layers: final norm (fp32 upcast), rotary cos/sin, ids/masks; the head keeps its
@@ -363,15 +386,24 @@ def activation_terms(facts: ModelFacts, regime: Regime, batch: int) -> dict[str,
     outside = tokens * (4 * arch.hidden + 2 * regime.compute_bytes * arch.head_dim + 32)
     if facts.head_trains:
         outside += tokens * regime.compute_bytes * arch.hidden
-    if regime.checkpointing:
-        kept = arch.layers * tokens * regime.compute_bytes * arch.hidden + outside
-        # recomputing one layer in backward holds its activations plus two hidden-state gradients
-        transient = max(logits_bytes(facts, regime, batch), per_layer + 2 * tokens * 4 * arch.hidden)
-        return {"activations (layer inputs, checkpointed)": int(kept), "backward transient": int(transient)}
-    return {
-        "activations (saved for backward)": int(arch.layers * per_layer + outside),
-        "backward transient": int(logits_bytes(facts, regime, batch)),
-    }
+    if not regime.checkpointing:
+        return {
+            "activations (saved for backward)": int(arch.layers * per_layer + outside),
+            "backward transient": int(logits_bytes(facts, regime, batch)),
+        }
+    checkpointed = checkpointed_layers(arch.layers, regime)
+    layer_input = tokens * regime.compute_bytes * arch.hidden
+    terms: dict[str, int] = {}
+    if regime.offload:  # the inputs are in host memory; backward brings one back to recompute it
+        terms["activations (outside the layers)"] = int(outside)
+    else:
+        terms["activations (layer inputs, checkpointed)"] = int(checkpointed * layer_input + outside)
+    if checkpointed < arch.layers:
+        terms["activations (layers not checkpointed)"] = int((arch.layers - checkpointed) * per_layer)
+    # recomputing one layer in backward holds its activations plus two hidden-state gradients
+    recompute = per_layer + 2 * tokens * 4 * arch.hidden + (layer_input if regime.offload else 0)
+    terms["backward transient"] = int(max(logits_bytes(facts, regime, batch), recompute))
+    return terms
 
 
 # ---------------------------------------------------------------- states and the peak
@@ -424,8 +456,8 @@ def flops_per_token(facts: ModelFacts, regime: Regime) -> float:
     head = 2 * arch.hidden * arch.vocab
     base_trains = any(x.trains for x in facts.linears.values())
     passes = 3 if base_trains else 2
-    if regime.checkpointing:
-        passes += 1
+    # each checkpointed layer runs its forward a second time in backward
+    passes += checkpointed_layers(arch.layers, regime) / arch.layers
     attention = 2 * arch.layers * arch.hidden * regime.seq_len  # QK^T and AV, causal half, forward
     return passes * 2 * facts.matmul_params + 3 * head + (passes * attention)
 
@@ -481,7 +513,11 @@ def plan_inputs(
         seq_len=recipe.data.max_length,
         grad_accum=recipe.training.grad_accum,
         fused_loss=bool(getattr(recipe.objective, "fused_cross_entropy", False)),
+        checkpoint_every=recipe.training.checkpoint_every or 1,
+        offload=recipe.training.offload_activations and device != "cpu",
     )
+    if recipe.training.offload_activations and device == "cpu":
+        notes.append("offload_activations: a CPU run keeps activations in host memory anyway; nothing moves")
     if not facts.llama_shaped:
         notes.append(
             "activation terms assume a Llama-shaped layer (q/k/v/o, gate/up/down); this model differs"
@@ -550,6 +586,7 @@ def plan_for(inputs: PlanInputs, micro_batch: int) -> MemoryPlan:
         step_time_s=step_time,
         flops_per_token=per_token,
         notes=list(inputs.notes),
+        host_bytes=offloaded_bytes(inputs.facts, inputs.regime, micro_batch),
     )
 
 
@@ -612,6 +649,8 @@ def plan_table(plan: MemoryPlan, largest: int | None) -> Any:
             f"device memory (×{FIT_HEADROOM} headroom)",
             styled(f"{gib(plan.capacity * FIT_HEADROOM)} ", "") + verdict,
         )
+    if plan.host_bytes:
+        table.add_row("host memory (offloaded layer inputs)", gib(plan.host_bytes))
     if largest is not None:
         table.add_row("largest micro-batch that fits", str(largest))
     if plan.step_time_s is not None:

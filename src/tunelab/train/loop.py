@@ -25,6 +25,7 @@ from tunelab.recipe import Recipe
 from tunelab.runs.manifest import update_manifest
 from tunelab.runs.rundir import RunDir
 from tunelab.train import distributed
+from tunelab.train.activations import setup_activation_memory
 from tunelab.train.checkpoint import (
     capture_rng,
     collect_checkpoint,
@@ -181,23 +182,28 @@ class Trainer:
         self.hooks = prepared.hooks
         for key, value in prepared.notes.items():
             self.console.print(labelled("note", f"{key}: {value}"))
-        if recipe.training.gradient_checkpointing:
-            # transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old name
-            # warns there); 5.17, the oldest version tunelab supports, has only the old name
-            enable = getattr(prepared.model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                prepared.model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            if hasattr(prepared.model, "enable_input_require_grads"):
-                prepared.model.enable_input_require_grads()
+        self._setup_activations(prepared.model, device)
         self._report_fast_path(prepared.model, attention, packing)
         if packing:
             self._pack(prepared.model, flat=attention in VARLEN_ATTENTION)
         self.trainable, self.total_params = count_parameters(prepared.model)
         return prepared
+
+    def _setup_activations(self, model: Any, device: str) -> None:
+        """Checkpointing (one decoder layer in ``checkpoint_every``) and activation offload, said on
+        the console when on and recorded in the manifest either way."""
+        training = self.recipe.training
+        self.activations = setup_activation_memory(
+            model,
+            checkpointing=training.gradient_checkpointing,
+            every=training.checkpoint_every,
+            offload=training.offload_activations,
+            device=device,
+        )
+        if self.activations.checkpointed:
+            self.console.print(Text(self.activations.describe()))
+        if self.writes and self.run.manifest_path.exists():
+            update_manifest(self.run.manifest_path, activation_memory=self.activations.manifest())
 
     def _setup_optimization(self, prepared: Prepared) -> None:
         """Batch size (``auto`` probed now), sharding, optimizer, schedule, accelerate wrapping, EWC."""
