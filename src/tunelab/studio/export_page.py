@@ -42,7 +42,7 @@ def kind_args(kind: str) -> list[str]:
         return ["--adapter"]
     if kind.startswith("gguf:") and kind[5:] in GGUF_TYPES:
         return ["--gguf", kind[5:]]
-    raise ValueError(f"kind: '{kind}' is not one of merged, adapter, gguf:TYPE ({', '.join(GGUF_TYPES)})")
+    raise ValueError(f"kind: {kind} is not one of merged, adapter, gguf:TYPE ({', '.join(GGUF_TYPES)})")
 
 
 def default_out(runs_dir: Path, run: str, kind: str) -> Path:
@@ -66,7 +66,7 @@ def start_export(runs_dir: Path, processes: dict, fields: dict[str, str]) -> str
     """Check the form and start the export process; its job name. ValueError says what to fix."""
     run, kind = fields.get("run", "").strip(), fields.get("kind", "").strip()
     if not valid_name(run) or not (runs_dir / run / "final").is_dir():
-        raise ValueError(f"run: '{run}' is not a finished run in {runs_dir} (no final/)")
+        raise ValueError(f"run: {run} is not a finished run in {runs_dir} (no final/)")
     args = kind_args(kind)
     out = Path(fields.get("out", "").strip() or default_out(runs_dir, run, kind)).expanduser()
     if out.exists():
@@ -122,9 +122,23 @@ def gate_rows(verification: dict[str, Any]) -> list[dict[str, Any]]:
             "check": name, "run": a, "export": b,
             "delta": None if a is None or b is None else b - a,
             "ci": f"[{lo:+.4f}, {hi:+.4f}]" if name == main else "",
-            "limit": check["limit"], "passed": check["passed"], "message": check.get("message", ""),
+            "limit": limit_text(name, check["limit"]), "passed": check["passed"], "message": check.get("message", ""),
         })  # fmt: skip
     return rows
+
+
+LIMIT_FORMS = {"perplexity": "ratio ≤ {:.3f}", "stop_share": "drop ≤ {:.2f}"}
+
+
+def limit_text(name: str, limit: Any) -> str:
+    """The limit as ``export`` prints it: a minimum agreement, a maximum ratio or drop, or its own words."""
+    if isinstance(limit, str):
+        return limit
+    if limit is None:
+        return "—"
+    if name.endswith("_agreement"):
+        return f"≥ {limit:.2f}"
+    return LIMIT_FORMS.get(name, "drop ≤ {:.3f}").format(abs(limit))
 
 
 def register(app: FastAPI) -> None:
