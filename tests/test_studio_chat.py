@@ -128,3 +128,14 @@ def test_base_and_tuned_share_one_engine_and_the_adapter_answers(bot_runs):
     cache = client.app.state.chat.models
     assert len(cache.engines) == 1  # base, yes-bot and no-bot: one engine, one copy of the weights
     assert set(next(iter(cache.engines.values())).adapters) == {"yes-bot", "no-bot"}
+
+
+def test_readme_and_studio_doc_images_exist():
+    """Every image the README and docs/studio.md show is a file in the checkout (`make studio-shots`)."""
+    root = Path(__file__).parents[1]
+    for doc in (root / "README.md", root / "docs" / "studio.md"):
+        links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8"))
+        assert links, f"{doc.name} shows no image"
+        for link in links:
+            assert (doc.parent / link).is_file(), f"{doc.name}: {link} does not exist"
+    assert "docs/studio/chat.png" in (root / "README.md").read_text(encoding="utf-8")

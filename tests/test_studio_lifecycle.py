@@ -117,7 +117,7 @@ def _chat_step(page, studio: str) -> None:
     assert "life" in page.inner_text("#answer-b-footer .answer-meta")
     page.click("#answer-a-footer .thumb-up")
     page.locator("#answer-a-footer", has_text="recorded: thumbs up").wait_for()
-    shot(page, "chat")
+    shot(page, "chat", at="#prompt")  # the prompt, the settings and both answers
     assert serious_violations(page) == []
 
 
@@ -171,14 +171,18 @@ def test_chat_form_by_keyboard_alone(studio, served, page):
 
 def test_export_form_by_keyboard_alone(studio, served, page):
     runs = served[1]
-    (runs / "hollow" / "final").mkdir(parents=True)  # finished on paper, but nothing in final/ to export
+    (runs / "hollow" / "final").mkdir(parents=True)
     (runs / "hollow" / "manifest.json").write_text('{"status": "completed"}', encoding="utf-8")
+    (runs / "exports" / "taken").mkdir(parents=True)
     page.goto(studio + "/export?run=hollow")
     focus_by_tab(page, "export-kind")
     page.keyboard.press("ArrowDown")  # merged -> adapter
     assert page.input_value("#export-kind") == "adapter"
+    focus_by_tab(page, "export-out")
+    page.keyboard.type(str(runs / "exports" / "taken"))
     focus_by_tab(page, "export-button")
     page.keyboard.press("Enter")
-    page.locator("#export-result .error").wait_for(timeout=120_000)
-    assert "export failed:" in page.inner_text("#export-result")  # the process's own last line
+    page.locator("#export-result .error").wait_for()
+    assert "taken already exists; choose a new folder" in page.inner_text("#export-result")
+    assert not (runs / ".studio" / "export").exists()  # refused before any process started
     assert serious_violations(page) == []

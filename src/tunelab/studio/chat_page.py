@@ -206,6 +206,7 @@ async def answer_events(
     yield sse("status", _fragment("_chat_note.html", note=f"{target.variant}: answering…"))
     async for event in _generate(state, engine, adapter, target.variant, exchange, answer_id):
         yield event
+    yield sse("status", "")  # the footer says how the answer ended
     yield sse("done", "")
 
 

@@ -160,8 +160,8 @@ def register(app: FastAPI) -> None:
         state = request.app.state
         try:
             name = start_export(state.runs_dir, state.processes, await form_fields(request))
-        except ValueError as e:
-            return page("_error.html", message=str(e))
+        except ValueError as e:  # shown in the result section, which stays the form's target
+            return page("_export.html", result={"state": "refused", "reason": str(e)})
         return page("_export.html", result=export_result(state.runs_dir, name, state.processes))
 
     @app.get("/export/job/{name}")
