@@ -184,5 +184,5 @@ def test_export_form_by_keyboard_alone(studio, served, page):
     page.keyboard.press("Enter")
     page.locator("#export-result .error").wait_for()
     assert "taken already exists; choose a new folder" in page.inner_text("#export-result")
-    assert not (runs / ".studio" / "export").exists()  # refused before any process started
+    assert not (runs / ".studio" / "export" / "taken.json").exists()  # refused: no process started
     assert serious_violations(page) == []

@@ -80,8 +80,9 @@ class ChatState:
         try:
             with open(self.log_dir / REQUESTS_LOG, encoding="utf-8") as f:
                 for line in f:
-                    if f'"{answer_id}"' in line:
-                        return json.loads(line).get("variant")
+                    record = json.loads(line) if f'"{answer_id}"' in line else {}
+                    if record.get("id") == answer_id:
+                        return record.get("variant")
         except (OSError, ValueError):
             return None
         return None
