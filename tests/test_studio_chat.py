@@ -111,6 +111,8 @@ def test_thumbs_on_two_answers_become_a_dpo_pair(tmp_path, other_tiny):
     again = TestClient(create_app(runs))  # a restarted studio finds an earlier answer in the log
     assert "thumbs up" in again.post("/chat/feedback", data={"id": f"{exchange}-b", "score": "1"}).text
     assert "no answer with id" in again.post("/chat/feedback", data={"id": "nope-a", "score": "1"}).text
+    refused = again.post("/chat/feedback", data={"id": f"{exchange}-b", "score": "5"}).text
+    assert "score: 5 is not 1 (thumbs up) or -1 (thumbs down)" in refused
 
 
 @pytest.mark.slow

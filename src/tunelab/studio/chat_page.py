@@ -152,9 +152,8 @@ def register(app: FastAPI) -> None:
     @app.get("/chat/stream/{exchange_id}/{side}")
     async def chat_stream(request: Request, exchange_id: str, side: str):
         state: ChatState = request.app.state.chat
-        exchange = state.pending.pop(
-            (exchange_id, side), None
-        )  # one stream per column: a reconnect ends at once
+        # One stream per column: a reconnecting EventSource finds nothing pending and ends at once.
+        exchange = state.pending.pop((exchange_id, side), None)
         events = answer_events(state, exchange, f"{exchange_id}-{side}", side)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -165,8 +164,10 @@ def register(app: FastAPI) -> None:
         state: ChatState = request.app.state.chat
         fields = await form_fields(request)
         answer_id, score = fields.get("id", ""), fields.get("score", "")
+        if score not in ("1", "-1"):
+            return page("_error.html", message=f"score: {score} is not 1 (thumbs up) or -1 (thumbs down)")
         variant = state.variant_of(answer_id)
-        if variant is None or score not in ("1", "-1"):
+        if variant is None:
             return page("_error.html", message=f"no answer with id {answer_id} in {state.log_dir}")
         state.log.feedback(id=answer_id, alias=None, variant=variant, score=float(score))
         return page("_saved_note.html", note=f"recorded: thumbs {'up' if score == '1' else 'down'}")
