@@ -65,7 +65,7 @@ test-all: setup gguf chromium
 # write into a temporary folder (a test session may not change the checkout), copied here after they pass.
 studio-shots: setup chromium
 	rm -rf $(TMPDIR_SHOTS) && mkdir -p $(TMPDIR_SHOTS) docs/studio
-	TUNELAB_STUDIO_SHOTS=$(TMPDIR_SHOTS) $(PY) -m pytest -q tests/test_studio_browser.py
+	TUNELAB_STUDIO_SHOTS=$(TMPDIR_SHOTS) $(PY) -m pytest -q tests/test_studio_browser.py tests/test_studio_lifecycle.py
 	cp $(TMPDIR_SHOTS)/*.png docs/studio/
 
 lint: setup

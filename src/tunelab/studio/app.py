@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from tunelab.studio import data_page, eval_page, recipe_page, runs_page, train_page
+from tunelab.studio import chat_page, data_page, eval_page, export_page, recipe_page, runs_page, train_page
 from tunelab.studio.render import STATIC, page
 
 KEY_COOKIE = "tunelab_studio_key"
@@ -34,6 +34,8 @@ def create_app(runs_dir: str | Path = "runs", *, api_key: str | None = None) -> 
     train_page.register(app)
     runs_page.register(app)
     eval_page.register(app)
+    chat_page.register(app)
+    export_page.register(app)
     return app
 
 
