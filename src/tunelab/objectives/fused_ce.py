@@ -100,6 +100,21 @@ def fused_linear_cross_entropy_sum(
     return loss, (shifted_labels != IGNORE_INDEX).sum()
 
 
+def liger_linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_linear_cross_entropy_sum` computed by Liger's Triton kernel (CUDA only), taken when
+    ``training.kernels`` resolves to liger: the same sum, in one fused GPU kernel instead of chunks."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # optional: tunelab[kernels]
+
+    shifted_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(
+        -1
+    )
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_fn(weight, flat_hidden, shifted_labels), (shifted_labels != IGNORE_INDEX).sum()
+
+
 def fused_ce_problem(model: nn.Module) -> str | None:
     """Why the fused loss cannot run on ``model`` (None when it can)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
