@@ -140,9 +140,13 @@ def liger_apply_function(model: nn.Module) -> Any:
     return getattr(module, f"apply_liger_kernel_to_{model_type}", None)
 
 
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def liger_problem(model: nn.Module, device: str) -> str | None:
     """Why Liger's kernels cannot run on ``model`` here (None when they can)."""
-    if importlib.util.find_spec("liger_kernel") is None:
+    if not liger_installed():
         return "liger-kernel is not installed (pip install 'tunelab[kernels]')"
     kind = torch.device(device).type
     if kind != "cuda":
