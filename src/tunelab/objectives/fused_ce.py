@@ -5,11 +5,13 @@ For a 128k-vocabulary model at 8 × 2048 tokens, the fp32 logits and their log-s
 time — logits of the chunk, log-sum-exp, and at once the gradients with respect to the chunk's hidden
 states and the output projection — so only [chunk × vocab] is alive at any moment and backward has
 nothing left to recompute. It is the approach of Liger's ``FusedLinearCrossEntropy``; written here in
-plain PyTorch because Liger is a CUDA/Triton package (not installable on CPU, so untestable in CI) and
-the math needs no custom kernel to remove the memory.
+plain PyTorch because Liger's kernels are Triton GPU kernels (Liger installs on CPU, but its kernels do
+not run there, so CI could not test them) and the math needs no custom kernel to remove the memory.
 
 Used by the SFT objective when ``objective.fused_cross_entropy: true``; equal to the plain path in
-loss and gradients (tests), not yet measured for speed on a GPU (benchmarks/RESULTS.md).
+loss and gradients (tests), not yet measured for speed on a GPU (benchmarks/RESULTS.md). When
+``training.kernels`` resolves to liger, Liger's own kernel (:func:`liger_linear_cross_entropy_sum`)
+computes the same sum instead (docs/training.md).
 """
 
 from __future__ import annotations
