@@ -146,11 +146,11 @@ def liger_installed() -> bool:
 
 def liger_problem(model: nn.Module, device: str) -> str | None:
     """Why Liger's kernels cannot run on ``model`` here (None when they can)."""
+    kind = torch.device(device).type
+    if kind != "cuda":  # first: off a GPU, installing Liger would not help
+        return f"no CUDA device (Liger's kernels are Triton GPU kernels; this run is on {kind})"
     if not liger_installed():
         return "liger-kernel is not installed (pip install 'tunelab[kernels]')"
-    kind = torch.device(device).type
-    if kind != "cuda":
-        return f"no CUDA device (Liger's kernels are Triton GPU kernels; this run is on {kind})"
     try:
         apply = liger_apply_function(model)
     except ImportError as err:  # e.g. a Triton that does not match the installed torch
