@@ -89,6 +89,7 @@ def test_compiled_run_reports_what_it_compiled_and_what_it_cost(recipe_for, monk
     text = log.getvalue()
     assert "compile: 2 decoder layers (LlamaDecoderLayer) compiled in place" in text
     assert "compile: first step took" in text
+    assert "s of the run went to compiling (first step" in text
     entry = json.loads((result.run_dir / "manifest.json").read_text())["compile"]
     assert entry["layers"] == 2 and entry["layer_types"] == ["LlamaDecoderLayer"]
     assert entry["first_step_s"] > 0 and entry["median_step_s"] > 0 and "compile_overhead_s" in entry
@@ -102,6 +103,10 @@ def test_compile_cost_is_the_time_beyond_the_median_step():
     summary = compiled.summary()
     assert summary["first_step_s"] == 30.0 and summary["median_step_s"] == 1.0
     assert summary["compile_overhead_s"] == pytest.approx(29.2)  # 29 + 0.2 beyond the median step
+    assert compiled.final_line() == (
+        "compile: about 29.2 s of the run went to compiling (first step 30.0 s, median step 1.00 s)"
+    )
+    assert CompiledLayers(2, ["LlamaDecoderLayer"]).final_line() is None  # no step yet: nothing to say
 
 
 def test_model_without_a_layer_list_is_refused():

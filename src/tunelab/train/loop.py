@@ -551,6 +551,9 @@ class Trainer:
                 progress.update(self.state.step, info)
         if self.compiled is not None:
             self._record_in_manifest(compile=self.compiled.summary())
+            line = self.compiled.final_line()
+            if line:
+                self.console.print(Text(line))
         if self.state.stopped_early:
             self.console.print(
                 Text(

@@ -88,6 +88,16 @@ class CompiledLayers:
             return f"compile: first step took {seconds:.1f} s (compiling included)"
         return None
 
+    def final_line(self) -> str | None:
+        """The cost in one line at the end of training (None before two steps: no median to compare)."""
+        entry = self.summary()
+        if "compile_overhead_s" not in entry:
+            return None
+        return (
+            f"compile: about {entry['compile_overhead_s']:.1f} s of the run went to compiling "
+            f"(first step {entry['first_step_s']:.1f} s, median step {entry['median_step_s']:.2f} s)"
+        )
+
     def summary(self) -> dict[str, Any]:
         """For the manifest: compile overhead = the time all steps took beyond the median step's
         (recompiles for new shapes included), an estimate that is exact when steps are alike."""
