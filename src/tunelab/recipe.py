@@ -201,6 +201,16 @@ class TrainingSection(Section):
         description="with gradient_checkpointing: keep the checkpointed layers' inputs in host memory "
         "instead of on the GPU (copied out in forward, back in backward)",
     )
+    compile: bool = Field(
+        False,
+        description="regional torch.compile: each decoder layer compiled in place after the method and "
+        "checkpointing (one compile per layer type); the first step's extra time is reported",
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy): auto = "
+        "liger when liger-kernel is installed, the device is CUDA and the model type is supported",
+    )
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(
         None, ge=1, description="optimizer steps between evals; default once per epoch"
@@ -430,6 +440,30 @@ class Recipe(Section):
             self.model.attention, device_type, packing=packs and self.data.packing is not False, fp32=fp32
         )
         return attention, packing_in_effect(self.data.packing, packs, attention)
+
+    @model_validator(mode="after")
+    def _fast_path_fits(self) -> Recipe:
+        training, online = self.training, OBJECTIVES.get(self.objective.name).impl.online
+        asked = [
+            f"training.{k}"
+            for k, on in (
+                ("compile: true", training.compile),
+                ("kernels: liger", training.kernels == "liger"),
+            )
+            if on
+        ]
+        if asked and online:
+            raise ValueError(
+                f"{' and '.join(asked)}: objective {self.objective.name} generates rollouts, and the fast path "
+                "covers offline training only; remove the setting"
+            )
+        strategy = training.distributed.strategy
+        if training.compile and strategy in ("fsdp", "deepspeed"):
+            raise ValueError(
+                f"training.compile: not supported with distributed strategy {strategy} yet (the layers would "
+                "be compiled before sharding); set training.compile: false or use ddp"
+            )
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """Plain dict with every default filled in, as written to the run directory."""

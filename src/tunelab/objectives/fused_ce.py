@@ -5,11 +5,13 @@ For a 128k-vocabulary model at 8 × 2048 tokens, the fp32 logits and their log-s
 time — logits of the chunk, log-sum-exp, and at once the gradients with respect to the chunk's hidden
 states and the output projection — so only [chunk × vocab] is alive at any moment and backward has
 nothing left to recompute. It is the approach of Liger's ``FusedLinearCrossEntropy``; written here in
-plain PyTorch because Liger is a CUDA/Triton package (not installable on CPU, so untestable in CI) and
-the math needs no custom kernel to remove the memory.
+plain PyTorch because Liger's kernels are Triton GPU kernels (Liger installs on CPU, but its kernels do
+not run there, so CI could not test them) and the math needs no custom kernel to remove the memory.
 
 Used by the SFT objective when ``objective.fused_cross_entropy: true``; equal to the plain path in
-loss and gradients (tests), not yet measured for speed on a GPU (benchmarks/RESULTS.md).
+loss and gradients (tests), not yet measured for speed on a GPU (benchmarks/RESULTS.md). When
+``training.kernels`` resolves to liger, Liger's own kernel (:func:`liger_linear_cross_entropy_sum`)
+computes the same sum instead (docs/training.md).
 """
 
 from __future__ import annotations
@@ -98,6 +100,21 @@ def fused_linear_cross_entropy_sum(
     chunk = chunk_tokens or chunk_tokens_for(flat_hidden.size(0), weight.size(1), weight.size(0))
     loss = _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, shifted_labels, chunk)
     return loss, (shifted_labels != IGNORE_INDEX).sum()
+
+
+def liger_linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_linear_cross_entropy_sum` computed by Liger's Triton kernel (CUDA only), taken when
+    ``training.kernels`` resolves to liger: the same sum, in one fused GPU kernel instead of chunks."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # optional: tunelab[kernels]
+
+    shifted_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(
+        -1
+    )
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_fn(weight, flat_hidden, shifted_labels), (shifted_labels != IGNORE_INDEX).sum()
 
 
 def fused_ce_problem(model: nn.Module) -> str | None:

@@ -12,7 +12,12 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.packing import collate_packed
 from tunelab.data.templates import IGNORE_INDEX, TemplateError, encode_conversation, encode_text
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
-from tunelab.objectives.fused_ce import decoder_and_head, fused_ce_problem, fused_linear_cross_entropy_sum
+from tunelab.objectives.fused_ce import (
+    decoder_and_head,
+    fused_ce_problem,
+    fused_linear_cross_entropy_sum,
+    liger_linear_cross_entropy_sum,
+)
 from tunelab.objectives.losses import causal_lm_loss_sum
 
 
@@ -41,6 +46,18 @@ class SftObjective(BaseObjective):
         self.max_length = getattr(data_cfg, "max_length", None)
         self.train_on_reasoning = getattr(data_cfg, "train_on_reasoning", True)
         self.padding_side = "left"
+        self.liger_cross_entropy = False  # set by use_liger_cross_entropy when training.kernels is liger
+
+    def use_liger_cross_entropy(self, model: nn.Module) -> str:
+        """``training.kernels`` resolved to liger: the loss goes through Liger's fused linear
+        cross-entropy kernel where the model allows a fused loss. It wins over
+        ``objective.fused_cross_entropy`` (the same sum in chunked PyTorch): one fused loss runs, and on
+        a GPU with Liger installed the Triton kernel is the faster one. Returns the loss in effect."""
+        problem = fused_ce_problem(model)
+        if problem is not None:
+            return f"loss from full logits (Liger's fused linear cross-entropy cannot apply: {problem})"
+        self.liger_cross_entropy = True
+        return "loss by Liger's fused linear cross-entropy"
 
     def adapt_to(self, model: nn.Module) -> None:
         """Virtual-token methods get right padding (called once the method has shaped the model)."""
@@ -99,15 +116,25 @@ class SftObjective(BaseObjective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        if self.config.fused_cross_entropy:
-            self._refuse_fused_ce_on(model)  # the engine may have wrapped the model since adapt_to
+        fused = self._fused_loss(model)
+        if fused is not None:
             hidden, labels = causal_lm_hidden(model, batch)
             _, head = decoder_and_head(model)
-            loss_sum, count = fused_linear_cross_entropy_sum(hidden, head.weight, labels)
+            loss_sum, count = fused(hidden, head.weight, labels)
             return LossOutput(loss_sum, count, {})
         logits, labels = causal_lm_forward(model, batch)
         loss_sum, count = causal_lm_loss_sum(logits, labels)
         return LossOutput(loss_sum, count, {})
+
+    def _fused_loss(self, model: nn.Module) -> Any:
+        """Liger's kernel, tunelab's chunked loss, or None (logits); the engine may have wrapped the
+        model since adapt_to (DDP), so whether a fused loss can run is checked again here."""
+        if self.liger_cross_entropy and fused_ce_problem(model) is None:
+            return liger_linear_cross_entropy_sum
+        if self.config.fused_cross_entropy:
+            self._refuse_fused_ce_on(model)
+            return fused_linear_cross_entropy_sum
+        return None
 
 
 def loss_window(labels: torch.Tensor) -> int:

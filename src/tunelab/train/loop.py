@@ -59,6 +59,13 @@ from tunelab.train.oom import (
 )
 from tunelab.train.preflight import run_preflight
 from tunelab.train.progress import StepProgress
+from tunelab.train.speed import (
+    CompiledLayers,
+    KernelChoice,
+    apply_liger,
+    choose_kernels,
+    compile_decoder_layers,
+)
 from tunelab.train.tracking import Tracking
 
 
@@ -172,6 +179,8 @@ class Trainer:
         recipe = self.recipe
         attention, packing = recipe.fast_path(torch.device(device).type)  # refuses a kernel that cannot run
         model = load_base_model(recipe, device, self.objective.model_kind, self.objective.model_kwargs())
+        # kernels before the method: Liger patches the transformers modules, LoRA then wraps their linears
+        self.kernels = self._apply_kernels(model, device)
         self.method = METHODS.get(recipe.method.name).impl
         prepared = apply_method(self.method, recipe, model)
         self.objective.adapt_to(prepared.model)
@@ -186,6 +195,10 @@ class Trainer:
         self._report_fast_path(prepared.model, attention, packing)
         if packing:
             self._pack(prepared.model, flat=attention in VARLEN_ATTENTION)
+        if self.kernels.name == "liger" and hasattr(self.objective, "use_liger_cross_entropy"):
+            self.console.print(Text(f"kernels: {self.objective.use_liger_cross_entropy(prepared.model)}"))
+        # compile last: the layers it compiles are the ones the method and checkpointing have shaped
+        self.compiled = self._compile(prepared.model, device) if recipe.training.compile else None
         self.trainable, self.total_params = count_parameters(prepared.model)
         return prepared
 
@@ -202,8 +215,28 @@ class Trainer:
         )
         if self.activations.checkpointed:
             self.console.print(Text(self.activations.describe()))
+        self._record_in_manifest(activation_memory=self.activations.manifest())
+
+    def _apply_kernels(self, model: Any, device: str) -> KernelChoice:
+        """``training.kernels``: Liger's kernels where they apply (said on the console and in the manifest)."""
+        choice = choose_kernels(self.recipe.training.kernels, model, device)
+        if choice.name == "liger":
+            applied = apply_liger(model)
+            self.console.print(Text(f"kernels: liger ({', '.join(applied)}) on {type(model).__name__}"))
+        elif self.recipe.training.kernels == "auto":
+            self.console.print(labelled("note", f"kernels: none ({choice.reason})"))
+        self._record_in_manifest(kernels=choice.manifest())
+        return choice
+
+    def _compile(self, model: Any, device: str) -> CompiledLayers:
+        compiled = compile_decoder_layers(model, device)
+        self.console.print(Text(compiled.describe()))
+        self._record_in_manifest(compile=compiled.summary())
+        return compiled
+
+    def _record_in_manifest(self, **fields: Any) -> None:
         if self.writes and self.run.manifest_path.exists():
-            update_manifest(self.run.manifest_path, activation_memory=self.activations.manifest())
+            update_manifest(self.run.manifest_path, **fields)
 
     def _setup_optimization(self, prepared: Prepared) -> None:
         """Batch size (``auto`` probed now), sharding, optimizer, schedule, accelerate wrapping, EWC."""
@@ -532,7 +565,9 @@ class Trainer:
         cfg = self.recipe.training
         with StepProgress(self.console, "train", self.steps, self.state.step, cfg.log_every) as progress:
             while self.state.step < self.steps and not self.state.stopped_early:
+                step_started = time.perf_counter()
                 row = self.train_step()
+                self._time_compiled_step(time.perf_counter() - step_started)
                 losses.append(row["loss"])
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 row["tokens_per_s"] = (self.state.tokens_seen - tokens_at_start) / elapsed
@@ -544,6 +579,11 @@ class Trainer:
                 if evaluation:
                     info += f"  eval_loss {evaluation['eval_loss']:.4f}"
                 progress.update(self.state.step, info)
+        if self.compiled is not None:
+            self._record_in_manifest(compile=self.compiled.summary())
+            line = self.compiled.final_line()
+            if line:
+                self.console.print(Text(line))
         if self.state.stopped_early:
             self.console.print(
                 Text(
@@ -553,6 +593,14 @@ class Trainer:
                 )
             )
         return losses
+
+    def _time_compiled_step(self, seconds: float) -> None:
+        """With training.compile, each step's time: the first one's extra time is the compile cost."""
+        if self.compiled is None:
+            return
+        line = self.compiled.record_step(seconds)
+        if line:
+            self.console.print(Text(line))
 
     def save_final(self) -> Path:
         """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
