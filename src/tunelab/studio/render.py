@@ -23,7 +23,14 @@ ENV = Environment(
 )
 
 # The pages in the nav, in lifecycle order: (path, label).
-NAV = [("/", "Home"), ("/data", "Data"), ("/recipe", "Recipe"), ("/train", "Train"), ("/runs", "Runs")]
+NAV = [
+    ("/", "Home"),
+    ("/data", "Data"),
+    ("/recipe", "Recipe"),
+    ("/train", "Train"),
+    ("/runs", "Runs"),
+    ("/eval", "Evaluate"),
+]
 
 
 def page(template: str, *, active: str = "", status_code: int = 200, **context: Any) -> HTMLResponse:
