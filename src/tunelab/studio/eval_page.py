@@ -229,8 +229,8 @@ def register_page(app: FastAPI) -> None:
         state = request.app.state
         try:
             wanted = parse_request(await form_fields(request))
-        except ValueError as e:
-            return page("_error.html", message=str(e))
+        except ValueError as e:  # shown in the result's place, nothing started
+            return _fragment({"state": "refused", "reason": str(e)}, "/eval")
         job_id = page_job_id(state.runs_dir, wanted)
         out = state.runs_dir / jobs.STUDIO_DIR / PAGE_JOBS / job_id
         start_eval(state.runs_dir, state.processes, f"{PAGE_JOBS}/{job_id}", wanted, out)
@@ -259,11 +259,12 @@ def register_run_section(app: FastAPI) -> None:
     async def run_eval_start(request: Request, name: str):
         state = request.app.state
         if not valid_name(name) or not (state.runs_dir / name / "final").is_dir():
-            return page("_error.html", message=f"{name}: only a finished run (with final/) can be evaluated")
+            reason = f"{name}: only a finished run (with final/) can be evaluated"
+            return _fragment({"state": "refused", "reason": reason}, f"/train/{name}/eval")
         try:
             wanted = parse_request(await form_fields(request), tuned=str(state.runs_dir / name))
         except ValueError as e:
-            return page("_error.html", message=str(e))
+            return _fragment({"state": "refused", "reason": str(e)}, f"/train/{name}/eval")
         start_eval(state.runs_dir, state.processes, f"eval/{name}", wanted, None)
         return _fragment({"state": "running", "tail": []}, f"/train/{name}/eval")
 

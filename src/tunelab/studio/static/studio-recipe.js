@@ -5,7 +5,12 @@
   function showInline() {
     document.querySelectorAll(".field-error").forEach(function (p) {
       const input = document.getElementById(p.dataset.for);
-      if (input) input.removeAttribute("aria-invalid");
+      if (input) {
+        input.removeAttribute("aria-invalid");
+        const rest = (input.getAttribute("aria-describedby") || "").split(" ").filter((id) => id && id !== p.id);
+        if (rest.length) input.setAttribute("aria-describedby", rest.join(" "));
+        else input.removeAttribute("aria-describedby");
+      }
       p.remove();
     });
     document.querySelectorAll("#problems li[data-path]").forEach(function (item) {
@@ -18,7 +23,8 @@
       p.textContent = item.textContent.replace(/^bad /, "");
       input.insertAdjacentElement("afterend", p);
       input.setAttribute("aria-invalid", "true");
-      input.setAttribute("aria-errormessage", p.id);
+      const described = (input.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+      input.setAttribute("aria-describedby", described.concat([p.id]).join(" "));  // read with the field
       const details = input.closest("details");
       if (details) details.open = true;
     });
