@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunelab.data.templates import split_prompt_answer
-from tunelab.evaluate.metrics import normalise_answer
-from tunelab.evaluate.run import EvalResult, EvalTask
+if TYPE_CHECKING:  # reading and filtering the file (the studio) must not import torch
+    from tunelab.evaluate.run import EvalResult, EvalTask
 
 
 def example_inputs(task: EvalTask) -> tuple[list[str], list[str]]:
     """Each example's input and reference as text, whatever the task's kind."""
+    from tunelab.data.templates import split_prompt_answer  # noqa: PLC0415
+
     if task.kind == "lm":
         split = [split_prompt_answer(c) for c in task.conversations]
         return [_messages_text(prompt) for prompt, _ in split], [gold for _, gold in split]
@@ -63,6 +64,8 @@ def model_answers(result: EvalResult, task: EvalTask, i: int) -> dict[str, Any]:
 
 def prediction_rows(task: EvalTask, results: list[tuple[str, EvalResult]]) -> list[dict[str, Any]]:
     """``results``: (role, result) in the eval's order; the last one (or ``tuned``) is the judged model."""
+    from tunelab.evaluate.metrics import normalise_answer  # noqa: PLC0415
+
     inputs, references = example_inputs(task)
     judged = dict(results).get("tuned", results[-1][1])
     rows = []
