@@ -373,6 +373,8 @@ def test_eval_request_becomes_the_cli_arguments_and_bad_counts_are_refused(tmp_p
     ]
     with pytest.raises(ValueError, match="max examples: 'five' is not a whole number"):
         parse_request(fields | {"max_examples": "five"})
+    with pytest.raises(ValueError, match="base model: '--gate=x' starts with '-'"):
+        parse_request(fields | {"base": "--gate=x"})
     client = TestClient(create_app(tmp_path / "runs"))
     refused = client.post("/eval", data=fields | {"forgetting_n": "0"}).text
     assert "general texts: &#39;0&#39; is not a whole number" in refused

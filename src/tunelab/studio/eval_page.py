@@ -78,6 +78,9 @@ def parse_request(fields: dict[str, str], tuned: str | None = None) -> EvalReque
     tuned = tuned if tuned is not None else fields.get("tuned", "").strip()
     if not base or not tuned or not data:
         raise ValueError("give the base model, the tuned model and an eval data file")
+    for label, value in (("base model", base), ("tuned model", tuned), ("eval data", data)):
+        if value.startswith("-"):  # it would reach `tunelab eval` as an option, not a value
+            raise ValueError(f"{label}: {value!r} starts with '-'; give a model spec or path (./{value})")
     return EvalRequest(
         base,
         tuned,
