@@ -344,6 +344,31 @@ def test_eval_page_shows_probes_and_filters_predictions_to_disagreements(tmp_pat
     assert "no eval named" in client.get("/eval/nope").text
 
 
+def test_prediction_rows_put_every_models_answer_and_correctness_side_by_side():
+    from tunelab.evaluate.predictions import prediction_rows
+    from tunelab.evaluate.run import EvalResult, EvalTask
+
+    chats = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in (("say hi", "hi"), ("say bye", "bye"))
+    ]
+    task = EvalTask("lm", "d.jsonl", conversations=chats)  # no labels: exact match judges
+    base = EvalResult("tiny:llama", 2, 1.0, 1.0, None, 0.0, None, generations=["hi", "hello"])
+    base.per_example = {"exact_match": [1.0, 0.0]}
+    tuned = EvalResult("runs/r", 2, 1.0, 1.0, None, 1.0, None, generations=["hi", "bye"])
+    tuned.per_example = {"exact_match": [1.0, 1.0]}
+    rows = prediction_rows(task, [("base", base), ("tuned", tuned)])
+    assert [(r["input"], r["reference"]) for r in rows] == [("say hi", "hi"), ("say bye", "bye")]
+    assert rows[1]["models"]["base"] == {
+        "name": "tiny:llama",
+        "generated": "hello",
+        "answer": "hello",
+        "correct": False,
+    }
+    assert rows[1]["models"]["tuned"]["correct"] is True and rows[1]["generated"] == "bye"  # judged: tuned
+    assert [disagrees(r) for r in rows] == [False, True]
+
+
 def test_eval_request_becomes_the_cli_arguments_and_bad_counts_are_refused(tmp_path):
     fields = {
         "base": "tiny:llama",
