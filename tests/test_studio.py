@@ -6,9 +6,12 @@ import json
 import re
 import subprocess
 import sys
+from html import unescape
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from tunelab.studio.app import create_app
@@ -136,6 +139,116 @@ def test_recipe_check_gives_recipe_checks_messages(client, data_file):
     form["training.learning_rate"] = "1e-3"
     html = client.post("/recipe/check", data=form).text
     assert 'id="recipe-ok"' in html and "learning_rate: 0.001" in html
+
+
+class FormValues(HTMLParser):
+    """What a browser submits for ``<form id=FORM_ID>``: named inputs (ticked checkboxes only), selects."""
+
+    def __init__(self, form_id: str) -> None:
+        super().__init__()
+        self.form_id, self.inside, self.values = form_id, False, {}
+        self.select: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form":
+            self.inside = a.get("id") == self.form_id
+        if not self.inside or "name" not in a and tag != "option":
+            return
+        if tag == "input" and (a.get("type") != "checkbox" or "checked" in a):
+            self.values[a["name"]] = a.get("value", "on")
+        elif tag == "select":
+            self.select = a["name"]
+        elif tag == "option" and self.select and ("selected" in a or self.select not in self.values):
+            self.values[self.select] = a.get("value", "")
+
+    def handle_endtag(self, tag):
+        if tag == "select":
+            self.select = None
+        elif tag == "form":
+            self.inside = False
+
+
+def submitted(html: str, form_id: str = "recipe") -> dict[str, str]:
+    parser = FormValues(form_id)
+    parser.feed(html)
+    return parser.values
+
+
+def test_nested_sections_are_sub_fieldsets_with_an_enable_box_when_optional(client, data_file):
+    html = client.get("/recipe").text
+    for name in (
+        "training.early_stopping.patience",
+        "data.split.eval_ratio",
+        "training.ewc.lambda",
+        "training.distributed.fsdp.sharding",
+        "eval.max_new_tokens",
+        "export.verify_n",
+        "seed",
+    ):
+        assert f'name="{name}"' in html
+    for optional in ("training.early_stopping", "data.split", "training.ewc", "data.replay"):
+        assert f'name="enable.{optional}">' in html  # unticked by default
+    assert 'name="enable.training.distributed"' not in html  # always there: no box
+    form = submitted(html) | {"model.name_or_path": "tiny:llama", "data.train": str(data_file)}
+    checked = client.post("/recipe/check", data=form | {"training.ewc.lambda": "-5"}).text
+    assert 'id="recipe-ok"' in checked and "ewc: null" in checked  # unticked: left out, bad value or not
+    checked = client.post("/recipe/check", data=form | {"enable.training.ewc": "on"}).text
+    assert "training.ewc.previous_data: required field is missing" in checked  # ticked: checked
+
+
+def test_recipe_with_early_stopping_and_split_round_trips_through_the_form(client, data_file, tmp_path):
+    from tunelab.recipe import dump_yaml, load_recipe
+
+    raw = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {
+            "train": str(data_file),
+            "split": {"eval_ratio": 0.25, "by": "random", "seed": 7},
+            "columns": {"instruction": "question"},
+        },
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "training": {
+            "max_steps": 5,
+            "early_stopping": {"metric": "eval_loss", "patience": 2, "min_delta": 0.01},
+            "distributed": {"fsdp": {"sharding": "grad_op"}, "deepspeed": {"zero_stage": 3}},
+        },
+    }
+    path = tmp_path / "es.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    html = client.get("/recipe", params={"load": str(path)}).text
+    values = submitted(html)
+    assert (
+        values["enable.training.early_stopping"] == "on" and values["training.early_stopping.patience"] == "2"
+    )
+    assert values["enable.data.split"] == "on" and values["data.split.seed"] == "7"
+    assert "enable.training.ewc" not in values
+    checked = client.post("/recipe/check", data=values).text
+    shown = checked.split('<pre id="yaml" tabindex="0">')[1].split("</pre>")[0]
+    assert unescape(shown) == dump_yaml(load_recipe(path))  # the same YAML, nested and YAML-only settings too
+
+
+def test_an_invalid_nested_value_is_reported_as_recipe_check_reports_it(client, data_file):
+    from tunelab.recipe import RecipeError, parse_recipe
+
+    form = submitted(client.get("/recipe").text) | {"data.train": str(data_file)}
+    form |= {"enable.training.early_stopping": "on", "training.early_stopping.patience": "0"}
+    html = client.post("/recipe/check", data=form).text
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(
+            {
+                "model": {"name_or_path": "tiny:llama"},
+                "data": {"train": str(data_file)},
+                "method": {"name": "lora"},
+                "training": {"early_stopping": {"patience": 0}},
+            }
+        )
+    [problem] = err.value.problems
+    assert problem.startswith("training.early_stopping.patience: ")
+    assert (
+        f'<li data-path="training.early_stopping.patience"><strong>bad</strong> studio form: {problem}</li>'
+        in html
+    )
 
 
 def test_recipe_check_reports_a_missing_data_file(client, tmp_path):

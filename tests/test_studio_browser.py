@@ -281,3 +281,135 @@ def test_finished_run_page_shows_the_before_after_eval(studio, served, page):
     assert page.inner_text("#status-word") == "completed"
     shot(page, "evaluate", at="#eval")
     assert serious_violations(page) == []
+
+
+WALK_JS = """(form) => {
+  const el = document.activeElement;
+  if (!el || el === document.body) return null;
+  const style = getComputedStyle(el);
+  const labelled = !['INPUT', 'SELECT', 'TEXTAREA'].includes(el.tagName) || el.type === 'hidden'
+    || (el.labels && el.labels.length > 0 && el.labels[0].textContent.trim() !== '') || el.getAttribute('aria-label');
+  return {key: el.id || el.name || el.tagName + ':' + el.textContent.trim().slice(0, 40),
+          inside: !!el.closest(form), outlined: style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0,
+          labelled: !!labelled};
+}"""
+
+CONTROLS_JS = """(form) => [...document.querySelector(form).querySelectorAll('input, select, button, textarea, summary, a[href]')]
+  .filter(el => el.type !== 'hidden' && !el.disabled && el.checkVisibility())
+  .map(el => el.id || el.name || el.tagName + ':' + el.textContent.trim().slice(0, 40))"""
+
+
+def tab_through(page, form: str, limit: int = 600) -> list[str]:
+    """Tab from the top of the page through ``form``: every visible control in it must take the focus,
+    show a focus outline and (inputs, selects) have a label. Returns the keys in Tab order."""
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    seen: list[str] = []
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(WALK_JS, form)
+        if focused is None or not focused["inside"]:
+            if seen:
+                break
+            continue
+        assert focused["outlined"], f"{focused['key']}: no visible focus outline"
+        assert focused["labelled"], f"{focused['key']}: no label"
+        seen.append(focused["key"])
+    missing = [key for key in page.evaluate(CONTROLS_JS, form) if key not in seen]
+    assert not missing, f"not reachable with Tab in {form}: {missing}"
+    return seen
+
+
+def test_every_form_is_reachable_labelled_and_outlined_by_keyboard(studio, served, page):
+    from test_studio_train import fake_run
+
+    fake_run(served[1], "kb-run", "completed", "lora", 1.0)
+    for url, form in (
+        ("/data", "#data-form"),
+        ("/recipe", "#recipe"),
+        ("/recipe", "#load-form"),
+        ("/train", "#train-form"),
+        ("/runs", "#runs-filter"),
+        ("/eval", "#eval-form"),
+    ):
+        page.goto(studio + url)
+        assert tab_through(page, form), f"{url} {form}: nothing took the focus"
+        assert serious_violations(page) == [], url
+
+
+def test_recipe_nested_section_by_keyboard_shows_its_error_inline(studio, page, data_file):
+    page.goto(studio + "/recipe")
+    focus_by_tab(page, "f-model-name_or_path")
+    page.keyboard.type("tiny:llama")
+    focus_by_tab(page, "f-data-train")
+    page.keyboard.type(str(data_file))
+    summary = "#section-training-early_stopping > summary"
+    page.focus(summary)  # then the keyboard alone: Space opens it, Space ticks the box, type, Enter
+    page.keyboard.press("Space")
+    assert page.locator("#section-training-early_stopping").get_attribute("open") is not None
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "section-training-early_stopping-on"
+    page.keyboard.press("Space")
+    focus_by_tab(page, "f-training-early_stopping-patience")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("0")
+    page.keyboard.press("Enter")  # submits the form: the check
+    error = page.locator("#f-training-early_stopping-patience-error")
+    error.wait_for()
+    assert (
+        "training.early_stopping.patience: Input should be greater than or equal to 1" in error.inner_text()
+    )
+    assert page.get_attribute("#f-training-early_stopping-patience", "aria-invalid") == "true"
+    page.keyboard.press("Control+A")
+    page.keyboard.type("2")
+    page.keyboard.press("Enter")
+    page.locator("#recipe-ok").wait_for()
+    assert "patience: 2" in page.inner_text("#yaml") and error.count() == 0
+    focus_by_tab(page, "save-button", limit=600)
+    page.keyboard.press("Enter")
+    page.locator("#saved", has_text=".yaml").wait_for()
+    shot(page, "recipe-nested", at="#section-training-early_stopping")
+    assert serious_violations(page) == []
+
+
+def test_train_form_by_keyboard_shows_a_bad_recipes_problem(studio, page, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: tiny:llama}\nmethod: {name: lora}\ndata: {}\n", encoding="utf-8")
+    page.goto(studio + "/train")
+    focus_by_tab(page, "recipe-path")
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(bad))
+    focus_by_tab(page, "start-button")
+    page.keyboard.press("Enter")
+    page.locator("#train-result", has_text="data").wait_for()
+    assert "bad" in page.inner_text("#train-result")
+
+
+def test_eval_form_by_keyboard_and_the_disagreement_filter(studio, served, page):
+    from test_studio_train import PAYLOAD, fake_page_eval
+
+    page.goto(studio + "/eval")
+    for field, text in (
+        ("eval-base", "tiny:llama"),
+        ("eval-tuned", "kb/none"),
+        ("eval-data", "d.jsonl"),
+        ("eval-max", "five"),
+    ):
+        focus_by_tab(page, field)
+        page.keyboard.type(text)
+    page.keyboard.press("Enter")
+    page.locator("#eval-result", has_text="max examples").wait_for()
+    assert "'five' is not a whole number" in page.inner_text("#eval-result")
+    fake_page_eval(served[1], "kb-vs-base", PAYLOAD)
+    page.goto(studio + "/eval/kb-vs-base")
+    page.locator("#predictions-table").wait_for()
+    assert page.locator("tr.prediction").count() == 3
+    focus_by_tab(page, "only-disagreements")
+    page.keyboard.press("Space")
+    page.wait_for_function("document.querySelectorAll('tr.prediction').length === 2")
+    assert "2 of 3 example(s), disagreements only" in page.inner_text("#predictions-count")
+    assert "say hi" not in page.inner_text("#predictions-table")
+    assert page.evaluate("document.activeElement.id") == "only-disagreements"  # focus stays on the box
+    page.keyboard.press("Space")
+    page.wait_for_function("document.querySelectorAll('tr.prediction').length === 3")
+    shot(page, "evaluate-page", at="#eval-table")
+    assert serious_violations(page) == []

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from markupsafe import escape
 
+from tunelab.evaluate.predictions import disagrees, read_prediction_rows
 from tunelab.studio import jobs
 from tunelab.studio.app import create_app
+from tunelab.studio.eval_page import parse_request
 from tunelab.studio.live import MetricsTail, sse
 
 DATA = Path(__file__).parents[1] / "recipes" / "data"
@@ -255,6 +258,198 @@ def test_before_after_eval_of_a_finished_run(tmp_path):
     assert "Evaluating" in client.post("/train/ev/eval", data={"base": "tiny:llama", "data": data}).text
     html = wait_for(lambda: "eval-table" in (t := client.get("/train/ev/eval").text) and t, 180, "the eval")
     assert "tiny:llama (base)" in html and "(tuned)" in html and "95% paired bootstrap CI" in html
+
+
+PREDICTIONS = [  # base and tuned agree on 0; 1: one right, one wrong; 2: both wrong, different answers
+    {
+        "index": 0,
+        "input": "say hi",
+        "reference": "hi",
+        "models": {"base": {"answer": "hi", "correct": True}, "tuned": {"answer": "hi", "correct": True}},
+    },
+    {
+        "index": 1,
+        "input": "say <bye>",
+        "reference": "bye",
+        "models": {
+            "base": {"answer": "hello", "correct": False},
+            "tuned": {"answer": "bye", "correct": True},
+        },
+    },
+    {
+        "index": 2,
+        "input": "count",
+        "reference": "one two",
+        "models": {
+            "base": {"answer": "three", "correct": False},
+            "tuned": {"answer": "four", "correct": False},
+        },
+    },
+]
+
+
+def fake_page_eval(runs: Path, job_id: str, payload: dict) -> None:
+    """What an Evaluate-page eval leaves on disk once done: its request, report and predictions."""
+    folder = runs / jobs.STUDIO_DIR / "eval" / "compare"
+    (folder / job_id).mkdir(parents=True)
+    (folder / job_id / "report.json").write_text(json.dumps(payload), encoding="utf-8")
+    predictions = folder / f"{job_id}.predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in PREDICTIONS), encoding="utf-8")
+    request = {"base": "tiny:llama", "tuned": "r", "data": "d.jsonl"}
+    record = {
+        "request": request,
+        "report": str(folder / job_id),
+        "predictions": str(predictions),
+        "started": 1,
+    }
+    (folder / f"{job_id}.request.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def test_eval_page_shows_probes_and_filters_predictions_to_disagreements(tmp_path):
+    runs = tmp_path / "runs"
+    payload = PAYLOAD | {
+        "forgetting": {
+            "source": "general",
+            "n_texts": 4,
+            "n_tokens": 99,
+            "base": "tiny:llama",
+            "tuned": "r",
+            "base_perplexity": 10.0,
+            "tuned_perplexity": 12.5,
+            "regression": 0.25,
+            "regression_pct": 25.0,
+            "ci95": [0.1, 0.4],
+        },
+        "robustness": {
+            "metric": "accuracy",
+            "seed": 0,
+            "clean": {"tiny:llama": 0.25, "r": 0.75},
+            "perturbations": {
+                "typos": {"tiny:llama": {"value": 0.25, "drop": 0.0}, "r": {"value": 0.5, "drop": 0.25}}
+            },
+        },
+    }
+    fake_page_eval(runs, "r-vs-tiny-llama", payload)
+    client = TestClient(create_app(runs))
+    assert "r-vs-tiny-llama" in client.get("/eval").text  # listed among earlier evals
+    html = client.get("/eval/r-vs-tiny-llama/result").text
+    assert "<td>10</td><td>12.5</td><td>+25.0% (worse)</td><td>[+0.1000, +0.4000]</td>" in html
+    assert '<th scope="row">typos</th><td>0.25</td><td>+0.0000</td><td>0.5</td><td>+0.2500</td>' in html
+    assert "3 of 3 example(s)" in html and "Only disagreements (2 of 3" in html
+    assert "<code>say &lt;bye&gt;</code>" in html  # user text shown as written, escaped
+    only = client.get("/eval/r-vs-tiny-llama/result", params={"only": "disagreements"}).text
+    assert "2 of 3 example(s), disagreements only" in only
+    assert "say hi" not in only and "say &lt;bye&gt;" in only and "<code>count</code>" in only
+    assert only.count('class="prediction disagreement"') == 2
+    assert "no eval named" in client.get("/eval/nope").text
+
+
+def test_prediction_rows_put_every_models_answer_and_correctness_side_by_side():
+    from tunelab.evaluate.predictions import prediction_rows
+    from tunelab.evaluate.run import EvalResult, EvalTask
+
+    chats = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in (("say hi", "hi"), ("say bye", "bye"))
+    ]
+    task = EvalTask("lm", "d.jsonl", conversations=chats)  # no labels: exact match judges
+    base = EvalResult("tiny:llama", 2, 1.0, 1.0, None, 0.0, None, generations=["hi", "hello"])
+    base.per_example = {"exact_match": [1.0, 0.0]}
+    tuned = EvalResult("runs/r", 2, 1.0, 1.0, None, 1.0, None, generations=["hi", "bye"])
+    tuned.per_example = {"exact_match": [1.0, 1.0]}
+    rows = prediction_rows(task, [("base", base), ("tuned", tuned)])
+    assert [(r["input"], r["reference"]) for r in rows] == [("say hi", "hi"), ("say bye", "bye")]
+    assert rows[1]["models"]["base"] == {
+        "name": "tiny:llama",
+        "generated": "hello",
+        "answer": "hello",
+        "correct": False,
+    }
+    assert rows[1]["models"]["tuned"]["correct"] is True and rows[1]["generated"] == "bye"  # judged: tuned
+    assert [disagrees(r) for r in rows] == [False, True]
+
+
+def test_eval_request_becomes_the_cli_arguments_and_bad_counts_are_refused(tmp_path):
+    fields = {
+        "base": "tiny:llama",
+        "tuned": "runs/r",
+        "data": "d.jsonl",
+        "max_examples": "5",
+        "forgetting": "on",
+        "forgetting_n": "8",
+        "robustness": "on",
+    }
+    args = parse_request(fields).args(None, tmp_path / "p.jsonl")
+    assert args == [
+        "eval",
+        "--compare",
+        "tiny:llama",
+        "runs/r",
+        "--data",
+        "d.jsonl",
+        "--max-examples",
+        "5",
+        "--forgetting",
+        "--forgetting-n",
+        "8",
+        "--robustness",
+        "--predictions",
+        str(tmp_path / "p.jsonl"),
+    ]
+    with pytest.raises(ValueError, match="max examples: 'five' is not a whole number"):
+        parse_request(fields | {"max_examples": "five"})
+    with pytest.raises(ValueError, match="base model: '--gate=x' starts with '-'"):
+        parse_request(fields | {"base": "--gate=x"})
+    client = TestClient(create_app(tmp_path / "runs"))
+    refused = client.post("/eval", data=fields | {"forgetting_n": "0"}).text
+    assert "general texts: &#39;0&#39; is not a whole number" in refused
+    assert not (tmp_path / "runs" / jobs.STUDIO_DIR).exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_evaluate_page_runs_forgetting_robustness_and_lists_predictions(tmp_path):
+    runs = tmp_path / "runs"
+    client = TestClient(create_app(runs))
+    client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 2)), "name": "ev"})
+    wait_for(lambda: jobs.run_state(runs, "ev", client.app.state.processes).finished, 120, "training")
+    assert f'<option value="{runs / "ev"}">finished run</option>' in client.get("/eval").text
+    fields = {
+        "base": "tiny:llama",
+        "tuned": str(runs / "ev"),
+        "data": str(DATA / "tiny_eval.jsonl"),
+        "max_examples": "4",
+        "forgetting": "on",
+        "forgetting_n": "4",
+        "robustness": "on",
+    }
+    assert "Evaluating" in client.post("/eval", data=fields).text
+    url = "/eval/ev-vs-tiny-llama/result"
+    html = wait_for(lambda: "eval-table" in (t := client.get(url).text) and t, 300, "the eval")
+    folder = runs / jobs.STUDIO_DIR / "eval" / "compare"
+    assert (folder / "ev-vs-tiny-llama" / "report.json").is_file()  # the CLI's own report
+    rows = read_prediction_rows(folder / "ev-vs-tiny-llama.predictions.jsonl")
+    assert [r["reference"] for r in rows] == [
+        "The cow is white.",
+        "The cow is blue.",
+        *[r["reference"] for r in rows[2:]],
+    ]
+    assert len(rows) == 4 and "4 of 4 example(s)" in html
+    for row in rows:  # each example's input, reference and both answers, as the file has them
+        for text in (
+            row["input"],
+            row["reference"],
+            row["models"]["base"]["answer"],
+            row["models"]["tuned"]["answer"],
+        ):
+            assert f"<code>{escape(text)}</code>" in html
+    assert "Forgetting: perplexity on general text" in html and "4 texts" in html
+    assert all(
+        f'<th scope="row">{p}</th>' in html for p in ("clean", "typos", "casing", "whitespace", "distractors")
+    )
+    only = client.get(url, params={"only": "disagreements"}).text
+    n = sum(disagrees(r) for r in rows)
+    assert f"{n} of 4 example(s), disagreements only" in only and only.count('class="prediction') == n
+    assert "eval-table" in TestClient(create_app(runs)).get(url).text  # a restarted studio still shows it
 
 
 def test_stop_never_signals_the_pid_of_a_finished_run(tmp_path):

@@ -28,6 +28,7 @@ from tunelab.data.templates import render, select_template, split_prompt_answer
 from tunelab.evaluate.engines import is_gguf_spec
 from tunelab.evaluate.forgetting import DEFAULT_N, DEFAULT_SOURCE, default_general_texts, load_general_texts
 from tunelab.evaluate.gate import check_gate, gate_values
+from tunelab.evaluate.predictions import prediction_rows, write_prediction_rows
 from tunelab.evaluate.probes import BiasProbe, SafetyClassifier, bias_report, load_bias_probe, safety_report
 from tunelab.evaluate.robustness import PERTURBATIONS, perturb_conversations, perturb_text, robustness_report
 from tunelab.evaluate.run import (
@@ -38,7 +39,6 @@ from tunelab.evaluate.run import (
     load_for_eval,
     load_task,
     run_meta,
-    write_predictions,
 )
 from tunelab.models.llamacpp import MISSING_MESSAGE
 from tunelab.recipe import GateSection
@@ -166,7 +166,7 @@ class EvalPlan:
     safety_threshold: float = 0.5
     bias_probe: str | None = None
     gate: GateSection | None = None
-    predictions: Path | None = None  # per-example JSONL of the judged model (language-model tasks)
+    predictions: Path | None = None  # per-example JSONL: every model's answer (evaluate/predictions.py)
 
 
 @dataclass
@@ -214,6 +214,9 @@ def evaluate_models(
             spec, role, task, plan, general, probe, models, name=names[role], console=console
         )
     payload = build_payload(models, names, task, measured, plan)
+    if plan.predictions is not None:  # every model's answer per example, side by side
+        rows = prediction_rows(task, [(role, measured[role].result) for role, _ in models])
+        write_prediction_rows(plan.predictions, rows)
     if general is not None:
         payload["forgetting"] = _forgetting_block(models, measured, general, source, plan, console)
     skipped = _skipped_probes(task, plan, probe, general)
@@ -266,8 +269,6 @@ def measure_model(
     kwargs = {"max_new_tokens": plan.max_new_tokens, "batch_size": plan.batch_size, "console": console}
     result = evaluate_task(model, tokenizer, task, name=name, reference=reference, **kwargs)
     out = Measured(result)
-    if plan.predictions is not None and role != "base" and task.kind == "lm":
-        write_predictions(plan.predictions, task.conversations, result)
     if plan.robustness and task.kind in ("lm", "classify"):
         for pert in PERTURBATIONS:
             scored = evaluate_task(

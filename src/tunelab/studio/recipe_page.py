@@ -13,10 +13,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from tunelab.recipe import RecipeError, dump_yaml, missing_files, parse_recipe
+from tunelab.recipe import RecipeError, dump_yaml, load_recipe, missing_files, parse_recipe
 from tunelab.studio.forms import form_fields
 from tunelab.studio.render import page
-from tunelab.studio.schema import DEFAULT_METHOD, DEFAULT_OBJECTIVE, raw_recipe, recipe_form
+from tunelab.studio.schema import DEFAULT_METHOD, DEFAULT_OBJECTIVE, form_values, raw_recipe, recipe_form
 
 SOURCE = "studio form"  # names the recipe in its problems, as recipe check names the file
 
@@ -52,9 +52,8 @@ def recommendations(values: dict[str, str]) -> dict[str, Any]:
         raise ValueError("model.name_or_path: give a model first; the suggestions depend on its size")
     method = values.get("method.name", DEFAULT_METHOD)
     params = count_params(model)
-    shown = {
-        f.name for s in recipe_form(method, values.get("objective.name", DEFAULT_OBJECTIVE)) for f in s.fields
-    }
+    sections = recipe_form(method, values.get("objective.name", DEFAULT_OBJECTIVE))
+    shown = {f.name for top in sections for s in top.walk() for f in s.fields}
     recs = [
         {"field": r.field, "value": _text(r.value), "rule": r.rule, "in_form": r.field in shown}
         for r in recommend(params, method)
@@ -96,7 +95,16 @@ def register(app: FastAPI) -> None:
 
     @app.get("/recipe")
     async def recipe(request: Request):
-        return _form_page(dict(request.query_params))
+        values = dict(request.query_params)
+        if values.get("load"):  # a recipe file into the form: every setting, nested ones included
+            try:
+                values = form_values(load_recipe(Path(values["load"]), check_files=False).resolved()) | {
+                    "load": values["load"]
+                }
+            except (RecipeError, OSError) as e:
+                message = f"bad {e.source}: {'; '.join(e.problems)}" if isinstance(e, RecipeError) else str(e)
+                return page("error.html", status_code=400, message=" ".join(message.split()))
+        return _form_page(values)
 
     @app.post("/recipe/form")  # method or objective changed: their fields change
     async def recipe_form_fragment(request: Request):

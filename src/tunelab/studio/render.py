@@ -29,6 +29,7 @@ NAV = [
     ("/recipe", "Recipe"),
     ("/train", "Train"),
     ("/runs", "Runs"),
+    ("/eval", "Evaluate"),
     ("/chat", "Chat"),
     ("/export", "Export"),
 ]
