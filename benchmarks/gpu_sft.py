@@ -68,7 +68,7 @@ LEVERS: dict[str, tuple[str, ...]] = {
     "tunelab-ckpt2": ("training.checkpoint_every=2",),
 }
 CONTENDERS = ("trl-default", "trl-best", *LEVERS, "unsloth")
-PLAN_CHECKS = (("1b", "lora"), ("1b", "full"), ("8b", "qlora"))
+PLAN_CHECKS = "1b-lora,1b-full,8b-qlora"
 LORA = {"r": 16, "alpha": 32}
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED = 0
@@ -497,23 +497,20 @@ def run_child(
     cmd: list[str], *, timeout: float, env: dict[str, str], log: Path | None = None
 ) -> dict[str, Any]:
     """Run one child; its last JSON line is the row. Past ``timeout`` seconds the child's whole process
-    group is killed (compile workers and dataloaders included) and the row says so."""
+    group is killed (compile workers and dataloaders included) and, unless it had printed its row
+    already (a measurement that finished, in a process slow to exit), the row says it timed out."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
+        failed = {"status": f"crashed (exit {proc.returncode}): {stderr.strip()[-300:]}"}
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        row = {"status": f"timed out after {timeout:g} s"}
-    else:
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
-        row = (
-            json.loads(lines[-1])
-            if lines
-            else {"status": f"crashed (exit {proc.returncode}): {stderr.strip()[-300:]}"}
-        )
+        failed = {"status": f"timed out after {timeout:g} s"}
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    row = json.loads(lines[-1]) if lines else failed
     if log is not None:
         log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", encoding="utf-8")
     return row
@@ -525,7 +522,7 @@ def spawn(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     log = None
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-        log = Path(args.log_dir) / f"{workdir.name}-{task}.log"
+        log = Path(args.log_dir) / f"{args.shape}-{args.method}-{task}.log"
     return run_child(cmd, timeout=args.timeout, env=env, log=log)
 
 
@@ -621,6 +618,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plan-check", action="store_true", help="predicted vs measured peak for the benchmark configs"
     )
     parser.add_argument(
+        "--plan-configs",
+        default=PLAN_CHECKS,
+        help=f"shape-method pairs the plan check measures on CUDA (default {PLAN_CHECKS})",
+    )
+    parser.add_argument(
         "--cpu-shape",
         choices=["smollm2"],
         help="run on this CPU with this shape: TRL default vs tunelab (and tunelab-packed), minutes-long sizes",
@@ -658,29 +660,46 @@ def with_mode_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def run_contenders(args: argparse.Namespace, root: Path, console: Any) -> dict[str, Any]:
-    workdir = root / f"{args.shape}-{args.method}"
+def prepared(args: argparse.Namespace, root: Path, console: Any) -> Path:
+    """The shape's model and data under ``root/<shape>``, written once: a later call (the plan check
+    after the table, with the same ``--workdir``) reuses them when shape and data sizes match."""
+    workdir = root / args.shape
     workdir.mkdir(parents=True, exist_ok=True)
-    console.print("data and model:", json.dumps(spawn("prepare", args, workdir)))
+    key = {"shape": args.shape, "examples": args.examples, "max_length": args.max_length, "seed": SEED}
+    marker = workdir / "prepared.json"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        console.print(f"data and model: reused from {workdir}")
+        return workdir
+    started = time.perf_counter()
+    out = spawn("prepare", args, workdir)
+    console.print(f"data and model ({time.perf_counter() - started:.0f} s):", json.dumps(out))
+    if "median_length" in out:
+        marker.write_text(json.dumps({"key": key, **out}))
+    return workdir
+
+
+def run_contenders(args: argparse.Namespace, root: Path, console: Any) -> dict[str, Any]:
+    workdir = prepared(args, root, console)
     tflops = spawn("peak", args, workdir).get("tflops") if args.device == "cuda" else None
     results = {}
     for name in (n.strip() for n in args.contenders.split(",")):
-        console.print(f"running {name} …")
+        started = time.perf_counter()
         results[name] = spawn(name, args, workdir)
-        console.print(f"{name}: {json.dumps(results[name])}")
+        console.print(f"{name} ({time.perf_counter() - started:.0f} s): {json.dumps(results[name])}")
     console.print(contender_table(results, args, tflops))
     return {"tflops": tflops, "rows": results}
 
 
 def run_plan_checks(args: argparse.Namespace, root: Path, console: Any) -> dict[str, Any]:
     rows = []
-    for shape, method in PLAN_CHECKS if args.device == "cuda" else ((args.shape, "lora"),):
+    configs = [tuple(c.strip().split("-")) for c in args.plan_configs.split(",")]
+    for shape, method in configs if args.device == "cuda" else [(args.shape, "lora")]:
         sub = argparse.Namespace(**vars(args) | {"shape": shape, "method": method, "steps": 3})
-        workdir = root / f"{shape}-{method}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        console.print(f"plan check {shape} {method}: preparing", json.dumps(spawn("prepare", sub, workdir)))
+        workdir = prepared(sub, root, console)
         name = f"{shape} {method}, b={args.micro_batch}, s={args.max_length}"
+        started = time.perf_counter()
         rows.append((name, spawn("plan-check", sub, workdir)))
+        console.print(f"plan check {name} ({time.perf_counter() - started:.0f} s): {json.dumps(rows[-1][1])}")
     console.print(plan_check_table(rows))
     return {"rows": dict(rows)}
 

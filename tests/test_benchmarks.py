@@ -91,6 +91,13 @@ def test_run_child_timeout_is_a_row_and_kills_the_process_group(tmp_path: Path):
         time.sleep(0.1)
     else:
         pytest.fail(f"grandchild {grandchild} survived the timeout")
+    # a child that printed its row and then hangs on exit measured fine: the row stands
+    slow_exit = [
+        sys.executable,
+        "-c",
+        'import time; print(\'{"status": "ok"}\', flush=True); time.sleep(120)',
+    ]
+    assert gpu_sft.run_child(slow_exit, timeout=3, env=ENV) == {"status": "ok"}
 
 
 def test_a_lever_the_recipe_rejects_is_a_row_not_a_crash(tmp_path: Path):
