@@ -282,6 +282,8 @@ def run_trl(workdir: Path, args: argparse.Namespace, *, best: bool) -> dict[str,
     missing = [m for m in (("liger_kernel",) if best else ()) if importlib.util.find_spec(m) is None]
     if missing:
         return {"status": f"not installed ({', '.join(missing)})"}
+    if best and args.device == "cpu":
+        return {"status": "needs a GPU: liger-kernel's kernels are Triton (CUDA/ROCm) only"}
     import torch  # noqa: PLC0415
     from datasets import Dataset  # noqa: PLC0415
     from peft import LoraConfig  # noqa: PLC0415
@@ -322,6 +324,8 @@ def run_unsloth(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     (which Unsloth patches on import) on the same ids, steps and sizes as trl-default."""
     if importlib.util.find_spec("unsloth") is None:
         return {"status": "not installed (unsloth)"}
+    if args.device == "cpu":
+        return {"status": "needs a GPU: Unsloth trains on CUDA (its kernels are Triton)"}
     # imported first, as its docs say: it patches transformers and trl on import
     fast_model = importlib.import_module("unsloth").FastLanguageModel
     import torch  # noqa: PLC0415
@@ -519,6 +523,8 @@ def run_child(
 def spawn(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", task, "--workdir", str(workdir), *_forwarded(args)]
     env = os.environ | ({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})
+    if args.threads:  # torch's intra-op threads: on a shared CPU, fewer than the cores can be faster
+        env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log = None
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
@@ -637,6 +643,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="recipe override for every tunelab contender and the plan check, to measure one lever "
         "(e.g. training.checkpoint_every=2); repeatable",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads per contender (default: torch's, one a core)"
     )
     parser.add_argument("--json", help="also write the rows (and the settings) to this JSON file")
     parser.add_argument("--log-dir", help="keep each child's stdout and stderr here")

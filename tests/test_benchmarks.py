@@ -25,8 +25,9 @@ from repo_state import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_sft.py"
 ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-# rows a dry run may show besides "ok": a package this machine lacks, a lever not merged yet
-NOT_RUN = ("not installed", "recipe rejects it")
+# rows a CPU dry run may show besides "ok": a package this machine lacks, a GPU-only contender, a
+# lever not merged yet, or one tunelab refuses on CPU with its reason
+NOT_RUN = ("not installed", "needs a GPU", "recipe rejects it", "refused")
 
 
 def load_gpu_sft():
@@ -138,6 +139,17 @@ def test_tunelab_fast_takes_flash_attention_where_it_is_installed(monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is not None, reason="unsloth is installed here")
 def test_unsloth_missing_is_a_row(tmp_path: Path):
     assert gpu_sft.run_unsloth(tmp_path, tiny_args()) == {"status": "not installed (unsloth)"}
+
+
+def test_gpu_only_contenders_are_rows_on_cpu(tmp_path: Path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: object() if n in ("unsloth", "liger_kernel") else real(n, *a),
+    )
+    assert gpu_sft.run_unsloth(tmp_path, tiny_args())["status"].startswith("needs a GPU")
+    assert gpu_sft.run_trl(tmp_path, tiny_args(), best=True)["status"].startswith("needs a GPU")
 
 
 def test_modes_fill_unset_sizes_and_flags_win():
