@@ -16,7 +16,7 @@ LLAMA_CPP_VERSION := 0.3.36
 TMPDIR_SHOTS := $(or $(TMPDIR),/tmp)/tunelab-studio-shots
 LLAMA_SDIST := $(TUNELAB_HOME)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: setup gguf chromium demo test test-all lint format bench bench-gpu clean studio-shots
+.PHONY: setup gguf chromium demo test test-all lint format bench bench-cpu bench-gpu clean studio-shots
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,10 +80,16 @@ bench: setup
 	$(PY) benchmarks/data_audit.py
 	$(PY) benchmarks/serve_load.py
 
-# On a CUDA machine (see benchmarks/RESULTS.md): the contender table of issue 8, then the memory plan check.
+# The SFT contender harness on this CPU (SmolLM2-135M shape, a few minutes): TRL default vs tunelab.
+bench-cpu: setup
+	$(PY) benchmarks/gpu_sft.py --cpu-shape smollm2
+
+# On a CUDA machine (see benchmarks/RESULTS.md): the contender table of issues 8 and 20 (TRL, tunelab
+# and each fast-path lever, Unsloth), then the memory plan check, sharing one model directory.
+# A lent machine without this venv runs benchmarks/gpu_session.sh instead (carried wheels, logs in $OUT).
 bench-gpu: setup
-	$(PY) benchmarks/gpu_sft.py
-	$(PY) benchmarks/gpu_sft.py --plan-check
+	$(PY) benchmarks/gpu_sft.py --workdir /tmp/gpu_sft-work
+	$(PY) benchmarks/gpu_sft.py --plan-check --workdir /tmp/gpu_sft-work
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -25,6 +25,16 @@ LLAMA_SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=128256,
         tie_word_embeddings=False,
     ),
+    # SmolLM2-135M: the CPU run of the benchmark (`gpu_sft.py --cpu-shape smollm2`)
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     # a seconds-long dry run of the benchmark's plumbing
     "tiny": dict(
         hidden_size=64,
