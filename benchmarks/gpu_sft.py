@@ -51,20 +51,21 @@ import numpy as np
 from tunelab.plan.shapes import LLAMA_SHAPES
 
 SHAPES = LLAMA_SHAPES
-# Each tunelab contender is tunelab's default recipe plus these overrides: the fast-path fields that
-# issue 20 fixed for its four levers (so this script can name them before they all exist).
+# Each tunelab contender is tunelab's default recipe plus these overrides. On CUDA the default already
+# takes the fast path where it can (model.attention and data.packing auto: padding-free packs through
+# a varlen kernel; training.kernels auto: Liger when installed), so "tunelab-plain" switches those off
+# (the path before issue 20) and each lever row turns one lever on over the plain path.
+PLAIN = ("model.attention=sdpa", "data.packing=false", "training.kernels=none")
 LEVERS: dict[str, tuple[str, ...]] = {
     "tunelab": (),
-    "tunelab-packed": ("data.packing=true", "model.attention=flex_attention"),
-    "tunelab-compile": ("training.compile=true",),
-    "tunelab-liger": ("training.kernels=liger",),
-    # checkpoint_every is left out: it buys speed with memory, and the target is speed at ≤ TRL's peak
-    "tunelab-fast": (
-        "data.packing=true",
-        "model.attention=flex_attention",
-        "training.compile=true",
-        "training.kernels=liger",
-    ),
+    "tunelab-plain": PLAIN,
+    "tunelab-packed": ("model.attention=varlen", "data.packing=true", "training.kernels=none"),
+    "tunelab-flex": ("model.attention=flex_attention", "data.packing=true", "training.kernels=none"),
+    "tunelab-liger": ("model.attention=sdpa", "data.packing=false", "training.kernels=liger"),
+    "tunelab-compile": (*PLAIN, "training.compile=true"),
+    # the default plus compilation: every lever that trades no memory for speed
+    "tunelab-fast": ("training.compile=true",),
+    # checkpointing one layer in two buys speed with memory (the target is speed at <= TRL's peak)
     "tunelab-ckpt2": ("training.checkpoint_every=2",),
 }
 CONTENDERS = ("trl-default", "trl-best", *LEVERS, "unsloth")
@@ -360,12 +361,8 @@ def run_unsloth(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lever_overrides(name: str) -> list[str]:
-    """The recipe overrides of a tunelab contender. tunelab-fast takes FlashAttention-2's varlen
-    kernel where flash-attn is installed (the fastest packed attention), FlexAttention otherwise."""
-    overrides = list(LEVERS[name])
-    if name == "tunelab-fast" and importlib.util.find_spec("flash_attn") is not None:
-        overrides = [o.replace("=flex_attention", "=flash_attention_2") for o in overrides]
-    return overrides
+    """The recipe overrides of a tunelab contender."""
+    return list(LEVERS[name])
 
 
 def tunelab_recipe(

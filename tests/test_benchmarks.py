@@ -119,21 +119,34 @@ def test_plan_check_applies_the_levers_to_the_plan_and_the_run(tmp_path: Path):
     assert min(lengths) >= args.max_length - 64 and max(lengths) < args.max_length
 
 
-def test_tunelab_fast_takes_flash_attention_where_it_is_installed(monkeypatch):
+def test_every_tunelab_contender_is_a_valid_recipe_with_its_levers(tmp_path: Path):
+    """Each lever row parses into a recipe whose fields say what the row's name claims."""
     assert set(gpu_sft.LEVERS) <= set(gpu_sft.CONTENDERS)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a)
+    from tunelab.recipe import parse_recipe
+
+    base = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": str(tmp_path / "t.jsonl"), "template": "chatml"},
+        "method": {"name": "lora"},
+        "training": {"gradient_checkpointing": True},
+    }
+    recipes = {name: parse_recipe(base, overrides=gpu_sft.lever_overrides(name)) for name in gpu_sft.LEVERS}
+    plain = recipes["tunelab-plain"]
+    assert (plain.model.attention, plain.data.packing, plain.training.kernels) == ("sdpa", False, "none")
+    assert recipes["tunelab"].model.attention == "auto" and recipes["tunelab"].data.packing == "auto"
+    assert (recipes["tunelab-packed"].model.attention, recipes["tunelab-packed"].data.packing) == (
+        "varlen",
+        True,
     )
-    fast = gpu_sft.lever_overrides("tunelab-fast")
-    assert "model.attention=flash_attention_2" in fast and "data.packing=true" in fast
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a))
-    assert "model.attention=flex_attention" in gpu_sft.lever_overrides("tunelab-fast")
-    # the packed contender names its kernel whatever is installed
-    assert gpu_sft.lever_overrides("tunelab-packed") == [
-        "data.packing=true",
-        "model.attention=flex_attention",
-    ]
+    assert (
+        recipes["tunelab-liger"].training.kernels == "liger"
+        and recipes["tunelab-liger"].data.packing is False
+    )
+    assert (
+        recipes["tunelab-compile"].training.compile and recipes["tunelab-compile"].model.attention == "sdpa"
+    )
+    assert recipes["tunelab-fast"].training.compile and recipes["tunelab-fast"].training.kernels == "auto"
+    assert recipes["tunelab-ckpt2"].training.checkpoint_every == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is not None, reason="unsloth is installed here")

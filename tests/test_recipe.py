@@ -136,3 +136,14 @@ def test_packing_is_refused_for_objectives_over_whole_examples(objective):
         parse_recipe(raw)
     raw["objective"] = {"name": "sft"}
     assert parse_recipe(raw).data.packing is True
+
+
+def test_parse_recipe_leaves_the_callers_mapping_as_given():
+    raw = {
+        "model": {"name_or_path": "tiny:llama"},
+        "data": {"train": "t.jsonl"},
+        "method": {"name": "lora"},
+        "training": {},
+    }
+    parse_recipe(raw, overrides=["training.kernels=none"])
+    assert raw["training"] == {} and "objective" not in raw

@@ -8,6 +8,7 @@ new method adds its config class and nothing here changes.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -612,6 +613,7 @@ def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | Non
     """Validate a raw mapping; raises :class:`RecipeError` listing every problem at once."""
     if not isinstance(raw, dict):
         raise RecipeError([f"expected a mapping of sections, got {type(raw).__name__}"], source)
+    raw = copy.deepcopy(raw)  # overrides and defaults below edit it; the caller's mapping stays as given
     for assignment in overrides or []:
         set_override(raw, assignment)
     _default_objective_name(raw)
