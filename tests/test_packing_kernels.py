@@ -21,6 +21,7 @@ from tunelab.cli import app
 from tunelab.data.packing import collate_packed, pack_features, packing_in_effect, packing_isolates
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.models import attention as attention_mod
+from tunelab.models import varlen
 from tunelab.models.attention import AttentionUnavailable, resolve_attention
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from tunelab.objectives.sft import SftConfig, SftObjective
@@ -336,15 +337,18 @@ def test_flex_attention_packed_loss_equals_unpacked_and_isolates(tok, flex_uncom
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["flex_attention", "flash_attention_2"])
+@pytest.mark.parametrize("attention", ["flex_attention", "flash_attention_2", "tunelab_varlen"])
 def test_varlen_kernels_on_cuda_give_the_unpacked_loss_and_gradients(tok, attention, monkeypatch):
     """The gradients CPU cannot check. Flex in fp32 (TF32 off) against sdpa on padded batches, with
-    a GPU-reduction tolerance (loss rel 1e-4, gradients atol 1e-5 + rtol 1e-3); flash-attn computes
-    in half precision only, so it is compared in bf16 with a bf16 tolerance (2e-2 / 5e-2)."""
+    a GPU-reduction tolerance (loss rel 1e-4, gradients atol 1e-5 + rtol 1e-3); flash-attn and
+    PyTorch's varlen kernel compute in half precision only, so they are compared in bf16 with a
+    bf16 tolerance (2e-2 / 5e-2)."""
     if attention == "flash_attention_2" and not attention_mod.flash_attn_installed():
         pytest.skip("flash-attn is not installed")
+    if attention == "tunelab_varlen":
+        varlen.register()
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    half = attention == "flash_attention_2"
+    half = attention in ("flash_attention_2", "tunelab_varlen")
     model = build_tiny_llama(tok, seed=11).to("cuda", torch.bfloat16 if half else torch.float32).train()
     objective, features = _objective_and_features(tok)
     model.set_attn_implementation("sdpa")
