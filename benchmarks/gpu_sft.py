@@ -700,7 +700,9 @@ def run_plan_checks(args: argparse.Namespace, root: Path, console: Any) -> dict[
     rows = []
     configs = [tuple(c.strip().split("-")) for c in args.plan_configs.split(",")]
     for shape, method in configs if args.device == "cuda" else [(args.shape, "lora")]:
-        sub = argparse.Namespace(**vars(args) | {"shape": shape, "method": method, "steps": 3})
+        sub = argparse.Namespace(
+            **vars(args) | {"shape": shape, "method": method, "steps": 3, "measure_from": 2}
+        )
         workdir = prepared(sub, root, console)
         name = f"{shape} {method}, b={args.micro_batch}, s={args.max_length}"
         started = time.perf_counter()

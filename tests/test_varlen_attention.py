@@ -129,8 +129,7 @@ def test_refusals_name_the_reason() -> None:
 def test_flash_kernel_matches_the_per_example_reference_on_cuda() -> None:
     assert varlen.kernel_available() is None
     model = tiny(varlen.NAME, torch.bfloat16, "cuda")
-    parts = [p.cuda() for p in examples(2)]
-    ids, positions = packed(parts)
+    ids, positions = (t.cuda() for t in packed(examples(2)))
     out = model(input_ids=ids, position_ids=positions).logits.float()
     out.sum().backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
