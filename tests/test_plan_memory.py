@@ -376,3 +376,26 @@ def test_plan_command_shows_checkpoint_every_and_offload(tiny_recipe, tmp_path) 
         app, [*base, "--set", "training.gradient_checkpointing=false", "--set", "training.checkpoint_every=2"]
     )
     assert refused.exit_code == 2 and "set training.gradient_checkpointing: true" in refused.output
+
+
+def test_a_cuda_plan_counts_no_whole_logits_where_liger_takes_the_loss(monkeypatch):
+    """training.kernels on CUDA: Liger's fused linear cross-entropy runs the SFT loss, so the plan
+    must not count the whole logits tensor (it did, and overshot the H200's 1B LoRA peak 4.7-fold)."""
+    from tunelab.plan import memory
+    from tunelab.plan.gpus import GPUS
+    from tunelab.recipe import parse_recipe
+
+    def peak(kernels: str) -> int:
+        recipe = parse_recipe(
+            {
+                "model": {"name_or_path": "tiny:llama"},
+                "data": {"train": "t.jsonl", "max_length": 512},
+                "method": {"name": "lora"},
+                "training": {"kernels": kernels},
+            }
+        )
+        return memory.plan_for(memory.plan_inputs(recipe, GPUS["h100-80gb"]), 8).peak_allocated
+
+    assert peak("liger") < peak("none")
+    monkeypatch.setattr(memory, "_liger_loss_planned", lambda *a: False)
+    assert peak("liger") == peak("none")
