@@ -107,7 +107,7 @@ class DataSection(Section):
     packing: bool | Literal["auto"] = Field(
         "auto",
         description="pack short examples into max_length sequences, attention kept per example; auto: "
-        "pack for token-level objectives when the attention is flash_attention_2 or flex_attention",
+        "pack for token-level objectives when the attention is varlen, flash_attention_2 or flex_attention",
     )
     split: SplitSpec | None = Field(None, description="split data.train into train/eval on the fly")
     skip_bad: bool = False

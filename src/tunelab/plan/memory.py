@@ -23,7 +23,7 @@ Assumptions, each a line in :func:`layer_bytes_per_token` or :func:`estimate`:
   case a micro-batch can reach; padding is computed like real tokens);
 - with SDPA or eager attention, padded batches and packed ones alike (packing builds a
   block-diagonal mask) give the kernel a mask of ``b·s²`` elements, materialised per layer; the
-  varlen kernels (``model.attention`` flash_attention_2 or flex_attention, as ``auto`` picks on
+  varlen kernels (``model.attention`` varlen, flash_attention_2 or flex_attention, as ``auto`` picks on
   CUDA) take none, and a packed micro-batch of ``b`` rows is ``b·s`` tokens like a padded one;
 - with gradient checkpointing (transformers' non-reentrant, per decoder layer) a checkpointed layer
   keeps only its input, and backward recomputes one layer at a time; with ``checkpoint_every: k``
