@@ -104,8 +104,8 @@ def form_field(name: str, info: Any) -> FormField | None:
     plain = [m for m in members if typing.get_origin(m) is not Literal]
     default = None if info.default_factory is not None else info.default
     spec = FormField(name, _shown(default), info.description or "", required=info.is_required())
-    if plain == [bool]:
-        spec.choices = ["true", "false"]
+    if plain == [bool]:  # with literals too, e.g. data.packing: auto | true | false
+        spec.choices = [*(str(v) for v in literals), "true", "false"]
         spec.typed = {"true": True, "false": False}  # a YAML boolean, as the file would have it
     elif not plain and literals:
         spec.choices = [str(v) for v in literals]
