@@ -318,8 +318,7 @@ class Trainer:
                 f"packing: {'on' if packing else 'off'} (data.packing: {str(data.packing).lower()})"
             )
         )
-        if self.writes and self.run.manifest_path.exists():
-            update_manifest(self.run.manifest_path, attention=in_effect, packing=packing)
+        self._record_in_manifest(attention=in_effect, packing=packing)
 
     def _pack(self, model: Any, *, flat: bool) -> None:
         """Pack the training split; ``flat``: each micro-batch becomes one padding-free row (the
