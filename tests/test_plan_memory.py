@@ -352,7 +352,10 @@ def test_plan_command_shows_checkpoint_every_and_offload(tiny_recipe, tmp_path) 
     from tunelab.recipe import dump_yaml
 
     path = tmp_path / "r.yaml"
-    path.write_text(dump_yaml(tiny_recipe("lora", training__gradient_checkpointing="true")), encoding="utf-8")
+    # kernels none: with Liger's fused loss planned (installed here) the tiny model's peak is not where
+    # its activations live, and this test is about where they live
+    recipe = tiny_recipe("lora", training__gradient_checkpointing="true", training__kernels="none")
+    path.write_text(dump_yaml(recipe), encoding="utf-8")
     runner = CliRunner()
     base = ["plan", str(path), "--gpu", "a100-40gb"]
 
