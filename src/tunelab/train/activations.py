@@ -9,17 +9,18 @@ then clears all but layers 0, k, 2k, ... (the rule of transformers' newer ``ever
 older versions lack). A checkpointed layer keeps only its input and recomputes the rest in backward;
 the others keep every activation, so k trades memory back for the recompute's time.
 
-Offload wraps each checkpointed layer's call in ``torch.autograd.graph.save_on_cpu``: the checkpoint
-stores its input through the saved-tensor hooks in effect, so that input goes to (pinned) host
-memory in the forward and comes back when backward recomputes the layer. Inside the layer torch's
-checkpoint pushes its own hooks, so nothing else is copied. transformers' ``offload=True`` does the
+Offload wraps each checkpointed layer's checkpoint call in ``torch.autograd.graph.save_on_cpu``: the
+checkpoint stores its input through the saved-tensor hooks in effect, so that input goes to (pinned)
+host memory in the forward and comes back when backward recomputes the layer. Inside the layer
+torch's checkpoint pushes its own hooks, so nothing else is copied. transformers' ``offload=True`` does the
 same but asks for pinned memory even where there is no accelerator (a RuntimeError on a CPU-only
 torch), and counts nothing; this module pins only on CUDA and counts the bytes it moved.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +61,6 @@ class ActivationPlan:
     offload: bool
     device: str
     offloader: HostOffload | None = None
-    handles: list[Any] = field(default_factory=list)
 
     def describe(self) -> str:
         """One console line (None-free): what checkpointing and offload do in this run."""
@@ -127,7 +127,8 @@ def setup_activation_memory(
     plan = ActivationPlan(len(layers), chosen, every, offload, device)
     if offload:
         plan.offloader = HostOffload(device)
-        plan.handles = [_offload_inputs(layers[i], plan.offloader) for i in chosen]
+        for i in chosen:
+            _offload_inputs(layers[i], plan.offloader)
     return plan
 
 
@@ -145,20 +146,21 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.enable_input_require_grads()
 
 
-def _offload_inputs(layer: nn.Module, offloader: HostOffload) -> list[Any]:
-    """Push the offload hooks around the layer's call and pop them after it, also when it raises.
+def _offload_inputs(layer: nn.Module, offloader: HostOffload) -> None:
+    """Run the layer's checkpoint call under the offload hooks (popped again also when it raises).
 
-    Module hooks run outside the layer's ``forward``, which transformers wraps in the checkpoint,
-    so the checkpoint saves its input under these hooks; the recompute in backward calls ``forward``
-    directly and is not affected."""
+    The hooks must be in effect where torch's checkpoint saves the layer's input, and not inside the
+    layer, where they would sit above the checkpoint's own hooks and send every activation to host
+    memory instead of letting the checkpoint drop it. Module hooks cannot promise that: transformers
+    5.17 checkpoints a layer's whole ``__call__``, hooks included (an H200 run moved 1.99 GB where the
+    plan counts 33.5 MB), newer versions only its ``forward``. Both call the function transformers
+    keeps in ``_gradient_checkpointing_func`` (its documented slot for the checkpoint function), so
+    the offload wraps that; the recompute in backward calls the layer itself and copies nothing."""
+    checkpoint = layer._gradient_checkpointing_func
 
-    def enter(module: nn.Module, args: Any) -> None:
-        offloader.__enter__()
+    @functools.wraps(checkpoint)
+    def offloaded(*args: Any, **kwargs: Any) -> Any:
+        with offloader:
+            return checkpoint(*args, **kwargs)
 
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        offloader.__exit__(None, None, None)
-
-    return [
-        layer.register_forward_pre_hook(enter),
-        layer.register_forward_hook(leave, always_call=True),
-    ]
+    layer._gradient_checkpointing_func = offloaded
