@@ -26,12 +26,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tunelab.data.feedback import FeedbackLog
 from tunelab.serve import proxy
 from tunelab.serve.backends import Backends, UpstreamFault
 from tunelab.serve.engine import Delta, Done, Engine, Event, Failed, Job, SamplingParams
-from tunelab.serve.errors import APIError, error_body, internal_error, not_found, timed_out, variant_down
+from tunelab.serve.errors import (
+    APIError,
+    error_body,
+    internal_error,
+    not_found,
+    timed_out,
+    variant_down,
+    variant_fault,
+)
+from tunelab.serve.limits import DEFAULT_MAX_BODY_MB, BodyLimit, BodyTooLarge, body_bytes, parse_json
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.routing import Router, VariantDown
 from tunelab.serve.schemas import (
@@ -74,6 +84,8 @@ class ServeSettings:
     watch_interval_s: float = 5.0
     log_dir: Path | None = None
     """Where requests.jsonl and feedback.jsonl go (prompts and answers included); None: no log."""
+    max_body_bytes: int = body_bytes(DEFAULT_MAX_BODY_MB)
+    """Larger request bodies are refused (413) before they are read whole or parsed."""
 
 
 @dataclass
@@ -112,7 +124,9 @@ def create_app(
             watcher.cancel()
             await state.stop()
 
-    app = FastAPI(title="tunelab serve", lifespan=lifespan)
+    # No Swagger/ReDoc pages (they load their scripts from a CDN); the schema is a keyed route below.
+    app = FastAPI(title="tunelab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.tunelab = state
     _install_error_handlers(app)
 
@@ -134,6 +148,10 @@ def create_app(
         """Readiness: 200 only while every alias's baseline is up."""
         ok = router.ready()
         return JSONResponse({"status": "ready" if ok else "not_ready", **state.health()}, 200 if ok else 503)
+
+    @app.get("/openapi.json", dependencies=user, include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/metrics", dependencies=user)
     def metrics() -> Response:
@@ -318,9 +336,9 @@ class _AppState:
     ) -> Response:
         """Route first: a backend gets the client's JSON as sent (it validates its own parameters);
         a built-in variant gets it validated against tunelab's schema."""
-        raw = await request.body()
+        raw = await request.body()  # at most --max-body-mb: BodyLimit refuses more
         try:
-            data = json.loads(raw)
+            data = await asyncio.to_thread(parse_json, raw)  # megabytes of JSON would stall /health
         except ValueError as err:  # FastAPI's own shape for a body that is not JSON
             pos = getattr(err, "pos", 0)
             error = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error", "input": {}}
@@ -360,7 +378,7 @@ class _AppState:
         user = body.user or request.headers.get(USER_HEADER)
         route = route or self.route(body.model, user)
         try:
-            job, events = self._job(body, route)
+            job, events = await self._job(body, route)
             self.engine.submit(job)
         except APIError as err:
             err.headers.update(route.headers)
@@ -397,32 +415,38 @@ class _AppState:
         )
         return JSONResponse(payload.model_dump(), headers=route.headers)
 
-    def _job(
+    def _encode(
         self, body: ChatCompletionRequest | CompletionRequest, route: _Route
-    ) -> tuple[Job, asyncio.Queue]:
-        """The engine job for a request, and the queue its events arrive on (on this event loop)."""
+    ) -> tuple[list[int], int]:
+        """The request's prompt ids and its max_tokens, or a 400 naming the endpoint's prompt field.
+        Runs in a worker thread: templating and tokenising a long prompt take time."""
         try:
             if isinstance(body, ChatCompletionRequest):
                 messages = template_messages(body.messages)
                 prompt_ids = self.engine.encode_chat(messages, route.adapter, tools=body.active_tools())
             else:
                 prompt_ids = self.engine.encode_text(body.prompt_text())
+            if not prompt_ids:  # generate() has nothing to continue from; it would fail inside torch
+                raise APIError(
+                    400,
+                    "the prompt is empty and this model's tokenizer adds no start token, so there is "
+                    "nothing to continue; send at least some text",
+                    param="messages",
+                )
+            requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+            return prompt_ids, self.engine.resolve_max_tokens(len(prompt_ids), requested)
         except ValueError as err:  # content parts we cannot read, or a template that rejects the turns/tools
             raise APIError(400, str(err), param=getattr(err, "param", None) or _prompt_param(body)) from None
-        if not prompt_ids:  # generate() has nothing to continue from; it would fail inside torch
-            raise APIError(
-                400,
-                "the prompt is empty and this model's tokenizer adds no start token, so there is "
-                "nothing to continue; send at least some text",
-                param=_prompt_param(body),
-            )
-        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        try:
-            max_tokens = self.engine.resolve_max_tokens(len(prompt_ids), requested)
         except APIError as err:
             if err.param == "messages":  # the engine does not know which endpoint asked
                 err.param = _prompt_param(body)
             raise
+
+    async def _job(
+        self, body: ChatCompletionRequest | CompletionRequest, route: _Route
+    ) -> tuple[Job, asyncio.Queue]:
+        """The engine job for a request, and the queue its events arrive on (on this event loop)."""
+        prompt_ids, max_tokens = await asyncio.to_thread(self._encode, body, route)
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -514,10 +538,11 @@ class _AppState:
     def record(
         self, route: _Route, started: float, error_status: int | None, tokens: tuple[int, int] = (0, 0)
     ) -> None:
-        """Metrics for every request; the watcher's window only for failures that are the server's."""
+        """Metrics for every request; the watcher's window only for answers and the variant's own
+        faults (a client's 4xx or disconnect says nothing about the variant)."""
         latency = time.monotonic() - started
         self.metrics.observe(route.served, route.alias, latency, error_status=error_status, tokens=tokens)
-        if error_status is None or error_status >= 500:
+        if error_status is None or variant_fault(error_status):
             self.router.observe(route.adapter, error_status is None, latency, alias=route.alias)
 
     def _finished(
@@ -653,8 +678,6 @@ class _ChunkMaker:
 
 
 def _sse_data(payload: dict[str, Any]) -> str:
-    import json  # noqa: PLC0415
-
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
@@ -706,6 +729,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(err.detail), type=kind), status_code=err.status_code)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, _: ClientDisconnect) -> Response:
+        # Nobody is left to answer; one line, no traceback (it is the client's doing, not a fault).
+        log.info(
+            "client went away before sending the whole body of %s %s (499)", request.method, request.url.path
+        )
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception) -> JSONResponse:

@@ -4,7 +4,8 @@ A backend is a name, the upstream's OpenAI base URL and the model name to send i
 holds one shared ``httpx.AsyncClient`` (pooled connections, so a proxied request costs no new TCP
 handshake), counts each backend's consecutive faults and marks it down after ``max_failures`` of
 them; a probe of ``/health`` (or ``/v1/models`` where the upstream has no ``/health``) brings it back.
-Only the upstream's own faults count: a connection error, a timeout or a 5xx. A 4xx is the client's.
+Only the upstream's own faults count: a connection error, a timeout, a 5xx, or a 2xx that is no
+completion (``bad_response``). A 4xx is the client's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import httpx
 
 log = logging.getLogger("tunelab.serve")
 DEFAULT_MAX_FAILURES = 3
-FAULT_REASONS = ("connect", "timeout", "http_5xx")
+FAULT_REASONS = ("connect", "timeout", "http_5xx", "bad_response")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def parse_backend(text: str) -> BackendSpec:
 
 
 class UpstreamFault(Exception):
-    """A fault of the upstream's own: ``reason`` is connect, timeout or http_5xx; ``unsent`` when the
+    """A fault of the upstream's own: ``reason`` is one of :data:`FAULT_REASONS`; ``unsent`` when the
     request surely never reached it (the connection was refused), so another variant may take it."""
 
     def __init__(self, reason: str, detail: str, *, unsent: bool = False) -> None:

@@ -43,6 +43,7 @@ def check_numbers(
     max_batch: int = 16,
     backend_failures: int = 3,
     watch_interval: float = 5.0,
+    max_body_mb: float = 4.0,
 ) -> str | None:
     """The first out-of-range numeric option as an error message with the fix, or None."""
     low, high = PORT_RANGE
@@ -61,6 +62,8 @@ def check_numbers(
     for option, seconds in (("--request-timeout", request_timeout), ("--watch-interval", watch_interval)):
         if not seconds > 0:
             return f"{option} {seconds:g}: give a number of seconds above 0"
+    if not max_body_mb > 0:
+        return f"--max-body-mb {max_body_mb:g}: give a size in megabytes above 0, e.g. 4"
     return None
 
 
@@ -124,6 +127,9 @@ def serve_cmd(
             "--log-dir", help="write requests.jsonl and feedback.jsonl here (stores prompts and answers)"
         ),
     ] = None,
+    max_body_mb: Annotated[
+        float, typer.Option(help="largest request body in MB (MiB); larger ones get 413 unread")
+    ] = 4.0,
 ) -> None:
     """Serve a base model, its adapters and OpenAI-compatible backends behind one API (chat,
     completions, streaming, A/B aliases); `tunelab serve status` reads a running server."""
@@ -145,7 +151,7 @@ def _serve(ctx: typer.Context, options: dict[str, Any]) -> None:
         fail(errors, str(e))
     numbers = ("port", "queue_size", "request_timeout", "max_tokens_limit", "rollout_every", "min_samples")
     problem = check_numbers(
-        **{k: merged[k] for k in (*numbers, "max_batch", "backend_failures", "watch_interval")}
+        **{k: merged[k] for k in (*numbers, "max_batch", "backend_failures", "watch_interval", "max_body_mb")}
     )
     if problem:
         fail(errors, problem)
@@ -219,6 +225,7 @@ def serve_config(merged: dict[str, Any], key: str | None) -> Any:
         backend_failures=merged["backend_failures"],
         watch_interval_s=merged["watch_interval"],
         log_dir=Path(log_dir) if log_dir is not None else None,
+        max_body_mb=merged["max_body_mb"],
     )
 
 

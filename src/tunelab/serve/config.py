@@ -12,7 +12,7 @@ rollouts: {bot: [0.1, 0.5, 1.0]}
 policy: {min_samples: 20, max_error_increase: 0.05, max_latency_ratio: 2.0, max_feedback_drop: 0.5}
 ```
 
-plus any scalar option by its command-line name (``port``, ``request_timeout``, ``log_dir``, ...).
+plus any scalar option by its command-line name (``port``, ``request_timeout``, ``max_body_mb``, ...).
 Every problem is one line naming the file, the field and the fix.
 """
 
@@ -42,6 +42,7 @@ SCALARS: dict[str, type] = {
     "backend_failures": int,
     "watch_interval": float,
     "log_dir": str,
+    "max_body_mb": float,
 }
 POLICY = {
     "min_samples": int,

@@ -256,6 +256,8 @@ class Engine:
             raise ValueError(f"max_batch={max_batch}: a batch holds at least one request")
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s if max_batch > 1 else 0.0
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        # No prompt longer than this can fit the context, so it is refused before it is tokenised.
+        self.max_prompt_chars = self.context * longest_token_chars(tokenizer) if self.context else None
         self.device = next(model.parameters()).device
         self._load_opts = {"device": device, "dtype": dtype}
         self.adapters: dict[str, LoadedAdapter] = {}
@@ -358,11 +360,25 @@ class Engine:
                 )
             except TemplateError as err:  # e.g. a template that requires alternating user/assistant turns
                 raise ValueError(f"the model's chat template rejected these messages: {err}") from None
+            self._check_length(text)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_text(self, prompt: str) -> list[int]:
+        self._check_length(prompt)
         with self.tokenizer_lock:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def _check_length(self, text: str) -> None:
+        """A 400 for a prompt too long in characters to fit the context in tokens: tokenising
+        megabytes only to count them would cost seconds and a copy of the text per token."""
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"the prompt has {len(text):,} characters; no prompt over {self.max_prompt_chars:,} characters "
+                f"fits the model's context of {self.context} tokens. Shorten the prompt.",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     def resolve_max_tokens(self, n_prompt: int, requested: int | None) -> int:
         """The number of new tokens to allow, or a 400 that says which limit the request broke."""
@@ -541,6 +557,12 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for: its longest vocabulary entry (a byte-level BPE or
+    SentencePiece entry is at least as long as the text it decodes to)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 def _chat_template_of(final: Path) -> str | None:

@@ -26,6 +26,13 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
+def variant_fault(status: int) -> bool:
+    """Whether an error status is the variant's (or its upstream's) own fault: a 5xx. A 4xx (the
+    client's bad request, 429 included: the queue is the server's, not a variant's) and 499 (the
+    client went away) never count against a variant, so no client can roll a healthy one back."""
+    return status >= 500
+
+
 def error_body(
     message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:  # noqa: A002

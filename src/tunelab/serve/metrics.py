@@ -11,13 +11,16 @@ from prometheus_client import (
     generate_latest,
 )
 
+from tunelab.serve.errors import variant_fault
+
 LABELS = ("variant", "alias")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ServeMetrics:
-    """Requests, errors, latency and tokens per variant (base, adapter or backend) and alias (alias ""
-    for direct requests); each variant's up/down state, upstream faults by reason, rollbacks by why."""
+    """Requests, errors (the variant's, and the clients' apart), latency and tokens per variant (base,
+    adapter or backend) and alias (alias "" for direct requests); each variant's up/down state,
+    upstream faults by reason, rollbacks by why."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -26,7 +29,16 @@ class ServeMetrics:
         reg = self.registry
         self.requests = Counter("tunelab_requests", "Completion requests served", LABELS, registry=reg)
         self.errors = Counter(
-            "tunelab_errors", "Completion requests that failed", (*LABELS, "code"), registry=reg
+            "tunelab_errors",
+            "Completion requests the variant failed (5xx: its own or its upstream's fault)",
+            (*LABELS, "code"),
+            registry=reg,
+        )
+        self.client_errors = Counter(
+            "tunelab_client_errors",
+            "Completion requests refused as the client's mistake (4xx) or abandoned by it (499)",
+            (*LABELS, "code"),
+            registry=reg,
         )
         self.latency = Histogram(
             "tunelab_request_latency_seconds",
@@ -45,7 +57,7 @@ class ServeMetrics:
         )
         self.upstream_errors = Counter(
             "tunelab_upstream_errors",
-            "Faults of a backend: connect, timeout or http_5xx (a client's 4xx is not one)",
+            "Faults of a backend: connect, timeout, http_5xx or bad_response (a client's 4xx is not one)",
             ("variant", "reason"),
             registry=reg,
         )
@@ -69,7 +81,8 @@ class ServeMetrics:
         self.requests.labels(**labels).inc()
         self.latency.labels(**labels).observe(latency_s)
         if error_status is not None:
-            self.errors.labels(**labels, code=str(error_status)).inc()
+            counter = self.errors if variant_fault(error_status) else self.client_errors
+            counter.labels(**labels, code=str(error_status)).inc()
         self.tokens_in.labels(**labels).inc(tokens[0])
         self.tokens_out.labels(**labels).inc(tokens[1])
 

@@ -4,8 +4,10 @@ The request body is the client's JSON with only ``model`` rewritten; the answer 
 status and body and gains the ``x-tunelab-adapter``/``x-tunelab-alias`` headers. Streams are relayed
 chunk by chunk (bytes as they come off the socket) while a tap reads the SSE events on the side for
 the response id, the assembled text and the usage, which feedback, the request log and the metrics
-need. Faults of the upstream (connection, timeout, 5xx) are counted against the backend; a 4xx is
-passed through and never counted.
+need. Faults of the upstream are counted against the backend: no connection, a timeout, a 5xx (its
+body goes to the log, the client gets a reference to it: it can hold paths and internals), or a 2xx
+that is not an answer (not an OpenAI JSON completion, or not an event stream when one was asked for:
+a 502). A 4xx is the client's: passed through as sent and never counted against the backend.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
 import httpx
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tunelab.serve.backends import Backends, UpstreamFault
 from tunelab.serve.errors import APIError
@@ -27,6 +30,7 @@ from tunelab.serve.errors import APIError
 log = logging.getLogger("tunelab.serve")
 # Upstream response headers worth keeping; hop-by-hop and length headers are the server's to set.
 KEPT_HEADERS = ("content-type", "retry-after")
+LOGGED_BODY = 64 * 1024  # what the log keeps of an upstream's error body
 
 
 @dataclass
@@ -84,6 +88,10 @@ async def forward(host: Host, route: Any, data: dict[str, Any], path: str, user:
         error.headers.update(route.headers)
         raise Unanswered(error, fault) from None
     headers = {**route.headers, **{k: v for k in KEPT_HEADERS if (v := response.headers.get(k))}}
+    kind = response.headers.get("content-type", "")
+    if stream and response.is_success and not kind.startswith("text/event-stream"):
+        await response.aclose()
+        return _not_an_answer(host, route, started, f"content-type {kind!r} instead of an event stream", b"")
     if not stream or not response.is_success:
         body = await response.aread() if stream else response.content
         if stream:
@@ -106,34 +114,68 @@ def _whole(
     """A complete upstream answer: counted (5xx as a fault), remembered and logged when it succeeded."""
     status = response.status_code
     if status >= 500:
-        host.upstream_fault(
-            route.served, UpstreamFault("http_5xx", f"backend '{route.served}' answered {status}")
-        )
-        host.record(route, started, status)
-    elif status >= 400:
+        return _upstream_error(host, route, started, status, body, headers)
+    if status >= 400:
         host.upstream_ok(route.served)  # it answered: the request, not the upstream, was at fault
         host.record(route, started, status)
         if status in (401, 403):  # the client passed tunelab's auth: the upstream's key is what is wrong
             log.warning("backend '%s' answered %d: check its api_key_env", route.served, status)
-    else:
-        host.upstream_ok(route.served)
-        answer = _parse_whole(body)
-        host.record(route, started, None, answer.tokens)
-        host.completed(route, answer, data, user)
+        return Response(content=body, status_code=status, headers=headers)
+    answer = _parse_whole(body)
+    if answer is None:
+        return _not_an_answer(host, route, started, "a body that is not an OpenAI JSON completion", body)
+    host.upstream_ok(route.served)
+    host.record(route, started, None, answer.tokens)
+    host.completed(route, answer, data, user)
     return Response(content=body, status_code=status, headers=headers)
 
 
-def _parse_whole(body: bytes) -> Answer:
+def _parse_whole(body: bytes) -> Answer | None:
+    """What an OpenAI JSON completion says; None when the body is not one (HTML, plain text, an
+    object without choices)."""
     try:
         payload = json.loads(body)
-        choice = (payload.get("choices") or [{}])[0]
+        choice = payload["choices"][0]
         usage = payload.get("usage") or {}
         message = choice.get("message") or {}
         text = message.get("content") if "message" in choice else choice.get("text")
         tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         return Answer(payload.get("id"), text or "", choice.get("finish_reason"), tokens)
-    except (ValueError, AttributeError, TypeError):
-        return Answer()  # not OpenAI-shaped JSON: relayed as is, nothing to remember
+    except (ValueError, AttributeError, TypeError, KeyError, IndexError, RecursionError):
+        return None
+
+
+def _upstream_error(
+    host: Host, route: Any, started: float, status: int, body: bytes, headers: dict[str, str]
+) -> Response:
+    """An upstream 5xx: a fault of the backend; its body goes to the log, the client gets a reference."""
+    ref = uuid.uuid4().hex[:12]
+    log.error(
+        "backend '%s' answered %d (ref %s): %s",
+        route.served, status, ref, body[:LOGGED_BODY].decode("utf-8", "replace"),
+    )  # fmt: skip
+    host.upstream_fault(
+        route.served, UpstreamFault("http_5xx", f"backend '{route.served}' answered {status}")
+    )
+    host.record(route, started, status)
+    error = APIError(status, f"upstream error, see log ref {ref}", type="server_error", code="upstream_error")
+    kept = {k: v for k, v in headers.items() if k != "content-type"}  # the body is ours now: JSON
+    return JSONResponse(error.body(), status_code=status, headers=kept)
+
+
+def _not_an_answer(host: Host, route: Any, started: float, what: str, body: bytes) -> Response:
+    """A 2xx that is no completion: the upstream's fault (a 502), so the watcher sees a broken backend."""
+    fault = UpstreamFault("bad_response", f"backend '{route.served}' answered with {what}")
+    log.warning("%s; it began %r", fault.detail, body[:200])
+    host.upstream_fault(route.served, fault)
+    host.record(route, started, 502)
+    error = APIError(
+        502,
+        f"variant '{route.served}' answered with something that is not a completion; retry later",
+        type="server_error",
+        code="upstream_bad_response",
+    )
+    return JSONResponse(error.body(), status_code=502, headers=route.headers)
 
 
 async def _relay(

@@ -153,7 +153,8 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
-    content: str | list[dict[str, Any]] | None = None
+    # Checked when absent too: a missing content is the same mistake as a null one.
+    content: str | list[dict[str, Any]] | None = Field(default=None, validate_default=True)
 
     _valid_text = field_validator("content")(_utf8)
 

@@ -13,6 +13,7 @@ from typing import Any
 from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.backends import DEFAULT_MAX_FAILURES, Backends, BackendSpec
 from tunelab.serve.engine import Engine
+from tunelab.serve.limits import DEFAULT_MAX_BODY_MB, body_bytes
 from tunelab.serve.routing import Router, WatchPolicy
 from tunelab.serve.security import check_bind
 
@@ -40,6 +41,7 @@ class ServeConfig:
     backend_failures: int = DEFAULT_MAX_FAILURES
     watch_interval_s: float = 5.0
     log_dir: Path | None = None
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
 
 
 def build_app(config: ServeConfig) -> Any:
@@ -75,6 +77,7 @@ def build_app(config: ServeConfig) -> Any:
         request_timeout_s=config.request_timeout_s,
         watch_interval_s=config.watch_interval_s,
         log_dir=config.log_dir,
+        max_body_bytes=body_bytes(config.max_body_mb),
     )
     return create_app(engine, router, settings, backends)
 
