@@ -214,6 +214,8 @@ def test_admin_shares_load_unload_and_rollback_by_feedback(
         ({"model": "yes-bot", "messages": ASK, "stop": [1]}, 400, "stop"),
         ({"model": "yes-bot", "messages": []}, 400, "messages"),
         ({"model": "yes-bot", "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+        ({"model": "yes-bot", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+        ({"model": "yes-bot", "messages": [{"role": "assistant"}, *ASK]}, 400, "messages.0.content"),
         ({"model": "yes-bot", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
         (
             {"model": "yes-bot", "messages": [{"role": "user", "content": "\ud800"}]},

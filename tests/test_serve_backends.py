@@ -10,6 +10,7 @@ SSE reader are tested without any server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -569,6 +570,7 @@ def test_a_config_file_sets_what_the_command_line_leaves(
         "backends:\n  stock: http://127.0.0.1:9001\n  tuned: {url: 'http://127.0.0.1:9002/v1', model: lora-a}\n"
         "aliases:\n  bot: {stock: 0.9, tuned: 0.1}\nrollouts:\n  bot: [0.1, 0.5, 1.0]\n"
         "policy: {min_samples: 7}\nport: 9100\nmax_batch: 4\nwatch_interval: 1.5\nlog_dir: logs\n"
+        "max_body_mb: 0.5\n"
     )
     result, started = _serve_cli(
         monkeypatch, ["--config", str(config), "--port", "9200", "--backend", "x=http://h:1"]
@@ -586,6 +588,10 @@ def test_a_config_file_sets_what_the_command_line_leaves(
         and serve_config.rollouts["bot"][0] == 0.1
     )
     assert serve_config.policy.min_samples == 7 and serve_config.log_dir == Path("logs")
+    from tunelab.serve.server import build_app
+
+    app = build_app(dataclasses.replace(serve_config, log_dir=None))  # None: no log file opened here
+    assert app.state.tunelab.settings.max_body_bytes == 512 * 1024
 
 
 @pytest.mark.parametrize(
@@ -595,6 +601,7 @@ def test_a_config_file_sets_what_the_command_line_leaves(
         ("backends:\n  a: {url: 'http://h', key: 1}\n", "serve.yaml: backends.a.key: not a backend field"),
         ("polcy: {}\n", "serve.yaml: 'polcy' is not a serve setting"),
         ("port: eighty\n", "serve.yaml: port: 'eighty' is not a whole number"),
+        ("max_body_mb: lots\n", "serve.yaml: max_body_mb: 'lots' is not a number"),
         ("policy: {min_samples: 0}\n", "--min-samples 0: give a whole number of at least 1"),
         ("aliases:\n  bot: [a, b]\n", "serve.yaml: aliases.bot: give the variants' shares as a mapping"),
         ("backends: [\n", "serve.yaml: line 2:"),
@@ -626,6 +633,7 @@ def test_bad_backend_flags_and_numbers_are_one_line(monkeypatch: pytest.MonkeyPa
             ["--backend", "a=http://h", "--watch-interval", "0"],
             "error: --watch-interval 0: give a number of seconds",
         ),
+        (["--backend", "a=http://h", "--max-body-mb", "0"], "error: --max-body-mb 0: give a size"),
     ):
         result, started = _serve_cli(monkeypatch, args)
         assert result.exit_code == 2 and not started
