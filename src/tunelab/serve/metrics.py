@@ -36,7 +36,8 @@ class ServeMetrics:
         )
         self.client_errors = Counter(
             "tunelab_client_errors",
-            "Completion requests refused as the client's mistake (4xx) or abandoned by it (499)",
+            "Completion requests refused with a 4xx (the client's mistake; 429: the queue was full) "
+            "or abandoned by the client (499)",
             (*LABELS, "code"),
             registry=reg,
         )
