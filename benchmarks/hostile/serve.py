@@ -111,6 +111,14 @@ class _Served:
                 return float(line.rsplit(" ", 1)[1])
         return None
 
+    def rss_mb(self) -> int:
+        """The server process's resident memory (Linux), 0 where /proc has none."""
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+        return 0
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -157,10 +165,13 @@ def _expect(response: httpx.Response, status: int, code: str | None = None) -> O
 
 def ten_mb_prompt(_: Path) -> Outcome:
     server = served()  # started first: the time reported is the request's alone
-    started = time.monotonic()
+    rss, started = server.rss_mb(), time.monotonic()
     response = server.post(_ask("a" * 10_000_000))
     outcome = _expect(response, 413, "body_too_large")
-    return Outcome(outcome.verdict, f"{outcome.detail[:90]} in {time.monotonic() - started:.1f}s")
+    seconds = time.monotonic() - started
+    return Outcome(
+        outcome.verdict, f"{outcome.detail[:60]} in {seconds:.1f}s, RSS {rss} → {server.rss_mb()} MB"
+    )
 
 
 def chunked_body_past_the_limit(_: Path) -> Outcome:
