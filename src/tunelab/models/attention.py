@@ -107,7 +107,10 @@ class ModelAttention:
     def from_config(cls, config: Any) -> ModelAttention:
         if config is None:
             return cls()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        try:
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        except ValueError:  # several text configs (encoder-decoder): read the top level
+            text = config
         cap = getattr(text, "attn_logit_softcapping", None)
         model_class = _causal_lm_class(config)
         return cls(

@@ -425,7 +425,7 @@ def load_config(spec: str, *, trust_remote_code: bool = False) -> Any:
     source = classify_source(spec)
     if source == "gguf":
         gguf = _existing_path(spec)
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # the header, no tensors
     location = _existing_path(spec) if source == "local" else spec
     kwargs = {"trust_remote_code": trust_remote_code, **_hub_kwargs(source)}
     return _from_pretrained(AutoConfig.from_pretrained, location, source, **kwargs)
