@@ -93,7 +93,7 @@ class ModelAttention:
 
     model_type: str = "unknown"
     window: tuple[str, int] | None = None
-    """(field, tokens) of the narrowest sliding or chunked window some layer applies."""
+    """(field, tokens) of the sliding or chunked window some layer applies (the first field set)."""
     softcap: tuple[str, float] | None = None
     other_layers: str | None = None
     """Layers that are not softmax attention, as "field has value, ..." (linear attention, Mamba)."""
