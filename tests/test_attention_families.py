@@ -331,20 +331,13 @@ def test_a_run_prints_autos_fallback_and_records_it(tmp_path, tiny_recipe, monke
     the varlen kernel: the settings line and the manifest say varlen was refused and why."""
     from tunelab.console import make_console
     from tunelab.models import attention
-    from tunelab.models.tiny import build_tiny_tokenizer
     from tunelab.train.run import train
 
-    tok = build_tiny_tokenizer()
-    config = MistralConfig(
-        **{**SHAPE, "vocab_size": len(tok)}, sliding_window=16, pad_token_id=tok.pad_token_id
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
-    tok.save_pretrained(tmp_path / "mistral")
+    model_dir = _saved(tmp_path, "mistral", MistralConfig, sliding_window=16)
     monkeypatch.setattr(attention.Machine, "probe", classmethod(lambda cls, device_type: CUDA))
     log = StringIO()
     result = train(
-        tiny_recipe("lora", model__name_or_path=str(tmp_path / "mistral"), training__max_steps=1),
+        tiny_recipe("lora", model__name_or_path=str(model_dir), training__max_steps=1),
         console=make_console(file=log),
     )
     expected = "varlen refused: sliding_window=16 in config is below data.max_length 64"
@@ -353,3 +346,59 @@ def test_a_run_prints_autos_fallback_and_records_it(tmp_path, tiny_recipe, monke
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["attention"] == "sdpa" and manifest["packing"] is False
     assert expected in manifest["fast_path_reasons"]["attention"]
+
+
+def _saved(tmp_path, name: str, config_cls, **fields):
+    """A tiny model of ``config_cls`` saved as a local model directory tunelab can load."""
+    from tunelab.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    config = config_cls(**{**SHAPE, "vocab_size": len(tok)}, pad_token_id=tok.pad_token_id, **fields)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "fields", "setting", "error"),
+    [
+        (
+            MistralConfig,
+            {"sliding_window": 16},
+            "model.attention=varlen",
+            "error: model.attention: varlen would compute another attention than mistral's: sliding_window=16",
+        ),
+        (
+            Qwen3_5TextConfig,
+            dict(LINEAR),
+            "data.packing=true",
+            "error: data.packing: layer_types has linear_attention",
+        ),
+    ],
+    ids=["varlen-on-a-window", "packing-linear-attention"],
+)
+def test_the_cli_refuses_in_one_line_before_the_model_loads(
+    tmp_path, qa_rows, config_cls, fields, setting, error
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows))
+    recipe = {
+        "model": {"name_or_path": str(_saved(tmp_path, "m", config_cls, **fields))},
+        "data": {"train": str(data), "max_length": 64},
+        "method": {"name": "lora"},
+        "training": {"max_steps": 1, "batch_size": 2},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", str(path), "--set", setting])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(error), result.output
+    assert "Traceback" not in result.output
