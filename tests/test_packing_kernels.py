@@ -20,9 +20,8 @@ from typer.testing import CliRunner
 from tunelab.cli import app
 from tunelab.data.packing import collate_packed, pack_features, packing_in_effect, packing_isolates
 from tunelab.data.templates import IGNORE_INDEX
-from tunelab.models import attention as attention_mod
 from tunelab.models import varlen
-from tunelab.models.attention import AttentionUnavailable, resolve_attention
+from tunelab.models.attention import AttentionUnavailable, Machine, ModelAttention, decide_attention
 from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from tunelab.objectives.sft import SftConfig, SftObjective
 from tunelab.recipe import parse_recipe
@@ -171,30 +170,35 @@ def _recipe(**overrides):
     return parse_recipe(raw, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
-@pytest.fixture
-def no_flash(monkeypatch):
-    monkeypatch.setattr(attention_mod, "flash_attn_installed", lambda: False)
+CUDA = Machine(
+    "cuda", flash_attn=False, varlen_kernel="torch 2.8 has no torch.nn.attention.varlen", flex=True
+)
+"""A CUDA machine without flash-attn or PyTorch's varlen kernel (tests/test_attention_families.py
+covers the machine that has the kernel)."""
+
+
+def _path(recipe, machine=CUDA):
+    fast = recipe.fast_path(machine.device_type, machine=machine)
+    return fast.attention, fast.packing
 
 
 def test_auto_keeps_todays_path_on_cpu():
     recipe = _recipe()
     assert recipe.model.attention == "auto" and recipe.data.packing == "auto"
-    assert recipe.fast_path("cpu") == (None, False)  # the model's default attention, unpacked
-    assert _recipe(**{"data.packing": "true"}).fast_path("cpu") == (None, True)
+    assert _path(recipe, Machine("cpu")) == (None, False)  # the model's default attention, unpacked
+    assert _path(_recipe(**{"data.packing": "true"}), Machine("cpu")) == (None, True)
+    assert _path(recipe, Machine.probe("cpu")) == (None, False)  # the probe of this machine agrees
 
 
-def test_auto_on_cuda_picks_a_varlen_kernel_and_packs(no_flash, monkeypatch):
-    assert _recipe().fast_path("cuda") == ("flex_attention", True)
-    assert _recipe(**{"data.packing": "false"}).fast_path("cuda") == ("sdpa", False)
+def test_auto_on_cuda_picks_a_varlen_kernel_and_packs():
+    assert _path(_recipe()) == ("flex_attention", True)
+    assert _path(_recipe(**{"data.packing": "false"})) == (None, False)  # the model's default (sdpa)
     dpo = _recipe(**{"objective.name": "dpo"})  # pairs: never packed, so no reason for flex
-    assert dpo.fast_path("cuda") == ("sdpa", False)
-    monkeypatch.setattr(attention_mod, "flash_attn_installed", lambda: True)
-    assert _recipe().fast_path("cuda") == ("flash_attention_2", True)
-    assert dpo.fast_path("cuda") == ("flash_attention_2", False)
-    assert _recipe(**{"model.dtype": "float32"}).fast_path("cuda") == (
-        "flex_attention",
-        True,
-    )  # flash: half only
+    assert _path(dpo) == (None, False)
+    flash = Machine("cuda", flash_attn=True, varlen_kernel=None)
+    assert _path(_recipe(), flash) == ("flash_attention_2", True)
+    assert _path(dpo, flash) == ("flash_attention_2", False)
+    assert _path(_recipe(**{"model.dtype": "float32"}), flash) == ("flex_attention", True)  # flash: half only
 
 
 def test_packing_auto_needs_a_varlen_kernel_and_a_token_objective():
@@ -213,19 +217,18 @@ def test_packing_auto_needs_a_varlen_kernel_and_a_token_objective():
         ("flex_attention", "cpu", "has no backward pass on cpu"),
     ],
 )
-def test_a_kernel_that_cannot_train_here_is_refused(no_flash, choice, device, reason):
+def test_a_kernel_that_cannot_train_here_is_refused(choice, device, reason):
     with pytest.raises(AttentionUnavailable, match=f"model.attention: {choice} {reason}"):
-        resolve_attention(choice, device, packing=True)
+        decide_attention(choice, Machine(device), ModelAttention(), packing=True)
 
 
-def test_flash_attention_off_cuda_and_flex_on_an_old_torch_are_refused(monkeypatch):
-    monkeypatch.setattr(attention_mod, "flash_attn_installed", lambda: True)
+def test_flash_attention_off_cuda_and_flex_on_an_old_torch_are_refused():
     with pytest.raises(AttentionUnavailable, match="runs on CUDA GPUs only"):
-        resolve_attention("flash_attention_2", "cpu", packing=True)
-    monkeypatch.setattr(attention_mod, "flex_attention_in_torch", lambda: False)
+        decide_attention("flash_attention_2", Machine("cpu", flash_attn=True), ModelAttention(), packing=True)
+    old = Machine("cuda", flash_attn=True, flex=False)
     with pytest.raises(AttentionUnavailable, match="needs torch >= 2.5"):
-        resolve_attention("flex_attention", "cuda", packing=True)
-    assert resolve_attention("auto", "cuda", packing=True) == "flash_attention_2"
+        decide_attention("flex_attention", old, ModelAttention(), packing=True)
+    assert decide_attention("auto", old, ModelAttention(), packing=True).name == "flash_attention_2"
 
 
 def test_the_cli_refuses_an_attention_it_cannot_run_in_one_line(tmp_path, qa_rows):
@@ -343,7 +346,7 @@ def test_varlen_kernels_on_cuda_give_the_unpacked_loss_and_gradients(tok, attent
     a GPU-reduction tolerance (loss rel 1e-4, gradients atol 1e-5 + rtol 1e-3); flash-attn and
     PyTorch's varlen kernel compute in half precision only, so they are compared in bf16 with a
     bf16 tolerance (2e-2 / 5e-2)."""
-    if attention == "flash_attention_2" and not attention_mod.flash_attn_installed():
+    if attention == "flash_attention_2" and not Machine.probe("cuda").flash_attn:
         pytest.skip("flash-attn is not installed")
     if attention == "tunelab_varlen":
         varlen.register()

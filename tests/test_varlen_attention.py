@@ -118,11 +118,25 @@ def test_padded_batches_and_generation_go_through_sdpa_unchanged() -> None:
     assert torch.equal(a, b)
 
 
-def test_refusals_name_the_reason() -> None:
-    config = tiny("sdpa").config
-    assert "CUDA" in (varlen.refusal(config, torch.bfloat16, "cpu") or "")
-    if torch.cuda.is_available():
-        assert "bfloat16" in (varlen.refusal(config, torch.float32, "cuda") or "")
+def test_the_kernel_refuses_attention_it_does_not_compute() -> None:
+    """A model whose config hid a window, softcapping or sinks still cannot get other maths: the
+    attention function raises with what was asked instead of silently ignoring it."""
+    model = tiny(varlen.NAME).eval()
+    ids, positions = packed(examples())
+    layer = model.model.layers[0].self_attn
+    for asked, words in (
+        ({"softcap": 50.0}, "softcapping"),
+        ({"s_aux": torch.zeros(4)}, "sinks"),
+        ({"sliding_window": 6}, "sliding window of 6 tokens over a packed example of 9"),
+    ):
+        q = torch.zeros(1, 4, ids.shape[1], 16)
+        with pytest.raises(ValueError, match=words):
+            varlen.varlen_attention(layer, q, q[:, :2], q[:, :2], None, position_ids=positions, **asked)
+    q = torch.zeros(1, 4, ids.shape[1], 16)  # a window as wide as the longest example hides nothing
+    out, _ = varlen.varlen_attention(
+        layer, q, q[:, :2], q[:, :2], None, position_ids=positions, sliding_window=9
+    )
+    assert out.shape == (1, ids.shape[1], 4, 16)
 
 
 @pytest.mark.gpu
@@ -150,22 +164,19 @@ def test_flash_kernel_matches_the_per_example_reference_on_cuda() -> None:
 # --- model.attention: varlen in the recipe, the resolver and the trainer -------------------------
 
 
-def test_auto_picks_varlen_on_cuda_for_packing_runs_and_an_explicit_varlen_is_refused_on_cpu(monkeypatch):
-    from tunelab.models import attention
+def test_auto_picks_varlen_on_cuda_for_packing_runs_and_an_explicit_varlen_is_refused_on_cpu():
+    from tunelab.models.attention import AttentionUnavailable, Machine, ModelAttention, decide_attention
 
-    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
-    monkeypatch.setattr(varlen, "kernel_available", lambda: None)
-    assert attention.resolve_attention("auto", "cuda", packing=True) == varlen.NAME
-    assert attention.resolve_attention("auto", "cuda", packing=False) == "sdpa"
-    assert attention.resolve_attention("auto", "cuda", packing=True, fp32=True) == "flex_attention"
-    with pytest.raises(attention.AttentionUnavailable, match="bfloat16"):
-        attention.resolve_attention("varlen", "cuda", packing=True, fp32=True)
-    monkeypatch.undo()
+    llama, cuda = ModelAttention.from_config(tiny("sdpa").config), Machine("cuda", varlen_kernel=None)
+    assert decide_attention("auto", cuda, llama, packing=True, max_length=64).name == varlen.NAME
+    assert decide_attention("auto", cuda, llama, packing=False).name is None  # the model's default
+    assert decide_attention("auto", cuda, llama, packing=True, fp32=True).name == "flex_attention"
+    with pytest.raises(AttentionUnavailable, match="bfloat16"):
+        decide_attention("varlen", cuda, llama, packing=True, fp32=True)
+    with pytest.raises(AttentionUnavailable, match="model.attention: varlen cannot run: no CUDA"):
+        decide_attention("varlen", Machine("cpu", varlen_kernel="no CUDA device"), llama, packing=True)
     if not torch.cuda.is_available():
-        with pytest.raises(
-            attention.AttentionUnavailable, match="model.attention: varlen cannot run: no CUDA"
-        ):
-            attention.resolve_attention("varlen", "cpu", packing=True)
+        assert "no CUDA device" in (Machine.probe("cpu").varlen_kernel or "")
 
 
 def test_a_run_on_varlen_trains_flat_packs_with_the_unpacked_loss(tiny_recipe, monkeypatch) -> None:

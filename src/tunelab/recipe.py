@@ -16,9 +16,15 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.data.packing import packing_in_effect
+from tunelab.data.packing import PackingUnsupported, packing_in_effect
 from tunelab.methods import METHODS
-from tunelab.models.attention import resolve_attention
+from tunelab.models.attention import (
+    FastPath,
+    Machine,
+    ModelAttention,
+    decide_attention,
+    packing_refusal,
+)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
@@ -430,17 +436,41 @@ class Recipe(Section):
             )
         return self
 
-    def fast_path(self, device_type: str) -> tuple[str | None, bool]:
+    def fast_path(self, device_type: str, config: Any = None, machine: Machine | None = None) -> FastPath:
         """The attention in effect on ``device_type`` (None: the model's default) and whether
-        training packs: the one place ``model.attention`` and ``data.packing`` are resolved, for
-        the loop, the plan and anything else that must agree with them. Raises
-        :class:`~tunelab.models.attention.AttentionUnavailable` for a kernel that cannot run here."""
+        training packs, with auto's reasons: the one place ``model.attention`` and ``data.packing``
+        are resolved, for the loop, the plan and anything else that must agree with them.
+
+        Decided from the model's ``config`` (loaded from ``model.name_or_path`` when not given) and
+        the ``machine``'s facts (probed when not given); given both, the decision is pure. Raises
+        :class:`~tunelab.models.attention.AttentionUnavailable` for a kernel that cannot run here or
+        cannot compute this model's attention, and
+        :class:`~tunelab.data.packing.PackingUnsupported` for ``data.packing: true`` on a model
+        whose layers would mix packed examples."""
+        if config is None:
+            from tunelab.models.load import load_config  # noqa: PLC0415  (transformers loads lazily)
+
+            config = load_config(self.model.name_or_path, trust_remote_code=self.model.trust_remote_code)
+        model = ModelAttention.from_config(config)
         packs = OBJECTIVES.get(self.objective.name).impl.packs
-        fp32 = self.model.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32")
-        attention = resolve_attention(
-            self.model.attention, device_type, packing=packs and self.data.packing is not False, fp32=fp32
+        setting, max_length = self.data.packing, self.data.max_length
+        refusal = packing_refusal(model, max_length) if packs and setting is not False else None
+        if refusal and setting is True:
+            raise PackingUnsupported(f"data.packing: {refusal}; set data.packing: false")
+        attention = decide_attention(
+            self.model.attention,
+            machine or Machine.probe(device_type),
+            model,
+            packing=packs and setting is not False and refusal is None,
+            fp32=self.model.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32"),
+            max_length=max_length,
         )
-        return attention, packing_in_effect(self.data.packing, packs, attention)
+        return FastPath(
+            attention.name,
+            refusal is None and packing_in_effect(setting, packs, attention.name),
+            attention.why,
+            f"refused: {refusal}" if refusal else "",
+        )
 
     @model_validator(mode="after")
     def _fast_path_fits(self) -> Recipe:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -408,6 +409,26 @@ def load_model(
         model_cls=model_cls,
         model_kwargs=model_kwargs,
     )
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of any model spec :func:`load_model` accepts, without the weights
+    (what the attention and the plan are decided from before the model loads)."""
+    if spec.startswith(TINY_PREFIX):
+        from tunelab.models.tiny import tiny_llama_config
+
+        if spec != "tiny:llama":
+            raise ModelNotFoundError(f"unknown tiny model {spec!r}; the built-in one is 'tiny:llama'")
+        return tiny_llama_config()
+    if spec.startswith(ASSET_PREFIX):
+        spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
+    source = classify_source(spec)
+    if source == "gguf":
+        gguf = _existing_path(spec)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # the header, no tensors
+    location = _existing_path(spec) if source == "local" else spec
+    kwargs = {"trust_remote_code": trust_remote_code, **_hub_kwargs(source)}
+    return _from_pretrained(AutoConfig.from_pretrained, location, source, **kwargs)
 
 
 def _tiny(

@@ -124,6 +124,33 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_llama_config(
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = False,
+) -> LlamaConfig:
+    """The tiny Llama's config (what ``tiny:llama`` builds), without building the model."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_llama(
     tokenizer: PreTrainedTokenizerFast | None = None,
     *,
@@ -136,19 +163,14 @@ def build_tiny_llama(
     tie_word_embeddings: bool = False,
 ) -> LlamaForCausalLM:
     """A seeded fp32 Llama sized for CPU tests; the global RNG is left untouched."""
-    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = tiny_llama_config(
+        tokenizer,
+        num_layers=num_layers,
         hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512,
         tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

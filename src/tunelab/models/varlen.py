@@ -14,6 +14,11 @@ that as a transformers attention implementation (``attn_implementation="tunelab_
 transformers' public ``AttentionInterface`` / ``AttentionMaskInterface``, so any model whose
 attention goes through the interface (Llama, Qwen, Mistral, Gemma, Phi...) can use it.
 
+The kernel computes plain causal softmax attention inside each example: models whose attention
+does more (softcapping, sinks, a sliding window narrower than an example) are refused from their
+config by :func:`tunelab.models.attention.varlen_refusal`, and the attention function below raises
+if such a request still reaches it rather than computing something else.
+
 Where the kernel cannot run (CPU, float32), the same function computes each example with SDPA in
 a loop: the exact reference the tests compare against, and what a CPU run gets. A batch that
 carries a padding mask, or a decoding step with a KV cache, is handed to transformers' SDPA path.
@@ -38,25 +43,6 @@ def kernel_available() -> str | None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (PyTorch 2.9 or newer has it)"
     if not torch.cuda.is_available():
         return "no CUDA device: PyTorch's varlen FlashAttention runs on NVIDIA GPUs only"
-    return None
-
-
-def refusal(config: Any, dtype: torch.dtype, device: str) -> str | None:
-    """Why ``model.attention: varlen`` cannot run this model on this device, or None."""
-    reason = kernel_available()
-    if reason:
-        return reason
-    if not str(device).startswith("cuda"):
-        return f"the model is on {device}; varlen attention runs on CUDA"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"FlashAttention needs bfloat16 or float16 weights, not {dtype}; set model.dtype: bfloat16"
-    if getattr(config, "attn_logit_softcapping", None):
-        return f"{config.model_type} caps attention logits, which the varlen kernel does not"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return f"{config.model_type} uses sliding-window attention, which this path does not implement"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim > 256 or head_dim % 8:
-        return f"head dimension {head_dim}: FlashAttention needs a multiple of 8 up to 256"
     return None
 
 
@@ -122,10 +108,28 @@ def varlen_attention(
     if position_ids.shape[0] != b:
         position_ids = position_ids.expand(b, -1)
     cu, longest = cu_seqlens(position_ids)
+    if (asked := _beyond_plain_attention(kwargs, longest)) is not None:
+        raise ValueError(
+            f"model.attention: varlen cannot compute {type(module).__name__}'s attention: it asks for {asked}, "
+            "which the varlen kernel does not do; use model.attention: sdpa or auto"
+        )
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
     fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and kernel_available() is None
     out = _flash(q, k, v, cu, longest, scaling) if fast else _reference(q, k, v, cu, scaling)
     return out.reshape(b, s, h, d), None
+
+
+def _beyond_plain_attention(kwargs: dict[str, Any], longest: int) -> str | None:
+    """What the model asks of its attention beyond plain causal softmax over each example (the
+    resolver refuses such models from their config first; this catches a config that hides it)."""
+    if kwargs.get("softcap") is not None:
+        return f"attention-logit softcapping ({kwargs['softcap']})"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks"
+    window = kwargs.get("sliding_window")
+    if window is not None and longest > window:  # a key is hidden only when q - k >= window
+        return f"a sliding window of {window} tokens over a packed example of {longest}"
+    return None
 
 
 def _flash(

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from tunelab.data.packing import packing_in_effect
-from tunelab.models.attention import VARLEN_ATTENTION, AttentionUnavailable
+from tunelab.models.attention import VARLEN_ATTENTION, AttentionUnavailable, FastPath
 from tunelab.objectives import OBJECTIVES
 from tunelab.plan.gpus import GIB, Gpu
 
@@ -199,26 +199,11 @@ class MemoryPlan:
 # ---------------------------------------------------------------- the model, counted on `meta`
 
 
-def model_config(spec: str, *, trust_remote_code: bool = False, seed: int = 0) -> Any:
+def model_config(spec: str, *, trust_remote_code: bool = False) -> Any:
     """The transformers config of any model spec tunelab loads, without reading weights."""
-    from transformers import AutoConfig  # noqa: PLC0415
+    from tunelab.models.load import load_config  # noqa: PLC0415
 
-    from tunelab.models.load import ASSET_PREFIX, TINY_PREFIX  # noqa: PLC0415
-
-    if spec.startswith(TINY_PREFIX):
-        from tunelab.models.load import load_model  # noqa: PLC0415  (tiny: building it is cheap)
-
-        return load_model(spec, device="cpu", seed=seed)[0].config
-    if spec.startswith(ASSET_PREFIX):
-        from tunelab.assets import asset_path  # noqa: PLC0415
-
-        spec = str(asset_path(spec[len(ASSET_PREFIX) :]))
-    if spec.lower().endswith(".gguf"):
-        from pathlib import Path  # noqa: PLC0415
-
-        path = Path(spec)
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    return load_config(spec, trust_remote_code=trust_remote_code)
 
 
 def prepared_on_meta(config: Any, method_cfg: Any, dtype: torch.dtype) -> nn.Module:
@@ -495,12 +480,15 @@ def plan_inputs(
     if config is None:
         if spec.startswith("tiny:"):
             dtype = torch.float32  # the tiny model is always built in fp32
-        config = model_config(spec, trust_remote_code=recipe.model.trust_remote_code, seed=recipe.seed)
+        config = model_config(spec, trust_remote_code=recipe.model.trust_remote_code)
     model = prepared_on_meta(config, recipe.method, dtype)
     facts = model_facts(model, config, double_quant=getattr(recipe.method, "double_quant", True))
-    attention, packing = _planned_fast_path(recipe, device)
+    fast = _planned_fast_path(recipe, device, config)
+    attention, packing = fast.attention, fast.packing
+    why = "; ".join(f"auto: {w}" for w in (fast.attention_why, fast.packing_why) if w)
     notes.append(
         f"attention: {attention or 'the model default (sdpa)'}; packing: {'on' if packing else 'off'}"
+        + (f" ({why})" if why else "")
     )
     mixed = recipe.training.mixed_precision
     autocast = device == "cuda" and mixed != "no"
@@ -534,16 +522,16 @@ def plan_inputs(
     return PlanInputs(facts, regime, spec, recipe.method.name, gpu, capacity, tuple(notes))
 
 
-def _planned_fast_path(recipe: Any, device: str) -> tuple[str | None, bool]:
+def _planned_fast_path(recipe: Any, device: str, config: Any) -> FastPath:
     """Attention and packing as the run will resolve them (``Recipe.fast_path``). A plan for a GPU
     made elsewhere keeps an explicit kernel this machine could not run (flash-attn not installed
     here): the plan is for the machine that will."""
     try:
-        return recipe.fast_path(device)
+        return recipe.fast_path(device, config)
     except AttentionUnavailable:
         attention = recipe.model.attention
         packs = OBJECTIVES.get(recipe.objective.name).impl.packs
-        return attention, packing_in_effect(recipe.data.packing, packs, attention)
+        return FastPath(attention, packing_in_effect(recipe.data.packing, packs, attention))
 
 
 def _liger_loss_planned(recipe: Any, device: str, config: Any) -> bool:

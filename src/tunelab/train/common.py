@@ -20,6 +20,7 @@ from tunelab.console import labelled
 from tunelab.data.templates import select_template
 from tunelab.methods.base import with_learning_rates
 from tunelab.methods.lr_structure import structure_learning_rates
+from tunelab.models.attention import FastPath
 from tunelab.models.load import MODEL_CLASSES, load_model, tokenizer_for
 from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe
@@ -140,11 +141,15 @@ def log_row(run: RunDir, tracking: Tracking, row: dict[str, Any]) -> None:
 
 
 def load_base_model(
-    recipe: Recipe, device: str, model_kind: str, model_kwargs: dict[str, Any] | None = None
+    recipe: Recipe,
+    device: str,
+    model_kind: str,
+    model_kwargs: dict[str, Any] | None = None,
+    fast: FastPath | None = None,
 ) -> Any:
     """The recipe's model with the head the objective asks for (offline and online runs alike), with
-    the attention ``model.attention`` resolves to on this device."""
-    attention, _ = recipe.fast_path(torch.device(device).type)
+    the attention ``model.attention`` resolves to on this device (``fast``: already resolved)."""
+    attention = (fast or recipe.fast_path(torch.device(device).type)).attention
     model, _ = load_model(
         recipe.model.name_or_path,
         dtype=recipe.model.dtype,

@@ -20,7 +20,7 @@ from tunelab.console import labelled, make_console, styled
 from tunelab.data.packing import PackingUnsupported, pack_features, packing_isolates
 from tunelab.evaluate.tasks import evaluate_per_task
 from tunelab.methods import METHODS, Prepared, count_parameters
-from tunelab.models.attention import VARLEN_ATTENTION
+from tunelab.models.attention import VARLEN_ATTENTION, FastPath
 from tunelab.recipe import Recipe
 from tunelab.runs.manifest import update_manifest
 from tunelab.runs.rundir import RunDir
@@ -177,8 +177,10 @@ class Trainer:
     def _setup_model(self, device: str) -> Prepared:
         """The model with the objective's head, shaped by the method; checkpointing and packing."""
         recipe = self.recipe
-        attention, packing = recipe.fast_path(torch.device(device).type)  # refuses a kernel that cannot run
-        model = load_base_model(recipe, device, self.objective.model_kind, self.objective.model_kwargs())
+        fast = recipe.fast_path(torch.device(device).type)  # refuses a kernel that cannot run
+        model = load_base_model(
+            recipe, device, self.objective.model_kind, self.objective.model_kwargs(), fast
+        )
         # kernels before the method: Liger patches the transformers modules, LoRA then wraps their linears
         self.kernels = self._apply_kernels(model, device)
         self.method = METHODS.get(recipe.method.name).impl
@@ -192,9 +194,9 @@ class Trainer:
         for key, value in prepared.notes.items():
             self.console.print(labelled("note", f"{key}: {value}"))
         self._setup_activations(prepared.model, device)
-        self._report_fast_path(prepared.model, attention, packing)
-        if packing:
-            self._pack(prepared.model, flat=attention in VARLEN_ATTENTION)
+        self._report_fast_path(prepared.model, fast)
+        if fast.packing:
+            self._pack(prepared.model, flat=fast.attention in VARLEN_ATTENTION)
         if self.kernels.name == "liger" and hasattr(self.objective, "use_liger_cross_entropy"):
             self.console.print(Text(f"kernels: {self.objective.use_liger_cross_entropy(prepared.model)}"))
         # compile last: the layers it compiles are the ones the method and checkpointing have shaped
@@ -308,17 +310,17 @@ class Trainer:
             n_batches=ewc.batches,
         )
 
-    def _report_fast_path(self, model: Any, attention: str | None, packing: bool) -> None:
+    def _report_fast_path(self, model: Any, fast: FastPath) -> None:
         """One line (and the manifest) saying which attention and packing the run uses, and why."""
-        data, chosen = self.recipe.data, self.recipe.model.attention
-        in_effect = attention or model.config._attn_implementation
-        self.console.print(
-            Text(
-                f"attention: {in_effect} (model.attention: {chosen}); "
-                f"packing: {'on' if packing else 'off'} (data.packing: {str(data.packing).lower()})"
-            )
+        recipe = self.recipe
+        in_effect = fast.attention or model.config._attn_implementation
+        self.console.print(Text(fast.describe(recipe.model.attention, recipe.data.packing, in_effect)))
+        reasons = {"attention": fast.attention_why, "packing": fast.packing_why}
+        self._record_in_manifest(
+            attention=in_effect,
+            packing=fast.packing,
+            fast_path_reasons={k: v for k, v in reasons.items() if v},
         )
-        self._record_in_manifest(attention=in_effect, packing=packing)
 
     def _pack(self, model: Any, *, flat: bool) -> None:
         """Pack the training split; ``flat``: each micro-batch becomes one padding-free row (the
