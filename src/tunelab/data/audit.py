@@ -664,16 +664,18 @@ def audit(
     report["unreadable"] = unreadable.section()
     report["rows_rejected"] = load.rows_rejected + report["format_errors"]["rows"]
     report["blocking"] = blocking_problems(report)
+    if report["rows"] == 0 and unreadable.examples:  # nothing to audit: the first bad row says why
+        first = unreadable.examples[0]
+        raise DataError(path, first["row"], "", f"{first['error']} ({no_rows_reason(load)})")
     if report["rows"] == 0:
-        raise DataError(path, 0, "", no_rows_reason(load, unreadable.examples[:1]))
+        raise DataError(path, 0, "", no_rows_reason(load))
     return report
 
 
-def no_rows_reason(load: LoadReport, first: list[dict] | None = None) -> str:
+def no_rows_reason(load: LoadReport) -> str:
     """Why a file gave no records, for the error that refuses to audit/clean/split nothing."""
     if load.rows_rejected:
-        at = f"; the first, line {first[0]['row']}: {first[0]['error']}" if first else ""
-        return f"no readable rows ({load.rows_rejected} skipped as unreadable{at}); nothing to do"
+        return f"no readable rows ({load.rows_rejected} skipped as unreadable); nothing to do"
     return "no data rows (the file is empty); nothing to do"
 
 
