@@ -182,7 +182,15 @@ def long_line_table(console, megabytes: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"one {megabytes} MB line + 100 ordinary rows (each command in a fresh process)")
-    cols = ("command", "seconds", "baseline s", "peak RSS MB", "baseline RSS MB", "growth MB", "growth / line size")
+    cols = (
+        "command",
+        "seconds",
+        "baseline s",
+        "peak RSS MB",
+        "baseline RSS MB",
+        "growth MB",
+        "growth / line size",
+    )
     for col in cols:
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:

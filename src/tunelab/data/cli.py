@@ -279,9 +279,7 @@ def audit(
     as_json: JsonOpt = False,
     strict: Annotated[
         bool,
-        typer.Option(
-            "--strict", help="Exit 1 on blocking problems (rejected rows, leakage, empty targets)."
-        ),
+        typer.Option("--strict", help="Exit 1 on blocking problems (rejected rows, leakage, empty targets)."),
     ] = False,
 ) -> None:
     """Report duplicates, leakage, lengths, label balance, hygiene and PII of a data file."""

@@ -307,7 +307,9 @@ def _v1_parts(parts: list, where: str) -> tuple[list, dict]:
             reasoning.append(_text(p.get("value"), f"{where}.content[{i}].value"))
         elif kind in ("tool_call", "tool_calls"):
             value = p.get("value")
-            value = _json(value, f"{where}.content[{i}]", "the tool call") if isinstance(value, str) else value
+            value = (
+                _json(value, f"{where}.content[{i}]", "the tool call") if isinstance(value, str) else value
+            )
             calls += _tool_calls(value, f"{where}.content[{i}]")
         else:
             text.append(p)

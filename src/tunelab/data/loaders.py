@@ -200,7 +200,9 @@ def _flaw(obj: Any, escapes: bool) -> str:
         if isinstance(value, _NonFinite):
             return f"field '{where}' is {value.name}, which is not valid JSON; write a number or a string"
         if isinstance(value, _Duplicated):
-            return f"key '{value.duplicate}' appears twice in {name}; keep one (JSON readers disagree on which)"
+            return (
+                f"key '{value.duplicate}' appears twice in {name}; keep one (JSON readers disagree on which)"
+            )
         if escapes and isinstance(value, str) and (bad := _SURROGATE.search(value)):
             code = f"\\u{ord(bad[0]):04x}"
             return (
