@@ -12,7 +12,7 @@ audit's own. Peers, on the same data in this run:
 from LSH bucketing), and labelled so.
 
 Hostile input: ``--long-mb 50`` (default; 0 skips it) also writes a file whose first row is one
-line of that many MB (plus 100 ordinary rows) and measures `audit`, `clean` and `split` on it,
+line of that many MB (plus 100 ordinary rows) and measures `audit`, `clean`, `split` and `show` on it,
 each in a fresh process, with the peak RSS of the same command on the ordinary rows alone as the
 baseline: memory must grow by a small multiple of the line, not hundreds of times it.
 ``--only-long`` runs just that case.
@@ -166,6 +166,11 @@ def run_command(mode: str, path: str) -> dict:
             from tunelab.data.split import split
 
             split(path, Path(out) / "split")
+        elif mode == "show":  # `data show` on the first row (the long one), tiny:llama's tokenizer
+            from tunelab.data.show import preview_examples
+            from tunelab.models.load import tokenizer_for
+
+            preview_examples(path, tokenizer_for("tiny:llama"), n=1)
         else:
             from tunelab.data.audit import audit
 
@@ -177,20 +182,30 @@ def long_line_table(console, megabytes: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"one {megabytes} MB line + 100 ordinary rows (each command in a fresh process)")
-    for col in ("command", "seconds", "peak RSS MB", "baseline RSS MB", "growth MB", "growth / line size"):
+    cols = (
+        "command",
+        "seconds",
+        "baseline s",
+        "peak RSS MB",
+        "baseline RSS MB",
+        "growth MB",
+        "growth / line size",
+    )
+    for col in cols:
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         long_path, base_path = Path(tmp) / "long.jsonl", Path(tmp) / "base.jsonl"
         generate_long(long_path, megabytes)
         generate_long(base_path, megabytes, with_long=False)
         size_mb = (long_path.stat().st_size - base_path.stat().st_size) / 2**20
-        for mode in ("audit", "clean", "split"):
+        for mode in ("audit", "clean", "split", "show"):
             base = measure(f"cmd_{mode}", base_path)
             r = measure(f"cmd_{mode}", long_path)
             growth = r["peak_rss_mb"] - base["peak_rss_mb"]
             table.add_row(
                 mode,
                 f"{r['seconds']:.1f}",
+                f"{base['seconds']:.1f}",
                 f"{r['peak_rss_mb']:.0f}",
                 f"{base['peak_rss_mb']:.0f}",
                 f"{growth:.0f}",
@@ -204,6 +219,7 @@ def child(mode: str, path: str, n: int) -> None:
         "cmd_audit": lambda: run_command("audit", path),
         "cmd_clean": lambda: run_command("clean", path),
         "cmd_split": lambda: run_command("split", path),
+        "cmd_show": lambda: run_command("show", path),
         "audit": lambda: run_audit(path),
         "peer_near": lambda: run_peer_near(path, n, 0.8),
         "ours_near": lambda: run_ours_near(path, n, 0.8),

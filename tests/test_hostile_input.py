@@ -107,6 +107,16 @@ def test_bad_file_is_one_located_line(tmp_path, command, case):
     path = write(tmp_path, name, data)
     out = tmp_path / "out"
     out.mkdir()
+    if command == "audit" and data.startswith(GOOD):
+        # The audit never stops at a row: the bad one is listed with its reason, --strict fails.
+        res = run(command, path, out, "--json")
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+        listed = json.loads(res.stdout)["unreadable"]
+        assert listed["rows"] == 1 and listed["examples"][0]["row"] == line, listed
+        assert text.split(" (")[0] in listed["examples"][0]["error"] or case == "markup_name_and_row"
+        assert run(command, path, out, "--strict").exit_code == 1
+        nothing_written(out)
+        return
     msg = error_line(run(command, path, out))
     where = f"{path}:{line}:" if line else f"{path}:"
     assert where in msg and text in msg, msg
@@ -117,7 +127,7 @@ def test_bad_file_is_one_located_line(tmp_path, command, case):
 def test_long_line_number_is_not_an_emoji(tmp_path):
     """`:1234:` once printed as an emoji; the location must come back as written."""
     path = write(tmp_path, "file.jsonl", GOOD * 1233 + b"{broken\n")
-    msg = error_line(run("audit", path, tmp_path))
+    msg = error_line(run("clean", path, tmp_path))
     assert f"{path}:1234: invalid JSON" in msg
 
 
@@ -156,14 +166,16 @@ def test_null_field(tmp_path):
     )
     msg = error_line(run("show", path, tmp_path, "-n", "2"))
     assert f"{path}:2: field 'output' is null" in msg
-    # the audit refuses the file with the line show (and training) give for it
-    assert error_line(run("audit", path, tmp_path, "--json")) == msg
-    res = run("audit", path, tmp_path, "--json", "--strict", "--skip-bad")
-    assert res.exit_code == 1  # skipped, the row is still reported as a blocking format error
+    # the audit lists the row with the reason show (and training) give for it, and goes on
+    res = run("audit", path, tmp_path, "--json")
+    assert res.exit_code == 0
     errors = json.loads(res.stdout)["format_errors"]
     assert errors["examples"] == [
         {"row": 2, "error": "field 'output' is null; give it a value or drop the row"}
     ]
+    assert errors["examples"][0]["error"] in msg
+    res = run("audit", path, tmp_path, "--json", "--strict")
+    assert res.exit_code == 1  # the row is a blocking format error
     res = run("clean", path, tmp_path, "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["dropped"] == {"format_error": 1}
     log = [json.loads(x) for x in (tmp_path / "clean.jsonl.changes.jsonl").read_text().splitlines()]
@@ -171,14 +183,12 @@ def test_null_field(tmp_path):
 
 
 def test_mixed_formats(tmp_path):
-    """A chat row inside an instruction file: show and the audit fail on it with the same line; the
-    audit with --skip-bad and clean name the row."""
+    """A chat row inside an instruction file: show fails on it; the audit and clean name the row."""
     rows = [{"instruction": "q one two", "output": "a"}, {"messages": [{"role": "user", "content": "hi"}]}]
     path = write(tmp_path, "mixed.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     msg = error_line(run("show", path, tmp_path, "-n", "2"))
     assert f"{path}:2: missing required field 'instruction'" in msg
-    assert error_line(run("audit", path, tmp_path)) == msg
-    res = run("audit", path, tmp_path, "--json", "--strict", "--skip-bad")
+    res = run("audit", path, tmp_path, "--json", "--strict")
     assert res.exit_code == 1 and json.loads(res.stdout)["format_errors"]["examples"][0]["row"] == 2
     res = run("clean", path, tmp_path, "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["dropped"] == {"format_error": 1}
@@ -202,7 +212,8 @@ def test_hostile_names_and_rows_come_back_verbatim(name, text):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.jsonl"
         path.write_text(GOOD.decode() + "{oops " + text + "\n", encoding="utf-8")
-        msg = error_line(runner.invoke(app, ["data", "audit", str(path)], env={"COLUMNS": None}))
+        args = ["data", "show", str(path), "--model", "tiny:llama"]
+        msg = error_line(runner.invoke(app, args, env={"COLUMNS": None}))
         assert msg.startswith(f"error: {path}:2: invalid JSON")
         assert msg.endswith(f"(near: '{{oops {text}')")
 
@@ -230,7 +241,8 @@ def test_option_errors_name_the_option(tmp_path):
 
 
 def test_no_traceback_from_a_subprocess(tmp_path):
-    """The installed entry point, not just the test runner: exit 2 and one line for a deep row."""
+    """The installed entry point, not just the test runner: exit 2 and one line for a file whose
+    only row is too deep (nothing left to audit: the row's reason is the error)."""
     import subprocess
     import sys
 

@@ -329,8 +329,25 @@ def judge_args(tmp_path: Path, served: Served, judge: ScriptedJudge, *extra: str
     ]  # fmt: skip
 
 
-def test_judge_command_over_http_writes_pairs_and_a_rerun_hits_the_cache(servers, tmp_path: Path) -> None:
-    served, judge = servers
+@pytest.fixture(scope="module")
+def candidates() -> Iterator[ScriptedJudge]:
+    """A candidate model with clean text of varied lengths: tiny:llama's answers are byte soup (U+FFFD,
+    control characters) that the closing audit drops, so pairs are checked on answers it keeps."""
+    made = iter(range(10**6))
+
+    def answer(messages: list[dict]) -> str:
+        k = next(made)
+        return f"Candidate answer number {k} " + "with more words " * (k % 4)
+
+    server = ScriptedJudge(answer)
+    with server.server:
+        yield server
+
+
+def test_judge_command_over_http_writes_pairs_and_a_rerun_hits_the_cache(
+    servers, candidates, tmp_path: Path
+) -> None:
+    served, judge = candidates, servers[1]
     before_served, before_judge = served.requests, judge.requests
     result = CliRunner().invoke(app, judge_args(tmp_path, served, judge))
     assert result.exit_code == 0, result.output
@@ -345,7 +362,7 @@ def test_judge_command_over_http_writes_pairs_and_a_rerun_hits_the_cache(servers
     assert row["judge"]["mode"] == "pairwise" and row["judge"]["position_consistent"] is True
     assert len(row["judge"]["reasons"]) == 2 and "[[" in row["judge"]["reasons"][0]
     assert row["judge"]["model"].endswith("#judge")
-    assert row["provenance"]["chosen"]["model"] == f"endpoint:{served.server.url}/v1#tiny:llama"
+    assert row["provenance"]["chosen"]["model"] == f"endpoint:{served.server.url}/v1#judge"
     assert {row["provenance"]["chosen"]["seed"], row["provenance"]["rejected"]["seed"]} == {0, 1}
     assert "kept" in result.output
 

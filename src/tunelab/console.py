@@ -13,6 +13,7 @@ Two rules hold for all output (see docs/architecture.md, "Output"):
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,6 +96,22 @@ def is_terminal(stream=None) -> bool:
         return stream.isatty() and os.environ.get("TERM") != "dumb"
     except (AttributeError, ValueError):
         return False
+
+
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """``text`` with control characters (C0, DEL, C1) shown as escapes (``\\x1b``, ``\\r``), so data
+    cannot move the cursor, clear the screen or retitle the terminal; the characters in ``keep``
+    (say ``"\\n\\t"``) stay as they are. Printable text, markup-like included, is unchanged."""
+
+    def name(m: re.Match) -> str:
+        c = m[0]
+        return c if c in keep else _CONTROL_NAMES.get(c, f"\\x{ord(c):02x}")
+
+    return _CONTROLS.sub(name, text)
 
 
 def styled(text: str, style: str) -> Text:

@@ -45,10 +45,13 @@ def test_clean_and_split(planted, tmp_path):
 def test_errors_are_short_and_located(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
-    res = runner.invoke(app, ["audit", str(bad)])
+    res = runner.invoke(app, ["clean", str(bad), "-o", str(tmp_path / "out.jsonl")])
     assert res.exit_code == 2 and "bad.jsonl:2" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["audit", str(bad), "--skip-bad", "--json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)["rows_rejected"] == 1
+    # the audit lists the row and goes on (--skip-bad is still accepted, and changes nothing)
+    for extra in ([], ["--skip-bad"]):
+        res = runner.invoke(app, ["audit", str(bad), "--json", *extra])
+        assert res.exit_code == 0 and json.loads(res.stdout)["rows_rejected"] == 1
+        assert json.loads(res.stdout)["unreadable"]["examples"][0]["row"] == 2
 
 
 def test_columns_option(tmp_path):
@@ -88,7 +91,7 @@ def test_markup_in_names_and_rows_prints_as_written(tmp_path):
     """rich markup and emoji codes in user text are never interpreted (console markup/emoji off)."""
     p = tmp_path / "[red]x:smile:.jsonl"
     p.write_text(_rows(3) + '{"text": [bold red]BAD[/]}\n', encoding="utf-8")
-    res = runner.invoke(app, ["audit", str(p)])
+    res = runner.invoke(app, ["clean", str(p), "-o", str(tmp_path / "out.jsonl")])
     assert res.exit_code == 2
     assert (
         res.stderr

@@ -23,7 +23,6 @@ from tunelab.data.canonical import (
     StreamOptions,
     count_unused,
     normalize_text,
-    row_error,
     stream_canonical,
     text_hash,
 )
@@ -43,6 +42,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 EXAMPLES = 5
+LISTED = 100  # rejected rows listed with their reasons in the report (all are counted)
 SHORT_WORDS = 3  # a full example with fewer words than this is a "too short" outlier
 LONG_FACTOR = 10  # ... and one longer than this many times the median is "too long"
 TOKEN_TEXT = 1 << 20  # token counts of longer texts are estimated from this many leading characters
@@ -187,7 +187,6 @@ class _Settings:
     near_threshold: float
     num_perm: int
     ngram: int
-    reject_rows: bool = False
 
 
 def _kind(v: Any) -> str:
@@ -256,7 +255,7 @@ class _TrainStats:
         """Rows that do not fit the format: counted, the first few kept as examples; columns the
         format does not read are counted per column."""
         self.n_fmt_errors += len(ch.errors)
-        for k, message in ch.errors[: max(0, EXAMPLES - len(self.fmt_errors))]:
+        for k, message in ch.errors[: max(0, LISTED - len(self.fmt_errors))]:
             self.fmt_errors.append({"row": ch.records[k][0], "error": message})
         for k in ch.index:
             count_unused(self.unused, ch.records[k][1], ch.fmt, self.s.columns)
@@ -486,21 +485,18 @@ def audit_records(
     ngram: int = neardup.NGRAM,
     progress: Progress | None = None,
     source: str = "<records>",
-    reject_rows: bool = False,
 ) -> dict:
     """Audit ``(row, record)`` pairs; ``eval_sets`` maps a name to its own pairs for leakage checks.
 
-    Returns the report dict described in ``docs/data.md``. With ``reject_rows`` a row that does not
-    fit the format raises the error training gives for it (:func:`canonical.row_error`), so a file
-    the audit accepts is one training accepts; otherwise such rows are counted in ``format_errors``.
+    Returns the report dict described in ``docs/data.md``. A row that does not fit the format is
+    counted in ``format_errors`` and listed with the reason training gives for it (training drops
+    it, or refuses the file without ``data.skip_bad``); the audit itself never stops at a row.
     """
-    s = _Settings(fmt, columns, tokenizer, max_length, near_threshold, num_perm, ngram, reject_rows)
+    s = _Settings(fmt, columns, tokenizer, max_length, near_threshold, num_perm, ngram)
     st = _TrainStats(s)
     options = StreamOptions(prompts=True, num_perm=num_perm, ngram=ngram)
     for ch in stream_canonical(records, fmt, columns, source=source, options=options):
         s.fmt = ch.fmt
-        if reject_rows:
-            _refuse_bad_row(source, ch)
         st.raw(ch.records)
         st.format_errors(ch)
         if ch.canon:
@@ -535,8 +531,6 @@ def _eval_leakage(
     ev = _Rows()
     done = n_errors = 0
     for ch in stream_canonical(records, fmt, s.columns, source=name, options=options):
-        if s.reject_rows:
-            _refuse_bad_row(name, ch)
         n_errors += len(ch.errors)
         ev.add(ch)
         done += len(ch.records)
@@ -544,13 +538,6 @@ def _eval_leakage(
             progress(f"eval {name}", done)
     lk = _leakage(*train, ev.arrays(s.num_perm), s.near_threshold)
     return {"eval_file": name, **lk, "format_errors": n_errors}
-
-
-def _refuse_bad_row(source: str, ch: CanonicalChunk) -> None:
-    if ch.errors:
-        k, message = ch.errors[0]
-        row, record = ch.records[k]
-        raise row_error(source, row, record, message)
 
 
 def _report(
@@ -640,25 +627,46 @@ def _pii_section(st: _TrainStats) -> dict:
     }
 
 
+class _Unreadable:
+    """Rows the loader could not read (bad JSON, bad UTF-8, duplicate keys, ...): counted, and the
+    first :data:`LISTED` kept with their reasons for the report."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.examples: list[dict] = []
+
+    def __call__(self, line: int, reason: str, raw: str) -> None:
+        self.rows += 1
+        if len(self.examples) < LISTED:
+            self.examples.append({"row": line, "error": reason})
+
+    def section(self) -> dict:
+        return {"rows": self.rows, "examples": self.examples}
+
+
 def audit(
     path: str | os.PathLike,
     *,
     eval_paths: Sequence[str | os.PathLike] = (),
-    skip_bad: bool = False,
+    skip_bad: bool = True,
     **kw: Any,
 ) -> dict:
-    """Audit a data file and optional eval/test files; keyword arguments as for :func:`audit_records`."""
-    load = LoadReport()
-    evals = {str(p): iter_records(p, skip_bad=skip_bad) for p in eval_paths}
-    report = audit_records(
-        iter_records(path, skip_bad=skip_bad, report=load),
-        eval_sets=evals,
-        source=str(path),
-        reject_rows=not skip_bad,  # as training does: a bad row is an error unless skip_bad
-        **kw,
-    )
-    # Training rejects rows that do not fit the format too (to rejects.jsonl with skip_bad).
+    """Audit a data file and optional eval/test files; keyword arguments as for :func:`audit_records`.
+
+    The audit never stops at a row: a row that cannot be read, or does not fit the format, is
+    counted and listed with its reason (``unreadable`` and ``format_errors``) beside every other
+    finding, and :func:`blocking_problems` names them. ``skip_bad`` is accepted for old callers and
+    changes nothing."""
+    load, unreadable = LoadReport(), _Unreadable()
+    evals = {str(p): iter_records(p, skip_bad=True) for p in eval_paths}
+    records = iter_records(path, skip_bad=True, report=load, on_reject=unreadable)
+    report = audit_records(records, eval_sets=evals, source=str(path), **kw)
+    report["unreadable"] = unreadable.section()
     report["rows_rejected"] = load.rows_rejected + report["format_errors"]["rows"]
+    report["blocking"] = blocking_problems(report)
+    if report["rows"] == 0 and unreadable.examples:  # nothing to audit: the first bad row says why
+        first = unreadable.examples[0]
+        raise DataError(path, first["row"], "", f"{first['error']} ({no_rows_reason(load)})")
     if report["rows"] == 0:
         raise DataError(path, 0, "", no_rows_reason(load))
     return report
@@ -684,4 +692,6 @@ def blocking_problems(report: dict) -> list[str]:
         problems.append(f"{report['empty_targets']['rows']} rows have an empty target")
     if report["format_errors"]["rows"]:
         problems.append(f"{report['format_errors']['rows']} rows do not fit the {report['format']} format")
+    if report.get("unreadable", {}).get("rows"):
+        problems.append(f"{report['unreadable']['rows']} rows cannot be read")
     return problems

@@ -136,6 +136,9 @@ def render_audit(report: dict, console: Console = out) -> None:
     for section in (_shape_checks, _duplicate_checks, _target_checks, _content_checks):
         section(checks, report)
     console.print(checks.table)
+    rejected = _rejected_table(report)
+    if rejected is not None:
+        console.print(rejected)
     console.print(_lengths_table(report["lengths"]))
     if report["labels"]:
         console.print(_labels_table(report["labels"]))
@@ -144,7 +147,9 @@ def render_audit(report: dict, console: Console = out) -> None:
 
 
 def _shape_checks(checks: _Checks, report: dict) -> None:
-    """Rows that do not fit the format, missing or blank columns, odd keys or types."""
+    """Rows that cannot be read or do not fit the format, missing or blank columns, odd keys or types."""
+    unreadable = report.get("unreadable", {"rows": 0, "examples": []})
+    checks.add("unreadable rows", unreadable["rows"], _ex([e["row"] for e in unreadable["examples"]]), True)
     errors = report["format_errors"]
     checks.add("format errors", errors["rows"], _ex([e["row"] for e in errors["examples"]]), True)
     for col, c in report["completeness"].items():
@@ -206,6 +211,27 @@ def _content_checks(checks: _Checks, report: dict) -> None:
         checks.add(f"PII: {kind}", p["rows"], found)
 
 
+SHOWN_REJECTS = 20  # rejected rows the table lists; --json lists up to audit.LISTED
+
+
+def _rejected_table(report: dict) -> Table | None:
+    """Every rejected row the report lists (up to SHOWN_REJECTS), with its reason, in row order."""
+    listed = sorted(
+        [*report.get("unreadable", {"examples": []})["examples"], *report["format_errors"]["examples"]],
+        key=lambda e: e["row"],
+    )
+    if not listed:
+        return None
+    total = report["rows_rejected"]
+    more = f"; {total - SHOWN_REJECTS} more in --json" if total > SHOWN_REJECTS else ""
+    table = Table(title=f"Rejected rows ({total}{more})")
+    table.add_column("row", justify="right")
+    table.add_column("reason")
+    for entry in listed[:SHOWN_REJECTS]:
+        table.add_row(str(entry["row"]), _one_line(entry["error"]))
+    return table
+
+
 _LENGTH_STATS = ("count", "min", "mean", "p50", "p90", "p99", "max")
 
 
@@ -245,11 +271,15 @@ def audit(
     fmt: FormatOpt = None,
     columns: ColumnsOpt = None,
     skip_bad: Annotated[
-        bool, typer.Option("--skip-bad", help="Skip malformed rows instead of failing.")
+        bool,
+        typer.Option(
+            "--skip-bad", hidden=True, help="Accepted for old scripts: the audit always lists bad rows."
+        ),
     ] = False,
     as_json: JsonOpt = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 on blocking problems (leakage, empty targets).")
+        bool,
+        typer.Option("--strict", help="Exit 1 on blocking problems (rejected rows, leakage, empty targets)."),
     ] = False,
 ) -> None:
     """Report duplicates, leakage, lengths, label balance, hygiene and PII of a data file."""
@@ -263,7 +293,6 @@ def audit(
             report = run_audit(
                 file,
                 eval_paths=eval or [],
-                skip_bad=skip_bad,
                 fmt=fmt,
                 columns=cols,
                 tokenizer=tok,

@@ -254,21 +254,67 @@ class _Row:
 
 
 def _text(value: Any, field: str) -> str:
+    """A text field as a string. Content parts (OpenAI's ``{"type": "text", "text": ...}``,
+    LLaMA-Factory v1's ``{"type": "text", "value": ...}``) are joined; a number or boolean is a row
+    error, never read as its spelling (``42`` would train as ``"42"``, ``true`` as ``"True"``)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        # OpenAI-style content parts: text parts only (an image part cannot be trained on as text).
-        other = [str(p.get("type")) for p in value if p.get("type", "text") != "text" or "text" not in p]
-        if not other:
-            return "".join(str(p["text"]) for p in value)
+        return "".join(_text_part(p, f"{field}[{i}]") for i, p in enumerate(value))
+    if isinstance(value, bool):
         raise FormatError(
-            f"field '{field}' has a content part of type {other[0]!r}; only text parts "
-            '({"type": "text", "text": ...}) are supported',
+            f"field '{field}' is a boolean ({str(value).lower()}), not text; write it as a string "
+            f'("{str(value).lower()}") or fix the column',
             field,
         )
-    if isinstance(value, (int, float, bool)):
-        return str(value)
+    if isinstance(value, (int, float)):
+        raise FormatError(
+            f"field '{field}' is a number ({value!r}), not text; write it as a string "
+            f'("{value!r}") or fix the column',
+            field,
+        )
     raise FormatError(f"field '{field}' must be a string, got {type(value).__name__}", field)
+
+
+def _text_part(part: dict, where: str) -> str:
+    kind = part.get("type", "text")
+    key = next((k for k in ("text", "value") if k in part), None)
+    if kind == "text" and key is not None and isinstance(part[key], str):
+        return part[key]
+    if kind == "text":
+        raise FormatError(
+            f"{where} is a text part without a 'text' (or LLaMA-Factory 'value') string; "
+            'write {"type": "text", "text": "..."}',
+            where.split("[")[0],
+        )
+    raise FormatError(
+        f"{where} is a content part of type {kind!r}, which cannot be trained on as text; "
+        "keep text, reasoning and tool_call parts only",
+        where.split("[")[0],
+    )
+
+
+_V1_PARTS = ("reasoning", "tool_call", "tool_calls")
+
+
+def _v1_parts(parts: list, where: str) -> tuple[list, dict]:
+    """LLaMA-Factory v1 message content: its text parts, and its ``reasoning`` and ``tool_call``
+    parts (each value a JSON call ``{"name", "arguments"}``) as canonical fields."""
+    text, reasoning, calls = [], [], []
+    for i, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "reasoning":
+            reasoning.append(_text(p.get("value"), f"{where}.content[{i}].value"))
+        elif kind in ("tool_call", "tool_calls"):
+            value = p.get("value")
+            value = (
+                _json(value, f"{where}.content[{i}]", "the tool call") if isinstance(value, str) else value
+            )
+            calls += _tool_calls(value, f"{where}.content[{i}]")
+        else:
+            text.append(p)
+    extra: dict[str, Any] = {"reasoning_content": "".join(reasoning)} if reasoning else {}
+    return text, extra | ({"tool_calls": calls} if calls else {})
 
 
 def _json(value: str, where: str, what: str) -> Any:
@@ -356,7 +402,11 @@ def _weight(m: dict, role: str, where: str, key: str | None) -> dict:
     elif isinstance(v, str) and v.strip().lower() in ("true", "false", "0", "1"):
         w = int(v.strip().lower() in ("true", "1"))
     else:
-        raise FormatError(f"{where}.{k} must be 0 or 1 (or true/false), got {v!r}", "weight")
+        raise FormatError(
+            f"{where}.{k} must be 0 or 1 (0: no loss on this message), got {v!r}; weights in between are "
+            "not supported",
+            "weight",
+        )
     if role == "assistant":
         return {"weight": w}
     if w == 0:
@@ -394,7 +444,15 @@ def _message(m: Any, where: str, keys: dict[str, str | None]) -> dict:
         calls = _json(raw, where, "the function_call value") if isinstance(raw, str) else raw
         out: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
     else:
+        parts: dict[str, Any] = {}
+        if isinstance(raw, list) and any(isinstance(p, dict) and p.get("type") in _V1_PARTS for p in raw):
+            raw, parts = _v1_parts(raw, where)
         out = {"role": role, "content": "" if raw is None else _text(raw, f"{where}.content")}
+        if parts and role != "assistant":
+            raise FormatError(
+                f"{where} is a {role} message with reasoning or tool-call parts; only assistant turns have them"
+            )
+        out.update(parts)
     # `function_call` on a message: OpenAI's legacy single call, {"name", "arguments"}.
     key = next((k for k in ("tool_calls", "function_call") if m.get(k) is not None), None)
     if key is not None and "tool_calls" not in out:
@@ -647,6 +705,8 @@ def _classification(r: _Row) -> dict:
             "completion (or messages) columns beside the label",
             "label",
         )
+    if isinstance(label, int):  # class ids (0, 1, 2, ...) are labels as they are, not text to train on
+        return {"text": text, "label": str(label)}
     return {"text": text, "label": _text(label, "label")}
 
 

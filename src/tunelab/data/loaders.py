@@ -143,25 +143,100 @@ def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def _parse(text: str) -> tuple[Any, str]:
-    """json.loads one row; returns (value, "") or (None, reason), also for absurd nesting."""
-    if text.count("[") + text.count("{") > MAX_DEPTH:  # cheap test first: few rows need the walk
-        try:
-            obj = json.loads(text)
-        except RecursionError:
-            return None, f"JSON nested more than {MAX_DEPTH} levels deep"
-        except ValueError as e:
-            return None, f"invalid JSON: {getattr(e, 'msg', e)}"
-        if too_deep(obj):
-            return None, f"JSON nested more than {MAX_DEPTH} levels deep"
-        return obj, ""
+class _NonFinite:
+    """A ``NaN``/``Infinity`` constant as parsed: not JSON, so the row it is in is rejected."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class _Duplicated(dict):
+    """An object that had a key twice (the standard parser keeps the last value silently)."""
+
+    duplicate = ""
+
+
+class _Decoder:
+    """``json`` with the two leniencies of Python's parser turned into row errors: duplicate keys
+    and the ``NaN``/``Infinity`` constants (both are outside JSON, RFC 8259). A lone surrogate
+    escape (``"\\ud800"``) is found afterwards: it parses, then fails whoever writes the text."""
+
+    def __init__(self) -> None:
+        self.flaws = 0
+        self._json = json.JSONDecoder(object_pairs_hook=self._pairs, parse_constant=self._constant)
+
+    def _pairs(self, pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        self.flaws += 1
+        seen: set[str] = set()
+        dup = _Duplicated(obj)
+        dup.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        return dup
+
+    def _constant(self, name: str) -> _NonFinite:
+        self.flaws += 1
+        return _NonFinite(name)
+
+    def decode(self, text: str) -> Any:
+        self.flaws = 0
+        return self._json.decode(text)
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _flaw(obj: Any, escapes: bool) -> str:
+    """Why a parsed row is not valid JSON text ("" when it is): a duplicate key, a ``NaN``/``Infinity``
+    constant, or (``escapes``: the line has ``\\u`` escapes) a lone surrogate, naming the field."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        name = where or "the row"
+        if isinstance(value, _NonFinite):
+            return f"field '{where}' is {value.name}, which is not valid JSON; write a number or a string"
+        if isinstance(value, _Duplicated):
+            return (
+                f"key '{value.duplicate}' appears twice in {name}; keep one (JSON readers disagree on which)"
+            )
+        if escapes and isinstance(value, str) and (bad := _SURROGATE.search(value)):
+            code = f"\\u{ord(bad[0]):04x}"
+            return (
+                f"field '{where}' has a lone surrogate {code} (half of a UTF-16 pair), not valid "
+                "Unicode; write the character itself or its full surrogate pair"
+            )
+        if isinstance(value, dict):
+            stack.extend(reversed([(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+    return ""
+
+
+def _parse(text: str, decoder: _Decoder) -> tuple[Any, str]:
+    """Parse one row; returns (value, "") or (None, reason), also for absurd nesting, duplicate keys,
+    ``NaN``/``Infinity`` and lone surrogates."""
+    deep = text.count("[") + text.count("{") > MAX_DEPTH  # cheap test first: few rows need the walk
     try:
-        return json.loads(text), ""
+        obj = decoder.decode(text)
+    except RecursionError:
+        return None, f"JSON nested more than {MAX_DEPTH} levels deep"
     except ValueError as e:
         return None, f"invalid JSON: {getattr(e, 'msg', e)}"
+    if deep and too_deep(obj):
+        return None, f"JSON nested more than {MAX_DEPTH} levels deep"
+    if decoder.flaws or "\\u" in text:
+        reason = _flaw(obj, "\\u" in text)
+        if reason:
+            return None, reason
+    return obj, ""
 
 
 def _iter_jsonl(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
+    decoder = _Decoder()
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             text, reason = _decode(raw, lineno == 1)
@@ -171,7 +246,7 @@ def _iter_jsonl(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
             if not text.strip():
                 rej.report.blank_lines += 1
                 continue
-            obj, reason = _parse(text)
+            obj, reason = _parse(text, decoder)
             if reason:
                 rej.bad(lineno, text.rstrip("\r\n"), reason)
                 continue
@@ -196,8 +271,9 @@ def _iter_json(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
         line = data.count(b"\n", 0, e.start) + 1
         snippet = data[data.rfind(b"\n", 0, e.start) + 1 : e.start + 40].decode("utf-8", "replace")
         raise DataError(path, line, snippet, f"invalid UTF-8 byte {data[e.start : e.start + 1]!r}") from None
+    decoder = _Decoder()
     try:
-        arr = json.loads(text)
+        arr = decoder.decode(text)
     except json.JSONDecodeError as e:
         lines = text.splitlines()
         snippet = lines[e.lineno - 1] if 0 < e.lineno <= len(lines) else ""
@@ -206,15 +282,18 @@ def _iter_json(path: Path, rej: _Rejects) -> Iterator[tuple[int, dict]]:
         raise DataError(path, 1, "", f"JSON nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(arr, list):
         raise DataError(path, 1, text[:80], f"expected a JSON array of objects, got {type(arr).__name__}")
+    check = decoder.flaws > 0 or "\\u" in text
     for i, obj in enumerate(arr, 1):
         if isinstance(obj, dict) and too_deep(obj):
             rej.bad(i, "", f"element {i} is nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(obj, dict) and check and (reason := _flaw(obj, True)):
+            rej.bad(i, json.dumps(obj, ensure_ascii=False, default=str)[:200], f"element {i}: {reason}")
         elif isinstance(obj, dict):
             yield i, obj
         else:
             rej.bad(
                 i,
-                json.dumps(obj, ensure_ascii=False)[:200],
+                json.dumps(obj, ensure_ascii=False, default=str)[:200],
                 f"element {i} is {type(obj).__name__}, not an object",
             )
 

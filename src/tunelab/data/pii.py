@@ -152,6 +152,12 @@ def find_pii(text: str, hints: tuple[bool, bool, bool, bool] | None = None) -> l
 
 
 def _ipv6_ok(s: str) -> bool:
+    """A real IPv6 address written out: valid, with at least two groups and a digit in them. ``::``
+    alone, ``::1`` (loopback) and word-like ``dead::beef`` are not addresses of anyone (``lol ::
+    http`` once became ``lol <IP> http``)."""
+    groups = [g for g in s.split(":") if g]
+    if len(groups) < 2 or not any(c.isdigit() for c in s):
+        return False
     try:
         ipaddress.IPv6Address(s)
     except ValueError:

@@ -5,9 +5,10 @@ the trainer uses — so what is shown is what is trained, not a re-implementatio
 from it. Every sequence of a row is shown (chosen and rejected for preference objectives, one per
 assistant turn when the template rewrites earlier turns).
 
-Only the first ``n`` rows are read, and with a ``max_length`` every text is first cut to a
-character bound that still yields more than ``max_length`` tokens, so a preview of a huge row
-costs what the preview shows, not what the row holds.
+Only the first ``n`` rows are read, and every text is first cut: with a ``max_length`` to a
+character bound that still yields more than ``max_length`` tokens, else to :data:`SHOW_CHARS`
+characters (with a warning), so a preview of a huge row costs what the preview shows, not what
+the row holds. Control characters in the data are printed escaped (``\\x1b``), never sent raw.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from rich.text import Text
 
+from tunelab.console import escape_controls
 from tunelab.data.audit import no_rows_reason
 from tunelab.data.canonical import row_error
 from tunelab.data.formats import FormatError, detect_file_format, to_canonical
@@ -33,6 +35,7 @@ from tunelab.objectives import OBJECTIVES, Dropped, ObjectiveConfig
 from tunelab.objectives.sft import SftConfig
 
 TOKEN_MARGIN = 16  # extra tokens' worth of characters kept past max_length (template tokens etc.)
+SHOW_CHARS = 16_384  # without max_length, each text is cut to this for the preview (a screenful or more)
 
 
 @dataclass
@@ -120,16 +123,22 @@ def preview_examples(
         rows = first_examples(path, n, data.format, data.columns)
     notes = select_template(tokenizer, template)
     encoder = build_objective(tokenizer, objective, data)
-    bound = char_bound(tokenizer, data.max_length)
+    bound = char_bound(tokenizer, data.max_length) if data.max_length else SHOW_CHARS
     previews: list[Preview] = []
-    for row, example in rows:
-        example = cut_texts(example, bound)
+    for row, whole in rows:
+        example = cut_texts(whole, bound)
         encoded = encoder.encode(row, example)
         if isinstance(encoded, Dropped):
             previews.append(Preview(row, [], [], [], dropped=encoded.reason))
             continue
         for part, ids, labels, truncated in feature_sequences(encoded):
-            previews.append(_preview(tokenizer, row, example, part, ids, labels, truncated))
+            preview = _preview(tokenizer, row, example, part, ids, labels, truncated)
+            if not data.max_length and example != whole:
+                preview.warnings.append(
+                    f"texts over {SHOW_CHARS:,} characters are cut for this preview (training reads them "
+                    "whole); give --max-length to see the row truncated as training truncates it"
+                )
+            previews.append(preview)
     return previews, notes
 
 
@@ -308,5 +317,7 @@ def render_preview(preview: Preview) -> Text:
         return Text(f"row {preview.row}: dropped — {preview.dropped}", style="red")
     tags = preview.tags or [""] * len(preview.pieces)
     for piece, loss, tag in zip(preview.pieces, preview.loss_mask, tags):
-        text.append(piece, style=STYLES.get((loss, tag), "bold green on grey15" if loss else "dim"))
+        # Data is shown, never obeyed: an ESC or carriage return in a row is printed as \x1b, \r.
+        visible = escape_controls(piece, keep="\n\t")
+        text.append(visible, style=STYLES.get((loss, tag), "bold green on grey15" if loss else "dim"))
     return text

@@ -437,8 +437,7 @@ def _tiny(
     """The tiny model; with another head class, the same seeded body under that head."""
     from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer
 
-    if spec != "tiny:llama":
-        raise ModelNotFoundError(f"unknown tiny model {spec!r}; the built-in one is 'tiny:llama'")
+    _check_tiny(spec)
     tokenizer = build_tiny_tokenizer()
     causal = build_tiny_llama(tokenizer, seed=seed)
     if model_cls is None or model_cls is AutoModelForCausalLM:
@@ -453,11 +452,17 @@ def _tiny(
     return _finish(model, tokenizer, device)
 
 
+def _check_tiny(spec: str) -> None:
+    if spec != "tiny:llama":
+        raise ModelNotFoundError(f"unknown tiny model {spec!r}; the built-in one is 'tiny:llama'")
+
+
 def tokenizer_for(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of any model spec :func:`load_model` accepts (without loading the weights)."""
     if spec.startswith(TINY_PREFIX):
         from tunelab.models.tiny import build_tiny_tokenizer
 
+        _check_tiny(spec)
         return build_tiny_tokenizer()
     if spec.startswith(ASSET_PREFIX):
         spec = str(asset_path(spec[len(ASSET_PREFIX) :]))

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from tunelab.console import fail, make_console
+from tunelab.synth.client import DEFAULT_TIMEOUT_S
 
 err = make_console(stderr=True)
 
@@ -29,6 +30,15 @@ EndpointOpt = Annotated[
 ApiKeyOpt = Annotated[
     str | None,
     typer.Option("--api-key", envvar="TUNELAB_API_KEY", help="Key for --endpoint (else $OPENAI_API_KEY)."),
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        min=0.1,
+        help=f"Seconds one --endpoint request may take before the command stops with an error "
+        f"(default {DEFAULT_TIMEOUT_S:g}).",
+    ),
 ]
 ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, help="Parallel requests to --endpoint.")]
 BatchOpt = Annotated[
@@ -72,6 +82,7 @@ class GeneratorOptions:
     dtype: str = "auto"
     cache_dir: Path | None = None
     cache: bool = True
+    timeout: float = DEFAULT_TIMEOUT_S
 
     def open(self):  # -> CachedGenerator; the client (torch, openai) is imported only when needed
         from tunelab.synth.client import open_generator  # noqa: PLC0415
@@ -87,6 +98,7 @@ class GeneratorOptions:
             dtype=self.dtype,
             use_cache=self.cache,
             console=err,
+            timeout_s=self.timeout,
         )
 
 

@@ -10,6 +10,7 @@ import typer
 
 from tunelab.console import labelled, make_console
 from tunelab.synth.cli_common import (
+    DEFAULT_TIMEOUT_S,
     ApiKeyOpt,
     BatchOpt,
     CacheDirOpt,
@@ -27,6 +28,7 @@ from tunelab.synth.cli_common import (
     OverwriteOpt,
     SeedOpt,
     TemperatureOpt,
+    TimeoutOpt,
     TopPOpt,
     err,
     errors,
@@ -82,6 +84,7 @@ def synth_cmd(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = 0,
     concurrency: ConcurrencyOpt = 4,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -105,12 +108,22 @@ def synth_cmd(
             settings=GenSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed),
         )  # fmt: skip
         options = GeneratorOptions(
-            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache
+            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache, timeout
         )
         summary = run_synth(
             seeds, output, config, options, eval_file=eval_file, overwrite=overwrite, quiet=as_json
         )
     _print_summary(summary, as_json)
+    if summary.get("interrupted"):
+        err.print(
+            labelled(
+                "interrupted",
+                f"stopped in round {summary['rounds']}: wrote the {summary['kept']} rows made so far (of "
+                f"--n {n}) to {summary['output']}, a partial run; the answers are cached, so the same "
+                "command goes on from there",
+            )
+        )
+        raise typer.Exit(130)
 
 
 def run_synth(
@@ -131,14 +144,20 @@ def run_synth(
     seeds = read_seeds(seeds_path)
     generator = options.open()
     loop = SelfInstruct(generator, seeds, config, eval_path=eval_file)
-    rows, dropped = loop.run()
+    try:
+        rows, dropped = loop.run()
+        interrupted = False
+    except KeyboardInterrupt:  # Ctrl-C: keep what is made (the answers are cached too)
+        rows, dropped, interrupted = loop.rows, loop.dropped, True
     summary = finish(
         rows, output, eval_path=eval_file, kind="synth", dropped=dropped, inputs=[seeds_path],
         near_threshold=config.near_threshold, limit=config.n, console=err if quiet else None,
     )  # fmt: skip
     summary.update(model=generator.name, model_calls=generator.model_calls, rounds=loop.rounds)
     report_calls(generator)
-    if summary["kept"] < config.n:
+    if interrupted:
+        summary["interrupted"] = True
+    elif summary["kept"] < config.n:
         err.print(
             labelled(
                 "warning",
@@ -177,6 +196,7 @@ def augment_cmd(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = 0,
     concurrency: ConcurrencyOpt = 4,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -196,7 +216,7 @@ def augment_cmd(
             settings=GenSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed),
         )  # fmt: skip
         options = GeneratorOptions(
-            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache
+            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache, timeout
         )
         summary = run_augment(
             file, output, config, options, eval_file=eval_file, overwrite=overwrite, quiet=as_json

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from tunelab.console import make_console
 from tunelab.synth.cli_common import (
+    DEFAULT_TIMEOUT_S,
     ApiKeyOpt,
     BatchOpt,
     CacheDirOpt,
@@ -36,6 +37,7 @@ from tunelab.synth.cli_common import (
     OverwriteOpt,
     SeedOpt,
     TemperatureOpt,
+    TimeoutOpt,
     TopPOpt,
     err,
     errors,
@@ -212,6 +214,7 @@ def judge_cmd(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = 0,
     concurrency: ConcurrencyOpt = 4,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -226,7 +229,9 @@ def judge_cmd(
     from tunelab.synth.client import GenSettings  # noqa: PLC0415
 
     with errors():
-        base = GeneratorOptions(None, None, api_key, concurrency, batch_size, device, dtype, cache_dir, cache)
+        base = GeneratorOptions(
+            None, None, api_key, concurrency, batch_size, device, dtype, cache_dir, cache, timeout
+        )
         if endpoint:
             models = [replace(base, model=m, endpoint=endpoint) for m in (model or [None])]
         else:
@@ -307,6 +312,7 @@ def constitute_cmd(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = 0,
     concurrency: ConcurrencyOpt = 4,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -322,7 +328,7 @@ def constitute_cmd(
 
     with errors():
         options = GeneratorOptions(
-            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache
+            model, endpoint, api_key, concurrency, batch_size, device, dtype, cache_dir, cache, timeout
         )
         settings = GenSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         summary = run_constitute(

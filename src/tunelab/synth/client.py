@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -241,10 +242,18 @@ class LocalBackend:
 
 
 RETRYABLE_STATUS = 500  # and 429: overload and server faults pass; any other 4xx is the request's fault
+DEFAULT_TIMEOUT_S = (
+    120.0  # seconds one request may take (--timeout); a long CPU answer fits, a dead server fails
+)
 
 
 class EndpointBackend:
-    """An OpenAI-compatible chat endpoint, ``concurrency`` requests at a time, with retries and back-off."""
+    """An OpenAI-compatible chat endpoint, ``concurrency`` requests at a time, with retries and back-off.
+
+    Every answer is read from the raw response and checked: one that is not JSON (an HTML page, a
+    proxy's error text) or has no message is a :class:`GenerationError` naming the endpoint and what
+    it sent. A request that takes longer than ``timeout_s`` fails at once (the user's own limit is
+    not retried); workers are daemon threads, so Ctrl-C never waits for requests in flight."""
 
     def __init__(
         self,
@@ -255,18 +264,26 @@ class EndpointBackend:
         concurrency: int,
         retries: int,
         sleep: Callable[[float], None] = time.sleep,
-        timeout_s: float = 300.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         from openai import OpenAI  # noqa: PLC0415
 
-        self.url, self.retries, self.sleep = url, max(0, retries), sleep
+        self.url, self.retries, self.sleep, self.timeout_s = url, max(0, retries), sleep, timeout_s
         self.concurrency = max(1, concurrency)
         key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"  # local servers often take none
         self.client = OpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout_s)
         self.model = model or self._first_model()
 
     def _first_model(self) -> str:
-        models = self._with_retries(lambda: [m.id for m in self.client.models.list()])
+        raw = self._with_retries(lambda: self.client.models.with_raw_response.list())
+        data = self._json(raw, "the model list")
+        listed = data.get("data") if isinstance(data, dict) else None
+        models = [m["id"] for m in listed or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        if not isinstance(listed, list):
+            raise GenerationError(
+                f"the endpoint {self.url} answered the model list without a 'data' list "
+                f"({_snippet(json.dumps(data))}); name the model with --model"
+            )
         if not models:
             raise GenerationError(f"the endpoint {self.url} lists no models; name one with --model")
         return models[0]
@@ -277,6 +294,11 @@ class EndpointBackend:
         for attempt in range(self.retries + 1):
             try:
                 return call()
+            except openai.APITimeoutError as err:
+                raise GenerationError(
+                    f"the endpoint {self.url} did not answer within {self.timeout_s:g} s (--timeout); "
+                    "check that the server is up, or raise --timeout for a slow model"
+                ) from err
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as err:
                 if attempt == self.retries:
                     raise GenerationError(_endpoint_failure(self.url, err, attempt + 1)) from err
@@ -285,9 +307,34 @@ class EndpointBackend:
                 raise GenerationError(_endpoint_failure(self.url, err, attempt + 1)) from err
         raise AssertionError("unreachable")
 
+    def _json(self, raw: Any, what: str) -> Any:
+        """The JSON body of a successful answer, or an error naming the endpoint and what it sent."""
+        try:
+            return json.loads(raw.text)
+        except ValueError:
+            kind = (raw.headers.get("content-type") or "no content type").split(";")[0].strip()
+            raise GenerationError(
+                f"the endpoint {self.url} answered {what} with {kind}, not JSON ({_snippet(raw.text)}); "
+                "--endpoint must be an OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1"
+            ) from None
+
+    def _content(self, data: Any) -> str:
+        """The first choice's message text of a chat completion (checked, never assumed)."""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        message = first.get("message") if isinstance(first, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, (str, type(None))):
+            raise GenerationError(
+                f"the endpoint {self.url} answered a chat completion without a message "
+                f"({_snippet(json.dumps(data, ensure_ascii=False))}); check that --model names a chat "
+                "model it serves"
+            )
+        return content or ""
+
     def _one(self, conversation: Conversation, settings: GenSettings) -> str:
         def call() -> Any:
-            return self.client.chat.completions.create(
+            return self.client.chat.completions.with_raw_response.create(
                 model=self.model,
                 messages=conversation,  # type: ignore[arg-type]
                 max_tokens=settings.max_tokens,
@@ -297,20 +344,49 @@ class EndpointBackend:
                 stop=list(settings.stop[:MAX_API_STOPS]) or None,
             )
 
-        response = self._with_retries(call)
-        return _finish_text(response.choices[0].message.content or "", settings.stop)
+        data = self._json(self._with_retries(call), "a chat completion")
+        return _finish_text(self._content(data), settings.stop)
 
     def generate(
         self, conversations: list[Conversation], settings: GenSettings
     ) -> Iterator[tuple[list[int], list[str]]]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self._one, c, settings): i for i, c in enumerate(conversations)}
-            try:
-                for future in as_completed(futures):
-                    yield [futures[future]], [future.result()]
-            finally:
-                for future in futures:
-                    future.cancel()
+        jobs: queue.SimpleQueue = queue.SimpleQueue()
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        for item in enumerate(conversations):
+            jobs.put(item)
+
+        def work() -> None:
+            while True:
+                try:
+                    i, conversation = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results.put((i, self._one(conversation, settings), None))
+                except Exception as err:  # handed to the caller's thread, raised there
+                    results.put((i, "", err))
+
+        for _ in range(min(self.concurrency, len(conversations))):
+            threading.Thread(target=work, daemon=True, name="tunelab-endpoint").start()
+        try:
+            for _ in conversations:
+                i, text, err = results.get()
+                if err is not None:
+                    raise err
+                yield [i], [text]
+        finally:
+            while not jobs.empty():  # no new requests after an error or Ctrl-C
+                try:
+                    jobs.get_nowait()
+                except queue.Empty:
+                    break
+
+
+def _snippet(text: str, width: int = 80) -> str:
+    """The start of what an endpoint sent, on one line, control characters escaped."""
+    flat = " ".join(text[: width * 4].split())
+    flat = flat.encode("unicode_escape").decode("ascii") if any(ord(c) < 32 for c in flat) else flat
+    return repr(flat[:width] + ("..." if len(flat) > width else ""))
 
 
 def _endpoint_failure(url: str, err: Exception, attempts: int) -> str:
@@ -344,14 +420,18 @@ def open_generator(
     dtype: str = "auto",
     use_cache: bool = True,
     console: Console | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> CachedGenerator:
-    """A local model (``model``) or an endpoint (``endpoint``, ``model`` naming the served model)."""
+    """A local model (``model``) or an endpoint (``endpoint``, ``model`` naming the served model;
+    ``timeout_s`` bounds each request)."""
     console = console or make_console(stderr=True)
     backend: Backend
     key_name = ""
     if endpoint:
         url = normalise_endpoint(endpoint)
-        backend = EndpointBackend(url, model, api_key=api_key, concurrency=concurrency, retries=retries)
+        backend = EndpointBackend(
+            url, model, api_key=api_key, concurrency=concurrency, retries=retries, timeout_s=timeout_s
+        )
         name = f"endpoint:{url}#{backend.model}"
     elif model:
         backend = LocalBackend(model, batch_size=batch_size, device=device, dtype=dtype)

@@ -7,6 +7,8 @@ would then complain about. Checks, in order (a row is dropped for the first that
 
 - ``format_error``: the row does not fit its data format;
 - ``empty_output``: the trained-on side (answer, chosen or rejected reply, label) is blank;
+- ``control_chars`` / ``replacement_char`` / ``mojibake`` / ``too_short``: what the audit's hygiene
+  check flags (a control character, U+FFFD, UTF-8 read as Latin-1, fewer than three words);
 - ``pii``: an e-mail address, phone number, card number, IP address or IBAN in the text;
 - ``eval_leak``: the row's text or prompt equals an ``--eval`` row's, or is a MinHash near-duplicate
   of one (``kind`` says which);
@@ -32,6 +34,7 @@ from rich.table import Table
 
 from tunelab.console import make_console
 from tunelab.data import neardup, pii
+from tunelab.data.audit import SHORT_WORDS, byte_stats
 from tunelab.data.canonical import StreamOptions, stream_canonical
 from tunelab.data.formats import target_text
 from tunelab.data.loaders import iter_records
@@ -107,9 +110,30 @@ def _row_checks(rows: Sequence[dict], view: _Canon, drops: dict[int, dict]) -> N
     for row, c in view.canon.items():
         if _is_empty(c):
             drops[row] = {"reason": "empty_output"}
+    _hygiene_checks(view, drops)
     rows = [r for r in view.texts if r not in drops]
     for k, matches in pii.scan([view.texts[r] for r in rows]):
         drops[rows[k]] = {"reason": "pii", "kinds": sorted({m.kind for m in matches})}
+
+
+HYGIENE = ("control_chars", "replacement_char", "mojibake", "too_short")  # the audit's hygiene keys
+
+
+def _hygiene_checks(view: _Canon, drops: dict[int, dict]) -> None:
+    """Text the audit flags under ``hygiene``: control characters, U+FFFD, mojibake, fewer than
+    ``SHORT_WORDS`` words (``too_long`` is relative to the file's median, so it is reported only)."""
+    rows = [r for r in view.texts if r not in drops]
+    stats = byte_stats([view.texts[r] for r in rows])
+    hits = {
+        "control_chars": stats["control"],
+        "replacement_char": stats["replacement"],
+        "mojibake": stats["mojibake"],
+        "too_short": stats["words"] < SHORT_WORDS,
+    }
+    for k, r in enumerate(rows):
+        reason = next((name for name in HYGIENE if hits[name][k]), None)
+        if reason is not None:
+            drops[r] = {"reason": reason}
 
 
 def _leak_checks(view: _Canon, ev: _Canon, drops: dict[int, dict], threshold: float) -> None:
