@@ -16,9 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.data.packing import packing_in_effect
 from tunelab.methods import METHODS
-from tunelab.models.attention import resolve_attention
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
@@ -435,6 +433,9 @@ class Recipe(Section):
         training packs: the one place ``model.attention`` and ``data.packing`` are resolved, for
         the loop, the plan and anything else that must agree with them. Raises
         :class:`~tunelab.models.attention.AttentionUnavailable` for a kernel that cannot run here."""
+        from tunelab.data.packing import packing_in_effect  # both import torch; the schema does not
+        from tunelab.models.attention import resolve_attention
+
         packs = OBJECTIVES.get(self.objective.name).impl.packs
         fp32 = self.model.dtype.strip().lower().removeprefix("torch.") in ("float32", "fp32")
         attention = resolve_attention(

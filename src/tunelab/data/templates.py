@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jinja2
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # objectives import this module, and their config classes load without transformers
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
