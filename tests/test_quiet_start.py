@@ -27,6 +27,7 @@ LIBRARY_LINES = (
     "kernels-community",
     "Token indices sequence length is longer than the specified maximum",
     "is_gradient_checkpointing",
+    "PiSSA changes the base weights",
 )
 # Python's warning format (`file.py:12: FutureWarning: ...`) and the libraries' own prefixes.
 FOREIGN = re.compile(r"\w+Warning: |^\[(transformers|bitsandbytes|peft|accelerate|datasets)\]", re.MULTILINE)
@@ -111,8 +112,9 @@ def test_everyday_commands_do_not_import_the_ml_stack(tmp_path: Path, qa_rows: l
 
 def test_library_log_noise_is_off_and_real_errors_and_tunelab_warnings_are_not() -> None:
     """bitsandbytes logs its hub-kernel note as a warning at import (only on CPUs with AVX512-BF16, so it
-    is replayed here on the logger it uses); after the entry point's set-up it stays silent while an
-    error from the same library, and tunelab's own logger, still reach stderr."""
+    is replayed here on the logger it uses), and PEFT warns about PiSSA while converting a PiSSA adapter
+    as tunelab asks it to; after the entry point's set-up both stay silent while an error from the same
+    library, another library warning and tunelab's own logger still reach stderr."""
     script = (
         "import logging\n"
         "from tunelab.console import quiet_libraries\n"
@@ -122,6 +124,10 @@ def test_library_log_noise_is_off_and_real_errors_and_tunelab_warnings_are_not()
         "logging.getLogger('peft.tuners').warning('Token indices sequence length is longer than the specified maximum')\n"
         "logging.getLogger('bitsandbytes').error('a real bitsandbytes failure')\n"
         "logging.getLogger('tunelab.serve').warning('a tunelab warning')\n"
+        "import warnings\n"
+        "warnings.warn('PiSSA changes the base weights of the model and should thus not be used with other "
+        "adapters. Consider converting', UserWarning)\n"
+        "warnings.warn('another library warning', UserWarning)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=60
@@ -129,6 +135,7 @@ def test_library_log_noise_is_off_and_real_errors_and_tunelab_warnings_are_not()
     assert done.returncode == 0, done.stderr
     assert not any(line in done.stderr for line in LIBRARY_LINES), done.stderr
     assert "a real bitsandbytes failure" in done.stderr and "a tunelab warning" in done.stderr
+    assert "another library warning" in done.stderr  # filtered by message, never by category
 
 
 def test_a_users_own_verbosity_wins(monkeypatch: pytest.MonkeyPatch) -> None:

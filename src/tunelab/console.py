@@ -98,8 +98,14 @@ LIBRARY_VERBOSITY = {
 }
 LIBRARY_LOGGERS = ("bitsandbytes", "peft", "accelerate")
 # Python warnings from libraries, each by its exact message: a filter never hides a category wholesale.
-# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds.
-LIBRARY_WARNINGS = ((r"`is_gradient_checkpointing` is deprecated", FutureWarning),)
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; and
+# it warns that a PiSSA/OLoRA adapter "should not be used with other adapters" while it loads the initial
+# adapter beside the trained one to convert it into a plain LoRA, the very conversion the warning
+# recommends (tunelab's `save_lora` always asks for it).
+LIBRARY_WARNINGS = (
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    (r"(PiSSA|OLoRA|CorDA) changes the base weights of the model and should thus not be used", UserWarning),
+)
 
 
 def quiet_libraries() -> None:
