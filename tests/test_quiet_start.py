@@ -28,6 +28,7 @@ LIBRARY_LINES = (
     "Token indices sequence length is longer than the specified maximum",
     "is_gradient_checkpointing",
     "PiSSA changes the base weights",
+    "rank_pattern keys did not match",
 )
 # Python's warning format (`file.py:12: FutureWarning: ...`) and the libraries' own prefixes.
 FOREIGN = re.compile(r"\w+Warning: |^\[(transformers|bitsandbytes|peft|accelerate|datasets)\]", re.MULTILINE)
@@ -127,6 +128,8 @@ def test_library_log_noise_is_off_and_real_errors_and_tunelab_warnings_are_not()
         "import warnings\n"
         "warnings.warn('PiSSA changes the base weights of the model and should thus not be used with other "
         "adapters. Consider converting', UserWarning)\n"
+        "warnings.warn('The following rank_pattern keys did not match any targeted module or parameter and "
+        "were ignored: [x.lora_E]', RuntimeWarning)\n"
         "warnings.warn('another library warning', UserWarning)\n"
     )
     done = subprocess.run(
