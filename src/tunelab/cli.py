@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ import typer
 from tunelab import __version__
 from tunelab.adapters import app as adapters_app
 from tunelab.assets import app as assets_app
-from tunelab.console import fail, labelled, make_console
+from tunelab.console import fail, labelled, make_console, quiet_libraries
 from tunelab.data.cli import app as data_app
 from tunelab.evaluate.forgetting import DEFAULT_N as FORGETTING_N
 from tunelab.export import export_cmd
@@ -22,12 +21,6 @@ from tunelab.studio.cli import studio_cmd
 from tunelab.sweep import sweep_cmd
 from tunelab.synth.cli_generate import augment_cmd, synth_cmd
 from tunelab.synth.cli_judge import constitute_cmd, judge_cmd
-
-# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; the
-# warning is theirs to fix and says nothing to a tunelab user, so the command line does not repeat it.
-warnings.filterwarnings(
-    "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-)
 
 app = typer.Typer(
     help="tunelab: audit data, fine-tune, evaluate, export and serve language models.",
@@ -72,20 +65,7 @@ def main(
     ] = False,
 ) -> None:
     """tunelab: from raw data to a deployed fine-tuned language model."""
-    quiet_library_bars()
-
-
-def quiet_library_bars() -> None:
-    """Off a terminal, the tqdm bars of transformers and huggingface_hub (loading, converting, writing
-    shards) are carriage-return redraws that fill logs with one long line; tunelab's own progress prints
-    plain lines there instead. tqdm reads TQDM_* variables as its defaults (tqdm >= 4.66), so this reaches
-    every library bar without importing the libraries; a user's own TQDM_DISABLE wins."""
-    import os
-
-    from tunelab.console import is_terminal
-
-    if not is_terminal():
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet_libraries()
 
 
 @recipe_app.command("show")

@@ -84,6 +84,56 @@ class TunelabConsole(Console):
         self.print(line)
 
 
+# What the libraries under tunelab say on their own: notes to their developers ("Failed to load CPU
+# gemm_4bit_forward from kernels-community", from bitsandbytes' import on CPUs with AVX512-BF16) or about
+# something tunelab handles itself ("Token indices sequence length is longer than the specified maximum":
+# tunelab tokenises whole rows to count what truncation drops, then truncates). A user reads them as
+# errors, so only their real errors reach the console. transformers, datasets and huggingface_hub set
+# their loggers' levels from these variables when they first log (a level set before that is
+# overwritten); the others keep the level set on their logger. A variable the user set wins, so
+# `TRANSFORMERS_VERBOSITY=warning tunelab ...` brings transformers' warnings back.
+LIBRARY_VERBOSITY = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "HF_HUB_VERBOSITY": "error",
+}
+LIBRARY_LOGGERS = ("bitsandbytes", "peft", "accelerate")
+# Python warnings from libraries, each by its exact message: a filter never hides a category wholesale.
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every adapter it builds; and
+# it warns that a PiSSA/OLoRA adapter "should not be used with other adapters" while it loads the initial
+# adapter beside the trained one to convert it into a plain LoRA, the very conversion the warning
+# recommends (tunelab's `save_lora` always asks for it). Reloading an AdaLoRA adapter, its own
+# `rank_pattern` (keyed by `...lora_E` parameter names, which AdaLoRA does apply:
+# tests/test_methods_peft.py) is reported as unmatched by PEFT's generic pattern check; tunelab sets no
+# other rank_pattern.
+LIBRARY_WARNINGS = (
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    (r"(PiSSA|OLoRA|CorDA) changes the base weights of the model and should thus not be used", UserWarning),
+    (r"The following rank_pattern keys did not match any targeted module or parameter", RuntimeWarning),
+)
+
+
+def quiet_libraries() -> None:
+    """Let only tunelab's own words (and the libraries' real errors) reach the console; called once by
+    the `tunelab` command before any library is imported. Off a terminal, the libraries' tqdm bars
+    (loading, converting, writing shards) are carriage-return redraws that fill logs with one long line,
+    so they are switched off there (tqdm >= 4.66 reads TQDM_* variables as its defaults); tunelab's own
+    progress prints plain lines instead. Nothing here imports a library."""
+    import logging
+    import warnings
+
+    for name, level in LIBRARY_VERBOSITY.items():
+        os.environ.setdefault(name, level)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # a level the user's code set stays
+            logger.setLevel(logging.ERROR)
+    for message, category in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if not is_terminal():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def make_console(*, stderr: bool = False, **kwargs) -> TunelabConsole:
     """The console for stdout (results) or stderr (errors, notes, progress)."""
     return TunelabConsole(stderr=stderr, **kwargs)

@@ -11,23 +11,18 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.data.packing import PackingUnsupported, packing_in_effect
 from tunelab.methods import METHODS
-from tunelab.models.attention import (
-    FastPath,
-    Machine,
-    ModelAttention,
-    decide_attention,
-    packing_refusal,
-)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
+
+if TYPE_CHECKING:
+    from tunelab.models.attention import FastPath, Machine
 
 # Keys that were renamed: the loader says so forever instead of calling the old one unknown.
 RENAMED: dict[str, str] = {
@@ -447,6 +442,16 @@ class Recipe(Section):
         cannot compute this model's attention, and
         :class:`~tunelab.data.packing.PackingUnsupported` for ``data.packing: true`` on a model
         whose layers would mix packed examples."""
+        # the resolvers import torch; the schema (recipe check/show) does not
+        from tunelab.data.packing import PackingUnsupported, packing_in_effect  # noqa: PLC0415
+        from tunelab.models.attention import (  # noqa: PLC0415
+            FastPath,
+            Machine,
+            ModelAttention,
+            decide_attention,
+            packing_refusal,
+        )
+
         if config is None:
             from tunelab.models.load import load_config  # noqa: PLC0415  (transformers loads lazily)
 

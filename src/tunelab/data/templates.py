@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import jinja2
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # objectives import this module, and their config classes load without transformers
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -328,6 +328,8 @@ def render(
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render messages to text with the tokenizer's chat template (``tools`` passed only when given)."""
+    import jinja2  # transformers renders with it; imported here so the recipe schema does not load it
+
     prepared = renderable_messages(tokenizer, messages, tools)
     extra = {} if tools is None else {"tools": tools}
     try:

@@ -10,15 +10,16 @@ it live from the config, and the saved ``adapter_config.json`` records the real 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from peft import AdaLoraConfig as PeftAdaLoraConfig
-from peft import get_peft_model
 from pydantic import Field, field_validator
-from torch import nn
 
 from tunelab.methods.base import Hook, MethodConfig, Prepared, decay_groups, peft_task_type, register_method
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from peft import AdaLoraConfig as PeftAdaLoraConfig
+    from torch import nn
 
 
 class AdaLoraConfig(MethodConfig):
@@ -65,6 +66,8 @@ class AdaLoraHook(Hook):
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """PEFT adds this inside ``forward`` only when the model computes the loss from ``labels``;
         tunelab's objectives compute their own loss, so it comes in here (same formula)."""
+        import torch
+
         weight = model.peft_config[self.adapter].orth_reg_weight
         terms = []
         for name, param in model.named_parameters():
@@ -79,6 +82,8 @@ class AdaLoraHook(Hook):
 
 
 def peft_config(cfg: AdaLoraConfig, task_type: str = "CAUSAL_LM") -> PeftAdaLoraConfig:
+    from peft import AdaLoraConfig as PeftAdaLoraConfig
+
     return PeftAdaLoraConfig(
         init_r=cfg.init_r,
         target_r=cfg.target_r,
@@ -98,6 +103,8 @@ def peft_config(cfg: AdaLoraConfig, task_type: str = "CAUSAL_LM") -> PeftAdaLora
 
 @register_method("adalora", AdaLoraConfig, artifact="peft")
 def apply_adalora(model: nn.Module, cfg: AdaLoraConfig, *, weight_decay: float) -> Prepared:
+    from peft import get_peft_model
+
     try:
         peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:

@@ -9,7 +9,8 @@ one after attention. Pfeiffer et al. found the MLP-only placement matches Houlsb
 adapters and a faster step. Each adapter acts on the sublayer's output before the block adds its
 residual, as in both papers.
 
-Injection wraps the block's attention / MLP submodule in :class:`WithAdapter` (the original stays
+Injection wraps the block's attention / MLP submodule in :class:`~tunelab.methods.bottleneck.WithAdapter` (the
+original stays
 inside as ``base_layer``, PEFT's convention); no library code is patched. Base weights are frozen.
 The saved artifact is ``adapter_model.safetensors`` (adapter weights only, fp32) and
 ``adapter_config.json``.
@@ -19,19 +20,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
 from tunelab.methods.blocks import ATTENTION_ATTRS, MLP_ATTRS, block_sublayer, find_blocks, unwrap
 
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
+
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 class AdapterConfig(MethodConfig):
@@ -57,46 +58,10 @@ class AdapterConfig(MethodConfig):
         return max(1, hidden_size // (self.reduction_factor or 16))
 
 
-class BottleneckAdapter(nn.Module):
-    """``h + up(act(down(h)))`` in fp32 whatever the base dtype (small, and stable to train)."""
-
-    def __init__(self, hidden_size: int, bottleneck: int, activation: str) -> None:
-        super().__init__()
-        self.down = nn.Linear(hidden_size, bottleneck)
-        self.act = _ACTIVATIONS[activation]()
-        self.up = nn.Linear(bottleneck, hidden_size)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        delta = self.up(self.act(self.down(hidden.to(self.down.weight.dtype))))
-        return hidden + delta.to(hidden.dtype)
-
-
-class WithAdapter(nn.Module):
-    """Runs the wrapped sublayer, then the adapter on its output (the first element of a tuple output,
-    as attention returns ``(hidden, weights)``). Unknown attributes fall through to the sublayer."""
-
-    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter = adapter
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (self.adapter(out[0]), *out[1:])
-        return self.adapter(out)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base_layer"), name)
-
-
 def inject_adapters(model: nn.Module, placement: str, bottleneck: int, activation: str) -> list[str]:
     """Wrap each block's MLP (and attention, for houlsby) with a fresh adapter; returns the wrapped names."""
+    from tunelab.methods.bottleneck import BottleneckAdapter, WithAdapter
+
     base = unwrap(model)
     hidden = _hidden_size(base)
     reference = next(base.parameters())
@@ -116,6 +81,8 @@ def inject_adapters(model: nn.Module, placement: str, bottleneck: int, activatio
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights only, keyed by their names in the (unwrapped) model."""
+    from tunelab.methods.bottleneck import BottleneckAdapter
+
     state = {}
     for name, module in unwrap(model).named_modules():
         if isinstance(module, BottleneckAdapter):
@@ -128,6 +95,10 @@ def _hidden_size(base: nn.Module) -> int:
 
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tunelab.methods.bottleneck import ACTIVATIONS, BottleneckAdapter, WithAdapter
+
     base = unwrap(model)
     adapters = [m for m in base.modules() if isinstance(m, BottleneckAdapter)]
     if not adapters:
@@ -140,7 +111,7 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
         else "pfeiffer",
         "bottleneck_size": first.down.out_features,
         "hidden_size": first.down.in_features,
-        "activation": next(k for k, v in _ACTIVATIONS.items() if isinstance(first.act, v)),
+        "activation": next(k for k, v in ACTIVATIONS.items() if isinstance(first.act, v)),
         "wrapped_modules": wrapped,
     }
     save_file(adapter_state(base), str(Path(directory) / WEIGHTS))
@@ -149,6 +120,9 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
 
 def load_adapter(base_model: nn.Module, directory: Path, cfg: AdapterConfig | None = None) -> nn.Module:
     """Inject adapters shaped as saved into ``base_model`` and load their weights (strictly)."""
+    import torch
+    from safetensors.torch import load_file
+
     saved = json.loads((Path(directory) / CONFIG).read_text(encoding="utf-8"))
     inject_adapters(base_model, saved["placement"], saved["bottleneck_size"], saved["activation"])
     tensors = load_file(str(Path(directory) / WEIGHTS))

@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
 from tunelab.registry import Registry
+
+if TYPE_CHECKING:  # the recipe schema reads this registry; `recipe check` must not import torch
+    import torch
+    from torch import nn
 
 
 class MethodConfig(BaseModel):

@@ -8,8 +8,10 @@ the architecture. Everything is found by module identity on the underlying trans
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # imported by method modules, whose config classes load without torch
+    from torch import nn
 
 _HEAD_ATTRS = ("lm_head", "score", "classifier", "embed_out")
 ATTENTION_ATTRS = ("self_attn", "attn", "attention", "self_attention")
@@ -28,6 +30,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Llama's ``model.layers``, GPT-2's ``transformer.h`` and Falcon's ``transformer.h`` are all that
     list; ties go to the list with more parameters (a block stack outweighs any other list).
     """
+    from torch import nn
+
     best: tuple[int, int, str, nn.ModuleList] | None = None
     for name, module in unwrap(model).named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -46,6 +50,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def input_embeddings(model: nn.Module) -> list[nn.Module]:
     """Token embeddings plus any other embedding table outside the blocks (GPT-2's positions)."""
+    from torch import nn
+
     base = unwrap(model)
     found = [base.get_input_embeddings()]
     _, blocks = find_blocks(base)
@@ -61,6 +67,8 @@ def input_embeddings(model: nn.Module) -> list[nn.Module]:
 
 def output_head(model: nn.Module) -> nn.Module | None:
     """The task head: the LM output projection, or a classifier head (``score`` / ``classifier``)."""
+    from torch import nn
+
     base = unwrap(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is not None:
@@ -81,6 +89,8 @@ def head_is_tied(model: nn.Module) -> bool:
 
 def is_norm(module: nn.Module) -> bool:
     """LayerNorm, RMSNorm and friends, recognised by type or by class name (each model defines its own)."""
+    from torch import nn
+
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower():
         return not any(True for _ in module.children())
     return False
@@ -88,6 +98,8 @@ def is_norm(module: nn.Module) -> bool:
 
 def block_sublayer(block: nn.Module, attrs: tuple[str, ...]) -> str:
     """The attribute name of a block's attention (``ATTENTION_ATTRS``) or MLP (``MLP_ATTRS``) submodule."""
+    from torch import nn
+
     for attr in attrs:
         if isinstance(getattr(block, attr, None), nn.Module):
             return attr

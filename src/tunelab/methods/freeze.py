@@ -22,15 +22,15 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
 from tunelab.methods.blocks import find_blocks, head_is_tied, is_norm, output_head, unwrap
-from tunelab.train.checkpoint import copy_into_parameters
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    from torch import nn
 
 WEIGHTS = "trained.safetensors"
 INFO = "freeze_config.json"
@@ -105,6 +105,8 @@ def _final_norms(base: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
 
 def save_freeze(model: nn.Module, directory: Path) -> None:
     """Write only the trained tensors; everything else is the base model's."""
+    from safetensors.torch import save_file
+
     base = unwrap(model)
     tensors = {n: p.detach().contiguous().cpu() for n, p in base.named_parameters() if p.requires_grad}
     save_file(tensors, str(Path(directory) / WEIGHTS))
@@ -114,6 +116,10 @@ def save_freeze(model: nn.Module, directory: Path) -> None:
 
 def load_freeze(base_model: nn.Module, directory: Path, cfg: FreezeConfig) -> nn.Module:
     """Apply the saved tensors to a freshly loaded base model."""
+    from safetensors.torch import load_file
+
+    from tunelab.train.checkpoint import copy_into_parameters
+
     copy_into_parameters(
         base_model, load_file(str(Path(directory) / WEIGHTS)), f"trained tensors in {directory}"
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FullConfig(MethodConfig):

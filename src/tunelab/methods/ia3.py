@@ -6,14 +6,15 @@ the base weights.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from peft import IA3Config as PeftIA3Config
-from peft import get_peft_model
 from pydantic import Field, model_validator
-from torch import nn
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, peft_task_type, register_method
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    from peft import IA3Config as PeftIA3Config
+    from torch import nn
 
 
 class IA3Config(MethodConfig):
@@ -43,6 +44,8 @@ class IA3Config(MethodConfig):
 
 
 def peft_config(cfg: IA3Config, task_type: str = "CAUSAL_LM") -> PeftIA3Config:
+    from peft import IA3Config as PeftIA3Config
+
     return PeftIA3Config(
         target_modules=cfg.target_modules,
         feedforward_modules=cfg.feedforward_modules,
@@ -53,6 +56,8 @@ def peft_config(cfg: IA3Config, task_type: str = "CAUSAL_LM") -> PeftIA3Config:
 
 @register_method("ia3", IA3Config, artifact="peft")
 def apply_ia3(model: nn.Module, cfg: IA3Config, *, weight_decay: float) -> Prepared:
+    from peft import get_peft_model
+
     try:
         peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:

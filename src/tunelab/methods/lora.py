@@ -10,14 +10,15 @@ from __future__ import annotations
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, peft_task_type, register_method
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    from peft import LoraConfig as PeftLoraConfig
+    from torch import nn
 
 # Our names for PEFT's ``init_lora_weights``. "pissa" is PEFT's exact SVD (not the randomised
 # "pissa_niter_k") and OLoRA's QR is deterministic too, so even PEFT's plain save of such an adapter
@@ -100,6 +101,8 @@ class DoraConfig(LoraConfig):
 
 def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> PeftLoraConfig:
     """Translate our recipe section into PEFT's config (PEFT owns the layers and the file format)."""
+    from peft import LoraConfig as PeftLoraConfig
+
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -145,6 +148,8 @@ def loraplus_groups(
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    from peft import get_peft_model
+
     try:
         peft_model = get_peft_model(model, peft_config(cfg, peft_task_type(model)))
     except ValueError as err:

@@ -15,14 +15,14 @@ positions a method adds, for an objective that needs to know.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from pydantic import Field, model_validator
-from torch import nn
 
 from tunelab.methods.base import MethodConfig, Prepared, decay_groups, register_method
+
+if TYPE_CHECKING:  # the config classes are part of the recipe schema, which loads without the ML stack
+    from torch import nn
 
 
 class PromptTuningMethodConfig(MethodConfig):
@@ -73,6 +73,8 @@ def _hidden_size(model: nn.Module) -> int:
 def init_from_text(peft_model: nn.Module, text: str, tokenizer: Any) -> None:
     """Start the soft prompt at the embeddings of ``text``'s tokens (Lester et al., 2021), as PEFT's
     TEXT init does, but with tunelab's tokenizer for the model instead of a second ``AutoTokenizer``."""
+    import torch
+
     embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
     n = embedding.num_embeddings
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -118,6 +120,8 @@ def _prepared(peft_model: nn.Module, n_virtual: int, weight_decay: float) -> Pre
 
 @register_method("prompt_tuning", PromptTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
 def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningMethodConfig, *, weight_decay: float) -> Prepared:
+    from peft import PromptTuningConfig, get_peft_model
+
     tokenizer = _tokenizer_of(model) if cfg.init == "text" else None
     init = {"vocab": "SAMPLE_VOCAB", "text": "RANDOM", "random": "RANDOM"}[cfg.init]
     config = PromptTuningConfig(
@@ -131,6 +135,8 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningMethodConfig, *, weig
 
 @register_method("prefix_tuning", PrefixTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
 def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningMethodConfig, *, weight_decay: float) -> Prepared:
+    from peft import PrefixTuningConfig, get_peft_model
+
     config = PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=cfg.num_virtual_tokens,
@@ -142,6 +148,8 @@ def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningMethodConfig, *, weig
 
 @register_method("p_tuning", PTuningMethodConfig, artifact="peft", **_CAUSAL_ONLY)
 def apply_p_tuning(model: nn.Module, cfg: PTuningMethodConfig, *, weight_decay: float) -> Prepared:
+    from peft import PromptEncoderConfig, get_peft_model
+
     config = PromptEncoderConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=cfg.num_virtual_tokens,

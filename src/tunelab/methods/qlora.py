@@ -14,17 +14,16 @@ model's logits exactly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from peft import PeftModel, prepare_model_for_kbit_training
 from pydantic import Field, model_validator
-from torch import nn
 
 from tunelab.methods.base import Prepared, decay_groups, register_method
 from tunelab.methods.lora import LoraConfig, attach_lora, loraplus_groups
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
 
 
 class QLoraConfig(LoraConfig):
@@ -52,8 +51,10 @@ class QLoraConfig(LoraConfig):
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if choice != "auto":
-        return _DTYPES[choice]
+        return getattr(torch, choice)  # bfloat16, float16 or float32: the config's Literal
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -61,6 +62,8 @@ def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 def require_4bit(device: torch.device) -> None:
     """Fail early, naming the alternative, where bitsandbytes cannot quantise on this device."""
+    import torch
+
     try:
         import bitsandbytes as bnb  # noqa: PLC0415  (optional dependency)
 
@@ -76,6 +79,8 @@ def require_4bit(device: torch.device) -> None:
 def quantize_4bit(model: nn.Module, cfg: QLoraConfig) -> nn.Module:
     """Replace the model's linear layers by NF4 ``Linear4bit`` layers holding the same weights, in place."""
     import bitsandbytes as bnb  # noqa: PLC0415
+    from peft import prepare_model_for_kbit_training
+    from torch import nn
     from transformers import BitsAndBytesConfig  # noqa: PLC0415
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear  # noqa: PLC0415
     from transformers.quantizers.auto import AutoHfQuantizer  # noqa: PLC0415
@@ -120,6 +125,8 @@ def save_qlora(model: nn.Module, directory: Path) -> None:
 
 def load_qlora(base: nn.Module, directory: Path, cfg: QLoraConfig) -> nn.Module:
     """Quantise the base exactly as training did, then attach the adapter (identical logits)."""
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(quantize_4bit(base, cfg), str(directory)).eval()
 
 

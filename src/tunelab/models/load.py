@@ -387,7 +387,7 @@ def load_model(
     (e.g. ``asset:smollm2-135m-instruct``) fetched by ``tunelab assets fetch``. ``model_cls`` (an
     ``AutoModelFor...`` class) and ``model_kwargs`` (e.g. ``num_labels``) serve objectives that need
     another head than the language-model one. ``attention`` is transformers' ``attn_implementation``
-    (resolved from ``model.attention`` by :func:`tunelab.models.attention.resolve_attention`); None
+    (resolved from ``model.attention`` by :func:`tunelab.models.attention.decide_attention`); None
     keeps the model's default.
     """
     if spec.startswith(ASSET_PREFIX):

@@ -10,13 +10,15 @@ loss tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
 from tunelab.registry import Registry
+
+if TYPE_CHECKING:  # the recipe schema reads this registry; `recipe check` must not import torch
+    import torch
+    from torch import nn
 
 
 class ObjectiveConfig(BaseModel):

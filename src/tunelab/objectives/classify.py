@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 HEAD_NAMES = ("score", "classifier")
 
@@ -33,6 +34,8 @@ def sort_labels(labels: set[str]) -> list[str]:
 
 
 def pad_right(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    import torch
+
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -123,9 +126,13 @@ class ClassifyObjective(BaseObjective):
             if unknown:
                 raise ValueError(f"objective.class_weights: unknown label(s) {unknown}; labels are {names}")
             weights = [float(choice.get(n, 1.0)) for n in names]
+        import torch
+
         self.weights = torch.tensor(weights, dtype=torch.float32)
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
         index = {n: i for i, n in enumerate(self.label_names)}
         batch = pad_right(features, self.tokenizer.pad_token_id)
         batch["labels"] = torch.tensor([index[f["label"]] for f in features], dtype=torch.long)
@@ -135,6 +142,9 @@ class ClassifyObjective(BaseObjective):
         return batch["labels"].numel()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        import torch
+        import torch.nn.functional as F
+
         logits = sequence_scores(model, batch)
         weight = self.weights.to(logits.device) if self.weights is not None else None
         loss = F.cross_entropy(logits, batch["labels"], weight=weight, reduction="sum")

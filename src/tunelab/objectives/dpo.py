@@ -15,19 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
 from tunelab.methods.lora import rewrites_base
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
-from tunelab.objectives.preference_losses import dpo_loss, orpo_log_odds_ratio, orpo_loss, simpo_loss
 from tunelab.objectives.sft import causal_lm_forward, pad_causal_batch, prepends_virtual_tokens
+
+if TYPE_CHECKING:  # the config classes are part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 REFERENCE_BATCH = 8
 
@@ -92,6 +92,8 @@ def encode_response(
 
 def response_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of response-token log-probs (float32) and the number of response tokens."""
+    import torch.nn.functional as F
+
     logits, labels = causal_lm_forward(model, batch)
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     token_logps = -F.cross_entropy(
@@ -121,22 +123,27 @@ def reference_by_disabling(model: nn.Module) -> bool:
 @contextmanager
 def reference_mode(model: nn.Module) -> Iterator[None]:
     """No gradients, adapter switched off: the reference model without a copy."""
+    import torch
+
     with torch.no_grad(), peft_model_of(model).disable_adapter():
         yield
 
 
-@torch.no_grad()
 def precompute(
     model: nn.Module,
     features: list[dict[str, Any]],
     compute: Callable[[nn.Module, list[dict[str, Any]]], None],
 ) -> None:
-    """Run ``compute(model, features_chunk)`` in eval mode over ``features`` in small chunks."""
+    """Run ``compute(model, features_chunk)`` in eval mode, without gradients, over ``features`` in small
+    chunks."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(features), REFERENCE_BATCH):
-            compute(model, features[start : start + REFERENCE_BATCH])
+        with torch.no_grad():
+            for start in range(0, len(features), REFERENCE_BATCH):
+                compute(model, features[start : start + REFERENCE_BATCH])
     finally:
         model.train(was_training)
 
@@ -199,6 +206,8 @@ class PairwiseObjective(ResponseObjective):
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Chosen rows first, then rejected rows, in one padded batch (one forward pass for both)."""
+        import torch
+
         rows = [
             {"input_ids": f[f"{side}_ids"], "labels": f[f"{side}_labels"]}
             for side in ("chosen", "rejected")
@@ -263,6 +272,10 @@ class DpoObjective(PairwiseObjective):
             return response_logps(model, batch)[0].chunk(2)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        import torch
+
+        from tunelab.objectives.preference_losses import dpo_loss
+
         cfg = self.config
         (chosen, rejected), (chosen_len, rejected_len) = self.policy_logps(model, batch)
         ref_chosen, ref_rejected = self.reference_logps(model, batch)
@@ -286,6 +299,10 @@ class SimpoObjective(PairwiseObjective):
     """SimPO (Meng et al., 2024): reference-free, rewards are β × length-averaged log-probs."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        import torch
+
+        from tunelab.objectives.preference_losses import simpo_loss
+
         cfg = self.config
         (chosen, rejected), (chosen_len, rejected_len) = self.policy_logps(model, batch)
         chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
@@ -303,6 +320,10 @@ class OrpoObjective(PairwiseObjective):
     """
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        import torch
+
+        from tunelab.objectives.preference_losses import orpo_log_odds_ratio, orpo_loss
+
         cfg = self.config
         (chosen, rejected), (chosen_len, rejected_len) = self.policy_logps(model, batch)
         chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)

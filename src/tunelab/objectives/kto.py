@@ -13,11 +13,9 @@ Features that never went through ``prepare`` are paired the same way within thei
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from tunelab.data.templates import IGNORE_INDEX, TemplateError
 from tunelab.objectives.base import OBJECTIVES, Dropped, LossOutput, ObjectiveConfig
@@ -29,8 +27,11 @@ from tunelab.objectives.dpo import (
     reference_mode,
     response_logps,
 )
-from tunelab.objectives.preference_losses import kto_kl_estimate, kto_loss
 from tunelab.objectives.sft import pad_causal_batch
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
 
 
 class KtoConfig(ObjectiveConfig):
@@ -112,6 +113,8 @@ class KtoObjective(ResponseObjective):
         precompute(model, [*train, *evaluation], compute)
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
         examples = [e for f in features for e in f["examples"]]
         if "kl_ids" in examples[0]:
             kl = [(e["kl_ids"], e["kl_labels"]) for e in examples]
@@ -146,6 +149,10 @@ class KtoObjective(ResponseObjective):
             return response_logps(model, batch)[0], response_logps(model, kl_batch(batch))[0]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        import torch
+
+        from tunelab.objectives.preference_losses import kto_kl_estimate, kto_loss
+
         cfg = self.config
         logps = response_logps(model, batch)[0]
         with torch.no_grad():  # the KL point is a detached estimate (as in TRL)

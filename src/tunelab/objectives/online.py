@@ -10,13 +10,15 @@ any, is ignored; a chat row may simply end with the user's turn), preference row
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
-from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import render
 from tunelab.objectives.base import BaseObjective, Dropped, ObjectiveConfig
+
+if TYPE_CHECKING:  # the config classes are part of the recipe schema, which loads without the ML stack
+    from transformers import PreTrainedTokenizerBase
 
 
 class JudgeReward(BaseModel):

@@ -8,17 +8,18 @@ is where a decoder's head reads its score.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.templates import TemplateError, render
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
 from tunelab.objectives.classify import pad_right, require_trainable_head, sequence_scores
-from tunelab.objectives.preference_losses import bradley_terry
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 
 class RewardConfig(ObjectiveConfig):
@@ -81,6 +82,8 @@ class RewardObjective(BaseObjective):
         return feature
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
         rows = [{"input_ids": f[f"{side}_ids"]} for side in ("chosen", "rejected") for f in features]
         batch = pad_right(rows, self.tokenizer.pad_token_id)
         if any("margin" in f for f in features):
@@ -91,6 +94,10 @@ class RewardObjective(BaseObjective):
         return batch["input_ids"].size(0) // 2
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        import torch
+
+        from tunelab.objectives.preference_losses import bradley_terry
+
         chosen, rejected = sequence_scores(model, batch)[:, 0].chunk(2)
         losses = bradley_terry(chosen, rejected, batch.get("margin"))
         if self.config.center_rewards_coefficient:

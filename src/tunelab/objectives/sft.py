@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
-from tunelab.data.packing import collate_packed
 from tunelab.data.templates import IGNORE_INDEX, TemplateError, encode_conversation, encode_text
 from tunelab.objectives.base import OBJECTIVES, BaseObjective, Dropped, LossOutput, ObjectiveConfig
-from tunelab.objectives.fused_ce import (
-    decoder_and_head,
-    fused_ce_problem,
-    fused_linear_cross_entropy_sum,
-    liger_linear_cross_entropy_sum,
-)
-from tunelab.objectives.losses import causal_lm_loss_sum
+
+if TYPE_CHECKING:  # the config class is part of the recipe schema, which loads without the ML stack
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 
 class SftConfig(ObjectiveConfig):
@@ -53,6 +46,8 @@ class SftObjective(BaseObjective):
         cross-entropy kernel where the model allows a fused loss. It wins over
         ``objective.fused_cross_entropy`` (the same sum in chunked PyTorch): one fused loss runs, and on
         a GPU with Liger installed the Triton kernel is the faster one. Returns the loss in effect."""
+        from tunelab.objectives.fused_ce import fused_ce_problem
+
         problem = fused_ce_problem(model)
         if problem is not None:
             return f"loss from full logits (Liger's fused linear cross-entropy cannot apply: {problem})"
@@ -67,6 +62,8 @@ class SftObjective(BaseObjective):
 
     @staticmethod
     def _refuse_fused_ce_on(model: nn.Module) -> None:
+        from tunelab.objectives.fused_ce import fused_ce_problem
+
         problem = fused_ce_problem(model)
         if problem is not None:
             raise ValueError(f"objective.fused_cross_entropy: cannot be used here: {problem}")
@@ -105,6 +102,8 @@ class SftObjective(BaseObjective):
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "position_ids" in features[0]:
+            from tunelab.data.packing import collate_packed
+
             return collate_packed(features, self.tokenizer.pad_token_id, flat=self.flat_packs)
         # Left padding lines every answer up against the right edge, so the logits the loss needs
         # are the last few positions of the batch (see `causal_lm_forward`). Models with virtual
@@ -116,6 +115,9 @@ class SftObjective(BaseObjective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        from tunelab.objectives.fused_ce import decoder_and_head
+        from tunelab.objectives.losses import causal_lm_loss_sum
+
         fused = self._fused_loss(model)
         if fused is not None:
             hidden, labels = causal_lm_hidden(model, batch)
@@ -129,11 +131,13 @@ class SftObjective(BaseObjective):
     def _fused_loss(self, model: nn.Module) -> Any:
         """Liger's kernel, tunelab's chunked loss, or None (logits); the engine may have wrapped the
         model since adapt_to (DDP), so whether a fused loss can run is checked again here."""
-        if self.liger_cross_entropy and fused_ce_problem(model) is None:
-            return liger_linear_cross_entropy_sum
+        from tunelab.objectives import fused_ce
+
+        if self.liger_cross_entropy and fused_ce.fused_ce_problem(model) is None:
+            return fused_ce.liger_linear_cross_entropy_sum
         if self.config.fused_cross_entropy:
             self._refuse_fused_ce_on(model)
-            return fused_linear_cross_entropy_sum
+            return fused_ce.fused_linear_cross_entropy_sum
         return None
 
 
@@ -182,6 +186,8 @@ def _mask_and_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | 
 def causal_lm_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states and aligned labels for the loss window: :func:`causal_lm_forward` without
     the output projection (the fused loss applies it chunk by chunk)."""
+    from tunelab.objectives.fused_ce import decoder_and_head
+
     mask, kwargs = _mask_and_positions(batch)
     keep = loss_window(batch["labels"])
     decoder, _ = decoder_and_head(model)
@@ -202,6 +208,8 @@ def pad_causal_batch(
     features: list[dict[str, Any]], pad_id: int, side: str = "right"
 ) -> dict[str, torch.Tensor]:
     """Pad ids and labels to the longest example on ``side``; padding never carries loss."""
+    import torch
+
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
