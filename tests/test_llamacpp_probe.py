@@ -180,6 +180,7 @@ def test_a_failure_that_is_not_a_cpu_fault_is_reported_but_not_cached(probe_env,
     monkeypatch.setenv("PROBE_FAIL", "extra,plain")
     verdict = llamacpp_probe.probe(child)
     assert not verdict.usable and "exit 1: ImportError: no module named gguf" in verdict.message
+    assert verdict.message.startswith("llama.cpp could not be checked") and "\n" not in verdict.message
     assert not Path(verdict.path).exists()
     monkeypatch.setattr(llamacpp_probe, "_VERDICTS", {})
     monkeypatch.delenv("PROBE_FAIL")

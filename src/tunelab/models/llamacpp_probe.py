@@ -151,10 +151,15 @@ def _refusal(cpu: str, runs: list[dict[str, Any]], path: Path) -> str:
     notable = [flag for flag in _NOTABLE_FLAGS if flags and flag in flags]
     advertised = f", advertising {' '.join(notable)}" if notable else ""
     how = " and ".join(dict.fromkeys(run["detail"] for run in runs))
+    if all(run["cacheable"] for run in runs):  # every child died of a CPU or program fault
+        return (
+            f"llama.cpp cannot run on this CPU ({cpu}{advertised}): its probe died with {how}, with "
+            f"llama.cpp's extra buffer types and without; rebuild it with portable flags (`make gguf`) and, "
+            f"if it still dies, report it with {path}"
+        )
     return (
-        f"llama.cpp cannot run on this CPU ({cpu}{advertised}): its probe died with {how}, with llama.cpp's "
-        f"extra buffer types and without; rebuild it with portable flags (`make gguf`) and, if it still dies, "
-        f"report it with {path}"
+        f"llama.cpp could not be checked on this machine ({cpu}{advertised}): its probe failed with {how}; "
+        f"run `make gguf` again, and `python -m tunelab.models.llamacpp_probe` to retry"
     )
 
 
