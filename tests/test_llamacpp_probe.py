@@ -26,7 +26,7 @@ if mode in os.environ.get("PROBE_TRAP", "").split(","):
     os.kill(os.getpid(), signal.SIGILL)
 if mode in os.environ.get("PROBE_FAIL", "").split(","):
     sys.exit("ImportError: no module named gguf")
-print(json.dumps({"extra_bufts": mode == "extra", "prompt_tokens": 40, "completion_tokens": 4}))
+print(json.dumps({"extra_bufts": mode == "extra", "prompt_tokens": 40, "generated_tokens": 4}))
 """
 # a library that traps as soon as it is loaded: what a wheel built for another CPU does
 TRAP_C = "__attribute__((constructor)) static void trap(void) { __builtin_trap(); }\n"
@@ -219,7 +219,7 @@ def test_the_real_probe_passes_on_this_machine(tmp_path, monkeypatch):
     assert verdict.usable, verdict.message
     ran = verdict.runs[-1]
     assert ran["prompt_tokens"] == llamacpp_child.PROMPT_TOKENS
-    assert ran["completion_tokens"] == llamacpp_child.GENERATED_TOKENS
+    assert ran["generated_tokens"] == llamacpp_child.GENERATED_TOKENS
 
 
 def _trapping_library(tmp_path: Path) -> Path:

@@ -130,13 +130,17 @@ def decode_probe(path: Path, *, extra_bufts: bool) -> dict[str, Any]:
     llama = open_llama(path, extra_bufts=extra_bufts, n_ctx=128, n_threads=2, seed=0, verbose=False)
     try:
         prompt = [1, *(3 + (7 * i) % 256 for i in range(PROMPT_TOKENS - 1))]
-        result = llama.create_completion(prompt, max_tokens=GENERATED_TOKENS, temperature=0.0, top_k=1)
+        llama.eval(prompt)  # one batch: the matrix-matrix kernels
+        generated = []
+        for _ in range(GENERATED_TOKENS):  # one token at a time: the matrix-vector kernels
+            generated.append(int(llama.scores[llama.n_tokens - 1].argmax()))
+            llama.eval(generated[-1:])
     finally:
         llama.close()
     return {
         "extra_bufts": extra_bufts,
-        "prompt_tokens": result["usage"]["prompt_tokens"],
-        "completion_tokens": result["usage"]["completion_tokens"],
+        "prompt_tokens": len(prompt),
+        "generated_tokens": len(generated),
         "seconds": round(time.perf_counter() - start, 3),
     }
 
