@@ -42,7 +42,9 @@ def export_gguf_with_a_trapping_library(scratch: Path) -> Outcome:
     final.mkdir(parents=True)
     meta = {"base_model": "tiny:llama", "artifact": "full", "method": "full", "model_kind": "causal_lm"}
     (final / "tunelab.json").write_text(json.dumps(meta))
-    ran = tunelab("export", str(scratch / "run"), "--gguf", "q4_k_m", "--out", "g", cwd=scratch, env=env)
+    ran = tunelab(
+        "export", str(scratch / "run"), "--gguf", "q4_k_m", "--no-verify", "--out", "g", cwd=scratch, env=env
+    )
     outcome = refused(ran, mentions=("SIGILL (illegal instruction)", "make gguf"))
     return Outcome("loss", "wrote g/ before refusing") if (scratch / "g").exists() else outcome
 
