@@ -28,9 +28,11 @@ from rich.table import Table
 from tunelab.assets import asset_path
 from tunelab.models.llamacpp_build import cpu_info
 
+# the child imports no tunelab (torch would bring a second OpenMP runtime into the timed process)
 CHILD = """
 import json, sys, time
 import llama_cpp
+import numpy as np
 model, n_prompt, n_gen, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llm = llama_cpp.Llama(model_path=model, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_threads=threads,
                       n_threads_batch=threads, verbose=False)
@@ -41,11 +43,10 @@ llm.reset()
 start = time.perf_counter()
 llm.eval(prompt)
 pp = time.perf_counter() - start
-token = prompt[-1]
 start = time.perf_counter()
 for _ in range(n_gen):
-    token = int(llm.scores[llm.n_tokens - 1].argmax())
-    llm.eval([token])
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    llm.eval([int(logits.argmax())])
 tg = time.perf_counter() - start
 print(json.dumps({"library": llama_cpp.__file__, "pp": n_prompt / pp, "tg": n_gen / tg}))
 """
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(folder, model, args)
                 best[name] = {k: max(best[name][k], result[k]) for k in ("pp", "tg")}
     cpu, _ = cpu_info()
-    console = Console(highlight=False, markup=False, emoji=False)
+    console = Console(highlight=False, markup=False, emoji=False, width=120)
     console.print(
         f"{model.name}, {args.prompt}-token prompt, {args.gen} generated tokens, {args.threads} threads, "
         f"best of {args.rounds} rounds; {cpu} ({platform.machine()}), {time.strftime('%Y-%m-%d')}"

@@ -126,14 +126,18 @@ def _add_vocab(writer: Any, gguf: Any) -> None:
 
 def decode_probe(path: Path, *, extra_bufts: bool) -> dict[str, Any]:
     """Load the probe model and decode a prompt and a few tokens; what came out, and how long it took."""
+    import numpy as np  # noqa: PLC0415
+
     start = time.perf_counter()
     llama = open_llama(path, extra_bufts=extra_bufts, n_ctx=128, n_threads=2, seed=0, verbose=False)
     try:
         prompt = [1, *(3 + (7 * i) % 256 for i in range(PROMPT_TOKENS - 1))]
         llama.eval(prompt)  # one batch: the matrix-matrix kernels
-        generated = []
+        generated, finite = [], True
         for _ in range(GENERATED_TOKENS):  # one token at a time: the matrix-vector kernels
-            generated.append(int(llama.scores[llama.n_tokens - 1].argmax()))
+            logits = last_logits(llama)
+            finite = finite and bool(np.isfinite(logits).all())
+            generated.append(int(logits.argmax()))
             llama.eval(generated[-1:])
     finally:
         llama.close()
@@ -141,8 +145,19 @@ def decode_probe(path: Path, *, extra_bufts: bool) -> dict[str, Any]:
         "extra_bufts": extra_bufts,
         "prompt_tokens": len(prompt),
         "generated_tokens": len(generated),
+        "finite_logits": finite,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def last_logits(llama: Any) -> Any:
+    """The logits of the last decoded token as a numpy view (``Llama.scores`` holds them only with
+    ``logits_all``)."""
+    import llama_cpp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    pointer = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llama.n_vocab(),))
 
 
 def main(argv: list[str]) -> int:

@@ -81,7 +81,9 @@ def library_files() -> list[Path]:
     package = Path(next(iter(spec.submodule_search_locations)))
     lib = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or package / "lib")
     libraries = [
-        p for p in lib.glob("*") if p.is_file() and p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name
+        p
+        for p in lib.glob("*")
+        if p.is_file() and (p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name)
     ]
     return sorted([package / "__init__.py", package / "llama_cpp.py", *libraries])
 
