@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, markup=False, emoji=False, width=120)
     console.print(
         f"{model.name}, {args.prompt}-token prompt, {args.gen} generated tokens, {args.threads} threads, "
-        f"best of {args.rounds} rounds; {cpu} ({platform.machine()}), {time.strftime('%Y-%m-%d')}"
+        f"best of {args.rounds} rounds; {cpu} ({platform.machine()}), {time.strftime('%Y-%m-%d')}",
+        soft_wrap=True,
     )
     table = Table("build", "prompt tok/s", "generate tok/s", "prompt vs first", "generate vs first")
     base = best[next(iter(best))]

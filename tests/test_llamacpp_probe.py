@@ -4,6 +4,7 @@ and the cached verdict."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from llamacpp_gate import usable_llama_cpp
 from tunelab.models import llamacpp, llamacpp_build, llamacpp_child, llamacpp_probe
 
 CHILD = """
@@ -220,6 +222,25 @@ def test_the_real_probe_passes_on_this_machine(tmp_path, monkeypatch):
     ran = verdict.runs[-1]
     assert ran["prompt_tokens"] == llamacpp_child.PROMPT_TOKENS
     assert ran["generated_tokens"] == llamacpp_child.GENERATED_TOKENS
+
+
+def test_a_model_opens_without_extra_buffer_types_when_the_probe_says_so(tmp_path, monkeypatch):
+    usable_llama_cpp()  # skips (with the probe's line) where llama.cpp cannot run in this process
+    path = llamacpp_child.write_probe_gguf(tmp_path / "probe.gguf")
+    without = dataclasses.replace(llamacpp_probe.usable_llama_cpp(), extra_bufts=False)
+    monkeypatch.setattr(llamacpp, "usable_llama_cpp", lambda: without)
+    default = sys.modules["llama_cpp"].llama_cpp.llama_model_default_params
+    for extra_bufts, llama in (
+        (False, llamacpp.open_llama(path, n_ctx=64, verbose=False)),
+        (True, llamacpp_child.open_llama(path, extra_bufts=True, n_ctx=64, verbose=False)),
+    ):
+        try:
+            assert llama.model_params.use_extra_bufts is extra_bufts
+            llama.eval([1, 5, 9])
+            assert llamacpp_child.last_logits(llama).shape == (llamacpp_child.N_VOCAB,)
+        finally:
+            llama.close()
+    assert sys.modules["llama_cpp"].llama_cpp.llama_model_default_params is default
 
 
 def _trapping_library(tmp_path: Path) -> Path:
