@@ -138,6 +138,31 @@ def test_the_keyed_wheel_is_reused_and_an_unkeyed_one_never(tmp_path, monkeypatc
     assert llamacpp_build.build_wheel(sdist, wheels, llamacpp_build.PORTABLE_CMAKE_ARGS) == wheel
 
 
+def test_a_build_runs_pip_with_the_flags_and_without_its_wheel_cache(tmp_path, monkeypatch):
+    sdist = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    sdist.write_bytes(b"sdist")
+    ran = []
+
+    def pip_wheel(command, *args, env=None, **kwargs):
+        if "--version" in command:
+            return subprocess.CompletedProcess(command, 0, "c++ (test) 1.0\n", "")
+        ran.append((command, env["CMAKE_ARGS"]))
+        out = Path(command[command.index("-w") + 1])
+        (out / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(b"built")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(llamacpp_build.subprocess, "run", pip_wheel)
+    args = llamacpp_build.PORTABLE_CMAKE_ARGS
+    wheel = llamacpp_build.build_wheel(sdist, tmp_path / "wheels", args)
+    [(command, cmake_args)] = ran
+    assert "--no-cache-dir" in command and cmake_args == args
+    record = json.loads((wheel.parent / "build.json").read_text())
+    assert record["key"] == wheel.parent.name and record["cmake_args"] == args
+    assert record["cpu_features_needed"] == llamacpp_build.needed_features(args)
+    assert llamacpp_build.build_wheel(sdist, tmp_path / "wheels", args) == wheel and len(ran) == 1
+    assert [p.name for p in (tmp_path / "wheels").iterdir()] == [wheel.parent.name]  # no staging left
+
+
 # --- the probe ------------------------------------------------------------------------------------
 
 

@@ -185,7 +185,10 @@ def build_wheel(sdist: Path, wheels: Path, cmake_args: str) -> Path:
         )
         start = time.monotonic()
         env = dict(os.environ, CMAKE_ARGS=cmake_args, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
-        command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(sdist), "-w", str(staging)]
+        # --no-cache-dir: pip's wheel cache is keyed by the sdist's path alone, so it would hand back a
+        # wheel built earlier with other CMAKE_ARGS
+        command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", str(sdist)]
+        command += ["-w", str(staging)]
         subprocess.run(command, env=env, check=True)
         record = {**facts, "key": key, "seconds": round(time.monotonic() - start), "built": time.ctime()}
         write_record(staging, record)
