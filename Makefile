@@ -28,20 +28,22 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # GGUF export/eval run llama.cpp through llama-cpp-python, which has no wheel for this platform on PyPI:
-# download its sdist once (it also vendors llama.cpp's converter, which tunelab extracts from it),
-# build the wheel from it once per machine (cmake, ~10 min on 2 cores) into $(TUNELAB_HOME)/wheels,
-# then install it with the `gguf` extra. Later runs and new venvs reuse the cached wheel.
-$(VENV)/.gguf: $(VENV)/.installed
+# download its sdist once (it also vendors llama.cpp's converter, which tunelab extracts from it), build
+# the wheel from it with portable CPU flags (no -march=native, no AVX-512/AMX: a VM may advertise
+# instructions it does not execute) once per build key into $(TUNELAB_HOME)/wheels/<key>/ (the key:
+# version, sdist sha256, flags, compiler, arch, Python, the CPU features the flags need), install that exact
+# wheel, then the `gguf` extra. Last, a child process proves the library runs on this CPU (one line; a CPU
+# where it cannot run gets the refusal line here and in every llama.cpp test's skip reason).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+  -DGGML_AMX_BF16=OFF -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF
+gguf: $(VENV)/.installed
 	test -f $(LLAMA_SDIST) || $(PIP) download -q --no-deps --no-binary :all: \
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(TUNELAB_HOME)/sdist
-	ls $(TUNELAB_HOME)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
-	  start=$$(date +%s); echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (~10 min)"; \
-	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) wheel -q --no-deps $(LLAMA_SDIST) -w $(TUNELAB_HOME)/wheels \
-	  && echo "built in $$(( $$(date +%s) - start )) s"; }
-	$(PIP) install -q --find-links $(TUNELAB_HOME)/wheels --only-binary llama-cpp-python -e ".[dev,gguf]"
-	touch $@
-
-gguf: $(VENV)/.gguf
+	$(PY) src/tunelab/models/llamacpp_build.py --sdist $(LLAMA_SDIST) --wheels $(TUNELAB_HOME)/wheels \
+	  --cmake-args "$(LLAMA_CMAKE_ARGS)" --install
+	test $(VENV)/.gguf -nt pyproject.toml || { \
+	  $(PIP) install -q --only-binary llama-cpp-python -e ".[dev,gguf]" && touch $(VENV)/.gguf; }
+	-$(PY) -m tunelab.models.llamacpp_probe
 
 demo: setup
 	$(VENV)/bin/tunelab assets fetch smollm2-135m-instruct rotten-tomatoes

@@ -13,6 +13,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
+from llamacpp_gate import usable_llama_cpp
 from tunelab.evaluate.run import load_for_eval
 from tunelab.export import EXPORT_META, export_run
 from tunelab.runs.manifest import file_sha256, recipe_sha256
@@ -188,7 +189,7 @@ def merged_lora(run_of, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_gguf_export_reads_back_close_to_the_merged_model(run_of, merged_lora, tmp_path, gguf_type):
-    pytest.importorskip("llama_cpp")  # the GGUF is made by llama.cpp; read back here by transformers
+    usable_llama_cpp()  # the GGUF is made by llama.cpp; read back here by transformers
     out = export_run(run_of("lora"), tmp_path / "gguf", kind="gguf", gguf_type=gguf_type)
 
     files = [p.name for p in out.iterdir()]
@@ -261,7 +262,7 @@ def test_output_inside_the_run_is_refused_even_with_overwrite(run_of):
 
 def _break_the_converter(monkeypatch: pytest.MonkeyPatch) -> None:
     """Break the GGUF export after the merged model is saved: llama.cpp's converter fails."""
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     from tunelab.export import gguf as gguf_export
 
     def broken(*args, **kwargs):
@@ -400,7 +401,7 @@ def _cached_smollm2() -> str | None:
 @pytest.mark.slow
 def test_smollm2_lora_exports_to_q8_0_gguf_that_agrees_greedily(tmp_path):
     """The demo's model and adapter shape (LoRA r16 on all linear layers), a few steps, then q8_0."""
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     from tunelab.recipe import parse_recipe
     from tunelab.train.run import train
 

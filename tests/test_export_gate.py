@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
+from llamacpp_gate import usable_llama_cpp
 from tunelab.cli import app
 from tunelab.evaluate.engines import EngineEval, Generation, token_agreement
 from tunelab.export import EXPORT_META
@@ -243,7 +244,7 @@ def _gguf_with(tmp_path: Path, run: Path, *, template: str | None = None) -> Pat
 
 
 def test_llama_cpp_engine_reproduces_transformers_on_the_same_weights(tmp_path):
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     from tunelab.evaluate.engines import LlamaCppEngine, TransformersEngine
 
     run = _fake_run(tmp_path)
@@ -258,7 +259,7 @@ def test_llama_cpp_engine_reproduces_transformers_on_the_same_weights(tmp_path):
 
 
 def test_gguf_export_passes_in_llama_cpp_and_a_wrong_template_fails(tmp_path):
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     run = _fake_run(tmp_path)
     good = verify_export(run / "final", _gguf_with(tmp_path / "a", run), n=3, console=QUIET)
     assert good["passed"] and good["engine"] == "llama.cpp" and good["export"]["token_agreement"] == 1.0
@@ -269,7 +270,7 @@ def test_gguf_export_passes_in_llama_cpp_and_a_wrong_template_fails(tmp_path):
 
 
 def test_eval_compare_puts_a_gguf_next_to_base_and_run(tmp_path):
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     run = _fake_run(tmp_path)
     gguf = _gguf_with(tmp_path, run) / "model-f32.gguf"
     data = tmp_path / "qa.jsonl"
@@ -356,7 +357,7 @@ def test_trained_run_adapter_and_merged_exports_pass(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_trained_run_gguf_with_the_wrong_template_fails(trained_run, tmp_path):
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     from tunelab.export.merge import merged_model
     from tunelab.models.gguf_write import write_llama_gguf
 

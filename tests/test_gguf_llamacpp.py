@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from llamacpp_gate import usable_llama_cpp
 from tunelab.data.templates import BUILTIN_TEMPLATES
 from tunelab.export import EXPORT_META, export_run
 from tunelab.export.modelfile import matching_go_template
@@ -32,7 +33,7 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    module = pytest.importorskip("llama_cpp")
+    module = usable_llama_cpp()
     if not llamacpp.sdist_path().is_file():
         pytest.skip(f"{llamacpp.sdist_path()} missing; run `make gguf`")
     return module
@@ -75,7 +76,7 @@ def _full_run(root: Path, model, tokenizer) -> Path:
 
 
 def _llama(llama_cpp, path: Path, **kw):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False, **kw)
+    return llamacpp.open_llama(path, n_ctx=256, seed=0, verbose=False, **kw)
 
 
 def _prompt_ids(tokenizer) -> list[int]:

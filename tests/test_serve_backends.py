@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from llamacpp_gate import usable_llama_cpp
 from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.backends import Backends, parse_backend
 from tunelab.serve.proxy import SSETap
@@ -121,7 +122,7 @@ def variant_of(user: str) -> str:
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two different tiny Llama GGUFs (seeds 0 and 1), written by tunelab's llama GGUF writer."""
-    pytest.importorskip("llama_cpp")
+    usable_llama_cpp()
     pytest.importorskip("sse_starlette")  # llama-cpp-python's [server] extra
     from tunelab.models.gguf_write import write_llama_gguf
     from tunelab.models.tiny import build_tiny_llama, build_tiny_tokenizer

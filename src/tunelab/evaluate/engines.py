@@ -25,7 +25,7 @@ import numpy as np
 
 from tunelab.data.templates import split_prompt_answer
 from tunelab.evaluate.metrics import exact_match
-from tunelab.models.llamacpp import require_llama_cpp
+from tunelab.models.llamacpp import open_llama
 
 AGREEMENT_TOKENS = 32
 
@@ -182,13 +182,10 @@ class LlamaCppEngine(Engine):
     def __init__(
         self, path: str | Path, *, n_ctx: int = 1024, seed: int = 0, name: str | None = None
     ) -> None:
-        llama_cpp = require_llama_cpp()
         self.path, self.name, self.n_ctx = Path(path), name or str(path), n_ctx
         if not self.path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        self.llm = llama_cpp.Llama(
-            model_path=str(self.path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=seed
-        )
+        self.llm = open_llama(self.path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=seed)
         meta = dict(self.llm.metadata)
         self.chat_template = meta.get("tokenizer.chat_template")
         if not self.chat_template:

@@ -21,6 +21,7 @@ from tunelab.models.llamacpp import (
     convert_to_gguf,
     gguf_metadata,
     native_output_captured,
+    open_llama,
     quantize_gguf,
     require_llama_cpp,
     set_gguf_token_id,
@@ -123,13 +124,13 @@ def make_template_stop(path: Path, tokenizer: Any, ends: list[str]) -> list[str]
 def load_check(path: Path, tokenizer: Any, max_tokens: int = 8) -> dict[str, Any]:
     """Load the file in llama.cpp and generate a few greedy tokens from a chat prompt rendered with the
     run's template; also record whether llama.cpp tokenizes that prompt as the run's tokenizer does."""
-    llama_cpp = require_llama_cpp()
+    require_llama_cpp()  # a missing or unusable llama.cpp is its own one-line error, not a load failure
     messages = [{"role": "user", "content": CHECK_PROMPT}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     expected = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with native_output_captured() as log:  # llama.cpp prints notes even with verbose=False
         try:
-            llama = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False)
+            llama = open_llama(path, n_ctx=256, seed=0, verbose=False)
         except (ValueError, RuntimeError) as err:
             raise GGUFConversionError(f"llama.cpp could not load {path.name}: {err} (log: {log})") from err
     log.unlink(missing_ok=True)

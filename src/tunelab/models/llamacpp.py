@@ -8,8 +8,12 @@ k-quants people download) and checks the file by loading it in llama.cpp.
 Both come from one pinned release of ``llama-cpp-python``: its wheel gives the quantiser and loader
 (``import llama_cpp``), its sdist vendors the converter and the matching ``gguf-py``, which are
 extracted once into ``$TUNELAB_HOME/llama.cpp/<version>/``. ``make gguf`` downloads the sdist into
-``$TUNELAB_HOME/sdist`` and builds the wheel from it once per machine (cached in
-``$TUNELAB_HOME/wheels``).
+``$TUNELAB_HOME/sdist`` and builds the wheel from it with portable CPU flags, cached in
+``$TUNELAB_HOME/wheels/<build key>/`` (:mod:`tunelab.models.llamacpp_build`).
+
+Before the first model is loaded in a process, a child process proves the library runs on this CPU
+(:mod:`tunelab.models.llamacpp_probe`); every model is then opened through :func:`open_llama`, with llama.cpp's
+extra buffer types only where the probe proved them.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from types import ModuleType
 from typing import Any
 
 from tunelab.assets import tunelab_home
+from tunelab.models import llamacpp_child
+from tunelab.models.llamacpp_build import LLAMA_CPP_VERSION
+from tunelab.models.llamacpp_probe import LlamaCppUnusableError as LlamaCppUnusableError
+from tunelab.models.llamacpp_probe import usable_llama_cpp
 
-LLAMA_CPP_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
 # PyPI's sdist of llama-cpp-python 0.3.36; the converter we run is the code in exactly this file.
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -47,7 +54,7 @@ QUANT_FTYPES = {
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
 }
 MISSING_MESSAGE = (
-    "GGUF export/eval needs llama.cpp: run `make gguf` (builds llama-cpp-python once, ~10 min, cached "
+    "GGUF export/eval needs llama.cpp: run `make gguf` (builds llama-cpp-python once, ~15 min, cached "
     "under $TUNELAB_HOME/wheels) or pip install 'tunelab[gguf]'"
 )
 # What the converter imports beyond the standard library (sentencepiece even for BPE Llama models:
@@ -119,11 +126,24 @@ class GGUFConversionError(ValueError):
 
 
 def require_llama_cpp() -> ModuleType:
-    """The ``llama_cpp`` module, or :class:`LlamaCppMissingError` with the one line saying how to get it."""
+    """The ``llama_cpp`` module once a child process proved it runs on this CPU; otherwise
+    :class:`LlamaCppMissingError` or :class:`LlamaCppUnusableError`, each one line saying what to do."""
     try:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ImportError("llama_cpp")
+        usable_llama_cpp()  # before this process loads the library: a trap kills the child, not us
         return importlib.import_module("llama_cpp")
     except ImportError as err:
         raise LlamaCppMissingError(MISSING_MESSAGE) from err
+
+
+def open_llama(path: str | Path, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` the way the probe proved it runs here: with llama.cpp's
+    extra buffer types (weight repacking, AMX) only when a child ran them. Every model tunelab loads in
+    llama.cpp goes through here."""
+    require_llama_cpp()
+    extra_bufts = usable_llama_cpp().extra_bufts
+    return llamacpp_child.open_llama(path, extra_bufts=extra_bufts, **kwargs)
 
 
 def sdist_path() -> Path:
