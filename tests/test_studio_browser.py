@@ -23,9 +23,9 @@ playwright = pytest.importorskip(
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH; run `make chromium`")
 expect = playwright.expect
-# Every wait is on a condition (an element, a text, a count, a URL); this is only how long a condition
-# may take before the test fails, generous because CI machines run loaded (a load average of 6 broke a
-# keyboard test that waited on Playwright's default of 30 s, issue 26). It never slows a passing test.
+# Every wait is on a condition (a text, a value, a count, a URL, htmx at rest: see settled()), never on
+# time; WAIT_MS is only how long a condition may take before the test fails, generous because CI machines
+# run loaded (issue 26: a keyboard test failed under a load average of 6). It never slows a passing test.
 WAIT_MS = 180_000
 expect.set_options(timeout=WAIT_MS)
 
@@ -159,9 +159,8 @@ def test_data_page_audit_and_mask_preview_by_keyboard(studio, page, data_file):
     assert "hi there friend" in "".join(trained.all_inner_texts())  # the answer is what is trained
     settled(page)
     page.click("#clean-button")
-    expect(page.locator("#clean-changes")).to_contain_text(
-        "exact_duplicate"
-    )  # the dropped row, with its reason
+    # the dropped row, with its reason
+    expect(page.locator("#clean-changes")).to_contain_text("exact_duplicate")
     shot(page, "data")
     assert serious_violations(page) == []
 
