@@ -5,9 +5,12 @@ VENV        ?= .venv
 PYTHON      ?= python3
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
-TORCH       ?= torch==2.13.0
-# A bare `torch` requirement pulls a multi-GB CUDA build; install the pinned CPU wheel first.
-# Set TORCH_INDEX=https://download.pytorch.org/whl/cpu where that index is reachable.
+# Exact versions of every dependency (pip constraints), what CI last passed with; see `make lock`.
+LOCK        := requirements/lock.txt
+TORCH       ?= $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' $(LOCK))
+# A bare `torch` requirement pulls a multi-GB CUDA build; install the locked torch alone first (its own
+# dependencies come with the rest, under the lock). Set TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# where that index is reachable.
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 # tunelab's cache (assets, converted models, llama.cpp); the Python code reads the same TUNELAB_HOME
@@ -16,16 +19,27 @@ LLAMA_CPP_VERSION := 0.3.36
 TMPDIR_SHOTS := $(or $(TMPDIR),/tmp)/tunelab-studio-shots
 LLAMA_SDIST := $(TUNELAB_HOME)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: setup gguf chromium demo test test-all lint format bench bench-cpu bench-gpu clean studio-shots
+.PHONY: setup lock gguf chromium demo test test-all lint format bench bench-cpu bench-gpu clean studio-shots
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Update the lock on purpose: pip resolves pyproject's ranges afresh (the newest versions they allow,
+# torch as $(TORCH): `make lock TORCH=torch==X` moves it) and installs nothing; requirements/lock.py
+# writes the exact versions. Then run `make test`, and commit the new lock only with that passing run.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --dry-run --ignore-installed --report $(LOCK).report.json \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) --find-links $(TUNELAB_HOME)/wheels \
+	  "$(TORCH)" -e ".[dev,gguf,qlora]"
+	$(PY) requirements/lock.py $(LOCK).report.json $(LOCK)
+	rm -f $(LOCK).report.json
 
 # GGUF export/eval run llama.cpp through llama-cpp-python, which has no wheel for this platform on PyPI:
 # download its sdist once (it also vendors llama.cpp's converter, which tunelab extracts from it), build

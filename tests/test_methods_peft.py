@@ -123,6 +123,56 @@ def test_qlora_keeps_the_base_in_4bit_and_reloads_it_so(tiny_recipe):
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.base_model.model.modules()) == 14
 
 
+def _avx512_bf16_gemv(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+    """What bitsandbytes' AVX512-BF16 CPU kernel computes on a repacked weight ([N, K/2] nibbles in
+    blocks of 32 rows, absmax [K/blocksize, N] in bf16, activations in bf16), in plain torch."""
+    n, k = state.shape
+    nibbles = B.view(torch.uint8).reshape(-1, 32)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)
+    codes = codes.reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(n, k)
+    scale = state.absmax.T.float()[..., None]
+    weight = (state.code[codes.long()].reshape(n, -1, state.blocksize) * scale).reshape(n, k)
+    return (A.bfloat16() @ weight.bfloat16().T).to(A.dtype)
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch):
+    """This CPU as bitsandbytes sees an Intel Xeon with AVX512-BF16 (issue 26): 4-bit layers built now
+    repack themselves on an eval-mode forward, and the repacked matmul runs the kernel's arithmetic."""
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(bnb.functional, "gemv_4bit", _avx512_bf16_gemv)
+    # the simulation is live: a bare 4-bit layer repacks its weight on an eval forward
+    bare = bnb.nn.Linear4bit(64, 32, quant_type="nf4").to("cpu")
+    before = bare.weight.data.clone()
+    with torch.no_grad():
+        bare.eval()(torch.ones(1, 64))
+    assert bare.weight.quant_state.packing_format_for_cpu and not torch.equal(bare.weight.data, before)
+
+
+def test_qlora_on_an_avx512_bf16_cpu_keeps_the_base_and_the_logits(tiny_recipe, avx512_bf16_cpu):
+    """bitsandbytes repacks 4-bit weights for eval on such CPUs; tunelab's layers must not: the frozen base
+    stays bit-identical through training and its evaluation, and the reloaded adapter gives the same logits."""
+    trainer = _trainer(tiny_recipe, "qlora", steps=2)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer.fit()
+
+    def moved() -> list[str]:
+        return [
+            n for n, p in model.named_parameters() if n in frozen and not torch.equal(p.detach(), frozen[n])
+        ]
+
+    trained = _logits(model)
+    assert not moved(), f"frozen 4-bit weights changed: {moved()[:3]}"
+    trainer.save_final()
+    loaded, _ = load_for_eval(str(trainer.run.path), device="cpu")
+    assert torch.equal(_logits(loaded), trained)
+    assert not moved(), f"frozen 4-bit weights changed on save: {moved()[:3]}"
+
+
 def test_qlora_without_4bit_kernels_names_the_alternative(monkeypatch):
     import bitsandbytes as bnb
 

@@ -373,7 +373,7 @@ def test_cli_serves_the_studio_and_refuses_a_file_as_runs_dir(tmp_path):
     ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        deadline, html = time.monotonic() + 30, ""
+        deadline, html = time.monotonic() + 300, ""  # a deadline for a condition: generous under load
         while time.monotonic() < deadline and not html:
             try:
                 html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()

@@ -22,6 +22,12 @@ playwright = pytest.importorskip(
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH; run `make chromium`")
+expect = playwright.expect
+# Every wait is on a condition (a text, a value, a count, a URL, htmx at rest: see settled()), never on
+# time; WAIT_MS is only how long a condition may take before the test fails, generous because CI machines
+# run loaded (issue 26: a keyboard test failed under a load average of 6). It never slows a passing test.
+WAIT_MS = 180_000
+expect.set_options(timeout=WAIT_MS)
 
 ROWS = [
     {"instruction": "Say hi to the user", "output": "hi there friend"},
@@ -51,7 +57,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + WAIT_MS / 1000
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "the studio did not start"
@@ -76,6 +82,7 @@ def browser():
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(WAIT_MS)
     yield context.new_page()
     context.close()
 
@@ -111,8 +118,16 @@ def shot(page, name: str, at: str | None = None) -> None:
         page.screenshot(path=str(Path(folder) / f"{name}.png"))
 
 
+def settled(page) -> None:
+    """Wait until htmx has no request in flight and nothing swapping or settling, so that the next key or
+    click acts on what the last response made of the page. A click during the settle (20 ms, far longer
+    on a loaded machine) lost the Apply button's suggested learning rate."""
+    page.wait_for_function("!document.querySelector('.htmx-request, .htmx-swapping, .htmx-settling')")
+
+
 def focus_by_tab(page, element_id: str, limit: int = 40) -> None:
     """Press Tab from the top of the page until ``element_id`` has the focus (fails if it never does)."""
+    settled(page)
     for _ in range(limit):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement && document.activeElement.id") == element_id:
@@ -132,9 +147,7 @@ def test_data_page_audit_and_mask_preview_by_keyboard(studio, page, data_file):
     focus_by_tab(page, "path")
     page.keyboard.type(str(data_file))
     page.keyboard.press("Enter")  # submits the form: the audit
-    findings = page.locator("#findings")
-    findings.wait_for()
-    assert "exact duplicates" in findings.inner_text()
+    expect(page.locator("#findings")).to_contain_text("exact duplicates")
     assert "Say hi to the user" in page.locator("table.rows").first.inner_text()  # the offending row
     focus_by_tab(page, "preview-button")
     page.keyboard.press("Enter")
@@ -144,9 +157,10 @@ def test_data_page_audit_and_mask_preview_by_keyboard(studio, page, data_file):
     trained = page.locator("article.example").first.locator("span.tok.loss")
     assert trained.count() == int(heading.split(", ")[1].split()[0])  # as many as the heading counts
     assert "hi there friend" in "".join(trained.all_inner_texts())  # the answer is what is trained
+    settled(page)
     page.click("#clean-button")
-    page.locator("#clean-changes").wait_for()
-    assert "exact_duplicate" in page.inner_text("#clean-changes")  # the dropped row, with its reason
+    # the dropped row, with its reason
+    expect(page.locator("#clean-changes")).to_contain_text("exact_duplicate")
     shot(page, "data")
     assert serious_violations(page) == []
 
@@ -157,30 +171,31 @@ def test_recipe_page_validates_inline_and_plans(studio, page, data_file):
     page.fill("#f-data-train", str(data_file))
     page.fill("#f-training-learning_rate", "-1")
     # The empty form already lists problems (no model yet): wait for the one this value causes.
-    page.locator("#problems li", has_text="training.learning_rate").wait_for()
-    assert "bad studio form: training.learning_rate" in page.inner_text("#problems")
+    expect(page.locator("#problems")).to_contain_text("bad studio form: training.learning_rate")
     page.fill("#f-training-learning_rate", "0.001")
-    page.locator("#recipe-ok").wait_for()
-    assert "learning_rate: 0.001" in page.locator("#yaml").inner_text()
+    expect(page.locator("#recipe-ok")).to_be_visible()
+    expect(page.locator("#yaml")).to_contain_text("learning_rate: 0.001")
+    settled(page)
     page.click("#plan-button")
-    page.locator("#plan-table").wait_for()
-    assert "predicted peak allocated" in page.locator("#plan-table").inner_text()
+    expect(page.locator("#plan-table")).to_contain_text("predicted peak allocated")
     shot(page, "recipe")
     assert serious_violations(page) == []
+    settled(page)
     page.click("#recommend-button")
-    page.locator("#recommend-table").wait_for()
-    assert "training.learning_rate" in page.inner_text("#recommend-table")
+    expect(page.locator("#recommend-table")).to_contain_text("training.learning_rate")
     from tunelab.plan.recommend import count_params, recommend
 
     lr = next(
         r.value for r in recommend(count_params("tiny:llama"), "lora") if r.field == "training.learning_rate"
     )
+    settled(page)
     page.click("#apply-button")
-    page.wait_for_function(f"document.querySelector('#f-training-learning_rate').value === '{lr}'")
-    assert page.input_value("#f-method-r") == "16"
+    expect(page.locator("#f-training-learning_rate")).to_have_value(str(lr))
+    expect(page.locator("#f-method-r")).to_have_value("16")
+    settled(page)
     page.select_option("#f-method-name", "full")
-    page.wait_for_function("!document.querySelector('#f-method-r')")  # full fine-tuning has no rank
-    assert page.input_value("#f-model-name_or_path") == "tiny:llama"  # typed values survive
+    expect(page.locator("#f-method-r")).to_have_count(0)  # full fine-tuning has no rank
+    expect(page.locator("#f-model-name_or_path")).to_have_value("tiny:llama")  # typed values survive
 
 
 def _points(page) -> int:
@@ -201,26 +216,23 @@ def test_train_page_live_chart_two_tabs_and_a_killed_run(studio, served, browser
     page.keyboard.type("live")
     page.keyboard.press("Enter")
     page.wait_for_url("**/train/live")
-    page.wait_for_function("parseInt(document.querySelector('#points').textContent) >= 2", timeout=60_000)
+    page.wait_for_function("parseInt(document.querySelector('#points').textContent) >= 2")
     first = _points(page)
-    page.wait_for_function(
-        f"parseInt(document.querySelector('#points').textContent) > {first}", timeout=30_000
-    )
-    assert page.inner_text("#status-word") == "running"
+    page.wait_for_function(f"parseInt(document.querySelector('#points').textContent) > {first}")
+    expect(page.locator("#status-word")).to_have_text("running")
     assert page.locator(".chart canvas").count() >= 4  # loss, lr, grad norm, tokens/s drawn by uPlot
     shot(page, "train")
     assert serious_violations(page) == []
     other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+    other.context.set_default_timeout(WAIT_MS)
     other.goto(studio + "/train/live")  # a second tab on the same run: the same state, every row so far
     other.wait_for_function(f"parseInt(document.querySelector('#points').textContent) >= {first}")
-    assert other.inner_text("#status-word") == "running"
+    expect(other.locator("#status-word")).to_have_text("running")
     job = json.loads((served[1] / ".studio" / "live.json").read_text(encoding="utf-8"))
     os.kill(job["pid"], signal.SIGKILL)
     for tab in (page, other):
-        tab.wait_for_function(
-            "document.querySelector('#status-word').textContent === 'failed'", timeout=5_000
-        )
-        assert "killed or crashed" in tab.inner_text("#run-status")
+        expect(tab.locator("#status-word")).to_have_text("failed")
+        expect(tab.locator("#run-status")).to_contain_text("killed or crashed")
     other.context.close()
 
 
@@ -237,7 +249,7 @@ def test_runs_page_filters_and_sorts(studio, served, page):
     focus_by_tab(page, "filter-button")
     page.keyboard.press("Enter")
     page.wait_for_url("**/runs?*method=full*")
-    assert page.locator("#runs-table tbody th").all_inner_texts() == ["eta-full"]
+    expect(page.locator("#runs-table tbody th")).to_have_text(["eta-full"])
     page.goto(studio + "/runs")
     page.get_by_role("link", name="Key metric").click()
     page.wait_for_url("**sort=key_value**")
@@ -249,8 +261,8 @@ def test_runs_page_filters_and_sorts(studio, served, page):
     page.check("input[aria-label='compare eta-full']")
     page.click("#compare-button")
     page.wait_for_url("**/runs/compare?*")
-    assert "method.name" in page.inner_text("#recipe-diff")
-    assert "eval_loss" in page.inner_text("#final-metrics")
+    expect(page.locator("#recipe-diff")).to_contain_text("method.name")
+    expect(page.locator("#final-metrics")).to_contain_text("eval_loss")
     shot(page, "runs-compare")
     assert serious_violations(page) == []
 
@@ -258,12 +270,11 @@ def test_runs_page_filters_and_sorts(studio, served, page):
 def test_data_page_upload_then_audit(studio, served, page, data_file):
     page.goto(studio + "/data")
     page.set_input_files("#upload", str(data_file))
-    page.locator("#findings").wait_for()
+    expect(page.locator("#findings")).to_contain_text("exact duplicates")
     stored = page.input_value("#path")
     assert (
         Path(stored).parent == served[1] / "uploads" and Path(stored).read_bytes() == data_file.read_bytes()
     )
-    assert "exact duplicates" in page.inner_text("#findings")
 
 
 def test_finished_run_page_shows_the_before_after_eval(studio, served, page):
@@ -275,10 +286,9 @@ def test_finished_run_page_shows_the_before_after_eval(studio, served, page):
     (runs / "evaluated" / "eval").mkdir()
     (runs / "evaluated" / "eval" / "report.json").write_text(json.dumps(PAYLOAD), encoding="utf-8")
     page.goto(studio + "/train/evaluated")
-    page.locator("#eval-table").wait_for()
-    assert page.input_value("#eval-base") == "tiny:llama"
-    assert "paired bootstrap CI" in page.inner_text("#eval-ci")
-    assert page.inner_text("#status-word") == "completed"
+    expect(page.locator("#eval-ci")).to_contain_text("paired bootstrap CI")  # loaded into the page by htmx
+    expect(page.locator("#eval-base")).to_have_value("tiny:llama")
+    expect(page.locator("#status-word")).to_have_text("completed")
     shot(page, "evaluate", at="#eval")
     assert serious_violations(page) == []
 
@@ -302,6 +312,7 @@ CONTROLS_JS = """(form) => [...document.querySelector(form).querySelectorAll('in
 def tab_through(page, form: str, limit: int = 600) -> list[str]:
     """Tab from the top of the page through ``form``: every visible control in it must take the focus,
     show a focus outline and (inputs, selects) have a label. Returns the keys in Tab order."""
+    settled(page)
     page.evaluate("document.activeElement && document.activeElement.blur()")
     seen: list[str] = []
     for _ in range(limit):
@@ -343,30 +354,32 @@ def test_recipe_nested_section_by_keyboard_shows_its_error_inline(studio, page, 
     focus_by_tab(page, "f-data-train")
     page.keyboard.type(str(data_file))
     summary = "#section-training-early_stopping > summary"
+    settled(page)
     page.focus(summary)  # then the keyboard alone: Space opens it, Space ticks the box, type, Enter
     page.keyboard.press("Space")
-    assert page.locator("#section-training-early_stopping").get_attribute("open") is not None
+    expect(page.locator("#section-training-early_stopping")).to_have_attribute("open", "")
     page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.id") == "section-training-early_stopping-on"
+    expect(page.locator("#section-training-early_stopping-on")).to_be_focused()
     page.keyboard.press("Space")
     focus_by_tab(page, "f-training-early_stopping-patience")
     page.keyboard.press("Control+A")
     page.keyboard.type("0")
     page.keyboard.press("Enter")  # submits the form: the check
     error = page.locator("#f-training-early_stopping-patience-error")
-    error.wait_for()
-    assert (
-        "training.early_stopping.patience: Input should be greater than or equal to 1" in error.inner_text()
+    expect(error).to_contain_text(
+        "training.early_stopping.patience: Input should be greater than or equal to 1"
     )
-    assert page.get_attribute("#f-training-early_stopping-patience", "aria-invalid") == "true"
+    expect(page.locator("#f-training-early_stopping-patience")).to_have_attribute("aria-invalid", "true")
     page.keyboard.press("Control+A")
     page.keyboard.type("2")
     page.keyboard.press("Enter")
-    page.locator("#recipe-ok").wait_for()
-    assert "patience: 2" in page.inner_text("#yaml") and error.count() == 0
+    expect(page.locator("#recipe-ok")).to_be_visible()
+    expect(page.locator("#yaml")).to_contain_text("patience: 2")
+    # the inline error goes once htmx settles the swap, a moment after #recipe-ok appears
+    expect(error).to_have_count(0)
     focus_by_tab(page, "save-button", limit=600)
     page.keyboard.press("Enter")
-    page.locator("#saved", has_text=".yaml").wait_for()
+    expect(page.locator("#saved")).to_contain_text(".yaml")
     shot(page, "recipe-nested", at="#section-training-early_stopping")
     assert serious_violations(page) == []
 
@@ -380,8 +393,8 @@ def test_train_form_by_keyboard_shows_a_bad_recipes_problem(studio, page, tmp_pa
     page.keyboard.type(str(bad))
     focus_by_tab(page, "start-button")
     page.keyboard.press("Enter")
-    page.locator("#train-result", has_text="data").wait_for()
-    assert "bad" in page.inner_text("#train-result")
+    expect(page.locator("#train-result")).to_contain_text("data")
+    expect(page.locator("#train-result")).to_contain_text("bad")
 
 
 def test_eval_form_by_keyboard_and_the_disagreement_filter(studio, served, page):
@@ -397,19 +410,18 @@ def test_eval_form_by_keyboard_and_the_disagreement_filter(studio, served, page)
         focus_by_tab(page, field)
         page.keyboard.type(text)
     page.keyboard.press("Enter")
-    page.locator("#eval-result", has_text="max examples").wait_for()
-    assert "'five' is not a whole number" in page.inner_text("#eval-result")
+    expect(page.locator("#eval-result")).to_contain_text("'five' is not a whole number")
     fake_page_eval(served[1], "kb-vs-base", PAYLOAD)
     page.goto(studio + "/eval/kb-vs-base")
-    page.locator("#predictions-table").wait_for()
-    assert page.locator("tr.prediction").count() == 3
+    expect(page.locator("tr.prediction")).to_have_count(3)
     focus_by_tab(page, "only-disagreements")
     page.keyboard.press("Space")
-    page.wait_for_function("document.querySelectorAll('tr.prediction').length === 2")
-    assert "2 of 3 example(s), disagreements only" in page.inner_text("#predictions-count")
-    assert "say hi" not in page.inner_text("#predictions-table")
-    assert page.evaluate("document.activeElement.id") == "only-disagreements"  # focus stays on the box
+    expect(page.locator("#predictions-count")).to_contain_text("2 of 3 example(s), disagreements only")
+    expect(page.locator("tr.prediction")).to_have_count(2)
+    expect(page.locator("#predictions-table")).not_to_contain_text("say hi")
+    expect(page.locator("#only-disagreements")).to_be_focused()  # focus stays on the box
+    settled(page)
     page.keyboard.press("Space")
-    page.wait_for_function("document.querySelectorAll('tr.prediction').length === 3")
+    expect(page.locator("tr.prediction")).to_have_count(3)
     shot(page, "evaluate-page", at="#eval-table")
     assert serious_violations(page) == []

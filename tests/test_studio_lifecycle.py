@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import test_studio_browser as browser_tests
-from test_studio_browser import focus_by_tab, serious_violations, shot
+from test_studio_browser import expect, focus_by_tab, serious_violations, settled, shot
 
 # The browser tests' fixtures, re-exported so pytest finds them here: the served studio (a fresh one
 # for this module), the browser, a 1280x800 page.
@@ -46,8 +46,8 @@ def _data_step(page, studio: str, data: Path) -> None:
     page.goto(studio + "/data")
     page.fill("#path", str(data))
     page.press("#path", "Enter")
-    page.locator("#findings").wait_for()
-    assert "exact duplicates" in page.inner_text("#findings")
+    expect(page.locator("#findings")).to_contain_text("exact duplicates")
+    settled(page)
     page.click("#preview-button")
     page.locator("article.example").first.wait_for()
     assert "with loss" in page.locator("article.example h3").first.inner_text()
@@ -68,11 +68,11 @@ def _recipe_step(page, studio: str, data: Path) -> None:
         ("#f-training-learning_rate", "-1"),
     ):
         page.fill(field, value)
-    page.locator("#problems li", has_text="training.learning_rate").wait_for()
-    assert "bad studio form: training.learning_rate" in page.inner_text("#problems")
+    expect(page.locator("#problems")).to_contain_text("bad studio form: training.learning_rate")
     page.fill("#f-training-learning_rate", "0.005")
-    page.locator("#recipe-ok").wait_for()
-    assert "learning_rate: 0.005" in page.inner_text("#yaml")
+    expect(page.locator("#recipe-ok")).to_be_visible()
+    expect(page.locator("#yaml")).to_contain_text("learning_rate: 0.005")
+    settled(page)
     page.click("#save-button")
     page.locator("#saved-path").wait_for()
 
@@ -82,26 +82,22 @@ def _train_step(page, studio: str) -> None:
     assert page.input_value("#recipe-path").endswith("life.yaml")
     page.click("#start-button")
     page.wait_for_url("**/train/life")
-    page.wait_for_function("parseInt(document.querySelector('#points').textContent) >= 1", timeout=120_000)
+    page.wait_for_function("parseInt(document.querySelector('#points').textContent) >= 1")
     first = _points(page)
-    page.wait_for_function(
-        f"parseInt(document.querySelector('#points').textContent) > {first}", timeout=60_000
-    )
-    assert _points(page) > first  # the chart gained points while the run was running
-    page.wait_for_function(
-        "document.querySelector('#status-word').textContent === 'completed'", timeout=300_000
-    )
-    assert _points(page) == 60
+    # the chart gains points while the run is running
+    page.wait_for_function(f"parseInt(document.querySelector('#points').textContent) > {first}")
+    expect(page.locator("#status-word")).to_have_text("completed", timeout=600_000)
+    page.wait_for_function("parseInt(document.querySelector('#points').textContent) === 60")
 
 
 def _eval_step(page, studio: str) -> None:
     page.goto(studio + "/train/life")  # open the finished run
     assert page.inner_text("#status-word") == "completed"
+    settled(page)
     page.locator("#eval-button").click()
-    page.locator("#eval-table").wait_for(timeout=300_000)
-    table = page.inner_text("#eval-table")
-    assert "(base)" in table and "(tuned)" in table
-    assert page.locator("#export-link").is_visible()  # the run page's Export button
+    expect(page.locator("#eval-table")).to_contain_text("(base)", timeout=600_000)
+    expect(page.locator("#eval-table")).to_contain_text("(tuned)")
+    expect(page.locator("#export-link")).to_be_visible()  # the run page's Export button
 
 
 def _chat_step(page, studio: str) -> None:
@@ -111,12 +107,13 @@ def _chat_step(page, studio: str) -> None:
     page.fill("#max_tokens", "12")
     page.click("#send-button")
     for side in ("a", "b"):
-        page.locator(f"#answer-{side}-footer .answer-meta").wait_for(timeout=120_000)
+        page.locator(f"#answer-{side}-footer .answer-meta").wait_for()
         assert page.inner_text(f"#answer-{side}-text").strip()  # both columns got text
-        assert "max_tokens 12" in page.inner_text(f"#answer-{side}-footer")
-    assert "life" in page.inner_text("#answer-b-footer .answer-meta")
+        expect(page.locator(f"#answer-{side}-footer")).to_contain_text("max_tokens 12")
+    expect(page.locator("#answer-b-footer .answer-meta")).to_contain_text("life")
+    settled(page)
     page.click("#answer-a-footer .thumb-up")
-    page.locator("#answer-a-footer", has_text="recorded: thumbs up").wait_for()
+    expect(page.locator("#answer-a-footer")).to_contain_text("recorded: thumbs up")
     shot(page, "chat", at="#prompt")  # the prompt, the settings and both answers
     assert serious_violations(page) == []
 
@@ -125,9 +122,8 @@ def _export_step(page, studio: str, runs: Path) -> None:
     page.goto(studio + "/export?run=life")
     page.select_option("#export-kind", "adapter")
     page.click("#export-button")
-    page.locator("#gate-table").wait_for(timeout=400_000)
-    assert "token_agreement" in page.inner_text("#gate-table")
-    assert "Parity gate passed." in page.inner_text("#export-result")
+    expect(page.locator("#gate-table")).to_contain_text("token_agreement", timeout=600_000)
+    expect(page.locator("#export-result")).to_contain_text("Parity gate passed.")
     assert (runs / "exports" / "life-adapter" / "adapter_config.json").is_file()
     shot(page, "export")
     assert serious_violations(page) == []
@@ -158,12 +154,12 @@ def test_chat_form_by_keyboard_alone(studio, served, page):
     focus_by_tab(page, "send-button")
     page.keyboard.press("Enter")
     for side in ("a", "b"):
-        page.locator(f"#answer-{side}-footer .answer-meta").wait_for(timeout=60_000)
+        page.locator(f"#answer-{side}-footer .answer-meta").wait_for()
         assert page.inner_text(f"#answer-{side}-text").strip()
-    assert "max_tokens 6" in page.inner_text("#answer-a-footer")
+    expect(page.locator("#answer-a-footer")).to_contain_text("max_tokens 6")
     focus_by_tab(page, page.get_attribute("#answer-b-footer .thumb-down", "id") or "", limit=80)
     page.keyboard.press("Enter")
-    page.locator("#answer-b-footer", has_text="recorded: thumbs down").wait_for()
+    expect(page.locator("#answer-b-footer")).to_contain_text("recorded: thumbs down")
     lines = (served[1] / ".studio" / "feedback" / "feedback.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[-1])["score"] == -1.0
     assert serious_violations(page) == []
@@ -177,12 +173,11 @@ def test_export_form_by_keyboard_alone(studio, served, page):
     page.goto(studio + "/export?run=hollow")
     focus_by_tab(page, "export-kind")
     page.keyboard.press("ArrowDown")  # merged -> adapter
-    assert page.input_value("#export-kind") == "adapter"
+    expect(page.locator("#export-kind")).to_have_value("adapter")
     focus_by_tab(page, "export-out")
     page.keyboard.type(str(runs / "exports" / "taken"))
     focus_by_tab(page, "export-button")
     page.keyboard.press("Enter")
-    page.locator("#export-result .error").wait_for()
-    assert "taken already exists; choose a new folder" in page.inner_text("#export-result")
+    expect(page.locator("#export-result .error")).to_contain_text("taken already exists; choose a new folder")
     assert not (runs / ".studio" / "export" / "taken.json").exists()  # refused: no process started
     assert serious_violations(page) == []

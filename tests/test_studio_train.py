@@ -104,19 +104,19 @@ def test_a_run_streams_its_metrics_and_finishes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_run_reads_as_failed_within_seconds(tmp_path):
+def test_a_killed_run_reads_as_failed_as_soon_as_it_is_gone(tmp_path):
+    """No heartbeat or timeout: the first read after the trainer's death says failed (the kernel frees
+    its lock with the process), however loaded the machine is."""
     runs = tmp_path / "runs"
     client = TestClient(create_app(runs))
     client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "doomed"})
-    wait_for(lambda: (runs / "doomed" / "metrics.jsonl").is_file(), 60, "the first metrics row")
+    wait_for(lambda: (runs / "doomed" / "metrics.jsonl").is_file(), 600, "the first metrics row")
     assert jobs.run_state(runs, "doomed", client.app.state.processes).status == "running"
-    os.kill(jobs.read_job(runs, "doomed")["pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    state = wait_for(
-        lambda: (s := jobs.run_state(runs, "doomed", client.app.state.processes)).finished and s, 10, "failed"
-    )
+    pid = jobs.read_job(runs, "doomed")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    client.app.state.processes[pid].wait(timeout=600)  # the process is gone (and reaped)
+    state = jobs.run_state(runs, "doomed", client.app.state.processes)
     assert state.status == "failed" and "killed" in state.reason
-    assert time.monotonic() - killed < 3
     assert "killed or crashed" in client.get("/train/doomed").text
 
 

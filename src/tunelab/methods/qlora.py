@@ -8,7 +8,7 @@ place rather than re-loading from ``model.name_or_path``: it works the same for 
 config (the tiny test model has no path) and for a real model directory, it never reads the weights
 twice, and each dense weight is freed as soon as its 4-bit copy exists. NF4 quantisation is
 deterministic, so ``load`` re-quantises the same base and the saved adapter reproduces the trained
-model's logits exactly.
+model's logits exactly, on any CPU (bitsandbytes' AVX512-BF16 eval repacking is turned off per layer).
 """
 
 from __future__ import annotations
@@ -76,6 +76,22 @@ def require_4bit(device: torch.device) -> None:
         ) from err
 
 
+def _no_cpu_repack(layer: nn.Module) -> None:
+    """Keep a ``Linear4bit`` on the one CPU path that training uses, on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49 on) repacks a layer's 4-bit weight in place on its
+    first eval-mode, no-grad forward: the frozen weight's bytes change, the absmax constants are rounded
+    to bf16, activations are cast to bf16, and later training steps multiply by the repacked weight
+    outside bitsandbytes' autograd function. Saving unpacks it again, re-quantising the double-quant
+    constants from the rounded values (weights off by up to 2.5e-2; without double quant the constants
+    come back transposed). So evaluation computes other logits than training and than a reloaded
+    adapter, and the base drifts on every eval/save.
+    ``support_avx512bf16_for_cpu`` is the layer's own switch for that path; off, the CPU path is the
+    same dequantise-and-matmul everywhere, and the frozen base stays bit-identical.
+    """
+    layer.support_avx512bf16_for_cpu = False
+
+
 def quantize_4bit(model: nn.Module, cfg: QLoraConfig) -> nn.Module:
     """Replace the model's linear layers by NF4 ``Linear4bit`` layers holding the same weights, in place."""
     import bitsandbytes as bnb  # noqa: PLC0415
@@ -108,6 +124,7 @@ def quantize_4bit(model: nn.Module, cfg: QLoraConfig) -> nn.Module:
             )
             if source.bias is not None:
                 module.bias = source.bias
+            _no_cpu_repack(module)
     del dense
     # what from_pretrained(quantization_config=...) leaves behind; PEFT reads is_loaded_in_4bit to pick
     # its 4-bit LoRA layer, and the config records how the base was quantised
