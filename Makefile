@@ -55,8 +55,8 @@ gguf: $(VENV)/.installed
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(TUNELAB_HOME)/sdist
 	$(PY) src/tunelab/models/llamacpp_build.py --sdist $(LLAMA_SDIST) --wheels $(TUNELAB_HOME)/wheels \
 	  --cmake-args "$(LLAMA_CMAKE_ARGS)" --install
-	test $(VENV)/.gguf -nt pyproject.toml || { \
-	  $(PIP) install -q --only-binary llama-cpp-python -e ".[dev,gguf]" && touch $(VENV)/.gguf; }
+	test $(VENV)/.gguf -nt pyproject.toml -a $(VENV)/.gguf -nt $(LOCK) || { \
+	  $(PIP) install -q -c $(LOCK) --only-binary llama-cpp-python -e ".[dev,gguf]" && touch $(VENV)/.gguf; }
 	-$(PY) -m tunelab.models.llamacpp_probe
 
 demo: setup
