@@ -55,7 +55,7 @@ from tunelab.serve.schemas import (
     TextChoice,
     Usage,
 )
-from tunelab.serve.security import check_bearer
+from tunelab.serve.security import LOOPBACK_NAMES, LocalGuard, check_bearer
 from tunelab.serve.tools import ParsedCall, ToolCallStream, finish_reason, parse_tool_calls, template_messages
 
 log = logging.getLogger("tunelab.serve")
@@ -74,6 +74,8 @@ class ServeSettings:
     watch_interval_s: float = 5.0
     log_dir: Path | None = None
     """Where requests.jsonl and feedback.jsonl go (prompts and answers included); None: no log."""
+    allowed_hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)
+    """Host names answered (see :func:`tunelab.serve.security.allowed_hosts`); others get 403."""
 
 
 @dataclass
@@ -114,6 +116,7 @@ def create_app(
 
     app = FastAPI(title="tunelab serve", lifespan=lifespan)
     app.state.tunelab = state
+    app.add_middleware(LocalGuard, allowed=settings.allowed_hosts, json_only=True)
     _install_error_handlers(app)
 
     async def user_auth(authorization: Annotated[str | None, Header()] = None) -> None:

@@ -14,7 +14,7 @@ from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.backends import DEFAULT_MAX_FAILURES, Backends, BackendSpec
 from tunelab.serve.engine import Engine
 from tunelab.serve.routing import Router, WatchPolicy
-from tunelab.serve.security import check_bind
+from tunelab.serve.security import allowed_hosts, check_bind
 
 
 @dataclass
@@ -40,6 +40,7 @@ class ServeConfig:
     backend_failures: int = DEFAULT_MAX_FAILURES
     watch_interval_s: float = 5.0
     log_dir: Path | None = None
+    allow_hosts: list[str] = field(default_factory=list)
 
 
 def build_app(config: ServeConfig) -> Any:
@@ -75,6 +76,7 @@ def build_app(config: ServeConfig) -> Any:
         request_timeout_s=config.request_timeout_s,
         watch_interval_s=config.watch_interval_s,
         log_dir=config.log_dir,
+        allowed_hosts=allowed_hosts(config.host, config.allow_hosts),
     )
     return create_app(engine, router, settings, backends)
 
