@@ -91,7 +91,7 @@ def test_a_model_that_does_not_load_says_so_in_its_column(tmp_path):
 
 def test_thumbs_on_two_answers_become_a_dpo_pair(tmp_path, other_tiny):
     runs = tmp_path / "runs"
-    client = studio_client(runs)
+    client = studio_client(runs, roots=[tmp_path, other_tiny.parent])  # its second model lives elsewhere
     exchange = send(client, "tiny:llama", str(other_tiny), "Say something nice")
     a, b = stream(client, exchange, "a"), stream(client, exchange, "b")
     answer_a, answer_b = text_of(a), text_of(b)

@@ -139,6 +139,9 @@ def register(app: FastAPI) -> None:
         try:
             for side, model in models.items():
                 request.app.state.roots.check_local(model, f"model {side}")
+        except ValueError as e:
+            return page("_error.html", message=str(e))
+        try:
             sampling = parse_sampling(fields)
         except ValueError as e:
             return page("_error.html", message=f"bad sampling setting: {e}")
