@@ -15,12 +15,14 @@ from fastapi.testclient import TestClient
 from tunelab.studio.app import create_app
 
 BASE = "http://127.0.0.1:7860"
+EXAMPLES = Path(__file__).parents[1] / "recipes" / "data"  # the repository's example data, used by recipes
 
 
 def studio_client(runs: str | Path, *, roots: list[Path] | None = None, **kwargs: Any) -> TestClient:
-    """The studio over ``runs``, its files under ``runs``' parent (the test's tmp dir) unless ``roots``."""
+    """The studio over ``runs``; its files: ``runs``' parent (the test's tmp dir) and the example data,
+    unless ``roots``."""
     follow = kwargs.pop("follow_redirects", True)
-    app = create_app(runs, roots=roots if roots is not None else [Path(runs).parent], **kwargs)
+    app = create_app(runs, roots=roots if roots is not None else [Path(runs).parent, EXAMPLES], **kwargs)
     return logged_in(app, follow_redirects=follow)
 
 
