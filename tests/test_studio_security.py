@@ -203,3 +203,34 @@ def test_a_long_audit_does_not_hold_up_other_pages(tmp_path, data_file, monkeypa
         auditing.join()
     assert page.status_code == 200 and order == ["page", "audit"]
     assert "3 rows" in result["audit"].text
+
+
+def test_a_link_under_the_roots_to_a_file_outside_is_refused(tmp_path, outside):
+    client = studio_client(tmp_path / "runs")
+    link = tmp_path / "innocent.jsonl"
+    link.symlink_to(outside / "secret.jsonl")
+    html = client.post("/data/audit", data={"path": str(link)}).text
+    assert "outside the studio" in html and "$6$" not in html
+
+
+def test_the_cli_refuses_a_data_root_that_is_no_folder(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "studio",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--data-root",
+            str(tmp_path / "no"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin", "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--data-root" in result.stderr and "not a folder" in result.stderr

@@ -8,7 +8,6 @@ under one of them. The refusal names the path, never anything read from it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ class Roots:
         return ", ".join(map(str, self.folders))
 
     def contains(self, path: str | Path) -> bool:
-        resolved = Path(os.path.abspath(Path(path).expanduser()))
-        resolved = resolved.resolve() if resolved.exists() or resolved.parent.exists() else resolved
+        resolved = Path(path).expanduser().resolve()  # links followed as far as the path exists
         return any(resolved.is_relative_to(folder) for folder in self.folders)
 
     def check(self, path: str | Path, label: str = "") -> str:
