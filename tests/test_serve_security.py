@@ -64,3 +64,13 @@ def test_the_allow_list_has_loopback_the_bind_and_what_the_user_adds():
     settings = ServeSettings(allowed_hosts=allowed_hosts("127.0.0.1", ["my.lan"]))
     lan = TestClient(create_app(None, Router(None, []), settings), base_url="http://my.lan:8000")
     assert lan.get("/health").status_code == 200
+
+
+def test_a_bodiless_delete_needs_no_content_type_but_a_delete_with_a_body_does(client):
+    assert (
+        client.delete("/admin/adapters/x").status_code == 403
+    )  # admin is off without a key: the route's word
+    with_body = client.request(
+        "DELETE", "/admin/adapters/x", content="x", headers={"Content-Type": "text/plain"}
+    )
+    assert with_body.status_code == 415

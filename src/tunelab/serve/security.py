@@ -82,6 +82,7 @@ def check_bearer(authorization: str | None, api_key: str | None, *, admin: bool 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # a DELETE without a body needs no type
 
 
 def allowed_hosts(bind: str, extra: Sequence[str] = ()) -> frozenset[str]:
@@ -151,7 +152,12 @@ def guard_problem(
     origin = request_origin(headers)
     if origin is not None and not same_origin(origin, scope.get("scheme", "http"), host or ""):
         return 403, "cross_origin", f"cross-origin request from {origin} refused"
-    if json_only and media_type(headers) != "application/json":
+    has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+    if (
+        json_only
+        and (scope["method"] in BODY_METHODS or has_body)
+        and media_type(headers) != "application/json"
+    ):
         return 415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'"
     return None
 
