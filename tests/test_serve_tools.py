@@ -31,6 +31,7 @@ from tunelab.serve.tools import (
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+LOCAL = "http://127.0.0.1:8000"  # a Host the server answers (it refuses names it was not given)
 
 # Qwen2.5's template, trimmed of its default system prompt: tools as JSON lines inside <tools>,
 # calls as <tool_call> blocks, tool results as <tool_response> in a user turn.
@@ -276,7 +277,7 @@ def app_client(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Test
 
     monkeypatch.setattr(engine, "generate", generate)
     router = Router(engine.base_name, [], WatchPolicy(min_samples=3, max_latency_ratio=1e6))
-    with TestClient(create_app(engine, router, ServeSettings(api_key=KEY))) as client:
+    with TestClient(create_app(engine, router, ServeSettings(api_key=KEY)), base_url=LOCAL) as client:
         yield client
 
 
@@ -295,9 +296,7 @@ def test_tools_are_rendered_into_the_prompt_by_the_template(app_client: TestClie
 
 
 def test_a_generated_tool_call_comes_back_as_openai_tool_calls(app_client: TestClient) -> None:
-    client = openai.OpenAI(
-        base_url="http://testserver/v1", api_key=KEY, http_client=app_client, max_retries=0
-    )
+    client = openai.OpenAI(base_url=f"{LOCAL}/v1", api_key=KEY, http_client=app_client, max_retries=0)
     reply = client.chat.completions.create(model="tiny:llama", messages=ASK, tools=[WEATHER])
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -311,9 +310,7 @@ def test_a_generated_tool_call_comes_back_as_openai_tool_calls(app_client: TestC
 
 
 def test_streamed_tool_calls_come_in_one_final_delta(app_client: TestClient) -> None:
-    client = openai.OpenAI(
-        base_url="http://testserver/v1", api_key=KEY, http_client=app_client, max_retries=0
-    )
+    client = openai.OpenAI(base_url=f"{LOCAL}/v1", api_key=KEY, http_client=app_client, max_retries=0)
     chunks = list(
         client.chat.completions.create(model="tiny:llama", messages=ASK, tools=[WEATHER], stream=True)
     )
@@ -460,8 +457,8 @@ def test_a_model_trained_on_a_tool_call_answers_with_it_through_real_generation(
         < 0.02
     )
     router = Router(engine.base_name, [], WatchPolicy(min_samples=3, max_latency_ratio=1e6))
-    with TestClient(create_app(engine, router, ServeSettings(api_key=KEY))) as http:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+    with TestClient(create_app(engine, router, ServeSettings(api_key=KEY)), base_url=LOCAL) as http:
+        client = openai.OpenAI(base_url=f"{LOCAL}/v1", api_key=KEY, http_client=http, max_retries=0)
         ask = {"model": "tiny:llama", "messages": ASK, "tools": [WEATHER], "temperature": 0, "max_tokens": 64}
         choice = client.chat.completions.create(**ask).choices[0]
         chunks = list(client.chat.completions.create(**ask, stream=True))

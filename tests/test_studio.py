@@ -14,6 +14,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from studio_client import BASE, studio_client
 from tunelab.studio.app import create_app
 from tunelab.studio.data_page import audit_findings
 from tunelab.studio.render import STATIC, TEMPLATES
@@ -35,7 +36,7 @@ def data_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    return TestClient(create_app(tmp_path / "runs"))
+    return studio_client(tmp_path / "runs")
 
 
 def test_home_has_nav_to_every_page(client):
@@ -268,7 +269,9 @@ def test_plan_and_save(client, data_file, tmp_path):
 
 
 def test_api_key_is_required_when_set(tmp_path):
-    client = TestClient(create_app(tmp_path / "runs", api_key="s3cret"), follow_redirects=False)
+    client = TestClient(
+        create_app(tmp_path / "runs", api_key="s3cret"), base_url=BASE, follow_redirects=False
+    )
     assert client.get("/").status_code == 401
     assert client.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     login = client.get("/?key=s3cret")
@@ -288,16 +291,23 @@ def test_cli_refuses_a_public_bind_without_a_key(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+RAW = {"Content-Type": "application/octet-stream"}  # what the page's upload script sends
+
+
 def test_upload_is_stored_in_the_runs_dir_never_over_a_file(client, tmp_path, data_file):
     body = data_file.read_bytes()
-    first = client.put("/data/upload", params={"name": "../../evil/train.jsonl"}, content=body).json()["path"]
-    second = client.put("/data/upload", params={"name": "train.jsonl"}, content=body).json()["path"]
+    first = client.put(
+        "/data/upload", headers=RAW, params={"name": "../../evil/train.jsonl"}, content=body
+    ).json()["path"]
+    second = client.put("/data/upload", headers=RAW, params={"name": "train.jsonl"}, content=body).json()[
+        "path"
+    ]
     uploads = tmp_path / "runs" / "uploads"
     assert (Path(first), Path(second)) == (uploads / "train.jsonl", uploads / "train-2.jsonl")
     assert Path(first).read_bytes() == body
-    refused = client.put("/data/upload", params={"name": "notes.exe"}, content=b"x")
+    refused = client.put("/data/upload", headers=RAW, params={"name": "notes.exe"}, content=b"x")
     assert refused.status_code == 400 and "upload a data file" in refused.json()["error"]
-    empty = client.put("/data/upload", params={"name": "e.jsonl"}, content=b"")
+    empty = client.put("/data/upload", headers=RAW, params={"name": "e.jsonl"}, content=b"")
     assert empty.status_code == 400 and not (uploads / "e.jsonl").exists()
     assert sorted(p.name for p in uploads.iterdir()) == ["train-2.jsonl", "train.jsonl"]  # no partial left
 
@@ -346,6 +356,7 @@ def test_split_writes_the_splits_into_the_runs_dir(client, data_file, tmp_path):
 def test_cli_serves_the_studio_and_refuses_a_file_as_runs_dir(tmp_path):
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     env = {"PATH": "/usr/bin", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -371,15 +382,23 @@ def test_cli_serves_the_studio_and_refuses_a_file_as_runs_dir(tmp_path):
         "--port",
         str(port),
     ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        printed = server.stderr.readline()  # "studio http://127.0.0.1:PORT/?token=...  (runs: ...)"
+        url = re.search(r"http://\S+\?token=\S+", printed).group(0)
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor()
+        )  # as a browser keeps the cookie
         deadline, html = time.monotonic() + 300, ""  # a deadline for a condition: generous under load
         while time.monotonic() < deadline and not html:
             try:
-                html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+                html = opener.open(url, timeout=2).read().decode()
             except OSError:
                 time.sleep(0.2)
         assert str(tmp_path / "runs") in html  # the home page names the runs dir it was given
+        with pytest.raises(urllib.error.HTTPError) as refused:  # without the token: nothing
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+        assert refused.value.code == 401
     finally:
         server.terminate()
         server.wait(timeout=10)

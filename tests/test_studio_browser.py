@@ -45,23 +45,23 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    """The studio served by uvicorn on a free loopback port, in a thread: (base URL, runs dir)."""
+    """The studio served by uvicorn on a free loopback port, in a thread: (base URL, runs dir, token).
+    Its files: the tests' tmp dirs and the repository's example data."""
     import uvicorn
 
     from tunelab.studio.app import create_app
 
     runs = tmp_path_factory.mktemp("studio") / "runs"
+    app = create_app(runs, roots=[tmp_path_factory.getbasetemp(), Path(__file__).parents[1]])
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(runs), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + WAIT_MS / 1000
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "the studio did not start"
-    yield f"http://127.0.0.1:{port}", runs
+    yield f"http://127.0.0.1:{port}", runs, app.state.token
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -79,12 +79,20 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser):
+def logged_in_page(browser, served):
+    """A new browser context that opened the start URL, so it holds the studio's cookie."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.set_default_timeout(WAIT_MS)
-    yield context.new_page()
-    context.close()
+    page = context.new_page()
+    page.goto(f"{served[0]}/?token={served[2]}")
+    return page
+
+
+@pytest.fixture
+def page(browser, served):
+    page = logged_in_page(browser, served)
+    yield page
+    page.context.close()
 
 
 @pytest.fixture
@@ -223,8 +231,7 @@ def test_train_page_live_chart_two_tabs_and_a_killed_run(studio, served, browser
     assert page.locator(".chart canvas").count() >= 4  # loss, lr, grad norm, tokens/s drawn by uPlot
     shot(page, "train")
     assert serious_violations(page) == []
-    other = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-    other.context.set_default_timeout(WAIT_MS)
+    other = logged_in_page(browser, served)
     other.goto(studio + "/train/live")  # a second tab on the same run: the same state, every row so far
     other.wait_for_function(f"parseInt(document.querySelector('#points').textContent) >= {first}")
     expect(other.locator("#status-word")).to_have_text("running")

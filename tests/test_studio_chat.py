@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from studio_client import studio_client
 from tunelab.data.feedback import from_feedback
-from tunelab.studio.app import create_app
 from tunelab.studio.chat_page import parse_sampling
 
 SAMPLING = {"temperature": "0", "top_p": "1", "max_tokens": "8", "seed": "0"}
@@ -73,7 +73,7 @@ def test_sampling_fields_are_checked_with_the_field_named():
 
 
 def test_send_refuses_bad_settings_and_missing_models_with_a_message(tmp_path):
-    client = TestClient(create_app(tmp_path / "runs"))
+    client = studio_client(tmp_path / "runs")
     html = client.post("/chat/send", data={"model_a_path": "tiny:llama", "model_b_path": "tiny:llama",
                                            "prompt": "hi", "top_p": "2"}).text  # fmt: skip
     assert "bad sampling setting: top_p: 2.0 is outside 0.0..1.0" in html
@@ -82,7 +82,7 @@ def test_send_refuses_bad_settings_and_missing_models_with_a_message(tmp_path):
 
 
 def test_a_model_that_does_not_load_says_so_in_its_column(tmp_path):
-    client = TestClient(create_app(tmp_path / "runs"))
+    client = studio_client(tmp_path / "runs")
     exchange = send(client, str(tmp_path / "no-such-model"), "tiny:llama", "hello")
     events = stream(client, exchange, "a")
     assert "could not load" in events["footer"][0] and "no-such-model" in events["footer"][0]
@@ -91,7 +91,7 @@ def test_a_model_that_does_not_load_says_so_in_its_column(tmp_path):
 
 def test_thumbs_on_two_answers_become_a_dpo_pair(tmp_path, other_tiny):
     runs = tmp_path / "runs"
-    client = TestClient(create_app(runs))
+    client = studio_client(runs, roots=[tmp_path, other_tiny.parent])  # its second model lives elsewhere
     exchange = send(client, "tiny:llama", str(other_tiny), "Say something nice")
     a, b = stream(client, exchange, "a"), stream(client, exchange, "b")
     answer_a, answer_b = text_of(a), text_of(b)
@@ -108,7 +108,7 @@ def test_thumbs_on_two_answers_become_a_dpo_pair(tmp_path, other_tiny):
     assert row["chosen"] == [{"role": "assistant", "content": answer_a}]
     assert row["rejected"] == [{"role": "assistant", "content": answer_b}]
     assert row["feedback"]["chosen"]["variant"] == "tiny:llama"
-    again = TestClient(create_app(runs))  # a restarted studio finds an earlier answer in the log
+    again = studio_client(runs)  # a restarted studio finds an earlier answer in the log
     assert "thumbs up" in again.post("/chat/feedback", data={"id": f"{exchange}-b", "score": "1"}).text
     assert "no answer with id" in again.post("/chat/feedback", data={"id": "nope-a", "score": "1"}).text
     refused = again.post("/chat/feedback", data={"id": f"{exchange}-b", "score": "5"}).text
@@ -118,7 +118,7 @@ def test_thumbs_on_two_answers_become_a_dpo_pair(tmp_path, other_tiny):
 @pytest.mark.slow
 def test_base_and_tuned_share_one_engine_and_the_adapter_answers(bot_runs):
     runs = bot_runs["yes-bot"].parent
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     html = client.get("/chat").text
     assert 'value="base:no-bot"' in html or 'value="base:yes-bot"' in html  # one base entry: same base
     assert 'value="run:yes-bot"' in html and 'value="run:no-bot"' in html

@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
+from studio_client import studio_client
 from tunelab.studio import export_page
-from tunelab.studio.app import create_app
 
 VERIFICATION = {
     "passed": False,
@@ -56,7 +55,7 @@ def test_the_form_offers_finished_runs_and_gguf_only_with_llama_cpp(tmp_path, mo
     finished(runs, "done-run")
     (runs / "unfinished").mkdir()
     (runs / "unfinished" / "manifest.json").write_text('{"status": "running"}', encoding="utf-8")
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     monkeypatch.setattr(export_page.importlib.util, "find_spec", lambda name: None)
     html = client.get("/export?run=done-run").text
     assert '<option value="done-run" selected>' in html and "unfinished" not in html
@@ -69,7 +68,7 @@ def test_start_refuses_an_existing_folder_an_unfinished_run_and_an_unknown_kind(
     runs = tmp_path / "runs"
     finished(runs, "r")
     (runs / "exports" / "r-merged").mkdir(parents=True)
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     html = client.post("/export/start", data={"run": "r", "kind": "merged"}).text
     assert "r-merged already exists; choose a new folder" in html  # the default folder is never replaced
     html = client.post("/export/start", data={"run": "nope", "kind": "merged"}).text
@@ -83,7 +82,7 @@ def test_an_ended_export_shows_the_gate_table_or_the_failures_last_line(tmp_path
     runs = tmp_path / "runs"
     fake_export(runs, "r-merged", tmp_path / "out", VERIFICATION, log="error: export parity gate failed\n")
     fake_export(runs, "broken", tmp_path / "none", None, log="loading\nerror: out of disk space\n")
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     html = client.get("/export/job/r-merged").text
     table = html[html.index('id="gate-table"') : html.index("</table>")]
     assert "n=8, transformers, merged" in table
@@ -99,7 +98,7 @@ def test_an_ended_export_shows_the_gate_table_or_the_failures_last_line(tmp_path
 def test_the_run_page_offers_export_once_the_run_is_finished(tmp_path):
     runs = tmp_path / "runs"
     (runs / "r").mkdir(parents=True)
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     assert "export-link" not in client.get("/export/link?run=r").text
     (runs / "r" / "final").mkdir()
     assert 'href="/export?run=r"' in client.get("/export/link?run=r").text
@@ -108,7 +107,7 @@ def test_the_run_page_offers_export_once_the_run_is_finished(tmp_path):
 @pytest.mark.slow
 def test_a_real_export_runs_as_a_process_and_shows_the_passed_gate(bot_runs):
     runs = bot_runs["yes-bot"].parent
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     html = client.post("/export/start", data={"run": "yes-bot", "kind": "adapter"}).text
     assert "Exporting <code>yes-bot</code>" in html and 'hx-trigger="every 2s"' in html
     deadline = time.monotonic() + 300

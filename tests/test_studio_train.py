@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 from markupsafe import escape
 
+from studio_client import studio_client
 from tunelab.evaluate.predictions import disagrees, read_prediction_rows
 from tunelab.studio import jobs
-from tunelab.studio.app import create_app
 from tunelab.studio.eval_page import parse_request
 from tunelab.studio.live import MetricsTail, sse
 
@@ -63,7 +62,7 @@ def test_sse_splits_lines_and_tail_reads_only_complete_rows(tmp_path):
 
 
 def test_a_bad_recipe_is_refused_with_recipe_checks_messages(tmp_path):
-    client = TestClient(create_app(tmp_path / "runs"))
+    client = studio_client(tmp_path / "runs")
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "model: {name_or_path: tiny:llama}\nmethod: {name: lora}\ndata: {train: nope.jsonl}\n",
@@ -75,7 +74,7 @@ def test_a_bad_recipe_is_refused_with_recipe_checks_messages(tmp_path):
 
 
 def test_unknown_or_escaping_run_names_are_404(tmp_path):
-    client = TestClient(create_app(tmp_path / "runs"))
+    client = studio_client(tmp_path / "runs")
     assert client.get("/train/nope").status_code == 404
     assert client.get("/train/..%2F..").status_code == 404
 
@@ -83,7 +82,7 @@ def test_unknown_or_escaping_run_names_are_404(tmp_path):
 @pytest.mark.slow
 def test_a_run_streams_its_metrics_and_finishes(tmp_path):
     runs = tmp_path / "runs"
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     response = client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 4)), "name": "one"})
     assert response.headers["HX-Redirect"] == "/train/one"
     events = []
@@ -100,7 +99,7 @@ def test_a_run_streams_its_metrics_and_finishes(tmp_path):
     assert "status" in events and "log" in events
     assert jobs.run_state(runs, "one").status == "completed"
     assert "one" in client.get("/train").text  # listed after a restart too: it is on disk
-    assert "completed" in TestClient(create_app(runs)).get("/train/one").text
+    assert "completed" in studio_client(runs).get("/train/one").text
 
 
 @pytest.mark.slow
@@ -108,7 +107,7 @@ def test_a_killed_run_reads_as_failed_as_soon_as_it_is_gone(tmp_path):
     """No heartbeat or timeout: the first read after the trainer's death says failed (the kernel frees
     its lock with the process), however loaded the machine is."""
     runs = tmp_path / "runs"
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "doomed"})
     wait_for(lambda: (runs / "doomed" / "metrics.jsonl").is_file(), 600, "the first metrics row")
     assert jobs.run_state(runs, "doomed", client.app.state.processes).status == "running"
@@ -142,7 +141,7 @@ def test_runs_page_lists_filters_and_sorts_the_index(tmp_path):
     fake_run(runs, "alpha", "completed", "lora", 2.0)
     fake_run(runs, "beta", "completed", "full", 1.0)
     fake_run(runs, "gamma", "running", "lora", 3.0)  # no process holds its lock: it died
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     html = client.get("/runs").text
     assert "3 of 3 run(s)" in html
     gamma = html[html.index(">gamma<") :]
@@ -159,7 +158,7 @@ def test_runs_page_lists_filters_and_sorts_the_index(tmp_path):
 @pytest.mark.slow
 def test_a_failed_run_resumes_and_stops_as_interrupted(tmp_path):
     runs = tmp_path / "runs"
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     procs = client.app.state.processes
     client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 5000)), "name": "again"})
     wait_for(lambda: (runs / "again" / "metrics.jsonl").is_file(), 60, "the first metrics row")
@@ -196,7 +195,7 @@ def test_compare_shows_recipe_differences_metrics_and_curves(tmp_path):
         (runs / name / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
         )
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     html = client.get("/runs/compare", params=[("run", "a"), ("run", "b")]).text
     diff = html[html.index('id="recipe-diff"') : html.index('id="final-metrics"')]
     assert "method.name" in diff and "<td>lora</td><td>full</td>" in diff
@@ -235,7 +234,7 @@ def test_eval_section_shows_the_payload_table_ci_and_confusion(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "r", "completed", "lora", 1.0)
     (runs / "r" / "final").mkdir()
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     form = client.get("/train/r/eval", params={"part": "form"}).text
     assert 'value="tiny:llama"' in form and 'id="eval-button"' in form  # the recipe's base model
     (runs / "r" / "eval").mkdir()
@@ -251,7 +250,7 @@ def test_eval_section_shows_the_payload_table_ci_and_confusion(tmp_path):
 @pytest.mark.slow
 def test_before_after_eval_of_a_finished_run(tmp_path):
     runs = tmp_path / "runs"
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 2)), "name": "ev"})
     wait_for(lambda: jobs.run_state(runs, "ev", client.app.state.processes).finished, 120, "training")
     data = str(DATA / "tiny_eval.jsonl")
@@ -330,7 +329,7 @@ def test_eval_page_shows_probes_and_filters_predictions_to_disagreements(tmp_pat
         },
     }
     fake_page_eval(runs, "r-vs-tiny-llama", payload)
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     assert "r-vs-tiny-llama" in client.get("/eval").text  # listed among earlier evals
     html = client.get("/eval/r-vs-tiny-llama/result").text
     assert "<td>10</td><td>12.5</td><td>+25.0% (worse)</td><td>[+0.1000, +0.4000]</td>" in html
@@ -400,7 +399,7 @@ def test_eval_request_becomes_the_cli_arguments_and_bad_counts_are_refused(tmp_p
         parse_request(fields | {"max_examples": "five"})
     with pytest.raises(ValueError, match="base model: '--gate=x' starts with '-'"):
         parse_request(fields | {"base": "--gate=x"})
-    client = TestClient(create_app(tmp_path / "runs"))
+    client = studio_client(tmp_path / "runs")
     refused = client.post("/eval", data=fields | {"forgetting_n": "0"}).text
     assert "general texts: &#39;0&#39; is not a whole number" in refused
     assert not (tmp_path / "runs" / jobs.STUDIO_DIR).exists()  # nothing started
@@ -409,7 +408,7 @@ def test_eval_request_becomes_the_cli_arguments_and_bad_counts_are_refused(tmp_p
 @pytest.mark.slow
 def test_evaluate_page_runs_forgetting_robustness_and_lists_predictions(tmp_path):
     runs = tmp_path / "runs"
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     client.post("/train/start", data={"recipe": str(tiny_recipe(tmp_path, 2)), "name": "ev"})
     wait_for(lambda: jobs.run_state(runs, "ev", client.app.state.processes).finished, 120, "training")
     assert f'<option value="{runs / "ev"}">finished run</option>' in client.get("/eval").text
@@ -449,7 +448,7 @@ def test_evaluate_page_runs_forgetting_robustness_and_lists_predictions(tmp_path
     only = client.get(url, params={"only": "disagreements"}).text
     n = sum(disagrees(r) for r in rows)
     assert f"{n} of 4 example(s), disagreements only" in only and only.count('class="prediction') == n
-    assert "eval-table" in TestClient(create_app(runs)).get(url).text  # a restarted studio still shows it
+    assert "eval-table" in studio_client(runs).get(url).text  # a restarted studio still shows it
 
 
 def test_stop_never_signals_the_pid_of_a_finished_run(tmp_path):
@@ -458,5 +457,5 @@ def test_stop_never_signals_the_pid_of_a_finished_run(tmp_path):
     (runs / jobs.STUDIO_DIR).mkdir()
     # A finished run whose recorded PID is now someone else's (here: this test process).
     (runs / jobs.STUDIO_DIR / "done.json").write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
-    client = TestClient(create_app(runs))
+    client = studio_client(runs)
     assert "the run is not running" in client.post("/train/done/stop").text  # and this process lives on

@@ -65,7 +65,7 @@ from tunelab.serve.schemas import (
     TextChoice,
     Usage,
 )
-from tunelab.serve.security import check_bearer
+from tunelab.serve.security import LOOPBACK_NAMES, LocalGuard, check_bearer
 from tunelab.serve.tools import ParsedCall, ToolCallStream, finish_reason, parse_tool_calls, template_messages
 
 log = logging.getLogger("tunelab.serve")
@@ -86,6 +86,8 @@ class ServeSettings:
     """Where requests.jsonl and feedback.jsonl go (prompts and answers included); None: no log."""
     max_body_bytes: int = body_bytes(DEFAULT_MAX_BODY_MB)
     """Larger request bodies are refused (413) before they are read whole or parsed."""
+    allowed_hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)
+    """Host names answered (see :func:`tunelab.serve.security.allowed_hosts`); others get 403."""
 
 
 @dataclass
@@ -128,6 +130,7 @@ def create_app(
     app = FastAPI(title="tunelab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.tunelab = state
+    app.add_middleware(LocalGuard, allowed=settings.allowed_hosts, json_only=True)
     _install_error_handlers(app)
 
     async def user_auth(authorization: Annotated[str | None, Header()] = None) -> None:

@@ -103,6 +103,12 @@ def serve_cmd(
     api_key: Annotated[
         str | None, typer.Option("--api-key", help="bearer token clients must send (or $TUNELAB_API_KEY)")
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host", help="also answer requests for this Host name (repeat); loopback always"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
     queue_size: Annotated[int, typer.Option(help="requests that may wait; more get 429")] = 64,
@@ -226,6 +232,7 @@ def serve_config(merged: dict[str, Any], key: str | None) -> Any:
         watch_interval_s=merged["watch_interval"],
         log_dir=Path(log_dir) if log_dir is not None else None,
         max_body_mb=merged["max_body_mb"],
+        allow_hosts=list(merged["allow_host"] or []),
     )
 
 

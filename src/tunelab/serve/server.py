@@ -15,7 +15,7 @@ from tunelab.serve.backends import DEFAULT_MAX_FAILURES, Backends, BackendSpec
 from tunelab.serve.engine import Engine
 from tunelab.serve.limits import DEFAULT_MAX_BODY_MB, body_bytes
 from tunelab.serve.routing import Router, WatchPolicy
-from tunelab.serve.security import check_bind
+from tunelab.serve.security import allowed_hosts, check_bind
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ServeConfig:
     watch_interval_s: float = 5.0
     log_dir: Path | None = None
     max_body_mb: float = DEFAULT_MAX_BODY_MB
+    allow_hosts: list[str] = field(default_factory=list)
 
 
 def build_app(config: ServeConfig) -> Any:
@@ -78,6 +79,7 @@ def build_app(config: ServeConfig) -> Any:
         watch_interval_s=config.watch_interval_s,
         log_dir=config.log_dir,
         max_body_bytes=body_bytes(config.max_body_mb),
+        allowed_hosts=allowed_hosts(config.host, config.allow_hosts),
     )
     return create_app(engine, router, settings, backends)
 

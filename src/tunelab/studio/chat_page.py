@@ -124,7 +124,7 @@ def register(app: FastAPI) -> None:
     app.state.chat = ChatState(app.state.runs_dir)
 
     @app.get("/chat")
-    async def chat(request: Request):
+    def chat(request: Request):
         state: ChatState = request.app.state.chat
         options = chat_models.choices(state.runs_dir)
         defaults = _default_pair(options)
@@ -136,6 +136,11 @@ def register(app: FastAPI) -> None:
         fields = await form_fields(request)
         prompt = fields.get("prompt", "")
         models = {side: model_of(fields, side) for side in SIDES}
+        try:
+            for side, model in models.items():
+                request.app.state.roots.check_local(model, f"model {side}")
+        except ValueError as e:
+            return page("_error.html", message=str(e))
         try:
             sampling = parse_sampling(fields)
         except ValueError as e:

@@ -8,18 +8,20 @@ print. Input problems are shown on the page as the one-line message the CLI woul
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from tunelab.data.formats import FormatError
 from tunelab.data.loaders import DataError, iter_records
-from tunelab.studio.forms import form_fields
+from tunelab.studio.forms import form_fields, require_type
 from tunelab.studio.prepare import clean_file, split_file
 from tunelab.studio.render import page
-from tunelab.studio.uploads import UploadError, store
+from tunelab.studio.uploads import UPLOAD_TYPE, UploadError, store
 
 ROWS_SHOWN = 5  # offending rows shown per finding (the count says how many there are)
 INPUT_ERRORS = (DataError, FormatError, ValueError, OSError)
@@ -115,14 +117,15 @@ def _one_line(error: Exception) -> str:
 
 
 def register(app: FastAPI) -> None:
-    """The Data page's routes."""
+    """The Data page's routes. The work runs in a worker thread: a long audit never holds up other pages."""
 
     @app.get("/data")
-    async def data_form(path: str = ""):
+    def data_form(path: str = ""):
         return page("data.html", active="/data", path=path, model="tiny:llama")
 
     @app.put("/data/upload")
     async def data_upload(request: Request, name: str = ""):
+        require_type(request, UPLOAD_TYPE)
         try:
             path = await store(request.app.state.runs_dir, name, request.stream())
         except UploadError as e:
@@ -132,32 +135,42 @@ def register(app: FastAPI) -> None:
     @app.post("/data/audit")
     async def data_audit(request: Request):
         path = (await form_fields(request)).get("path", "").strip()
-        try:
-            return page("_audit.html", path=path, **run_audit(path or "(no file given)"))
-        except INPUT_ERRORS as e:
-            return page("_error.html", message=_one_line(e))
+        roots = request.app.state.roots
+        return await run_in_threadpool(
+            _view, "_audit.html", lambda: {"path": path, **run_audit(roots.check(path or "(no file given)"))}
+        )
 
     @app.post("/data/clean")
     async def data_clean(request: Request):
         fields = await form_fields(request)
-        path, runs_dir = fields.get("path", "").strip(), request.app.state.runs_dir
-        try:
-            if fields.get("action") == "split":
-                return page(
-                    "_split.html", **split_file(runs_dir, path or "(no file given)", fields.get("ratios", ""))
-                )
-            return page("_clean.html", **clean_file(runs_dir, path or "(no file given)"))
-        except INPUT_ERRORS as e:
-            return page("_error.html", message=_one_line(e))
+        path, runs_dir = fields.get("path", "").strip() or "(no file given)", request.app.state.runs_dir
+        roots = request.app.state.roots
+        if fields.get("action") == "split":
+            return await run_in_threadpool(
+                _view,
+                "_split.html",
+                lambda: split_file(runs_dir, roots.check(path), fields.get("ratios", "")),
+            )
+        return await run_in_threadpool(_view, "_clean.html", lambda: clean_file(runs_dir, roots.check(path)))
 
     @app.post("/data/preview")
     async def data_preview(request: Request):
         fields = await form_fields(request)
         path, model = fields.get("path", "").strip(), fields.get("model", "").strip() or "tiny:llama"
-        try:
+        roots = request.app.state.roots
+
+        def view() -> dict[str, Any]:
             n = int(fields.get("n") or 3)
             if n < 1:
                 raise ValueError(f"examples must be 1 or more, got {n}")
-            return page("_preview.html", path=path, **run_preview(path or "(no file given)", model, n))
-        except INPUT_ERRORS as e:
-            return page("_error.html", message=_one_line(e))
+            return {"path": path, **run_preview(roots.check(path or "(no file given)"), model, n)}
+
+        return await run_in_threadpool(_view, "_preview.html", view)
+
+
+def _view(template: str, build: Callable[[], dict[str, Any]]):
+    """``template`` rendered with what ``build`` returns, or the one-line error of bad input."""
+    try:
+        return page(template, **build())
+    except INPUT_ERRORS as e:
+        return page("_error.html", message=_one_line(e))

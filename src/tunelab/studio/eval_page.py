@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from tunelab.evaluate.predictions import disagrees, read_prediction_rows
 from tunelab.runs.index import find_run_dirs
@@ -25,6 +26,7 @@ from tunelab.runs.report import EVAL_DIR
 from tunelab.studio import jobs
 from tunelab.studio.forms import form_fields
 from tunelab.studio.render import page
+from tunelab.studio.roots import Roots
 from tunelab.studio.train_page import valid_name
 
 PAGE_JOBS = "eval/compare"  # evals started on the Evaluate page: .studio/eval/compare/ID.*
@@ -91,6 +93,19 @@ def parse_request(fields: dict[str, str], tuned: str | None = None) -> EvalReque
         forgetting_n=_count(fields, "forgetting_n", "general texts"),
         robustness=fields.get("robustness") == "on",
     )
+
+
+def checked_request(roots: Roots, fields: dict[str, str], tuned: str | None = None) -> EvalRequest:
+    """:func:`parse_request`, with every local model and data file under the studio's roots."""
+    wanted = parse_request(fields, tuned)
+    for label, value in (
+        ("base model", wanted.base),
+        ("tuned model", wanted.tuned),
+        ("eval data", wanted.data),
+    ):
+        roots.check_local(value, label)
+    roots.check_local(wanted.forgetting_data, "general texts")
+    return wanted
 
 
 def request_path(runs_dir: Path, job: str) -> Path:
@@ -218,10 +233,11 @@ def register(app: FastAPI) -> None:
 
 def register_page(app: FastAPI) -> None:
     @app.get("/eval")
-    async def eval_home(request: Request):
+    def eval_home(request: Request):
         runs_dir, query = request.app.state.runs_dir, request.query_params
         tuned = query.get("tuned", "")
-        defaults = eval_defaults(Path(tuned)) if tuned else {"base": "", "data": ""}
+        readable = tuned and request.app.state.roots.contains(tuned)
+        defaults = eval_defaults(Path(tuned)) if readable else {"base": "", "data": ""}
         values = {"base": query.get("base", defaults["base"]), "tuned": tuned}
         values["data"] = query.get("data", defaults["data"])
         context = {"values": values, "choices": model_choices(runs_dir), "past": past_evals(runs_dir)}
@@ -231,16 +247,18 @@ def register_page(app: FastAPI) -> None:
     async def eval_start(request: Request):
         state = request.app.state
         try:
-            wanted = parse_request(await form_fields(request))
+            wanted = checked_request(state.roots, await form_fields(request))
         except ValueError as e:  # shown in the result's place, nothing started
             return _fragment({"state": "refused", "reason": str(e)}, "/eval")
         job_id = page_job_id(state.runs_dir, wanted)
         out = state.runs_dir / jobs.STUDIO_DIR / PAGE_JOBS / job_id
-        start_eval(state.runs_dir, state.processes, f"{PAGE_JOBS}/{job_id}", wanted, out)
+        await run_in_threadpool(
+            start_eval, state.runs_dir, state.processes, f"{PAGE_JOBS}/{job_id}", wanted, out
+        )
         return _fragment({"state": "running", "tail": [], "id": job_id}, f"/eval/{job_id}/result")
 
     @app.get("/eval/{job_id}")
-    async def eval_view(request: Request, job_id: str):
+    def eval_view(request: Request, job_id: str):
         if (
             not valid_name(job_id)
             or read_request(request.app.state.runs_dir, f"{PAGE_JOBS}/{job_id}") is None
@@ -249,7 +267,7 @@ def register_page(app: FastAPI) -> None:
         return page("eval_view.html", active="/eval", job_id=job_id)
 
     @app.get("/eval/{job_id}/result")
-    async def eval_page_result(request: Request, job_id: str, only: str = ""):
+    def eval_page_result(request: Request, job_id: str, only: str = ""):
         state = request.app.state
         if not valid_name(job_id):
             return page("_error.html", status_code=404, message=f"no eval named {job_id}")
@@ -265,14 +283,16 @@ def register_run_section(app: FastAPI) -> None:
             reason = f"{name}: only a finished run (with final/) can be evaluated"
             return _fragment({"state": "refused", "reason": reason}, f"/train/{name}/eval")
         try:
-            wanted = parse_request(await form_fields(request), tuned=str(state.runs_dir / name))
+            wanted = checked_request(
+                state.roots, await form_fields(request), tuned=str(state.runs_dir / name)
+            )
         except ValueError as e:
             return _fragment({"state": "refused", "reason": str(e)}, f"/train/{name}/eval")
-        start_eval(state.runs_dir, state.processes, f"eval/{name}", wanted, None)
+        await run_in_threadpool(start_eval, state.runs_dir, state.processes, f"eval/{name}", wanted, None)
         return _fragment({"state": "running", "tail": []}, f"/train/{name}/eval")
 
     @app.get("/train/{name}/eval")
-    async def run_eval_status(request: Request, name: str, part: str = "result", only: str = ""):
+    def run_eval_status(request: Request, name: str, part: str = "result", only: str = ""):
         state = request.app.state
         if not valid_name(name):
             return page("_error.html", status_code=404, message=f"not a run name: {name}")

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from tunelab.export.run import EXPORT_META, GGUF_TYPES
 from tunelab.studio import jobs
 from tunelab.studio.chat_models import finished_runs
 from tunelab.studio.forms import form_fields
 from tunelab.studio.render import page
+from tunelab.studio.roots import Roots
 from tunelab.studio.train_page import valid_name
 
 EXPORTS_DIR = "exports"
@@ -62,13 +64,17 @@ def free_job(runs_dir: Path, stem: str) -> str:
     return name
 
 
-def start_export(runs_dir: Path, processes: dict, fields: dict[str, str]) -> str:
-    """Check the form and start the export process; its job name. ValueError says what to fix."""
+def start_export(runs_dir: Path, processes: dict, fields: dict[str, str], roots: Roots) -> str:
+    """Check the form and start the export process; its job name. ValueError says what to fix (an
+    output folder outside the studio's roots included)."""
     run, kind = fields.get("run", "").strip(), fields.get("kind", "").strip()
     if not valid_name(run) or not (runs_dir / run / "final").is_dir():
         raise ValueError(f"run: {run} is not a finished run in {runs_dir} (no final/)")
     args = kind_args(kind)
     out = Path(fields.get("out", "").strip() or default_out(runs_dir, run, kind)).expanduser()
+    if out.name.startswith("-"):  # it would reach `tunelab export` as an option, not a folder
+        raise ValueError(f"out: {out} starts with '-'; give a folder name (./{out})")
+    roots.check(out, "out")
     if out.exists():
         raise ValueError(f"out: {out} already exists; choose a new folder (an export never replaces one)")
     command = ["export", str(runs_dir / run), "--out", str(out), *args]
@@ -145,7 +151,7 @@ def register(app: FastAPI) -> None:
     """The Export page's routes."""
 
     @app.get("/export")
-    async def export(request: Request, run: str = "", job: str = ""):
+    def export(request: Request, run: str = "", job: str = ""):
         state = request.app.state
         runs = [r.name for r in finished_runs(state.runs_dir)]
         result = export_result(state.runs_dir, job, state.processes) if valid_name(job) else {"state": "none"}
@@ -159,20 +165,21 @@ def register(app: FastAPI) -> None:
     async def export_start(request: Request):
         state = request.app.state
         try:
-            name = start_export(state.runs_dir, state.processes, await form_fields(request))
+            fields = await form_fields(request)
+            name = await run_in_threadpool(start_export, state.runs_dir, state.processes, fields, state.roots)
         except ValueError as e:  # shown in the result section, which stays the form's target
             return page("_export.html", result={"state": "refused", "reason": str(e)})
         return page("_export.html", result=export_result(state.runs_dir, name, state.processes))
 
     @app.get("/export/job/{name}")
-    async def export_status(request: Request, name: str):
+    def export_status(request: Request, name: str):
         state = request.app.state
         if not valid_name(name):
             return page("_error.html", status_code=404, message=f"not an export name: {name}")
         return page("_export.html", result=export_result(state.runs_dir, name, state.processes))
 
     @app.get("/export/link")
-    async def export_link(request: Request, run: str = ""):
+    def export_link(request: Request, run: str = ""):
         """The run page's Export button, once the run has a final model to export."""
         finished = valid_name(run) and (request.app.state.runs_dir / run / "final").is_dir()
         return page("_export_link.html", run=run if finished else "")

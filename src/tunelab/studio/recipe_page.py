@@ -11,11 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
-from tunelab.recipe import RecipeError, dump_yaml, load_recipe, missing_files, parse_recipe
+from tunelab.recipe import Recipe, RecipeError, dump_yaml, load_recipe, missing_files, parse_recipe
 from tunelab.studio.forms import form_fields
 from tunelab.studio.render import page
+from tunelab.studio.roots import OutsideRoots, Roots
 from tunelab.studio.schema import DEFAULT_METHOD, DEFAULT_OBJECTIVE, form_values, raw_recipe, recipe_form
 
 SOURCE = "studio form"  # names the recipe in its problems, as recipe check names the file
@@ -79,6 +82,36 @@ def save_recipe(runs_dir: Path, name: str, text: str) -> Path:
     return path
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def load_checked(roots: Roots, path: str, *, check_files: bool = True) -> Recipe:
+    """The recipe at ``path`` as ``recipe check`` loads it, if the studio may read it: only a ``.yaml``
+    file under its roots. A file that is no recipe at all (no recipe section at its top) is refused
+    without a word of its content: its lines would otherwise come back as "unknown key"s."""
+    try:
+        roots.check(path)
+    except OutsideRoots as e:
+        raise RecipeError([str(e)], source=path) from None
+    if Path(path).suffix.lower() not in RECIPE_SUFFIXES:
+        raise RecipeError(["a recipe is a .yaml file"], source=path)
+    try:
+        return load_recipe(Path(path), check_files=check_files)
+    except RecipeError:
+        if not _has_recipe_sections(Path(path)):
+            sections = ", ".join(Recipe.model_fields)
+            raise RecipeError([f"not a recipe (none of {sections} at its top)"], source=path) from None
+        raise
+
+
+def _has_recipe_sections(path: Path) -> bool:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and any(key in Recipe.model_fields for key in raw)
+
+
 def _form_page(values: dict[str, str], template: str = "recipe.html"):
     from tunelab.plan.gpus import GPUS
 
@@ -90,51 +123,60 @@ def _form_page(values: dict[str, str], template: str = "recipe.html"):
     )
 
 
+def _plan_view(values: dict[str, str]):
+    checked = check_recipe(values)
+    if checked["recipe"] is None:
+        return page("_recipe_check.html", **checked)
+    try:
+        return page("_plan.html", **memory_plan(checked["recipe"], values.get("gpu")))
+    except (OSError, ValueError) as e:
+        return page("_error.html", message=" ".join(str(e).split()))
+
+
+def _recommend_view(values: dict[str, str]):
+    try:
+        return page("_recommend.html", **recommendations(values))
+    except (OSError, ValueError) as e:
+        return page("_error.html", message=" ".join(str(e).split()))
+
+
 def register(app: FastAPI) -> None:
     """The Recipe page's routes."""
 
     @app.get("/recipe")
-    async def recipe(request: Request):
+    def recipe(request: Request):
         values = dict(request.query_params)
         if values.get("load"):  # a recipe file into the form: every setting, nested ones included
             try:
-                values = form_values(load_recipe(Path(values["load"]), check_files=False).resolved()) | {
-                    "load": values["load"]
-                }
-            except (RecipeError, OSError) as e:
+                loaded = load_checked(request.app.state.roots, values["load"], check_files=False).resolved()
+            except (RecipeError, OSError, ValueError) as e:
                 message = f"bad {e.source}: {'; '.join(e.problems)}" if isinstance(e, RecipeError) else str(e)
                 return page("error.html", status_code=400, message=" ".join(message.split()))
+            values = form_values(loaded) | {"load": values["load"]}
         return _form_page(values)
 
     @app.post("/recipe/form")  # method or objective changed: their fields change
     async def recipe_form_fragment(request: Request):
-        return _form_page(await form_fields(request), "_recipe_form.html")
+        return await run_in_threadpool(_form_page, await form_fields(request), "_recipe_form.html")
 
     @app.post("/recipe/check")
     async def recipe_check(request: Request):
-        return page("_recipe_check.html", **check_recipe(await form_fields(request)))
+        checked = await run_in_threadpool(check_recipe, await form_fields(request))
+        return page("_recipe_check.html", **checked)
 
     @app.post("/recipe/plan")
     async def recipe_plan(request: Request):
-        values = await form_fields(request)
-        checked = check_recipe(values)
-        if checked["recipe"] is None:
-            return page("_recipe_check.html", **checked)
-        try:
-            return page("_plan.html", **memory_plan(checked["recipe"], values.get("gpu")))
-        except (OSError, ValueError) as e:
-            return page("_error.html", message=" ".join(str(e).split()))
+        return await run_in_threadpool(_plan_view, await form_fields(request))
 
     @app.post("/recipe/recommend")
     async def recipe_recommend(request: Request):
-        try:
-            return page("_recommend.html", **recommendations(await form_fields(request)))
-        except (OSError, ValueError) as e:
-            return page("_error.html", message=" ".join(str(e).split()))
+        return await run_in_threadpool(_recommend_view, await form_fields(request))
 
     @app.post("/recipe/save")
     async def recipe_save(request: Request):
-        checked = check_recipe(await form_fields(request))
+        checked = await run_in_threadpool(check_recipe, await form_fields(request))
+        if checked["recipe"] is not None:  # a saved recipe is one the studio may train: its files are ours
+            checked["problems"] += request.app.state.roots.recipe_problems(checked["recipe"])
         if checked["problems"]:
             return page("_recipe_check.html", **checked)
         name = checked["recipe"].output.name or checked["recipe"].model.name_or_path.split("/")[-1]

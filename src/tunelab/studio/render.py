@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ ENV = Environment(
     lstrip_blocks=True,
 )
 
+# The studio's CSRF token, set per request by :class:`tunelab.studio.guard.StudioGuard`: every page
+# sends it back with each htmx request (``hx-headers`` on ``<body>``).
+CSRF: ContextVar[str] = ContextVar("tunelab_studio_csrf", default="")
+
 # The pages in the nav, in lifecycle order: (path, label).
 NAV = [
     ("/", "Home"),
@@ -37,5 +42,5 @@ NAV = [
 
 def page(template: str, *, active: str = "", status_code: int = 200, **context: Any) -> HTMLResponse:
     """A full page or an htmx fragment (templates starting with ``_``) as an HTML response."""
-    html = ENV.get_template(template).render(nav=NAV, active=active, **context)
+    html = ENV.get_template(template).render(nav=NAV, active=active, csrf=CSRF.get(), **context)
     return HTMLResponse(html, status_code=status_code)

@@ -81,7 +81,7 @@ def register(app: FastAPI) -> None:
     """The Runs page's routes."""
 
     @app.get("/runs/compare")
-    async def runs_compare(request: Request):
+    def runs_compare(request: Request):
         names = request.query_params.getlist("run")
         try:
             return page(
@@ -91,7 +91,7 @@ def register(app: FastAPI) -> None:
             return page("error.html", active="/runs", status_code=400, message=str(e))
 
     @app.get("/runs")
-    async def runs(
+    def runs(
         request: Request, status: str = "", method: str = "", q: str = "", sort: str = "", desc: int = 0
     ):
         rows = run_rows(request.app.state.runs_dir)

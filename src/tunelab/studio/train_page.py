@@ -11,13 +11,16 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from tunelab.recipe import RecipeError, load_recipe
+from tunelab.recipe import RecipeError
 from tunelab.runs.index import find_run_dirs
 from tunelab.studio import jobs
 from tunelab.studio.forms import form_fields
 from tunelab.studio.live import run_events
+from tunelab.studio.recipe_page import load_checked
 from tunelab.studio.render import page
+from tunelab.studio.roots import Roots
 
 
 def valid_name(name: str) -> bool:
@@ -35,9 +38,13 @@ def known_runs(runs_dir: Path) -> list[str]:
     return sorted({p.name for p in find_run_dirs(runs_dir)} | set(started))
 
 
-def start_run(runs_dir: Path, processes: dict, recipe_path: str, name: str) -> str:
-    """Check the recipe, then start ``tunelab train`` on it; the run's name. RecipeError if it is bad."""
-    recipe = load_recipe(Path(recipe_path))  # the CLI's own check, so the same messages
+def start_run(runs_dir: Path, processes: dict, recipe_path: str, name: str, roots: Roots) -> str:
+    """Check the recipe, then start ``tunelab train`` on it; the run's name. RecipeError if it is bad
+    (the recipe, or a file it names, outside the studio's roots included)."""
+    recipe = load_checked(roots, recipe_path)  # the CLI's own check, so the same messages
+    outside = roots.recipe_problems(recipe)
+    if outside:
+        raise RecipeError(outside, source=recipe_path)
     name = jobs.free_name(runs_dir, name or recipe.output.name or Path(recipe_path).stem)
     process = jobs.start(runs_dir, name, jobs.train_args(Path(recipe_path), runs_dir, name))
     processes[process.pid] = process
@@ -49,7 +56,7 @@ def register(app: FastAPI) -> None:
     app.state.processes = {}  # PID -> Popen of runs this studio started: polled so none is a zombie
 
     @app.get("/train")
-    async def train(request: Request):
+    def train(request: Request):
         runs_dir = request.app.state.runs_dir
         return page("train.html", active="/train", recipes=saved_recipes(runs_dir), runs=known_runs(runs_dir))
 
@@ -57,19 +64,17 @@ def register(app: FastAPI) -> None:
     async def train_start(request: Request):
         fields = await form_fields(request)
         state = request.app.state
+        recipe, name = fields.get("recipe", "").strip(), fields.get("name", "").strip()
         try:
-            name = start_run(
-                state.runs_dir,
-                state.processes,
-                fields.get("recipe", "").strip(),
-                fields.get("name", "").strip(),
+            name = await run_in_threadpool(
+                start_run, state.runs_dir, state.processes, recipe, name, state.roots
             )
         except RecipeError as e:
             return page("_recipe_check.html", problems=e.problems, source=e.source, yaml="")
         return HTMLResponse("", headers={"HX-Redirect": f"/train/{name}"})
 
     @app.get("/train/{name}")
-    async def train_run(request: Request, name: str):
+    def train_run(request: Request, name: str):
         state = request.app.state
         if not valid_name(name) or (
             jobs.read_job(state.runs_dir, name) is None and not (state.runs_dir / name).is_dir()

@@ -1,6 +1,6 @@
 """Files uploaded on the Data page, stored in ``RUNS/uploads/`` (never over an existing file).
 
-The browser sends the file as the raw request body (``PUT /data/upload?name=FILE``), so no multipart
+The browser sends the file as the raw request body (``PUT /data/upload?name=FILE``, ``Content-Type: application/octet-stream``), so no multipart
 parser is needed and the body is streamed to disk, never held whole in memory.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tunelab.data.loaders import SUFFIXES
 
+UPLOAD_TYPE = "application/octet-stream"  # the only body type the upload takes (415 otherwise)
 MAX_BYTES = 2 * 1024**3  # an upload is a convenience; larger files are given by path
 
 

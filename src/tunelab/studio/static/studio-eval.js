@@ -8,7 +8,10 @@
     const error = document.getElementById("eval-upload-error");
     error.textContent = "";
     if (!file) return;
-    const response = await fetch("/data/upload?name=" + encodeURIComponent(file.name), { method: "PUT", body: file });
+    const response = await fetch("/data/upload?name=" + encodeURIComponent(file.name), {
+      method: "PUT", body: file,
+      headers: { "Content-Type": "application/octet-stream", "X-CSRF-Token": document.querySelector("meta[name=csrf-token]").content },
+    });
     const answer = await response.json();
     if (!response.ok) { error.textContent = "error: " + answer.error; return; }
     document.getElementById("eval-data").value = answer.path;
