@@ -78,6 +78,7 @@ def build_app(config: ServeConfig) -> Any:
         watch_interval_s=config.watch_interval_s,
         log_dir=config.log_dir,
         max_body_bytes=body_bytes(config.max_body_mb),
+        max_tokens_limit=config.max_tokens_limit,
     )
     return create_app(engine, router, settings, backends)
 
@@ -88,6 +89,8 @@ def serve(config: ServeConfig) -> None:
 
     check_bind(config.host, config.api_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
+    # httpx logs every request at INFO: the watcher's probes alone would be lines a minute per backend.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(build_app(config), host=config.host, port=config.port, log_level="info")
 
 
