@@ -16,14 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -470,11 +470,24 @@ def fake_upstream(received: list[dict]) -> object:
             return JSONResponse({"error": {"message": f"upstream says {said}"}}, status_code=code)
         if said == "slow":
             await asyncio.sleep(2)
+        if body.get("stream"):
+            return StreamingResponse(_lingering_stream(f"echo {said}"), media_type="text/event-stream")
         message = {"role": "assistant", "content": f"echo {said}"}
         answer = {"id": "fake-1", "object": "chat.completion", "model": "/srv/models/fake.gguf"}
         return JSONResponse({**answer, "choices": [{"message": message}]})
 
     return app
+
+
+async def _lingering_stream(text: str) -> AsyncIterator[str]:
+    """An answer streamed word by word, then [DONE], then the connection held open a while (as a
+    busy server may), so only [DONE] can tell the router the answer is complete."""
+    for i, word in enumerate(text.split(" ")):
+        delta = {"content": word if i == 0 else f" {word}"}
+        yield f"data: {json.dumps({'id': f'fake-{text}', 'model': 'fake', 'choices': [{'delta': delta}]})}\n\n"
+    yield f"data: {json.dumps({'id': f'fake-{text}', 'choices': [{'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+    yield "data: [DONE]\n\n"
+    await asyncio.sleep(1.5)
 
 
 @pytest.fixture(scope="module")
@@ -582,6 +595,30 @@ def test_built_in_answers_are_logged_and_the_base_takes_feedback(fake) -> None:
         0.5,
         None,
     )
+
+
+def test_sdk_streams_through_the_router_are_complete_at_done(fake) -> None:
+    """The upstream holds its connection open after [DONE]; the SDK closes it right after [DONE] and
+    posts feedback at once: every answer is already logged and scored, none is a 499."""
+    _, server, _ = fake
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    for i in range(6):
+        chunks = list(
+            client.chat.completions.create(
+                model="up", messages=[{"role": "user", "content": f"n{i}"}], stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == f"echo n{i}"
+        scored = httpx.post(
+            f"{server.url}/v1/feedback", json={"id": chunks[0].id, "score": 1.0}, headers=AUTH
+        )
+        assert scored.status_code == 200, scored.text
+    log_dir = server.app.state.tunelab.settings.log_dir
+    logged = {json.loads(line)["id"] for line in (log_dir / "requests.jsonl").read_text().splitlines()}
+    assert {f"fake-echo n{i}" for i in range(6)} <= logged
+    time.sleep(2)  # past the upstream's linger: nothing is counted late as a departure either
+    assert metric(server, "tunelab_client_errors_total", variant="up", code="499") is None
+    assert metric(server, "tunelab_requests_total", variant="up", alias="") >= 6
 
 
 def test_sdk_streams_of_the_built_in_engine_are_complete_and_take_feedback(fake) -> None:
