@@ -396,8 +396,8 @@ class _AppState:
                 raise APIError(
                     400, f"n={body.n}: this server returns one choice per request; send n=1", param="n"
                 )
-            if isinstance(body, BackendChatRequest):
-                _check_conversation(body)
+            if isinstance(body, BackendChatRequest | BackendCompletionRequest):
+                _check_backend_body(body)
         except ValidationError as err:
             if route is not None:
                 self.record(route, started, 400)
@@ -729,13 +729,16 @@ class _AppState:
         return {"unloaded": name}
 
 
-def _check_conversation(body: BackendChatRequest) -> None:
-    """What the built-in engine checks as it templates a chat, for a backend's: text content parts
-    only, and each ``tool`` message answering a call of the assistant turn before it."""
+def _check_backend_body(body: BackendChatRequest | BackendCompletionRequest) -> None:
+    """What the built-in engine checks as it reads a prompt, for a backend's request: one prompt
+    string; text content parts only, each ``tool`` message answering a call of the turn before."""
     try:
-        template_messages(body.messages)
+        if isinstance(body, BackendChatRequest):
+            template_messages(body.messages)
+        else:
+            body.prompt_text()
     except ValueError as err:
-        raise APIError(400, str(err), param=getattr(err, "param", None) or "messages") from None
+        raise APIError(400, str(err), param=getattr(err, "param", None) or _prompt_param(body)) from None
 
 
 async def _parse_body(raw: bytes) -> Any:
