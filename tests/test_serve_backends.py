@@ -16,14 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -199,6 +199,8 @@ def test_models_list_the_backends_and_the_alias(
     states = router_server.app.state.tunelab.backends.states
     assert states["stock"].upstream_model.endswith("stock.gguf")  # discovered from its /v1/models
     assert states["tuned"].upstream_model == "tiny-tuned"  # given as MODEL@URL
+    # llama-cpp-python has no /health: after one 404 the probes ask /v1/models only (half the noise).
+    wait_for(lambda: not states["stock"].has_health and not states["tuned"].has_health)
 
 
 def test_the_split_is_sticky_by_user_and_each_answer_is_its_upstreams(
@@ -269,6 +271,113 @@ def test_feedback_for_backend_answers_is_tracked_and_logged(
     assert row["rejected"][0]["content"] == direct["stock"]
 
 
+def test_sdk_streams_are_complete_logged_and_take_feedback_every_time(
+    client: openai.OpenAI, router_server: BackgroundServer, direct: dict[str, str]
+) -> None:
+    """The openai SDK closes the connection right after [DONE]: every such stream is a complete
+    answer (logged, feedback-able, not a 499), and its chunks name the variant, not the GGUF path."""
+    ids = []
+    for user in USERS[:12]:
+        chunks = list(
+            client.chat.completions.create(model="bot", messages=ASK, user=user, stream=True, **GREEDY)
+        )
+        assert {c.model for c in chunks} == {variant_of(user)}
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct[variant_of(user)]
+        )
+        scored = httpx.post(
+            f"{router_server.url}/v1/feedback", json={"id": chunks[0].id, "score": 0.5}, headers=AUTH
+        )
+        assert scored.status_code == 200, scored.text  # at once: no race with the end of the stream
+        ids.append(chunks[0].id)
+    log_dir = router_server.app.state.tunelab.settings.log_dir
+    logged = {json.loads(line)["id"] for line in (log_dir / "requests.jsonl").read_text().splitlines()}
+    assert set(ids) <= logged
+    for variant in ("stock", "tuned"):
+        assert metric(router_server, "tunelab_client_errors_total", variant=variant, code="499") is None
+        assert metric(router_server, "tunelab_time_to_first_token_seconds_count", variant=variant) >= 1
+        assert metric(router_server, "tunelab_inter_token_latency_seconds_count", variant=variant) >= 1
+    assert client.chat.completions.create(model="bot", messages=ASK, user=USERS[0], **GREEDY).model in SHARES
+
+
+HOSTILE = [  # each is a 500 (or worse) from llama-cpp-python 0.3.36 when it reaches it
+    {"temperature": "hot"},
+    {"top_p": -1},
+    {"stop": 5},
+    {"top_k": "x"},
+    {"top_k": -1},
+    {"logprobs": "x"},
+    {"logit_bias": {"abc": 1}},
+    {"min_p": 5},
+    {"presence_penalty": 1e308},
+    {"repeat_penalty": -5},
+    {"response_format": {"type": "bogus"}},
+    {"user": 5},
+    {"mirostat_mode": 7},
+    {"logit_bias_type": "weird"},
+    {"grammar": "root ::= ("},  # kills the llama.cpp server process
+    {"functions": [{"name": "x"}]},
+    {"tools": [{"type": "function", "function": {"name": "x", "parameters": 5}}]},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "bot", "content": "x"}]},
+    {"messages": [{"role": "tool", "content": "x"}]},
+    {"messages": [{"role": "assistant", "content": None}]},
+    # and what it answers 200 with unbounded output, or ignores
+    {"max_tokens": -1},
+    {"max_tokens": 10**12},
+    {"messages": None},
+    {"n": 0},
+    {"stop": ["a", "b", "c", "d", "e"]},
+]
+
+
+def test_no_client_can_roll_back_a_healthy_backend_and_an_admin_can_undo_a_rollback(
+    upstreams: dict[str, LlamaServer],
+) -> None:
+    """Requests that a real llama.cpp server answers with a 500 are refused by the router itself (400)
+    and never reach it, so however many a client sends, the candidate keeps its traffic."""
+    backends = Backends(
+        [parse_backend(f"{n}={upstreams[n].url}") for n in ("stock", "tuned")], timeout_s=30, max_failures=3
+    )
+    router = Router(None, [], WatchPolicy(min_samples=2, max_latency_ratio=1e6), backends=backends.names)
+    router.set_alias("bot", dict(SHARES))
+    settings = ServeSettings(api_key=KEY, watch_interval_s=WATCH_S, max_tokens_limit=64)
+    tuned_user = next(u for u in USERS if variant_of(u) == "tuned")
+    stock_user = next(u for u in USERS if variant_of(u) == "stock")
+    post = lambda body: httpx.post(  # noqa: E731
+        f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30
+    )
+    with BackgroundServer(create_app(None, router, settings, backends)) as server:
+        for user in (stock_user, tuned_user, stock_user, tuned_user):
+            ok = post({"model": "bot", "user": user, "messages": ASK, **GREEDY})
+            assert ok.status_code == 200, ok.text
+        for extra in HOSTILE * 2:
+            refused = post({"model": "bot", "user": tuned_user, "messages": ASK, "max_tokens": 4, **extra})
+            assert refused.status_code == 400, (extra, refused.text)
+        assert router.describe()["bot"]["shares"] == SHARES
+        assert router.is_up("tuned") and backends.states["tuned"].failures == 0
+        assert metric(server, "tunelab_upstream_errors_total", variant="tuned") is None
+        assert metric(server, "tunelab_rollbacks_total", variant="tuned") is None
+        counted = [metric(server, "tunelab_client_errors_total", variant=v, code="400") or 0 for v in SHARES]
+        assert sum(counted) == 2 * len(HOSTILE)  # `"user": 5` is no user: those two went anywhere
+        assert (
+            post({"model": "bot", "user": tuned_user, "messages": ASK, **GREEDY}).headers["x-tunelab-adapter"]
+            == "tuned"
+        )
+        restore = f"{server.url}/admin/aliases/bot/restore"
+        assert httpx.post(restore, headers=AUTH).status_code == 409  # nothing was rolled back
+        for _ in range(2):  # the variant's own faults do roll it back ...
+            router.observe("tuned", False, 0.1, alias="bot")
+        assert router.describe()["bot"]["shares"] == {"stock": 1.0, "tuned": 0.0}
+        assert httpx.post(restore).status_code == 401  # ... and undoing that takes the key
+        undone = httpx.post(restore, headers=AUTH)
+        assert undone.status_code == 200 and undone.json()["shares"] == SHARES
+        assert (
+            post({"model": "bot", "user": tuned_user, "messages": ASK, **GREEDY}).headers["x-tunelab-adapter"]
+            == "tuned"
+        )
+
+
 def test_a_clients_bad_request_is_passed_through_and_never_counted(
     client: openai.OpenAI, router_server: BackgroundServer
 ) -> None:
@@ -330,6 +439,12 @@ def test_a_dead_upstream_loses_its_users_to_the_baseline_until_it_is_back(
         ask(client, stock_user)
     assert caught.value.status_code == 503 and "'stock'" in caught.value.message
     assert ask(client, tuned_users[0])[1] == "tuned"  # the candidate's own users still get it
+    assert metric(router_server, "tunelab_errors_total", variant="stock", alias="bot", code="503") >= 1
+    from tunelab.cli import app
+
+    status = CliRunner().invoke(app, ["serve", "status", "--url", router_server.url, "--api-key", KEY])
+    assert status.exit_code == 1
+    assert "error: not ready: 'stock' (baseline of alias 'bot') is down" in status.output
 
 
 # --- a fake upstream that fails on demand ------------------------------------------------------
@@ -358,10 +473,24 @@ def fake_upstream(received: list[dict]) -> object:
             return JSONResponse({"error": {"message": f"upstream says {said}"}}, status_code=code)
         if said == "slow":
             await asyncio.sleep(2)
+        if body.get("stream"):
+            return StreamingResponse(_lingering_stream(f"echo {said}"), media_type="text/event-stream")
         message = {"role": "assistant", "content": f"echo {said}"}
-        return JSONResponse({"id": "fake-1", "object": "chat.completion", "choices": [{"message": message}]})
+        answer = {"id": "fake-1", "object": "chat.completion", "model": "/srv/models/fake.gguf"}
+        return JSONResponse({**answer, "choices": [{"message": message}]})
 
     return app
+
+
+async def _lingering_stream(text: str) -> AsyncIterator[str]:
+    """An answer streamed word by word, then [DONE], then the connection held open a while (as a
+    busy server may), so only [DONE] can tell the router the answer is complete."""
+    for i, word in enumerate(text.split(" ")):
+        delta = {"content": word if i == 0 else f" {word}"}
+        yield f"data: {json.dumps({'id': f'fake-{text}', 'model': 'fake', 'choices': [{'delta': delta}]})}\n\n"
+    yield f"data: {json.dumps({'id': f'fake-{text}', 'choices': [{'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+    yield "data: [DONE]\n\n"
+    await asyncio.sleep(1.5)
 
 
 @pytest.fixture(scope="module")
@@ -389,15 +518,44 @@ def say(server: BackgroundServer, text: str, **extra: object) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=10)
 
 
-def test_only_model_is_rewritten_and_unknown_parameters_reach_the_upstream(fake) -> None:
+def test_only_model_is_rewritten_and_typed_pass_through_parameters_reach_the_upstream(fake) -> None:
     _, server, received = fake
     reply = say(server, "hello", logprobs=True, top_k=3, user="ann")
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "echo hello"
     assert reply.headers["x-tunelab-adapter"] == "up"
     assert received[-1] == {
-        "model": "fake-model", "messages": [{"role": "user", "content": "hello"}], "logprobs": True, "top_k": 3,
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "hello"}],
+        "logprobs": True,
+        "top_k": 3,
         "user": "ann",
-    }  # fmt: skip
+        "max_tokens": 256,
+    }  # fmt: skip  (no max_tokens asked: the built-in engine's default under --max-tokens-limit)
+    assert reply.json()["model"] == "up"  # the variant's name, not the upstream's
+
+
+def test_the_router_refuses_what_the_engine_refuses_before_the_backend_sees_it(fake) -> None:
+    _, server, received = fake
+    before = len(received)
+    for extra, param in (
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 1025}, "max_tokens"),  # over --max-tokens-limit (1024 here)
+        ({"max_completion_tokens": 5000}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"grammar": "root ::= ("}, "grammar"),
+        ({"n": 2}, "n"),
+    ):
+        refused = say(server, "hello", **extra)
+        assert refused.status_code == 400, (extra, refused.text)
+        assert refused.json()["error"]["param"] == param, refused.json()
+    body = {"model": "up", "max_tokens": 3}
+    missing = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+    batched = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": ["a", "b"]}, headers=AUTH)
+    assert batched.status_code == 400 and batched.json()["error"]["param"] == "prompt"
+    assert len(received) == before  # none of them reached the backend
+    assert say(server, "hello", max_tokens=7).status_code == 200 and received[-1]["max_tokens"] == 7
 
 
 def test_an_alias_mixes_the_local_base_and_a_backend(fake) -> None:
@@ -444,6 +602,96 @@ def test_built_in_answers_are_logged_and_the_base_takes_feedback(fake) -> None:
     )
 
 
+def test_sdk_streams_through_the_router_are_complete_at_done(fake) -> None:
+    """The upstream holds its connection open after [DONE]; the SDK closes it right after [DONE] and
+    posts feedback at once: every answer is already logged and scored, none is a 499."""
+    _, server, _ = fake
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    for i in range(6):
+        chunks = list(
+            client.chat.completions.create(
+                model="up", messages=[{"role": "user", "content": f"n{i}"}], stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == f"echo n{i}"
+        scored = httpx.post(
+            f"{server.url}/v1/feedback", json={"id": chunks[0].id, "score": 1.0}, headers=AUTH
+        )
+        assert scored.status_code == 200, scored.text
+    log_dir = server.app.state.tunelab.settings.log_dir
+    logged = {json.loads(line)["id"] for line in (log_dir / "requests.jsonl").read_text().splitlines()}
+    assert {f"fake-echo n{i}" for i in range(6)} <= logged
+    time.sleep(2)  # past the upstream's linger: nothing is counted late as a departure either
+    assert metric(server, "tunelab_client_errors_total", variant="up", code="499") is None
+    assert metric(server, "tunelab_requests_total", variant="up", alias="") >= 6
+
+
+def test_sdk_streams_of_the_built_in_engine_are_complete_and_take_feedback(fake) -> None:
+    _, server, _ = fake
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    ids = []
+    for i in range(8):
+        stream = client.chat.completions.create(
+            model="tiny:llama", messages=ASK, user=f"s{i}", stream=True, temperature=0, max_tokens=4
+        )
+        response_id = list(stream)[0].id
+        scored = httpx.post(f"{server.url}/v1/feedback", json={"id": response_id, "score": 1.0}, headers=AUTH)
+        assert scored.status_code == 200, scored.text
+        ids.append(response_id)
+    log_dir = server.app.state.tunelab.settings.log_dir
+    assert set(ids) <= {
+        json.loads(line)["id"] for line in (log_dir / "requests.jsonl").read_text().splitlines()
+    }
+    assert metric(server, "tunelab_client_errors_total", variant="tiny:llama", code="499") is None
+    assert metric(server, "tunelab_time_to_first_token_seconds_count", variant="tiny:llama") >= 8
+    assert metric(server, "tunelab_inter_token_latency_seconds_count", variant="tiny:llama") >= 8
+
+
+def cut_upstream(port: int) -> socket.socket:
+    """An upstream that lists a model, then answers a completion with one SSE event and hangs up."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                if b"/v1/models" in request.split(b"\r\n", 1)[0]:
+                    body = b'{"data": [{"id": "m"}]}'
+                    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                    conn.sendall(head.encode() + body)
+                    continue
+                event = b'data: {"id": "x", "choices": [{"delta": {"content": "hi"}}]}\n\n'
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                conn.sendall(head + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_a_connection_dropped_mid_stream_is_a_disconnect_not_a_connect_fault() -> None:
+    port = free_port()
+    listener = cut_upstream(port)
+    backends = Backends([parse_backend(f"cut=http://127.0.0.1:{port}")], max_failures=3)
+    router = Router(None, [], POLICY, backends=backends.names)
+    settings = ServeSettings(api_key=KEY, watch_interval_s=60)
+    try:
+        with BackgroundServer(create_app(None, router, settings, backends)) as server:
+            body = {"model": "cut", "messages": ASK, "stream": True}
+            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+            assert reply.status_code == 200 and "upstream_unavailable" in reply.text
+            assert metric(server, "tunelab_upstream_errors_total", variant="cut", reason="disconnect") == 1
+            assert metric(server, "tunelab_upstream_errors_total", variant="cut", reason="connect") is None
+            assert metric(server, "tunelab_errors_total", variant="cut", code="502") == 1
+    finally:
+        listener.close()
+
+
 def test_a_rollback_is_reported_with_its_reason() -> None:
     router = Router(None, [], WatchPolicy(min_samples=2), backends=["stock", "tuned"])
     seen = []
@@ -467,8 +715,11 @@ def test_5xx_and_timeouts_count_mark_the_backend_down_and_a_probe_brings_it_back
     slow = say(server, "slow")
     assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout"
     wait_for(lambda: say(server, "hello").status_code == 503, timeout_s=5)  # the third fault: down
+    requests_before = metric(server, "tunelab_requests_total", variant="up", alias="")
     down = say(server, "hello").json()["error"]
     assert down["code"] == "variant_down" and "'up'" in down["message"]
+    assert metric(server, "tunelab_requests_total", variant="up", alias="") == requests_before + 1
+    assert metric(server, "tunelab_errors_total", variant="up", alias="", code="503") >= 1
     assert metric(server, "tunelab_upstream_errors_total", variant="up", reason="http_5xx") >= 1
     assert metric(server, "tunelab_upstream_errors_total", variant="up", reason="timeout") == 1
     assert metric(server, "tunelab_variant_up", variant="up") == 0
@@ -500,9 +751,13 @@ def test_a_refused_connection_is_answered_by_the_baseline(fake) -> None:
             assert reply.json()["choices"][0]["message"]["content"] == "echo hi"
         assert metric(server, "tunelab_upstream_errors_total", variant="gone", reason="connect") == 3
         assert metric(server, "tunelab_variant_up", variant="gone") == 0 and not router.is_up("gone")
+        # The clients got 200s from `up`: that is what the request metrics say, once per request.
+        assert metric(server, "tunelab_requests_total", variant="up", alias="ab") == len(users)
+        assert metric(server, "tunelab_requests_total", variant="gone", alias="ab") is None
+        assert metric(server, "tunelab_errors_total", variant="gone") is None
         server.app.state.tunelab.upstream_ok("gone")  # as a good probe would; direct: no baseline to go to
         lost = httpx.post(
-            f"{server.url}/v1/chat/completions", json={"model": "gone", "messages": [1]}, headers=AUTH
+            f"{server.url}/v1/chat/completions", json={"model": "gone", "messages": ASK}, headers=AUTH
         )
         assert lost.status_code == 502 and lost.json()["error"]["code"] == "upstream_unavailable"
         assert "'gone'" in lost.json()["error"]["message"]
@@ -635,6 +890,10 @@ def test_bad_backend_flags_and_numbers_are_one_line(monkeypatch: pytest.MonkeyPa
             "error: --watch-interval 0: give a number of seconds",
         ),
         (["--backend", "a=http://h", "--max-body-mb", "0"], "error: --max-body-mb 0: give a size"),
+        (
+            ["--backend", "a=http://h", "--backend", "b=http://i", "--alias", "bot=a:0.9,b:0.3"],
+            "error: alias 'bot': shares add up to 1.2 (0.9 + 0.3); make them add up to 1",
+        ),
     ):
         result, started = _serve_cli(monkeypatch, args)
         assert result.exit_code == 2 and not started

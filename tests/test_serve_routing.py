@@ -242,3 +242,33 @@ def test_serve_command_refuses_out_of_range_numbers_in_one_line(
     result = CliRunner().invoke(app, ["serve", "--base", "tiny:llama", *options])
     assert result.exit_code == 2
     assert result.output.splitlines() == [message]
+
+
+def test_shares_that_do_not_add_up_to_one_are_refused_with_a_fix() -> None:
+    router = make_router()
+    with pytest.raises(ValueError, match=r"shares add up to 1.2 \(0.9 \+ 0.3\); make them add up to 1, e.g."):
+        router.set_alias("bot", {"stable": 0.9, "canary": 0.3})
+    router.set_alias("bot", {"stable": 0.7, "canary": 0.3})  # 0.7 + 0.3 is 1 within float error
+
+
+def test_a_rollback_is_undone_by_restore_with_a_fresh_window_and_its_rollout_resumed() -> None:
+    router = Router("base", ["stable", "canary"], WatchPolicy(min_samples=2), clock=FakeClock())
+    router.set_alias("bot", {"stable": 1.0, "canary": 0.0}, rollout=[0.2, 1.0], rollout_every=100)
+    with pytest.raises(ValueError, match="no rollback to undo"):
+        router.restore("bot")
+    for _ in range(2):
+        router.observe("stable", True, 0.1, alias="bot")
+        router.observe("canary", False, 0.1, alias="bot")
+    described = router.describe()["bot"]
+    assert described["shares"] == {"stable": 1.0, "canary": 0.0}
+    assert described["rollout"]["state"] == "rolled_back"
+    router.restore("bot")
+    described = router.describe()["bot"]
+    assert described["shares"] == {"stable": 0.8, "canary": 0.2}
+    assert described["rollout"]["state"] == "running"
+    assert described["health"]["canary"]["requests"] == 0  # the faults that rolled it back are gone
+    assert described["events"][-1]["kind"] == "restore"
+    router.check()
+    assert router.describe()["bot"]["shares"]["canary"] == 0.2  # not rolled back again at once
+    with pytest.raises(KeyError):
+        router.restore("nope")

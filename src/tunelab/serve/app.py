@@ -24,14 +24,14 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from tunelab.data.feedback import FeedbackLog
 from tunelab.serve import proxy
 from tunelab.serve.backends import Backends, UpstreamFault
-from tunelab.serve.engine import Delta, Done, Engine, Event, Failed, Job, SamplingParams
+from tunelab.serve.engine import Delta, Done, Engine, Event, Failed, Job, SamplingParams, check_max_tokens
 from tunelab.serve.errors import (
     APIError,
     error_body,
@@ -48,6 +48,8 @@ from tunelab.serve.schemas import (
     AdapterLoadRequest,
     AliasRequest,
     AssistantMessage,
+    BackendChatRequest,
+    BackendCompletionRequest,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -74,6 +76,11 @@ ALIAS_HEADER = "x-tunelab-alias"
 USER_HEADER = "x-user-id"
 REMEMBERED_RESPONSES = 10_000
 # What the request log keeps of a request's sampling settings.
+# What a request for a backend is validated with: the built-in schema plus typed pass-through fields.
+BACKEND_SCHEMAS: dict[type, type[BaseModel]] = {
+    ChatCompletionRequest: BackendChatRequest,
+    CompletionRequest: BackendCompletionRequest,
+}
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
 
 
@@ -88,6 +95,8 @@ class ServeSettings:
     """Larger request bodies are refused (413) before they are read whole or parsed."""
     allowed_hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)
     """Host names answered (see :func:`tunelab.serve.security.allowed_hosts`); others get 403."""
+    max_tokens_limit: int = 1024
+    """``--max-tokens-limit``: the most new tokens a request may ask of a backend (the engine has its own)."""
 
 
 @dataclass
@@ -209,6 +218,17 @@ def create_app(
             raise APIError(400, str(err), param="shares") from None
         return router.describe()[alias]
 
+    @app.post("/admin/aliases/{alias}/restore", dependencies=admin)
+    def restore_alias(alias: str) -> dict[str, Any]:
+        """Undo the watcher's rollbacks of an alias, without a restart."""
+        try:
+            router.restore(alias)
+        except KeyError:
+            raise APIError(404, f"no alias named '{alias}'", param="alias") from None
+        except ValueError as err:
+            raise APIError(409, str(err), param="alias", code="nothing_to_restore") from None
+        return router.describe()[alias]
+
     return app
 
 
@@ -315,6 +335,8 @@ class _AppState:
         except KeyError:
             raise not_found(model, [*self.router.variants, *self.router.aliases]) from None
         except VariantDown as down:
+            # The client's 503 counts in /metrics, not in the watcher's window: the variant is down already.
+            self.metrics.observe(down.variant, down.alias, None, error_status=503)
             raise variant_down(down.variant, down.alias) from None
         served = adapter if adapter is not None else str(self.router.base_name)
         return _Route(adapter, alias, served, backend=served in self.backends)
@@ -337,47 +359,107 @@ class _AppState:
     async def dispatch(
         self, request: Request, schema: type[ChatCompletionRequest] | type[CompletionRequest], path: str
     ) -> Response:
-        """Route first: a backend gets the client's JSON as sent (it validates its own parameters);
-        a built-in variant gets it validated against tunelab's schema."""
+        """Parse, route, then validate with the same schema and limits whoever answers (a backend
+        also takes its typed pass-through parameters): every client mistake is tunelab's own 4xx and
+        never reaches a backend, where it could be a 5xx counted against the variant."""
         raw = await request.body()  # at most --max-body-mb: BodyLimit refuses more
-        try:
-            data = await asyncio.to_thread(parse_json, raw)  # megabytes of JSON would stall /health
-        except ValueError as err:  # FastAPI's own shape for a body that is not JSON
-            pos = getattr(err, "pos", 0)
-            error = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error", "input": {}}
-            raise RequestValidationError(
-                [{**error, "ctx": {"error": getattr(err, "msg", str(err))}}]
-            ) from None
+        data = await _parse_body(raw)
+        started = time.monotonic()
         route = None
-        if isinstance(data, dict) and isinstance(data.get("model"), str):
-            user = data.get("user") if isinstance(data.get("user"), str) else request.headers.get(USER_HEADER)
-            try:
-                route = self.route(data["model"], user)
-            except APIError as err:
-                if err.status != 404:  # a down variant; an unknown model is reported after validation
-                    raise
-            if route is not None and route.backend:
-                try:
-                    return await proxy.forward(self, route, data, path, user)
-                except proxy.Unanswered as err:
-                    route = self.failover(route, err)
-                    if route.backend:
-                        return await proxy.forward(self, route, data, path, user)
+        user = request.headers.get(USER_HEADER)
+        if isinstance(data, dict):
+            user = data.get("user") if isinstance(data.get("user"), str) else user
+            if isinstance(data.get("model"), str):
+                route = self._route_known(data["model"], user)
+        backend = route is not None and route.backend
+        body = self._validate(data, BACKEND_SCHEMAS[schema] if backend else schema, route, started)
+        if not backend:
+            return await self.complete(body, request, route)
+        sent = self._backend_request(data, body, route, started)
+        try:
+            return await proxy.forward(self, route, sent, path, user)
+        except proxy.Unanswered as err:
+            return await self._failed_over(request, schema, route, err, (sent, path, user), started)
+
+    def _route_known(self, model: str, user: str | None) -> _Route | None:
+        """The route of a request's model; None for an unknown one (reported after validation)."""
+        try:
+            return self.route(model, user)
+        except APIError as err:
+            if err.status != 404:  # a down variant
+                raise
+        return None
+
+    def _validate(
+        self, data: Any, schema: type[BaseModel], route: _Route | None, started: float
+    ) -> ChatCompletionRequest | CompletionRequest:
         try:
             body = schema.model_validate(data)
+            if body.n != 1:
+                raise APIError(
+                    400, f"n={body.n}: this server returns one choice per request; send n=1", param="n"
+                )
+            if isinstance(body, BackendChatRequest | BackendCompletionRequest):
+                _check_backend_body(body)
         except ValidationError as err:
+            if route is not None:
+                self.record(route, started, 400)
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
-        return await self.complete(body, request, route)
+        except APIError as err:
+            if route is not None:
+                self.record(route, started, err.status)
+            err.headers.update(route.headers if route else {})
+            raise
+        return body
+
+    def _backend_request(
+        self,
+        data: dict[str, Any],
+        body: ChatCompletionRequest | CompletionRequest,
+        route: _Route,
+        started: float,
+    ) -> dict[str, Any]:
+        """The client's JSON as it goes upstream: ``--max-tokens-limit`` holds for backends too, so a
+        request that names no limit gets the built-in engine's default."""
+        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        try:
+            allowed = check_max_tokens(requested, self.settings.max_tokens_limit)
+        except APIError as err:
+            self.record(route, started, err.status)
+            err.headers.update(route.headers)
+            raise
+        return data if requested is not None else {**data, "max_tokens": allowed}
+
+    async def _failed_over(
+        self,
+        request: Request,
+        schema: type[ChatCompletionRequest] | type[CompletionRequest],
+        route: _Route,
+        err: proxy.Unanswered,
+        sent: tuple[dict[str, Any], str, str | None],
+        started: float,
+    ) -> Response:
+        """A backend gave no answer: the client sees the baseline's answer where the request can go
+        there (the fault still enters the backend's window), else the 502/504."""
+        try:
+            baseline = self.failover(route, err)
+        except proxy.Unanswered:
+            self.record(route, started, err.status)
+            raise
+        self.router.observe(route.adapter, False, time.monotonic() - started, alias=route.alias)
+        if not baseline.backend:
+            return await self.complete(self._validate(sent[0], schema, baseline, started), request, baseline)
+        try:
+            return await proxy.forward(self, baseline, *sent)
+        except proxy.Unanswered as again:
+            self.record(baseline, started, again.status)
+            raise
 
     async def complete(
         self, body: ChatCompletionRequest | CompletionRequest, request: Request, route: _Route | None = None
     ) -> Response:
         """Route (unless already routed), queue and answer one validated chat or text completion."""
         started = time.monotonic()
-        if body.n != 1:
-            raise APIError(
-                400, f"n={body.n}: this server returns one choice per request; send n=1", param="n"
-            )
         user = body.user or request.headers.get(USER_HEADER)
         route = route or self.route(body.model, user)
         try:
@@ -509,12 +591,14 @@ class _AppState:
         chunk = _ChunkMaker(response_id, route.served, chat)
         tool_stream = ToolCallStream() if tools else None
         status: int | None = 0
+        token_times: list[float] = []
         try:
             if chat:
                 yield chunk.role()
             while True:
                 event = await self._next_event(job, events)
                 if isinstance(event, Delta):
+                    token_times.append(time.monotonic())
                     if text := (tool_stream.feed(event.text) if tool_stream else event.text):
                         yield chunk.text(text)
                     continue
@@ -522,13 +606,16 @@ class _AppState:
                     status = event.error.status
                     yield _sse_data(event.error.body())
                 else:
+                    # Complete before the last chunks go out: a client may close right after [DONE]
+                    # and post feedback for this id at once.
                     status = None
                     self._finished(route, response_id, event, *logged)
+                    tokens = (event.prompt_tokens, event.completion_tokens)
+                    self.record(route, started, None, tokens, token_times)
                     for line in chunk.ending(event, tool_stream):
                         yield line
                     if include_usage:
                         yield chunk.usage(event)
-                    self.record(route, started, None, (event.prompt_tokens, event.completion_tokens))
                 break
             yield "data: [DONE]\n\n"
         finally:
@@ -539,12 +626,20 @@ class _AppState:
                 self.record(route, started, status)
 
     def record(
-        self, route: _Route, started: float, error_status: int | None, tokens: tuple[int, int] = (0, 0)
+        self,
+        route: _Route,
+        started: float,
+        error_status: int | None,
+        tokens: tuple[int, int] = (0, 0),
+        token_times: list[float] | None = None,
     ) -> None:
-        """Metrics for every request; the watcher's window only for answers and the variant's own
-        faults (a client's 4xx or disconnect says nothing about the variant)."""
+        """One request's outcome as its client saw it, once per request; the watcher's window only
+        for answers and the variant's own faults (a client's 4xx or disconnect says nothing about the
+        variant). ``token_times``: when each streamed token arrived, for TTFT and inter-token latency."""
         latency = time.monotonic() - started
         self.metrics.observe(route.served, route.alias, latency, error_status=error_status, tokens=tokens)
+        if token_times:
+            self.metrics.observe_tokens(route.served, route.alias, started, token_times)
         if error_status is None or variant_fault(error_status):
             self.router.observe(route.adapter, error_status is None, latency, alias=route.alias)
 
@@ -635,6 +730,29 @@ class _AppState:
             raise APIError(409, str(err), param="name", code="adapter_in_use") from None
         await asyncio.to_thread(self.engine.unload_adapter, name)
         return {"unloaded": name}
+
+
+def _check_backend_body(body: BackendChatRequest | BackendCompletionRequest) -> None:
+    """What the built-in engine checks as it reads a prompt, for a backend's request: one prompt
+    string; text content parts only, each ``tool`` message answering a call of the turn before."""
+    try:
+        if isinstance(body, BackendChatRequest):
+            template_messages(body.messages)
+        else:
+            body.prompt_text()
+    except ValueError as err:
+        raise APIError(400, str(err), param=getattr(err, "param", None) or _prompt_param(body)) from None
+
+
+async def _parse_body(raw: bytes) -> Any:
+    """The body as JSON, parsed off the event loop (megabytes of JSON would stall /health); FastAPI's
+    own validation error for a body that is not JSON."""
+    try:
+        return await asyncio.to_thread(parse_json, raw)
+    except ValueError as err:
+        pos = getattr(err, "pos", 0)
+        error = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": getattr(err, "msg", str(err))}}]) from None
 
 
 class _ChunkMaker:

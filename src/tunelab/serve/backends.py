@@ -4,8 +4,8 @@ A backend is a name, the upstream's OpenAI base URL and the model name to send i
 holds one shared ``httpx.AsyncClient`` (pooled connections, so a proxied request costs no new TCP
 handshake), counts each backend's consecutive faults and marks it down after ``max_failures`` of
 them; a probe of ``/health`` (or ``/v1/models`` where the upstream has no ``/health``) brings it back.
-Only the upstream's own faults count: a connection error, a timeout, a 5xx, or a 2xx that is no
-completion (``bad_response``). A 4xx is the client's.
+Only the upstream's own faults count: no connection (``connect``), a connection dropped mid-request
+or mid-answer (``disconnect``), a timeout, a 5xx, or a 2xx that is no completion (``bad_response``). A 4xx is the client's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import httpx
 
 log = logging.getLogger("tunelab.serve")
 DEFAULT_MAX_FAILURES = 3
-FAULT_REASONS = ("connect", "timeout", "http_5xx", "bad_response")
+FAULT_REASONS = ("connect", "disconnect", "timeout", "http_5xx", "bad_response")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ class BackendState:
     up: bool = True
     failures: int = 0
     last_error: str | None = None
+    has_health: bool = True
+    """False once ``/health`` answered 404/405: probes go to ``/v1/models`` instead."""
     key: str | None = field(default=None, repr=False)
 
 
@@ -162,10 +164,12 @@ class Backends:
             return await self.client.send(request, stream=stream)
         except httpx.TimeoutException as err:
             raise UpstreamFault("timeout", f"backend '{name}' timed out ({type(err).__name__})") from None
-        except httpx.TransportError as err:  # ConnectError: refused before anything was sent
-            unsent = isinstance(err, httpx.ConnectError)
+        except httpx.ConnectError as err:  # refused before anything was sent
             detail = f"backend '{name}' unreachable ({type(err).__name__})"
-            raise UpstreamFault("connect", detail, unsent=unsent) from None
+            raise UpstreamFault("connect", detail, unsent=True) from None
+        except httpx.TransportError as err:  # the connection broke once the request was on its way
+            detail = f"backend '{name}' dropped the connection ({type(err).__name__})"
+            raise UpstreamFault("disconnect", detail) from None
 
     def fault(self, name: str, detail: str) -> bool:
         """Count one fault; True when this one marks the backend down."""
@@ -192,8 +196,13 @@ class Backends:
         """(ok, fault reason, detail) of one health probe: ``/health``, else ``/v1/models``."""
         state = self.states[name]
         try:
-            response = await self.client.get(f"{state.spec.root}/health", headers=self.headers(name))
-            if response.status_code in (404, 405):  # no /health here (llama-cpp-python's server)
+            response = None
+            if state.has_health:
+                response = await self.client.get(f"{state.spec.root}/health", headers=self.headers(name))
+            if response is None or response.status_code in (404, 405):
+                # No /health here (llama-cpp-python's server): ask /v1/models from now on, one request
+                # per probe instead of a 404 and a retry every few seconds in both servers' logs.
+                state.has_health = False
                 response = await self.client.get(f"{state.spec.url}/models", headers=self.headers(name))
         except httpx.TimeoutException:
             return False, "timeout", f"backend '{name}' health probe timed out"

@@ -147,12 +147,15 @@ def serve_cmd(
 
 def _serve(ctx: typer.Context, options: dict[str, Any]) -> None:
     """Merge ``--config`` under the command line, check the numbers, build the config and serve."""
+    from tunelab.serve.routing import check_share_sum  # noqa: PLC0415
     from tunelab.serve.security import api_key_from, check_bind  # noqa: PLC0415
     from tunelab.serve.server import serve  # noqa: PLC0415
 
     errors = make_console(stderr=True)
     try:
         merged = merge_config(ctx, options)
+        for name, shares in merged["aliases"].items():  # before the model loads: a typo costs no wait
+            check_share_sum(name, shares)
     except ValueError as e:
         fail(errors, str(e))
     numbers = ("port", "queue_size", "request_timeout", "max_tokens_limit", "rollout_every", "min_samples")
@@ -243,9 +246,10 @@ def status_cmd(
         str | None, typer.Option("--api-key", help="bearer token (or $TUNELAB_API_KEY)")
     ] = None,
 ) -> None:
-    """Print a running server's aliases, their splits, and each variant's state, error rate and latency."""
+    """Print a running server's aliases, their splits, and each variant's state, error rate and
+    latency; exit 1 when an alias's baseline is down (as /ready answers 503)."""
     from tunelab.serve.security import api_key_from  # noqa: PLC0415
-    from tunelab.serve.status import fetch_status, print_status  # noqa: PLC0415
+    from tunelab.serve.status import fetch_status, not_ready, print_status  # noqa: PLC0415
 
     errors = make_console(stderr=True)
     try:
@@ -253,3 +257,5 @@ def status_cmd(
     except ValueError as e:
         fail(errors, str(e))
     print_status(make_console(), health)
+    if problem := not_ready(health):
+        fail(errors, problem, code=1)  # 1, as a failed health check (2 is for bad input)

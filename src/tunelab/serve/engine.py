@@ -92,6 +92,16 @@ class SamplingParams:
     seed: int | None = None
 
 
+def check_max_tokens(requested: int | None, limit: int) -> int:
+    """The new tokens a request may have under ``--max-tokens-limit`` (the default when it asks for
+    none: :data:`DEFAULT_MAX_TOKENS`, capped), or a 400; the router applies it to backends too."""
+    if requested is not None and requested > limit:
+        raise APIError(
+            400, f"max_tokens={requested} is over this server's limit of {limit}", param="max_tokens"
+        )
+    return requested if requested is not None else min(DEFAULT_MAX_TOKENS, limit)
+
+
 @dataclass
 class Delta:
     text: str
@@ -382,12 +392,7 @@ class Engine:
 
     def resolve_max_tokens(self, n_prompt: int, requested: int | None) -> int:
         """The number of new tokens to allow, or a 400 that says which limit the request broke."""
-        if requested is not None and requested > self.max_tokens_limit:
-            raise APIError(
-                400,
-                f"max_tokens={requested} is over this server's limit of {self.max_tokens_limit}",
-                param="max_tokens",
-            )
+        check_max_tokens(requested, self.max_tokens_limit)
         if self.context is not None and n_prompt >= self.context:
             raise APIError(
                 400,

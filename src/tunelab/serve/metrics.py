@@ -15,6 +15,29 @@ from tunelab.serve.errors import variant_fault
 
 LABELS = ("variant", "alias")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Streaming latencies: from a millisecond (a cached prefix) to minutes (a long prompt on a CPU).
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1,
+    2.5,
+    5,
+    7.5,
+    10,
+    20,
+    40,
+    80,
+)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 
 
 class ServeMetrics:
@@ -48,6 +71,21 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        # As vLLM's vllm:time_to_first_token_seconds and vllm:inter_token_latency_seconds, for streams.
+        self.ttft = Histogram(
+            "tunelab_time_to_first_token_seconds",
+            "Time from the request's arrival to its first streamed token",
+            LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.itl = Histogram(
+            "tunelab_inter_token_latency_seconds",
+            "Time between consecutive streamed tokens",
+            LABELS,
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        )
         self.tokens_in = Counter("tunelab_prompt_tokens", "Prompt tokens read", LABELS, registry=reg)
         self.tokens_out = Counter(
             "tunelab_completion_tokens", "Completion tokens generated", LABELS, registry=reg
@@ -73,19 +111,28 @@ class ServeMetrics:
         self,
         adapter: str,
         alias: str | None,
-        latency_s: float,
+        latency_s: float | None,
         *,
         error_status: int | None = None,
         tokens: tuple[int, int] = (0, 0),
     ) -> None:
         labels = {"variant": adapter, "alias": alias or ""}
         self.requests.labels(**labels).inc()
-        self.latency.labels(**labels).observe(latency_s)
+        if latency_s is not None:  # None: answered without any work (a down variant's 503)
+            self.latency.labels(**labels).observe(latency_s)
         if error_status is not None:
             counter = self.errors if variant_fault(error_status) else self.client_errors
             counter.labels(**labels, code=str(error_status)).inc()
         self.tokens_in.labels(**labels).inc(tokens[0])
         self.tokens_out.labels(**labels).inc(tokens[1])
+
+    def observe_tokens(self, adapter: str, alias: str | None, started: float, times: list[float]) -> None:
+        """A stream's time to first token and each gap between tokens (``times``: arrival of each)."""
+        labels = {"variant": adapter, "alias": alias or ""}
+        self.ttft.labels(**labels).observe(times[0] - started)
+        itl = self.itl.labels(**labels)
+        for before, after in zip(times, times[1:]):
+            itl.observe(after - before)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

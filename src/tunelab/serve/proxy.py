@@ -49,7 +49,12 @@ class Host(Protocol):
     backends: Backends
 
     def record(
-        self, route: Any, started: float, error_status: int | None, tokens: tuple[int, int] = ...
+        self,
+        route: Any,
+        started: float,
+        error_status: int | None,
+        tokens: tuple[int, int] = ...,
+        token_times: list[float] | None = ...,
     ) -> None: ...
     def upstream_fault(self, name: str, fault: UpstreamFault) -> None: ...
     def upstream_ok(self, name: str) -> None: ...
@@ -82,8 +87,9 @@ async def forward(host: Host, route: Any, data: dict[str, Any], path: str, user:
     try:
         response = await host.backends.send(name, path, data, stream=stream)
     except UpstreamFault as fault:
+        # Counted as the upstream's fault here; the client's outcome is the caller's to record (the
+        # baseline may still answer it).
         host.upstream_fault(name, fault)
-        host.record(route, started, 504 if fault.reason == "timeout" else 502)
         error = upstream_error(name, fault)
         error.headers.update(route.headers)
         raise Unanswered(error, fault) from None
@@ -121,18 +127,21 @@ def _whole(
         if status in (401, 403):  # the client passed tunelab's auth: the upstream's key is what is wrong
             log.warning("backend '%s' answered %d: check its api_key_env", route.served, status)
         return Response(content=body, status_code=status, headers=headers)
-    answer = _parse_whole(body)
-    if answer is None:
+    parsed = _parse_whole(body)
+    if parsed is None:
         return _not_an_answer(host, route, started, "a body that is not an OpenAI JSON completion", body)
+    answer, payload = parsed
     host.upstream_ok(route.served)
     host.record(route, started, None, answer.tokens)
     host.completed(route, answer, data, user)
+    if "model" in payload:  # the upstream's name for its model can be a file path: say the variant's
+        body = json.dumps({**payload, "model": route.served}, ensure_ascii=False).encode()
     return Response(content=body, status_code=status, headers=headers)
 
 
-def _parse_whole(body: bytes) -> Answer | None:
-    """What an OpenAI JSON completion says; None when the body is not one (HTML, plain text, an
-    object without choices)."""
+def _parse_whole(body: bytes) -> tuple[Answer, dict[str, Any]] | None:
+    """What an OpenAI JSON completion says, and the completion; None when the body is not one
+    (HTML, plain text, an object without choices)."""
     try:
         payload = json.loads(body)
         choice = payload["choices"][0]
@@ -140,7 +149,7 @@ def _parse_whole(body: bytes) -> Answer | None:
         message = choice.get("message") or {}
         text = message.get("content") if "message" in choice else choice.get("text")
         tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        return Answer(payload.get("id"), text or "", choice.get("finish_reason"), tokens)
+        return Answer(payload.get("id"), text or "", choice.get("finish_reason"), tokens), payload
     except (ValueError, AttributeError, TypeError, KeyError, IndexError, RecursionError):
         return None
 
@@ -181,15 +190,29 @@ def _not_an_answer(host: Host, route: Any, started: float, what: str, body: byte
 async def _relay(
     host: Host, route: Any, response: httpx.Response, data: dict[str, Any], user: str | None, started: float
 ) -> AsyncIterator[bytes]:
-    """The upstream's bytes as they arrive; counted and logged once the stream has ended."""
-    tap, status = SSETap(), 0
+    """The upstream's events as they arrive, a whole line at a time (``model`` renamed). The answer
+    is complete once ``[DONE]`` arrives: counted and logged before the client gets that line, since
+    clients (the openai SDK) close the connection right after it and may post feedback at once."""
+    tap, status = SSETap(route.served), 0  # 0 until the answer is complete or failed: the client left
     try:
         async for chunk in response.aiter_raw():
-            tap.feed(chunk)
-            yield chunk
-        status = None
+            out = tap.feed(chunk)
+            if tap.done:
+                _streamed(host, route, tap, data, user, started)
+                status = None
+            if out:
+                yield out
+            if status is None:
+                break
+        else:
+            if rest := tap.rest():
+                yield rest
+            _streamed(host, route, tap, data, user, started)  # it ended without [DONE]
+            status = None
     except httpx.TransportError as err:  # the upstream died or stalled mid-stream
-        reason = "timeout" if isinstance(err, httpx.TimeoutException) else "connect"
+        if status is None:
+            return  # after [DONE]: nothing was lost
+        reason = "timeout" if isinstance(err, httpx.TimeoutException) else "disconnect"
         fault = UpstreamFault(reason, f"backend '{route.served}' broke off the stream ({type(err).__name__})")
         host.upstream_fault(route.served, fault)
         status = 504 if reason == "timeout" else 502
@@ -197,34 +220,57 @@ async def _relay(
     finally:
         with anyio.CancelScope(shield=True):  # the client may have gone: still close the upstream
             await response.aclose()
-        if status is None:
-            answer = tap.finish()
-            host.upstream_ok(route.served)
-            host.record(route, started, None, answer.tokens)
-            host.completed(route, answer, data, user)
-        else:
-            host.record(route, started, status or 499)  # 0: the client disconnected
+        if status is not None:
+            host.record(route, started, status or 499)  # 0: the client went away before [DONE]
+
+
+def _streamed(
+    host: Host, route: Any, tap: SSETap, data: dict[str, Any], user: str | None, started: float
+) -> None:
+    """A relayed stream is complete: counted, remembered for feedback and logged."""
+    answer = tap.finish()
+    host.upstream_ok(route.served)
+    host.record(route, started, None, answer.tokens, tap.token_times)
+    host.completed(route, answer, data, user)
 
 
 @dataclass
 class SSETap:
-    """Reads OpenAI server-sent events from raw bytes (any chunking, ``\\n`` or ``\\r\\n`` lines)."""
+    """Reads OpenAI server-sent events from raw bytes (any chunking, ``\\n`` or ``\\r\\n`` lines) and
+    passes them on a whole line at a time, each event's ``model`` renamed to ``model`` (an
+    upstream's name can be a file path); notes ``[DONE]`` and when each token arrived."""
 
+    model: str | None = None
     answer: Answer = field(default_factory=Answer)
+    done: bool = False
+    token_times: list[float] = field(default_factory=list)
     _buffer: bytes = b""
     _parts: list[str] = field(default_factory=list)
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        """Take bytes off the socket; return the complete lines among them, ready to relay."""
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                self._event(line[5:].strip())
+        return b"".join(self._line(line) + b"\n" for line in lines)
 
-    def _event(self, payload: bytes) -> None:
+    def rest(self) -> bytes:
+        """What is left once the upstream has closed: a last line without its newline."""
+        rest, self._buffer = self._buffer, b""
+        return self._line(rest) if rest else b""
+
+    def _line(self, line: bytes) -> bytes:
+        end = b"\r" if line.endswith(b"\r") else b""
+        if not line.startswith(b"data:"):
+            return line
+        event = self._event(line[5:].strip(b" \r"))
+        if self.model is None or not isinstance(event, dict) or "model" not in event:
+            return line
+        return b"data: " + json.dumps({**event, "model": self.model}, ensure_ascii=False).encode() + end
+
+    def _event(self, payload: bytes) -> Any:
         if payload == b"[DONE]":
-            return
+            self.done = True
+            return None
         try:
             event = json.loads(payload)
             self.answer.id = self.answer.id or event.get("id")
@@ -235,10 +281,14 @@ class SSETap:
                 )
             for choice in event.get("choices") or []:
                 delta = choice.get("delta") or {}
-                self._parts.append((delta.get("content") if "delta" in choice else choice.get("text")) or "")
+                text = (delta.get("content") if "delta" in choice else choice.get("text")) or ""
+                if text:
+                    self.token_times.append(time.monotonic())
+                self._parts.append(text)
                 self.answer.finish_reason = choice.get("finish_reason") or self.answer.finish_reason
-        except (ValueError, AttributeError, TypeError):
-            return  # not an OpenAI chunk: relayed, not read
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            return None  # not an OpenAI chunk: relayed, not read
+        return event
 
     def finish(self) -> Answer:
         """The answer once the stream has ended: its id, the text of every delta joined, usage."""

@@ -160,6 +160,8 @@ class Alias:
     baseline: str
     rollout: Rollout | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    before_rollback: dict[str, float] | None = None
+    """The shares before the first rollback since they were set: what :meth:`Router.restore` puts back."""
 
 
 class VariantDown(Exception):
@@ -335,8 +337,7 @@ class Router:
         bad = {k: v for k, v in shares.items() if not (0 <= v <= 1) or math.isnan(v)}
         if bad:
             raise ValueError(f"alias '{alias}': shares must lie in [0, 1], got {bad}")
-        if sum(shares.values()) <= 0:
-            raise ValueError(f"alias '{alias}': every share is 0; at least one adapter needs traffic")
+        check_share_sum(alias, shares)
         if baseline is not None and baseline not in shares:
             raise ValueError(
                 f"alias '{alias}': baseline '{baseline}' must be one of its adapters {list(shares)}"
@@ -435,6 +436,8 @@ class Router:
         return actions
 
     def _rollback(self, alias: Alias, candidate: str, reason: str) -> str:
+        if alias.before_rollback is None:
+            alias.before_rollback = dict(alias.shares)
         moved = alias.shares[candidate]
         alias.shares[candidate] = 0.0
         alias.shares[alias.baseline] = round(alias.shares.get(alias.baseline, 0.0) + moved, 6)
@@ -445,6 +448,27 @@ class Router:
         if self.on_rollback is not None:
             self.on_rollback(alias.name, candidate, rollback_kind(reason))
         return message
+
+    def restore(self, name: str) -> Alias:
+        """Undo an alias's rollbacks: the shares they moved go back, a rolled-back rollout resumes at
+        its step, and each restored candidate's window starts empty (the faults that rolled it back
+        would roll it back again at once). KeyError for an unknown alias, ValueError when nothing
+        was rolled back."""
+        with self._lock:
+            alias = self._aliases[name]
+            if alias.before_rollback is None:
+                raise ValueError(
+                    f"alias '{name}' has no rollback to undo; its shares are {self._fmt(alias.shares)}"
+                )
+            restored = [v for v, share in alias.before_rollback.items() if share > alias.shares.get(v, 0)]
+            alias.shares, alias.before_rollback = alias.before_rollback, None
+            for variant in restored:
+                self._stats.pop(variant, None)
+            rollout = alias.rollout
+            if rollout is not None and rollout.state == "rolled_back":
+                rollout.state, rollout.step_started, rollout.step_requests = "running", self._clock(), 0
+            self._event(alias, "restore", f"restored {', '.join(restored)}: shares {self._fmt(alias.shares)}")
+            return alias
 
     def _step_due(self, rollout: Rollout) -> bool:
         if rollout.every_seconds is not None:
@@ -499,6 +523,20 @@ class Router:
     def health(self, adapter: str) -> dict[str, Any]:
         with self._lock:
             return self._stats_of(adapter).summary()
+
+
+def check_share_sum(alias: str, shares: dict[str, float]) -> None:
+    """Shares are fractions of the alias's traffic: they add up to 1 (``bot=a:0.9,b:0.3`` would be
+    shown as 90%/30% while a gets 75%)."""
+    total = sum(shares.values())
+    if total <= 0:
+        raise ValueError(f"alias '{alias}': every share is 0; at least one adapter needs traffic")
+    if abs(total - 1) > 1e-6:
+        given = " + ".join(f"{v:g}" for v in shares.values())
+        raise ValueError(
+            f"alias '{alias}': shares add up to {total:g} ({given}); make them add up to 1, "
+            f"e.g. {','.join(f'{k}:{v / total:.3g}' for k, v in shares.items())}"
+        )
 
 
 def parse_alias(text: str) -> tuple[str, dict[str, float]]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 # OpenAI's seed is a signed 64-bit integer; torch takes any of them, and nothing larger.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -220,6 +220,37 @@ class ChatCompletionRequest(_Sampling):
         return [tool.template() for tool in self.tools]
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object"]
+
+
+class _Passthrough(_Strict):
+    """Parameters the built-in engine does not implement that a backend gets as sent, once their
+    types and ranges are checked here: an upstream that fails on a bad value answers 500 (llama.cpp's
+    server does), and that must be the client's 400, not a fault of the variant."""
+
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(default=None, ge=0)
+    logit_bias: (
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+            Annotated[float, Field(ge=-100, le=100)],
+        ]
+        | None
+    ) = None
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    response_format: ResponseFormat | None = None
+
+
+class BackendChatRequest(_Passthrough, ChatCompletionRequest):
+    """A chat request for a backend: the built-in schema and limits plus the typed pass-through."""
+
+    logprobs: bool | None = None
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
@@ -233,6 +264,12 @@ class CompletionRequest(_Sampling):
                 "prompt: give one string (batched prompts are not supported; send one request each)"
             )
         return self.prompt[0]
+
+
+class BackendCompletionRequest(_Passthrough, CompletionRequest):
+    """A text completion for a backend: the built-in schema and limits plus the typed pass-through."""
+
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
 class Usage(BaseModel):

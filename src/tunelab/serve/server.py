@@ -80,6 +80,7 @@ def build_app(config: ServeConfig) -> Any:
         log_dir=config.log_dir,
         max_body_bytes=body_bytes(config.max_body_mb),
         allowed_hosts=allowed_hosts(config.host, config.allow_hosts),
+        max_tokens_limit=config.max_tokens_limit,
     )
     return create_app(engine, router, settings, backends)
 
@@ -90,6 +91,8 @@ def serve(config: ServeConfig) -> None:
 
     check_bind(config.host, config.api_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
+    # httpx logs every request at INFO: the watcher's probes alone would be lines a minute per backend.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(build_app(config), host=config.host, port=config.port, log_level="info")
 
 

@@ -34,6 +34,22 @@ def fetch_status(url: str, api_key: str | None, timeout_s: float = 10.0) -> dict
     return {**body, "variants": variants, "aliases": body.get("aliases") or {}}
 
 
+def not_ready(health: dict[str, Any]) -> str | None:
+    """Why the server is not ready (as its ``/ready`` judges: every alias's baseline up; with no
+    aliases, some variant up), or None."""
+    variants = health["variants"]
+    down = sorted(
+        f"'{alias['baseline']}' (baseline of alias '{name}')"
+        for name, alias in health["aliases"].items()
+        if not variants.get(alias["baseline"], {}).get("up", False)
+    )
+    if down:
+        return f"not ready: {', '.join(down)} is down; GET /health or the server log says why"
+    if not health["aliases"] and not any(v.get("up") for v in variants.values()):
+        return "not ready: every variant is down; the server log says why"
+    return None
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
