@@ -82,7 +82,6 @@ def check_bearer(authorization: str | None, api_key: str | None, *, admin: bool 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # a DELETE without a body needs no type
 
 
 def allowed_hosts(bind: str, extra: Sequence[str] = ()) -> frozenset[str]:
@@ -152,12 +151,10 @@ def guard_problem(
     origin = request_origin(headers)
     if origin is not None and not same_origin(origin, scope.get("scheme", "http"), host or ""):
         return 403, "cross_origin", f"cross-origin request from {origin} refused"
+    # a request without a body (an admin POST such as .../restore, a DELETE) has no type to check;
+    # any body at all must be JSON, so a page's text/plain or form "simple request" is never read
     has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-    if (
-        json_only
-        and (scope["method"] in BODY_METHODS or has_body)
-        and media_type(headers) != "application/json"
-    ):
+    if json_only and has_body and media_type(headers) != "application/json":
         return 415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'"
     return None
 
