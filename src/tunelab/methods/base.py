@@ -24,7 +24,8 @@ from tunelab.registry import Registry
 class MethodConfig(BaseModel):
     """Base of every method's recipe section; strict so typos fail at the door."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are no setting (a learning rate of 1e999 is inf): refused at the door
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
 
 
