@@ -705,16 +705,19 @@ def _renamed_problems(raw: dict[str, Any]) -> list[str]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
     """Read and validate a YAML recipe; relative data paths are resolved against the recipe's folder.
 
-    ``check_files``: every data file the recipe names must exist (a reader that only wants another
-    section, such as ``eval.gate`` of a finished run whose data has moved, passes False)."""
+    ``check_files``: the recipe is to be trained: every data file it names exists and holds rows its
+    objective trains on, and ``output.dir`` can hold the run (a reader that only wants another section,
+    such as ``eval.gate`` of a finished run whose data has moved, passes False)."""
     path = Path(path)
     recipe = parse_recipe(read_recipe_file(path), source=str(path), overrides=overrides)
     if recipe.output.name is None:
         recipe.output.name = path.stem
     _resolve_relative_paths(recipe, path.parent)
-    problems = output_problems(recipe)
-    if check_files:
-        problems += missing_files(recipe) or data_kind_problems(recipe)
+    problems = (
+        (output_problems(recipe) + (missing_files(recipe) or data_kind_problems(recipe)))
+        if check_files
+        else []
+    )
     if problems:
         raise RecipeError(problems, str(path))
     return recipe
