@@ -248,8 +248,15 @@ def test_existing_output_is_refused_unless_overwrite(run_of, tmp_path):
         export_run(run_of("full"), out, kind="merged")
     assert (out / "keep.txt").read_text() == "mine"
 
-    export_run(run_of("full"), out, kind="merged", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite replaces only an earlier export: a folder of the user's is never deleted (issue 26)
+    with pytest.raises(FileExistsError, match="is not a tunelab export"):
+        export_run(run_of("full"), out, kind="merged", overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+
+    earlier = export_run(run_of("full"), tmp_path / "earlier", kind="merged")
+    (earlier / "stale.txt").write_text("from the earlier export")
+    export_run(run_of("full"), earlier, kind="merged", overwrite=True)
+    assert not (earlier / "stale.txt").exists() and (earlier / "model.safetensors").is_file()
 
 
 def test_output_inside_the_run_is_refused_even_with_overwrite(run_of):

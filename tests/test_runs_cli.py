@@ -92,10 +92,13 @@ def test_corrupt_or_foreign_index_is_rebuilt(tmp_path: Path, damage: str) -> Non
 def test_stale_entry_is_updated_and_deleted_run_disappears(
     tmp_path: Path, manifest_reads: list[Path]
 ) -> None:
+    from tunelab.runs.rundir import RunLock
+
     root = tmp_path / "runs"
-    write_manifest(root, "keep", status="running", final_eval={})
+    trainer = RunLock(write_manifest(root, "keep", status="running", final_eval={})).acquire()  # training
     gone = write_manifest(root, "gone")
     assert {r.name: r.status for r in refresh_index(root)} == {"keep": "running", "gone": "completed"}
+    trainer.release()
     write_manifest(root, "keep", status="completed", final_eval={"eval_loss": 0.75})
     for file in gone.iterdir():
         file.unlink()

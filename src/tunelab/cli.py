@@ -121,10 +121,11 @@ def train(
 ) -> None:
     """Train a model as the recipe says; writes runs/<name>/ (recipe, manifest, metrics, checkpoints, final)."""
     from tunelab.console import make_console, styled
-    from tunelab.recipe import RecipeError, load_recipe
-    from tunelab.runs.rundir import RunExistsError, RunLockedError
+    from tunelab.recipe import load_recipe
+    from tunelab.runs.rundir import RunLockedError
     from tunelab.train import distributed
     from tunelab.train.checkpoint import DiskFullError
+    from tunelab.train.common import DIVERGED_EXIT, DivergedError
     from tunelab.train.run import resume as resume_run
     from tunelab.train.run import train as train_run
 
@@ -151,8 +152,10 @@ def train(
                 raise typer.Exit(distributed.launch(processes, args, run_path, progress))
             with distributed.reporting_failures():
                 result = train_run(loaded, overwrite=overwrite, console=progress)
-    except (RecipeError, RunExistsError, RunLockedError, DiskFullError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    except DivergedError as e:
+        _fail(str(e), DIVERGED_EXIT)
+    except (RunLockedError, DiskFullError, FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e))  # RecipeError is a ValueError, RunExistsError a FileExistsError
     if not distributed.is_rank_zero():
         return
     # Text, not a markup string: the run path is the user's and printed as written
@@ -296,7 +299,7 @@ def run(argv: list[str] | None = None) -> None:
     import sys
 
     try:
-        code = app(args=argv, prog_name="tunelab", standalone_mode=False)
+        code = app(args=argv, prog_name="tunelab", standalone_mode=False, **help_layout(sys.stdout))
     except typer.Abort:
         err.print("aborted")
         code = 130
@@ -307,6 +310,21 @@ def run(argv: list[str] | None = None) -> None:
             raise
         code = _usage_error(e)
     sys.exit(code or 0)
+
+
+def help_layout(stream) -> dict[str, int]:
+    """How `--help` is laid out on ``stream``: typer's rich panels on a terminal; elsewhere (a pipe, a
+    file, `| less`) click's plain text, one line per option at any length, because rich draws its
+    panels at a fixed 80 columns there and cuts option names (`--prompts-per-ro…`). Returns the
+    context settings for the app call; COLUMNS, where set, still gives the width."""
+    import os
+
+    from tunelab.console import UNLIMITED, is_terminal
+
+    app.rich_markup_mode = "rich" if is_terminal(stream) else None
+    if is_terminal(stream) or os.environ.get("COLUMNS"):
+        return {}
+    return {"terminal_width": UNLIMITED, "max_content_width": UNLIMITED}
 
 
 def _usage_error(e: Exception) -> int:

@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.data.formats import FORMATS, KIND, REQUIRED, detect_file_format
+from tunelab.data.loaders import iter_records
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.online import REWARD_TAGS
 from tunelab.registry import did_you_mean
+from tunelab.runs.atomic import blocking_file
 
 if TYPE_CHECKING:
     from tunelab.models.attention import FastPath, Machine
@@ -35,7 +38,8 @@ RENAMED: dict[str, str] = {
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # NaN and infinity are no setting (`learning_rate: 1e999` reads as inf and trained to a NaN loss)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -587,6 +591,8 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{path}.name: missing; say which one, e.g. name: {registry_hint(loc)}"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if kind == "finite_number":
+        return f"{path}: {err.get('input')} is not a finite number (NaN and infinity are no setting); give a number"
     if err.get("input") is None and kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"{path}: is empty (null); give its fields"
     message = err["msg"].removeprefix("Value error, ")
@@ -611,7 +617,33 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError([f"--set {key}: '{part}' is not a section"])
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.load(value, Loader=UniqueKeyLoader) if value.strip() else None
+    except yaml.YAMLError as err:
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError(
+            [f"--set {key}: {value!r} is not a YAML value ({what}); quote a text, e.g. {key}='...'"]
+        ) from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML forbids it,
+    and PyYAML would silently keep the last one (a recipe's second ``learning_rate`` would win unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges are meant to be overridden
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key '{key}' is given twice (also on line {seen[key]}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_recipe_file(path: Path) -> dict[str, Any]:
@@ -631,7 +663,7 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     if not text.strip():
         raise RecipeError(["the file is empty; a recipe needs at least model, data and method"], str(path))
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except RecursionError:  # PyYAML composes nested collections recursively
         raise RecipeError(
             ["nested too deeply to be a recipe; a recipe is a few levels of sections"], str(path)
@@ -650,7 +682,10 @@ def parse_recipe(raw: Any, *, source: str = "recipe", overrides: list[str] | Non
         raise RecipeError([f"expected a mapping of sections, got {type(raw).__name__}"], source)
     raw = copy.deepcopy(raw)  # overrides and defaults below edit it; the caller's mapping stays as given
     for assignment in overrides or []:
-        set_override(raw, assignment)
+        try:
+            set_override(raw, assignment)
+        except RecipeError as err:
+            raise RecipeError(err.problems, source) from None
     _default_objective_name(raw)
     problems = _renamed_problems(raw)
     if raw.get("recommended_defaults"):
@@ -705,17 +740,69 @@ def _renamed_problems(raw: dict[str, Any]) -> list[str]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
     """Read and validate a YAML recipe; relative data paths are resolved against the recipe's folder.
 
-    ``check_files``: every data file the recipe names must exist (a reader that only wants another
-    section, such as ``eval.gate`` of a finished run whose data has moved, passes False)."""
+    ``check_files``: the recipe is to be trained: every data file it names exists and holds rows its
+    objective trains on, and ``output.dir`` can hold the run (a reader that only wants another section,
+    such as ``eval.gate`` of a finished run whose data has moved, passes False)."""
     path = Path(path)
     recipe = parse_recipe(read_recipe_file(path), source=str(path), overrides=overrides)
     if recipe.output.name is None:
         recipe.output.name = path.stem
     _resolve_relative_paths(recipe, path.parent)
-    missing = missing_files(recipe) if check_files else []
-    if missing:
-        raise RecipeError(missing, str(path))
+    problems = (
+        (output_problems(recipe) + (missing_files(recipe) or data_kind_problems(recipe)))
+        if check_files
+        else []
+    )
+    if problems:
+        raise RecipeError(problems, str(path))
     return recipe
+
+
+def output_problems(recipe: Recipe) -> list[str]:
+    """``output.dir`` (with the run's name) can become a run directory: no file stands in its way."""
+    run = Path(recipe.output.dir) / (recipe.output.name or "run")
+    blocker = blocking_file(run)
+    if blocker is None:
+        return []
+    return [f"output.dir: {recipe.output.dir}: {blocker} is a file, not a folder; set output.dir to a folder"]
+
+
+def data_kind_problems(recipe: Recipe) -> list[str]:
+    """Each data file holds the kind of rows the objective trains on (read from its first row, or
+    ``data.format``), so ``recipe check`` refuses what training would refuse after loading the model
+    (``dpo`` on instruction data drops every row). A file that cannot be read is the loaders' to
+    report, with its line, when the data is read."""
+    kinds = OBJECTIVES.get(recipe.objective.name).impl.data_kinds
+    problems = []
+    for name, value in data_file_fields(recipe):
+        fmt = (
+            recipe.data.format
+            if recipe.data.format != "auto"
+            else _first_row_format(value, recipe.data.columns)
+        )
+        if not kinds or name == "training.ewc.previous_data" or fmt is None or KIND[fmt] in kinds:
+            continue
+        needs = [f"{f} ({', '.join(REQUIRED[f])})" for f in FORMATS if KIND[f] in kinds]
+        able = [n for n in OBJECTIVES.names() if KIND[fmt] in OBJECTIVES.get(n).impl.data_kinds]
+        problems.append(
+            f"{name}: {value} holds {fmt} data, but objective {recipe.objective.name} trains on "
+            f"{' or '.join(needs)} rows; give such a file, or an objective for {fmt} data: {', '.join(able)}"
+        )
+    return problems
+
+
+def _first_row_format(path: str, columns: dict[str, str]) -> str | None:
+    """The format of a local data file's first row; None for a hub id, a folder or an unreadable file."""
+    if not Path(path).is_file():
+        return None
+    records = iter_records(path)
+    try:
+        row, record = next(records)
+        return detect_file_format(path, row, record, columns or None)
+    except (StopIteration, ValueError, OSError):  # DataError and FormatError are ValueErrors
+        return None
+    finally:
+        records.close()
 
 
 # A hub dataset id ("org/name" without a data-file suffix) is not a local file; the same test as

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from tunelab.data.loaders import DataError
+from tunelab.runs.atomic import OutputPathError
 
 __all__ = ["check_outputs", "check_output_dir", "atomic_open"]
 
@@ -67,6 +68,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
             break
         except FileExistsError:
             continue
+        except OSError as err:  # named as the user wrote it, not as the temporary beside it
+            raise OutputPathError(path, err) from None
     try:
         with open(fd, "w", encoding="utf-8") as fh:
             yield fh

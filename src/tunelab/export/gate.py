@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.console import labelled, make_console, progress, styled
-from tunelab.export.run import EXPORT_META, export_run, final_dir, read_final_meta, run_dir_of
+from tunelab.export.run import EXPORT_META, check_out_path, export_run, final_dir, read_final_meta, run_dir_of
 from tunelab.runs.atomic import atomic_write_json
 from tunelab.runs.summary import fmt
 
@@ -60,8 +60,11 @@ def export_and_verify(
 
     if qlora_merge not in QLORA_MERGES:
         raise ValueError(f"--qlora-merge {qlora_merge!r}: choose one of {', '.join(QLORA_MERGES)}")
+    check_out_path(out)
     final = final_dir(run)
     data = held_out_data(final, verify_data) if verify else None
+    if data is not None:
+        check_held_out(final, data[0])
     if verify and kind == "gguf" and importlib.util.find_spec("llama_cpp") is None:
         from tunelab.models.llamacpp import MISSING_MESSAGE  # noqa: PLC0415
 
@@ -111,6 +114,19 @@ def held_out_data(final: Path, given: str | Path | None = None) -> tuple[str, st
         f"{run}: no data to verify the export on (its recipe.yaml names no data.eval or data.train file "
         "that exists here); pass --verify-data FILE, or --no-verify to export unchecked"
     )
+
+
+def check_held_out(final: Path, data: str) -> None:
+    """Read the held-out data as the gate will, before anything is written: an unreadable file is
+    refused while no export exists yet, instead of after a complete export that then blocks the rerun."""
+    from tunelab.evaluate.run import load_conversations, load_task  # noqa: PLC0415
+
+    try:
+        load_conversations(data) if _is_causal(final) else load_task(data, str(final))
+    except OSError as err:
+        raise ValueError(
+            f"{data}: cannot be read ({err.strerror or err}); the parity gate needs it"
+        ) from None
 
 
 def _path_in(run: Path, value: Any) -> Path | None:

@@ -81,15 +81,47 @@ def export_run(
 
 
 def final_dir(run: str | Path) -> Path:
-    """A run directory or its ``final/`` → the ``final/`` folder (FileNotFoundError otherwise)."""
+    """A run directory or its ``final/`` → the ``final/`` folder, with its weights (FileNotFoundError
+    otherwise)."""
     path = Path(run)
     for candidate in (path / "final", path):
         if (candidate / FINAL_META).is_file():
+            _check_weights(candidate)
             return candidate
     raise FileNotFoundError(
         f"{run}: no final/{FINAL_META} in it; export needs a finished run directory "
         "(runs/<name>, written by `tunelab train`) or its final/ folder"
     )
+
+
+def _check_weights(final: Path) -> None:
+    """Every method writes safetensors, an adapter as ``adapter_model.safetensors``; without them the
+    loaders would look for the folder on the Hugging Face hub and fail with a message about repo ids."""
+    if (final / "adapter_config.json").is_file():
+        missing = None if (final / "adapter_model.safetensors").is_file() else "adapter_model.safetensors"
+    else:
+        missing = None if any(final.glob("*.safetensors")) else "its weights (*.safetensors)"
+    if missing is not None:
+        raise FileNotFoundError(
+            f"{final}: {missing} is missing, so this run's final model is incomplete; restore the file "
+            "or train the run again"
+        )
+
+
+def check_out_path(out: str | Path) -> None:
+    """An export folder is a plain path: one starting with '-' (``--help`` taken as ``--out``'s value)
+    or holding control characters is a mistake, refused before anything is written. The command
+    line and the studio both call this."""
+    text = str(out)
+    if not text.strip():
+        raise ValueError("--out is empty; give a folder path for the export")
+    if text.startswith("-"):
+        raise ValueError(
+            f"--out {text!r} starts with '-', so it looks like an option, not a folder; give a folder "
+            f"path (write ./{text} if you mean it)"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"--out {text!r} holds control characters; give a plain folder path")
 
 
 def read_final_meta(final: Path) -> dict[str, Any]:
@@ -118,7 +150,9 @@ def _check_options(kind: str, gguf_type: str | None, dtype: str) -> None:
 
 
 def _check_destination(out: Path, final: Path, overwrite: bool) -> None:
-    """Refuse to clobber an export, and never let ``--overwrite`` delete the run being exported."""
+    """Refuse to clobber an export, and never let ``--overwrite`` delete the run being exported or a
+    folder that is not an earlier export (one holding its ``tunelab_export.json``)."""
+    check_out_path(out)
     target, run = out.resolve(), run_dir_of(final).resolve()
     if target == run or target in run.parents or run in target.parents:
         raise ValueError(
@@ -126,9 +160,16 @@ def _check_destination(out: Path, final: Path, overwrite: bool) -> None:
         )
     if out.is_file():
         raise FileExistsError(f"--out {out} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise FileExistsError(
             f"{out} already exists and is not empty; choose a new folder or pass --overwrite to replace it"
+        )
+    if not (out / EXPORT_META).is_file():
+        raise FileExistsError(
+            f"{out} is not a tunelab export (no {EXPORT_META} in it), so --overwrite will not replace it: it "
+            "replaces only an earlier export. Choose a new folder"
         )
 
 

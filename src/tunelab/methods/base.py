@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # the recipe schema reads this registry; `recipe check` must 
 class MethodConfig(BaseModel):
     """Base of every method's recipe section; strict so typos fail at the door."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are no setting (a learning rate of 1e999 is inf): refused at the door
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
 
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # the recipe schema reads this registry; `recipe check` must 
 
 
 class ObjectiveConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are no setting (a learning rate of 1e999 is inf): refused at the door
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
 
 
@@ -55,6 +56,10 @@ class BaseObjective:
     """Loss is per token (so perplexity means something); pair/example objectives set False."""
     online = False
     """Online RL (ppo, grpo): trained by :func:`tunelab.train.rl.run_online` instead of the engine loop."""
+    data_kinds: tuple[str, ...] = ()
+    """The kinds of canonical rows ``encode`` uses (``tunelab.data.formats.KIND`` values: text, chat,
+    preference, unpaired, prompt, classification); ``recipe check`` refuses a data file of another kind
+    before a run starts, instead of the run dropping every row. Empty: not checked."""
     packs = False
     """Examples may share one packed sequence (``data.packing``): only a per-token loss can; objectives
     over whole examples, pairs or prompts cannot (the recipe refuses the combination)."""

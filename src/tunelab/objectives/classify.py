@@ -64,6 +64,8 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 class ClassifyObjective(BaseObjective):
     """Cross-entropy over labels; reports accuracy. Plain text in, no chat template."""
 
+    data_kinds = ("classification",)
+
     units_are_tokens = False
 
     model_kind = "sequence_classification"

@@ -183,6 +183,8 @@ class ResponseObjective(BaseObjective):
 class PairwiseObjective(ResponseObjective):
     """Shared encoding, batching and log-probs of the preference-pair objectives."""
 
+    data_kinds = ("preference",)
+
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
         if "chosen" not in example:
             return Dropped(

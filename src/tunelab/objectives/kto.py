@@ -68,6 +68,8 @@ def kl_pairs(features: list[dict[str, Any]]) -> list[list[tuple[list[int], list[
 class KtoObjective(ResponseObjective):
     """Kahneman–Tversky optimisation against the starting model as reference."""
 
+    data_kinds = ("preference", "unpaired")
+
     def encode(self, row: int, example: dict[str, Any]) -> dict[str, Any] | Dropped:
         if "chosen" in example:
             answers = [(example["chosen"], True), (example["rejected"], False)]

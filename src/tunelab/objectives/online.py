@@ -88,6 +88,8 @@ def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class OnlineObjective(BaseObjective):
     """Encodes prompts for generation; the loss lives in the online loop, not in ``loss``."""
 
+    data_kinds = ("text", "chat", "preference", "unpaired", "prompt")
+
     online = True
 
     def __init__(self, cfg: RolloutConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:

@@ -35,6 +35,8 @@ class RewardConfig(ObjectiveConfig):
 class RewardObjective(BaseObjective):
     """``-log σ(r(x, y_c) - r(x, y_r) - margin)``; metrics pairwise accuracy and mean margin."""
 
+    data_kinds = ("preference",)
+
     units_are_tokens = False
 
     model_kind = "sequence_classification"

@@ -29,6 +29,8 @@ class SftConfig(ObjectiveConfig):
 class SftObjective(BaseObjective):
     """Next-token loss on the rendered chat (assistant tokens only by default) or on plain text."""
 
+    data_kinds = ("text", "chat")
+
     packs = True
     flat_packs = False
     """Set by the trainer when packing for a varlen attention: a micro-batch's packs go in one row."""

@@ -25,6 +25,41 @@ TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 
 
+class OutputPathError(OSError, ValueError):
+    """An output that cannot be written where the user asked, named as the user wrote it (never the
+    hidden temporary beside it). An OSError (``filename``, ``strerror``) for callers that report file
+    errors, and a ValueError so every command reports it as the user's input to fix (exit 2)."""
+
+    def __init__(self, path: str | os.PathLike[str], err: OSError) -> None:
+        blocker = blocking_file(Path(path).parent)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else (err.strerror or str(err))
+        super().__init__(err.errno, reason, str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}; choose another place for it"
+
+
+def blocking_file(path: Path) -> Path | None:
+    """The file standing where ``path`` or one of the folders above it must be a folder, if any
+    (``runs`` in ``runs/demo`` when ``runs`` is a file); None when every existing level is a folder."""
+    for level in [path, *path.parents]:
+        if level.exists():
+            return None if level.is_dir() else level
+    return None
+
+
+@contextmanager
+def creating(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an OSError raised while creating ``path`` (or a temporary for it, or its parents) into an
+    :class:`OutputPathError` naming ``path``."""
+    try:
+        yield
+    except OutputPathError:
+        raise
+    except OSError as err:
+        raise OutputPathError(path, err) from None
+
+
 def hidden_sibling(path: Path, suffix: str) -> Path:
     """A unique dot-name next to ``path``; same directory, so a rename to ``path`` is atomic."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
@@ -47,10 +82,11 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Replace ``path`` with ``data`` so that readers never see a partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = hidden_sibling(path, TMP_SUFFIX)
-    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    with creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666 honours the umask, unlike mkstemp's 0o600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -133,9 +169,10 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     still exist under hidden names, so nothing torn is ever visible under the real name.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = hidden_sibling(final, TMP_SUFFIX)
-    os.mkdir(tmp)
+    with creating(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
     try:
         yield tmp
         _fsync_tree(tmp)

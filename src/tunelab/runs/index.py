@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tunelab.runs.manifest import read_manifest
-from tunelab.runs.rundir import RunDir
+from tunelab.runs.rundir import RunDir, live_status
 from tunelab.runs.summary import duration_seconds, key_metric, split_metric_rows
 
 INDEX_FILE = ".tunelab-index.sqlite"
@@ -169,7 +169,14 @@ def refresh_index(root: str | Path) -> list[RunRow]:
                 [tuple(asdict(row).values()) for row in fresh],
             )
         rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY started DESC, name").fetchall()
-    return [RunRow(*row) for row in rows]
+    return [_live(RunRow(*row)) for row in rows]
+
+
+def _live(row: RunRow) -> RunRow:
+    """The row with the status the run is in now: a lock is not a file the signature sees, so a run
+    whose trainer was killed is corrected here on every listing, never cached as failed."""
+    row.status = live_status(Path(row.path), row.status)[0]
+    return row
 
 
 def _try_read_row(path: Path, signature: str) -> RunRow | None:

@@ -22,7 +22,7 @@ from tunelab.console import labelled, make_console
 from tunelab.runs.atomic import atomic_write_json, atomic_write_text
 from tunelab.runs.index import INDEX_FILE, refresh_index
 from tunelab.runs.plots import Line, grouped_bars_png, interval_png, lines_png
-from tunelab.runs.rundir import RunDir
+from tunelab.runs.rundir import RunDir, live_status
 from tunelab.runs.summary import duration_seconds, flatten, fmt, is_number, key_metric, split_metric_rows
 
 REPORT_JSON = "report.json"
@@ -71,13 +71,14 @@ def build_run_report(run_dir: str | Path) -> dict[str, Any]:
     final_eval = manifest.get("final_eval") or {}
     final_train = {k: v for k, v in (train_rows[-1] if train_rows else {}).items() if k != "step"}
     name, value = key_metric(final_eval, final_train)
+    status, died = live_status(run.path, manifest.get("status"))
     return {
         "kind": "run",
         "title": manifest.get("run_name") or run.name,
         "run": {
             "name": manifest.get("run_name") or run.name,
             "path": str(run.path.resolve()),
-            "status": manifest.get("status"),
+            "status": status,
             "model": _recipe_field(recipe, "model", "name_or_path"),
             "method": _recipe_field(recipe, "method", "name"),
             "objective": _recipe_field(recipe, "objective", "name"),
@@ -88,7 +89,7 @@ def build_run_report(run_dir: str | Path) -> dict[str, Any]:
             "duration_s": duration_seconds(manifest.get("started_at"), manifest.get("ended_at")),
             "stopped_early": manifest.get("stopped_early"),
             "git_sha": (manifest.get("git") or {}).get("sha"),
-            "error": manifest.get("error"),
+            "error": manifest.get("error") or died or None,
         },
         "key_metric": {"name": name, "value": value},
         "final_eval": final_eval,

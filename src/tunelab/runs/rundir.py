@@ -37,6 +37,7 @@ from tunelab.runs.atomic import (
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
+    creating,
     hidden_sibling,
     remove_tree,
 )
@@ -50,6 +51,7 @@ except ImportError:  # Windows: no flock; runs there are not protected against a
 CHECKPOINT_MARKER = "checkpoint.json"
 LOCK_FILE = ".lock"
 STATUSES = ("running", "completed", "failed", "interrupted")
+DIED_UNRECORDED = "the training process ended without finishing (killed or crashed)"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -109,6 +111,53 @@ class RunLock:
             self._fd = None
 
 
+def lock_held(run_path: Path) -> bool:
+    """Does a live process hold the run's lock (is it training)? Read-only: nothing in the run changes.
+    Where there is no flock (Windows) every run counts as held: its manifest is taken at its word."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(run_path / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no process ever trained it, or it is not a run
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def live_status(run_path: Path, status: str | None) -> tuple[str | None, str]:
+    """The status a run is in now, and why when the manifest cannot say it: a manifest that says
+    ``running`` is believed only while a process holds the run's lock. The kernel frees the lock
+    when the trainer dies however it dies (SIGKILL, OOM killer, power), so a run whose trainer died
+    without recording it reads ``failed`` at once. Every reader of a run's state (``runs ls/show``,
+    the studio, the report) asks this one function."""
+    if status == "running" and not lock_held(run_path):
+        return "failed", DIED_UNRECORDED
+    return status, ""
+
+
+def check_resumable(path: Path) -> None:
+    """``--resume PATH`` must name a run directory that ``tunelab train`` wrote (it holds the saved
+    recipe), checked before anything is written into PATH; FileNotFoundError saying what PATH is instead."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"cannot resume: no run directory at {path}. Drop --resume to start a new run."
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"cannot resume {path}: it is a file; --resume takes a run directory (runs/<name>)"
+        )
+    if not (path / "recipe.yaml").is_file():
+        raise FileNotFoundError(
+            f"cannot resume {path}: it is not a tunelab run directory (no recipe.yaml in it); --resume takes "
+            "the runs/<name> folder that `tunelab train` wrote (`tunelab runs ls` lists them)"
+        )
+
+
 def _read_pid(fd: int) -> int | None:
     text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
     return int(text) if text.isdigit() else None
@@ -147,7 +196,12 @@ class RunDir:
         if overwrite and resume:
             raise ValueError("--overwrite and --resume contradict each other; pass only one.")
         path = Path(root) / name
-        exists = path.exists() and any(path.iterdir())
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(
+                f"{path} is a file, not a run directory; "
+                + ("--resume takes a run directory (runs/<name>)" if resume else "pick another run name")
+            )
+        exists = path.is_dir() and any(path.iterdir())
         if resume and not exists:
             raise FileNotFoundError(
                 f"cannot resume: no run directory at {path}. Drop --resume to start a new run."
@@ -167,7 +221,8 @@ class RunDir:
                 old.release()
         run = cls(path)
         run._replaced = replaced
-        run.path.mkdir(parents=True, exist_ok=True)
+        with creating(run.path):
+            run.path.mkdir(parents=True, exist_ok=True)
         if lock:
             run._lock.acquire()
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from tunelab.export.run import EXPORT_META, GGUF_TYPES
+from tunelab.export.run import EXPORT_META, GGUF_TYPES, check_out_path
 from tunelab.studio import jobs
 from tunelab.studio.chat_models import finished_runs
 from tunelab.studio.forms import form_fields
@@ -72,8 +72,7 @@ def start_export(runs_dir: Path, processes: dict, fields: dict[str, str], roots:
         raise ValueError(f"run: {run} is not a finished run in {runs_dir} (no final/)")
     args = kind_args(kind)
     out = Path(fields.get("out", "").strip() or default_out(runs_dir, run, kind)).expanduser()
-    if out.name.startswith("-"):  # it would reach `tunelab export` as an option, not a folder
-        raise ValueError(f"out: {out} starts with '-'; give a folder name (./{out})")
+    check_out_path(out)  # `--help` as the folder would be read as an option by the export command
     roots.check(out, "out")
     if out.exists():
         raise ValueError(f"out: {out} already exists; choose a new folder (an export never replaces one)")

@@ -17,13 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; a dead run is then seen only by its exited process
-    fcntl = None  # type: ignore[assignment]
-
 from tunelab.runs.manifest import read_manifest
-from tunelab.runs.rundir import LOCK_FILE
+from tunelab.runs.rundir import live_status, lock_held  # noqa: F401  (lock_held: the studio's tests ask it)
 
 STUDIO_DIR = ".studio"  # hidden, so the runs index never takes it for a run
 TERMINAL = ("completed", "failed", "interrupted")
@@ -106,33 +101,14 @@ def job_started(runs_dir: Path, name: str) -> float | None:
         return None
 
 
-def lock_held(run_path: Path) -> bool:
-    """Does a live process hold the run's lock (is it training)? Read-only: nothing in the run changes."""
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(run_path / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def run_state(runs_dir: Path, name: str, processes: dict[int, subprocess.Popen] | None = None) -> RunState:
     """The run's state from disk: its manifest, its lock, and the process the studio started."""
     processes = processes if processes is not None else {}
     manifest_path = runs_dir / name / "manifest.json"
     if manifest_path.is_file():
         manifest = read_manifest(manifest_path)
-        status = manifest.get("status") or "running"
-        if status == "running" and not lock_held(runs_dir / name):
-            return RunState("failed", "the training process ended without finishing (killed or crashed)")
-        return RunState(status, str(manifest.get("error") or ""))
+        status, died = live_status(runs_dir / name, manifest.get("status") or "running")
+        return RunState(status, died or str(manifest.get("error") or ""))
     job = read_job(runs_dir, name)
     if job is None:
         return RunState("failed", f"no run named {name} in {runs_dir}")

@@ -134,6 +134,63 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
+# `tunelab train` exits with this code when a run diverged (documented in docs/training.md): not 2, as
+# the recipe was valid, and not 1, as nothing crashed; a script or a sweep can tell it apart.
+DIVERGED_EXIT = 4
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight: the run stops at once (no step is taken
+    on it, nothing non-finite is checkpointed and no ``final/`` is written), and says where it
+    stands. The manifest records the run as failed with this message."""
+
+    def __init__(self, what: str, step: int, checkpoint: Path | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        last = (
+            f"the last good checkpoint is {checkpoint}"
+            if checkpoint is not None
+            else "no checkpoint was saved before it"
+        )
+        super().__init__(
+            f"diverged: {what} at step {step}; the run stopped without writing final/ and {last}. "
+            "Lower training.learning_rate (or clip with training.max_grad_norm) and train again"
+        )
+
+
+def check_finite(run: RunDir, step: int, **values: float | None) -> None:
+    """Stop the run (:class:`DivergedError`) if any of ``values`` (``loss=...``, ``grad_norm=...``)
+    is NaN or infinite. Called before the optimizer steps, so the weights stay the last good ones."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise DivergedError(f"{name.replace('_', ' ')} {value}", step, run.latest_checkpoint())
+
+
+def check_finite_weights(run: RunDir, model: Any, step: int) -> None:
+    """Before a checkpoint or ``final/`` is written: every trainable weight is finite on every rank,
+    else :class:`DivergedError` (an update too large for the dtype leaves a finite loss behind it)."""
+    # a sharded (FSDP2) parameter is checked on its local shard; the sum over ranks covers the rest
+    local = [getattr(p, "to_local", lambda p=p: p)().detach() for p in model.parameters() if p.requires_grad]
+    bad = any(not bool(torch.isfinite(t).all()) for t in local)
+    if distributed.global_sums([float(bad)])[0]:
+        raise DivergedError("non-finite weights after the update", step, run.latest_checkpoint())
+
+
+def clip_and_check(
+    accelerator: Accelerator, model: Any, max_grad_norm: float | None, run: RunDir, step: int, loss: float
+) -> float | None:
+    """Before an optimizer step (``step`` is the one about to be taken): clip the gradients to
+    ``max_grad_norm`` (returns their norm; None unclipped), then stop the run (:class:`DivergedError`)
+    on a non-finite loss or gradient norm, so the weights stay the last good ones. Under fp16 loss
+    scaling an infinite norm is the scaler's signal to skip the step and lower its scale, not a
+    diverged run, so only the loss is checked there."""
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    scaled = getattr(accelerator, "scaler", None) is not None
+    check_finite(run, step, loss=loss, grad_norm=None if scaled else grad_norm)
+    return grad_norm
+
+
 def log_row(run: RunDir, tracking: Tracking, row: dict[str, Any]) -> None:
     """One metrics row: to metrics.jsonl (the record) first, then to the trackers (views of it)."""
     run.log_metrics(row)

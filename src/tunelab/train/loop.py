@@ -37,6 +37,8 @@ from tunelab.train.common import (
     apply_method,
     build_optimizer,
     build_scheduler,
+    check_finite_weights,
+    clip_and_check,
     count_tokens,
     eval_interval,
     load_base_model,
@@ -429,7 +431,6 @@ class Trainer:
     def _attempt_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches, normalised by their total loss units
         over all ranks, so N processes make the same update (and log the same loss) as one."""
-        cfg = self.recipe.training
         batches = self._local_batches()
         for hook in self.hooks:
             hook.on_step_start(self.accelerator.unwrap_model(self.model), self.state.step, self.steps)
@@ -457,9 +458,9 @@ class Trainer:
             penalty = hook.penalty(self.accelerator.unwrap_model(self.model))
             if penalty is not None:
                 self.accelerator.backward(penalty)
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        max_norm = self.recipe.training.max_grad_norm
+        step = self.state.step + 1
+        grad_norm = clip_and_check(self.accelerator, self.model, max_norm, self.run, step, loss_total / units)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         for hook in self.hooks:
@@ -539,6 +540,7 @@ class Trainer:
             return
         if distributed.agreed(self.run.checkpoint_dir(self.state.step).exists()):
             return
+        check_finite_weights(self.run, self.model, self.state.step)
         # every rank takes part in collecting (sharded weights are gathered); rank 0 writes
         contents = collect_checkpoint(
             self.accelerator.unwrap_model(self.model),
@@ -605,6 +607,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Write ``final/``: PEFT adapter or full model (safetensors), tokenizer, and how to load it."""
+        check_finite_weights(self.run, self.model, self.state.step)
         model = distributed.consolidated(self.accelerator.unwrap_model(self.model), self._unsharded_twin)
         if self.writes:
             write_final(

@@ -54,6 +54,8 @@ from tunelab.train.common import (
     apply_method,
     build_optimizer,
     build_scheduler,
+    check_finite_weights,
+    clip_and_check,
     eval_interval,
     load_base_model,
     log_row,
@@ -381,14 +383,14 @@ class OnlineTrainer:
                     batch.select(index), advantages[index], None if returns is None else returns[index]
                 )
                 self.accelerator.backward(loss)
-                if cfg.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                step, loss_value = self.state.step + 1, float(loss.detach())
+                clip_and_check(self.accelerator, self.model, cfg.max_grad_norm, self.run, step, loss_value)
                 self.optimizer.step()
                 for hook in self.hooks:
                     hook.before_zero_grad(self.policy, self.scheduler.last_epoch, self.optimizer_steps)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for key, value in {"loss": float(loss.detach()), **stats}.items():
+                for key, value in {"loss": loss_value, **stats}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 n_updates += 1
         kl = (
@@ -424,6 +426,7 @@ class OnlineTrainer:
         )
         if (not force and self.state.step % every) or self.run.checkpoint_dir(self.state.step).exists():
             return
+        check_finite_weights(self.run, self.model, self.state.step)
         step = self.state.step
         with (
             reporting_disk_full(self.run, f"checkpoint step-{step}"),
@@ -455,6 +458,7 @@ class OnlineTrainer:
 
     def save_final(self) -> Path:
         """``final/`` in the offline engine's layout, plus the value head for PPO."""
+        check_finite_weights(self.run, self.model, self.state.step)
 
         def value_head(tmp: Path) -> None:
             if self.model.value_head is not None:

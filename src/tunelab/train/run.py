@@ -21,7 +21,7 @@ from tunelab.data.mixing import load_task, mix_tasks, tag_row, write_mixture
 from tunelab.objectives import OBJECTIVES
 from tunelab.recipe import Recipe, parse_recipe
 from tunelab.runs.manifest import build_manifest
-from tunelab.runs.rundir import RunDir
+from tunelab.runs.rundir import RunDir, check_resumable
 from tunelab.train import distributed
 from tunelab.train.common import TrainResult
 from tunelab.train.lifecycle import Outcome, run_lifecycle
@@ -59,6 +59,7 @@ def train(
 def resume(run_path: str | Path, *, console: Console | None = None) -> TrainResult:
     """Continue a run from its last complete checkpoint, with the recipe it was started with."""
     path = Path(run_path)
+    check_resumable(path)
     run = distributed.open_run_dir(path.parent, path.name, device=distributed.saved_device(path), resume=True)
     try:
         recipe = parse_recipe(run.read_recipe(), source=str(run.recipe_path))
