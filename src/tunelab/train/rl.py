@@ -63,10 +63,10 @@ from tunelab.train.common import (
     start_run,
     write_final,
 )
-from tunelab.train.data import prepare_split
+from tunelab.train.data import prepare_split, raw_rows
 from tunelab.train.lifecycle import Outcome, run_lifecycle
 from tunelab.train.progress import StepProgress
-from tunelab.train.rewards import load_reward
+from tunelab.train.rewards import Rewards
 from tunelab.train.tracking import Tracking
 
 VALUE_HEAD = "value_head.safetensors"
@@ -120,6 +120,7 @@ class Rollout:
     entropy: torch.Tensor
     ref_logp: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    reward_parts: dict[str, list[float]] | None = None  # each reward source's own scores, for the logs
 
     def select(self, index: torch.Tensor) -> Rollout:
         fields = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -167,6 +168,7 @@ class OnlineTrainer:
             dropped_path=run.path / "dropped.jsonl",
             rejects_path=run.path / "rejects.jsonl",
         )
+        self.rows = raw_rows(recipe.data.train, recipe.data)
         if recipe.data.eval:
             console.print(
                 labelled("note", f"data.eval is not used by objective {self.cfg.name} (prompts only)")
@@ -204,7 +206,7 @@ class OnlineTrainer:
         # prepared for fp16 loss scaling; the model is not wrapped (generation needs it bare)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.optimizer_steps = optimizer_steps
-        self.reward = load_reward(self.cfg.reward, device=self.accelerator.device)
+        self.reward = Rewards.from_config(self.cfg, device=self.accelerator.device)
         self.state = RlState(kl_coef=self.cfg.kl_coef if self.is_ppo else self.cfg.beta)
         # last: trackers start only once every check passed, so a refused run leaves none open
         self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
@@ -286,14 +288,17 @@ class OnlineTrainer:
         mask = completion_mask(completions, eos)
         completions = torch.where(mask.bool(), completions, torch.full_like(completions, pad))
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scores = torch.tensor(
-            self.reward([f["prompt_text"] for f in features], texts, [f["messages"] for f in features]),
-            dtype=torch.float,
-            device=self.accelerator.device,
+        total, parts = self.reward(
+            [f["prompt_text"] for f in features],
+            texts,
+            [f["messages"] for f in features],
+            [self.rows.get(f["row"], {}) for f in features],
         )
+        scores = torch.tensor(total, dtype=torch.float, device=self.accelerator.device)
         if self.cfg.missing_eos_penalty is not None and eos is not None:
             scores = scores - self.cfg.missing_eos_penalty * (~(completions == eos).any(dim=1)).float()
         batch = Rollout(prompt_ids, prompt_mask, completions, mask, scores, old_logp=scores, entropy=scores)
+        batch.reward_parts = parts if self.reward.several else None
         batch.old_logp, batch.entropy, batch.values = self.forward(
             self.policy, batch, with_values=self.is_ppo
         )
@@ -406,6 +411,7 @@ class OnlineTrainer:
             "completion_length": float(batch.mask.sum(1).mean()),
             "lr": lr,
             **extra,
+            **{f"reward/{k}": sum(v) / len(v) for k, v in (batch.reward_parts or {}).items()},
         }
         if self.is_ppo:
             row["kl_coef"] = self.state.kl_coef
