@@ -34,6 +34,7 @@ from tunelab.console import labelled, make_console
 from tunelab.methods import METHODS, count_parameters
 from tunelab.objectives.rl_losses import (
     entropy_from_logits,
+    equal_reward_groups,
     gae,
     group_advantages,
     grpo_loss,
@@ -41,6 +42,7 @@ from tunelab.objectives.rl_losses import (
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
+    soft_overlong_penalty,
     token_logprobs,
     whiten,
 )
@@ -105,6 +107,7 @@ class RlState:
     step: int = 0
     kl_coef: float = 0.0
     completions_seen: int = 0
+    draws: int = 0  # rollout batches of prompts drawn so far (more than steps with dynamic sampling)
 
 
 @dataclass
@@ -120,11 +123,49 @@ class Rollout:
     entropy: torch.Tensor
     ref_logp: torch.Tensor | None = None
     values: torch.Tensor | None = None
-    reward_parts: dict[str, list[float]] | None = None  # each reward source's own scores, for the logs
+    reward_parts: dict[str, torch.Tensor] | None = None  # each reward source's own scores, for the logs
 
     def select(self, index: torch.Tensor) -> Rollout:
         fields = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        if self.reward_parts is not None:
+            fields["reward_parts"] = {k: v[index] for k, v in self.reward_parts.items()}
         return Rollout(**fields)
+
+
+def concat_rollouts(batches: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several: prompts left padded, completions and per-token tensors right padded
+    (padding has mask 0, so no loss or statistic sees it)."""
+    if len(batches) == 1:
+        return batches[0]
+    prompt_width = max(b.prompt_ids.size(1) for b in batches)
+    width = max(b.completion_ids.size(1) for b in batches)
+
+    def cat(name: str, value: float, left: bool = False) -> torch.Tensor | None:
+        parts = [getattr(b, name) for b in batches]
+        if parts[0] is None:
+            return None
+        size = prompt_width if left else width
+        padded = [
+            torch.nn.functional.pad(p, (size - p.size(1), 0) if left else (0, size - p.size(1)), value=value)
+            for p in parts
+        ]
+        return torch.cat(padded)
+
+    parts = None
+    if batches[0].reward_parts is not None:
+        parts = {k: torch.cat([b.reward_parts[k] for b in batches]) for k in batches[0].reward_parts}
+    return Rollout(
+        prompt_ids=cat("prompt_ids", pad_id, left=True),
+        prompt_mask=cat("prompt_mask", 0, left=True),
+        completion_ids=cat("completion_ids", pad_id),
+        mask=cat("mask", 0.0),
+        scores=torch.cat([b.scores for b in batches]),
+        old_logp=cat("old_logp", 0.0),
+        entropy=cat("entropy", 0.0),
+        ref_logp=cat("ref_logp", 0.0),
+        values=cat("values", 0.0),
+        reward_parts=parts,
+    )
 
 
 def completion_mask(completions: torch.Tensor, eos_id: int | None) -> torch.Tensor:
@@ -225,7 +266,7 @@ class OnlineTrainer:
 
     def resume_from(self, checkpoint: Path) -> None:
         loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
-        self.state = RlState(**loop)
+        self.state = RlState(**{"draws": loop["step"], **loop})  # older checkpoints: one draw per step
         self.run.truncate_metrics_after(self.state.step)
         self.console.print(Text(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}"))
 
@@ -295,16 +336,34 @@ class OnlineTrainer:
             [self.rows.get(f["row"], {}) for f in features],
         )
         scores = torch.tensor(total, dtype=torch.float, device=self.accelerator.device)
-        if self.cfg.missing_eos_penalty is not None and eos is not None:
-            scores = scores - self.cfg.missing_eos_penalty * (~(completions == eos).any(dim=1)).float()
+        scores, mask = self.length_rules(completions, mask, scores)
         batch = Rollout(prompt_ids, prompt_mask, completions, mask, scores, old_logp=scores, entropy=scores)
-        batch.reward_parts = parts if self.reward.several else None
+        if self.reward.several:
+            batch.reward_parts = {k: torch.tensor(v).to(scores) for k, v in parts.items()}
         batch.old_logp, batch.entropy, batch.values = self.forward(
             self.policy, batch, with_values=self.is_ppo
         )
         if self.use_reference:
             batch.ref_logp = self.reference_logp(batch)
         return batch
+
+    def length_rules(
+        self, completions: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions that ran out of tokens: ``missing_eos_penalty``, the soft overlong penalty
+        (``overlong_buffer``) and ``mask_truncated_completions`` (left out of the loss)."""
+        eos = self.tokenizer.eos_token_id
+        truncated = ~(completions == eos).any(dim=1) if eos is not None else torch.zeros_like(scores).bool()
+        if self.cfg.missing_eos_penalty is not None and eos is not None:
+            scores = scores - self.cfg.missing_eos_penalty * truncated.float()
+        if getattr(self.cfg, "overlong_buffer", None) is not None:
+            lengths = mask.sum(dim=1)
+            scores = scores + soft_overlong_penalty(
+                lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
+            )
+        if getattr(self.cfg, "mask_truncated_completions", False):
+            mask = mask * (~truncated).unsqueeze(1).float()
+        return scores, mask
 
     def reference_logp(self, batch: Rollout) -> torch.Tensor:
         if self.reference is not None:
@@ -332,7 +391,11 @@ class OnlineTrainer:
         return advantages, returns, {"non_score_reward": float((-self.state.kl_coef * kl).sum(1).mean())}
 
     def minibatch_loss(
-        self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None
+        self,
+        batch: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor | None,
+        num_items: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logp, _, values = self.forward(self.policy, batch, with_values=self.is_ppo)
         if self.is_ppo:
@@ -361,6 +424,7 @@ class OnlineTrainer:
                 beta=self.cfg.beta,
                 loss_type=self.cfg.loss_type,
                 max_completion_length=self.cfg.max_new_tokens,
+                num_items=num_items,
             )
             stats.pop("kl", None)  # the step's KL is measured on the rollout, the same way for both
         return loss, {k: float(v.detach()) for k, v in stats.items()}
@@ -368,12 +432,11 @@ class OnlineTrainer:
     def train_step(self) -> dict[str, float]:
         """One rollout batch and its ``passes × num_minibatches`` optimizer steps."""
         cfg = self.recipe.training
-        # the engine's shuffled epoch order, one micro-batch (= one rollout batch of prompts) per step
-        (indices,) = micro_batches_for_step(
-            self.state.step, len(self.prompts.features), cfg.batch_size, 1, self.recipe.seed
-        )
-        batch = self.rollout([self.prompts.features[i] for i in indices])
-        advantages, returns, extra = self.advantages(batch)
+        batch, extra = self.collect()
+        advantages, returns, more = self.advantages(batch)
+        extra.update(more)
+        # dapo / cispo: each minibatch's loss sum over the rollout batch's tokens per optimizer step
+        num_items = batch.mask.sum() / self.cfg.num_minibatches
         sums: dict[str, float] = {}
         n_updates = 0
         lr = self.scheduler.get_last_lr()[0]
@@ -383,7 +446,10 @@ class OnlineTrainer:
                 for hook in self.hooks:
                     hook.on_step_start(self.policy, self.scheduler.last_epoch, self.optimizer_steps)
                 loss, stats = self.minibatch_loss(
-                    batch.select(index), advantages[index], None if returns is None else returns[index]
+                    batch.select(index),
+                    advantages[index],
+                    None if returns is None else returns[index],
+                    num_items,
                 )
                 self.accelerator.backward(loss)
                 if cfg.max_grad_norm is not None:
@@ -411,7 +477,7 @@ class OnlineTrainer:
             "completion_length": float(batch.mask.sum(1).mean()),
             "lr": lr,
             **extra,
-            **{f"reward/{k}": sum(v) / len(v) for k, v in (batch.reward_parts or {}).items()},
+            **{f"reward/{k}": float(v.mean()) for k, v in (batch.reward_parts or {}).items()},
         }
         if self.is_ppo:
             row["kl_coef"] = self.state.kl_coef
@@ -422,6 +488,47 @@ class OnlineTrainer:
         self.state.step += 1
         self.state.completions_seen += batch.scores.numel()
         return row
+
+    def draw(self) -> Rollout:
+        """The next rollout batch of prompts in the engine's shuffled epoch order."""
+        (indices,) = micro_batches_for_step(
+            self.state.draws,
+            len(self.prompts.features),
+            self.recipe.training.batch_size,
+            1,
+            self.recipe.seed,
+        )
+        self.state.draws += 1
+        return self.rollout([self.prompts.features[i] for i in indices])
+
+    def collect(self) -> tuple[Rollout, dict[str, float]]:
+        """One step's rollout; with dynamic sampling, groups whose rewards are all equal are dropped
+        and the batch refilled from the next prompts (up to ``max_refills`` more draws)."""
+        batch = self.draw()
+        if not getattr(self.cfg, "dynamic_sampling", False):
+            return batch, {}
+        wanted, drawn, useful_groups, refills = self.recipe.training.batch_size, 0, 0, 0
+        kept: list[Rollout] = []
+        while True:
+            useful = ~equal_reward_groups(batch.scores, self.group)
+            drawn, useful_groups = drawn + useful.numel(), useful_groups + int(useful.sum())
+            groups = useful.nonzero().squeeze(1)
+            index = (
+                groups.unsqueeze(1) * self.group + torch.arange(self.group, device=groups.device)
+            ).reshape(-1)
+            if index.numel():
+                kept.append(batch.select(index))
+            have = sum(b.scores.numel() for b in kept) // self.group
+            if have >= wanted or refills >= self.cfg.max_refills:
+                break
+            batch, refills = self.draw(), refills + 1
+        if not kept:  # nothing to learn from in any draw: train on the last one (its advantages are 0)
+            kept = [batch]
+        merged = concat_rollouts(kept, self.tokenizer.pad_token_id)
+        keep = torch.arange(min(merged.scores.numel(), wanted * self.group), device=merged.scores.device)
+        merged = merged.select(keep)
+        stats = {"groups_with_signal": useful_groups / drawn, "refills": float(refills)}
+        return merged, stats
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         cfg = self.recipe.training
