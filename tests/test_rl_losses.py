@@ -282,3 +282,36 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(tmp_path: Path
     for m in metrics:
         assert 0.0 < m["groups_with_signal"] < 1.0 and m["refills"] >= 1
         assert m["reward_std"] > 0 and m["reward_mean"] > 0  # constant-reward groups were dropped
+
+
+def test_each_online_objective_owns_its_algorithm() -> None:
+    """PPO and GRPO carry their group size, passes, KL weight, advantages and minibatch loss; the
+    loop in train/rl.py asks the objective and never branches on the algorithm's name."""
+    from tunelab.objectives import OBJECTIVES
+    from tunelab.objectives.online import OnlineObjective
+
+    online = [name for name in OBJECTIVES.names() if getattr(OBJECTIVES.get(name).impl, "online", False)]
+    assert {"ppo", "grpo"} <= set(online)
+    for name in online:
+        cls = OBJECTIVES.get(name).impl
+        for member in ("passes", "kl_weight", "advantages", "minibatch_loss"):
+            assert getattr(cls, member) is not getattr(OnlineObjective, member), (name, member)
+    loop = (Path(__file__).resolve().parents[1] / "src" / "tunelab" / "train" / "rl.py").read_text()
+    assert "is_ppo" not in loop and '== "ppo"' not in loop and '== "grpo"' not in loop
+
+    grpo_cls, ppo_cls = OBJECTIVES.get("grpo").impl, OBJECTIVES.get("ppo").impl
+    grpo = grpo_cls.__new__(grpo_cls)
+    grpo.config = OBJECTIVES.get("grpo").config_cls(reward="a.py:f", num_generations=3, beta=0.0)
+    t = _tensors(4)
+    batch = SimpleNamespace(scores=torch.randn(6), mask=t["mask"], old_logp=t["old_logp"], ref_logp=None)
+    adv, returns, _ = grpo.advantages(batch, 0.0)
+    torch.testing.assert_close(adv, group_advantages(batch.scores, 3))
+    assert returns is None
+    loss, _ = grpo.minibatch_loss(t["logp"], None, batch, adv, None, None)
+    torch.testing.assert_close(loss, grpo_loss(t["logp"], t["old_logp"], None, adv, t["mask"], beta=0.0)[0])
+    ppo = ppo_cls.__new__(ppo_cls)
+    ppo.config = OBJECTIVES.get("ppo").config_cls(reward="a.py:f", target_kl=0.01, kl_horizon=10)
+    assert (ppo.group, ppo.passes, ppo.value_head, grpo.group, grpo.value_head) == (1, 4, True, 3, False)
+    assert (
+        ppo.next_kl_coef(0.1, 0.02, 6) == pytest.approx(0.1 * 1.12) and grpo.next_kl_coef(0.1, 9.0, 6) == 0.1
+    )

@@ -6,13 +6,14 @@ handling are settings here (docs/objectives.md)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from tunelab.objectives.base import OBJECTIVES
 from tunelab.objectives.online import OnlineObjective, RolloutConfig
-from tunelab.objectives.rl_losses import GrpoLossType
+from tunelab.objectives.rl_losses import GrpoLossType, group_advantages, grpo_loss
 
 
 class GrpoConfig(RolloutConfig):
@@ -66,3 +67,41 @@ class GrpoConfig(RolloutConfig):
 @OBJECTIVES.register("grpo", GrpoConfig)
 class GrpoObjective(OnlineObjective):
     """Group-relative policy optimisation."""
+
+    config: GrpoConfig
+
+    @property
+    def group(self) -> int:
+        return self.config.num_generations
+
+    @property
+    def passes(self) -> int:
+        return self.config.num_iterations
+
+    @property
+    def kl_weight(self) -> float:
+        return self.config.beta
+
+    def advantages(self, batch: Any, kl_coef: float) -> tuple[torch.Tensor, None, dict[str, float]]:
+        """One group-relative advantage per completion."""
+        return group_advantages(batch.scores, self.group, scale=self.config.scale_rewards), None, {}
+
+    def minibatch_loss(
+        self, logp: Any, values: Any, batch: Any, advantages: Any, returns: Any, num_items: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        loss, stats = grpo_loss(
+            logp,
+            batch.old_logp,
+            batch.ref_logp,
+            advantages,
+            batch.mask,
+            clip_low=cfg.clip_range,
+            clip_high=cfg.clip_range_high or cfg.clip_range,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_new_tokens,
+            num_items=num_items,
+        )
+        stats.pop("kl", None)  # the step's KL is measured on the rollout, the same way for both
+        return loss, stats

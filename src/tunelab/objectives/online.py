@@ -114,9 +114,16 @@ def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class OnlineObjective(BaseObjective):
-    """Encodes prompts for generation; the loss lives in the online loop, not in ``loss``."""
+    """Encodes prompts for generation and owns the algorithm: group size, passes per rollout,
+    advantages and the minibatch loss. :func:`tunelab.train.rl.run_online` runs rollout → score →
+    update around these. ``batch`` is the loop's rollout (``scores``, ``mask``, ``old_logp``,
+    ``ref_logp``, ``values``: completion-token tensors, see :mod:`tunelab.objectives.rl_losses`)."""
 
     online = True
+    value_head = False
+    """The policy carries a value head, trained with it and saved beside it (PPO)."""
+    adapts_kl = False
+    """The KL coefficient moves between steps (logged as ``kl_coef``)."""
 
     def __init__(self, cfg: RolloutConfig, tokenizer: PreTrainedTokenizerBase, data_cfg: Any) -> None:
         self.config = cfg
@@ -155,3 +162,32 @@ class OnlineObjective(BaseObjective):
 
     def units(self, batch: dict[str, Any]) -> int:
         return len(batch.get("prompt_ids", []))
+
+    @property
+    def group(self) -> int:
+        """Completions sampled per prompt."""
+        return 1
+
+    @property
+    def passes(self) -> int:
+        """Passes over each rollout batch."""
+        raise NotImplementedError
+
+    @property
+    def kl_weight(self) -> float:
+        """The KL penalty's (initial) weight; 0 = no reference needed."""
+        raise NotImplementedError
+
+    def advantages(self, batch: Any, kl_coef: float) -> tuple[Any, Any, dict[str, float]]:
+        """``(advantages, returns or None, extra metrics)`` of a scored rollout batch."""
+        raise NotImplementedError
+
+    def minibatch_loss(
+        self, logp: Any, values: Any, batch: Any, advantages: Any, returns: Any, num_items: Any
+    ) -> tuple[Any, dict[str, Any]]:
+        """The loss of one minibatch from the policy's fresh log-probs (and values)."""
+        raise NotImplementedError
+
+    def next_kl_coef(self, kl_coef: float, kl: float, n: int) -> float:
+        """The KL coefficient for the next step, after one with measured ``kl`` over ``n`` completions."""
+        return kl_coef

@@ -121,6 +121,12 @@ def ppo_value_loss(
     return loss, masked_mean((clipped > plain).float(), mask)
 
 
+def adaptive_kl(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: move β by at most ±20% × n/horizon towards ``target``."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return coef * (1.0 + error * n / horizon)
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
 ) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """The online RL loop (objectives ``ppo`` and ``grpo``): sample prompts → generate → score → update.
 
+The algorithm is the objective's (:class:`~tunelab.objectives.online.OnlineObjective`): its group
+size, passes per rollout, advantages, minibatch loss, value head and KL schedule; this module
+samples, scores, runs the updates it asks for, checkpoints and logs.
+
 One *step* is one rollout batch: ``training.batch_size`` prompts (× ``num_generations`` for GRPO)
 are completed by the policy, scored by the reward source, and then learned from for a few passes
 (``ppo_epochs`` / ``num_iterations``), each split into ``num_minibatches`` optimizer steps.
@@ -35,16 +39,10 @@ from tunelab.methods import METHODS, count_parameters
 from tunelab.objectives.rl_losses import (
     entropy_from_logits,
     equal_reward_groups,
-    gae,
-    group_advantages,
-    grpo_loss,
     kl_estimate,
     masked_mean,
-    ppo_policy_loss,
-    ppo_value_loss,
     soft_overlong_penalty,
     token_logprobs,
-    whiten,
 )
 from tunelab.objectives.sft import accepts_logits_to_keep, prepends_virtual_tokens
 from tunelab.recipe import Recipe
@@ -187,12 +185,6 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def adaptive_kl(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
-    """Ziegler et al.'s proportional controller: move β by at most ±20% × n/horizon towards ``target``."""
-    error = max(-0.2, min(0.2, kl / target - 1.0))
-    return coef * (1.0 + error * n / horizon)
-
-
 class OnlineTrainer:
     """Holds the pieces of one online run; :meth:`fit` is the loop."""
 
@@ -200,7 +192,6 @@ class OnlineTrainer:
         _check_supported(recipe)
         self.recipe, self.run, self.console = recipe, run, console
         self.cfg = recipe.objective
-        self.is_ppo = recipe.objective.name == "ppo"
         self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console, run.path)
         self.prompts = prepare_split(
             recipe.data.train,
@@ -216,7 +207,7 @@ class OnlineTrainer:
             )
         model = load_base_model(recipe, device, "causal_lm")
         self.method = METHODS.get(recipe.method.name).impl
-        kl_weight = self.cfg.kl_coef if self.is_ppo else self.cfg.beta
+        kl_weight = self.objective.kl_weight
         self.reference: nn.Module | None = None
         if kl_weight > 0 and self.method.artifact != "peft":
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -226,7 +217,7 @@ class OnlineTrainer:
         # with no KL weight the reference is still cheap for PEFT (adapter off), so KL is still reported
         self.use_reference = kl_weight > 0 or hasattr(prepared.model, "disable_adapter")
         value_head = None
-        if self.is_ppo:
+        if self.objective.value_head:
             value_head = ValueHead(prepared.model.config.hidden_size).to(self.accelerator.device)
             prepared.param_groups = [
                 *prepared.param_groups,
@@ -248,7 +239,7 @@ class OnlineTrainer:
         self.optimizer = self.accelerator.prepare(optimizer)
         self.optimizer_steps = optimizer_steps
         self.reward = Rewards.from_config(self.cfg, device=self.accelerator.device)
-        self.state = RlState(kl_coef=self.cfg.kl_coef if self.is_ppo else self.cfg.beta)
+        self.state = RlState(kl_coef=kl_weight)
         # last: trackers start only once every check passed, so a refused run leaves none open
         self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
 
@@ -258,11 +249,11 @@ class OnlineTrainer:
 
     @property
     def passes(self) -> int:
-        return self.cfg.ppo_epochs if self.is_ppo else self.cfg.num_iterations
+        return self.objective.passes
 
     @property
     def group(self) -> int:
-        return 1 if self.is_ppo else self.cfg.num_generations
+        return self.objective.group
 
     def resume_from(self, checkpoint: Path) -> None:
         loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
@@ -341,7 +332,7 @@ class OnlineTrainer:
         if self.reward.several:
             batch.reward_parts = {k: torch.tensor(v).to(scores) for k, v in parts.items()}
         batch.old_logp, batch.entropy, batch.values = self.forward(
-            self.policy, batch, with_values=self.is_ppo
+            self.policy, batch, with_values=self.objective.value_head
         )
         if self.use_reference:
             batch.ref_logp = self.reference_logp(batch)
@@ -373,23 +364,6 @@ class OnlineTrainer:
 
     # -- updates --------------------------------------------------------------------------------
 
-    def advantages(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """PPO: KL-shaped per-token rewards → GAE; GRPO: one group-relative advantage per completion."""
-        if not self.is_ppo:
-            return group_advantages(batch.scores, self.group, scale=self.cfg.scale_rewards), None, {}
-        if batch.ref_logp is None:
-            kl = torch.zeros_like(batch.old_logp)
-        else:
-            kl = kl_estimate(batch.old_logp, batch.ref_logp, self.cfg.kl_estimator) * batch.mask
-        rewards = -self.state.kl_coef * kl
-        last = (batch.mask.sum(dim=1).long() - 1).clamp(min=0)
-        rewards[torch.arange(rewards.size(0)), last] += batch.scores
-        if self.cfg.whiten_rewards:
-            rewards = whiten(rewards, batch.mask, shift_mean=False)
-        advantages, returns = gae(rewards, batch.values, batch.mask, self.cfg.gamma, self.cfg.lam)
-        advantages = whiten(advantages, batch.mask)
-        return advantages, returns, {"non_score_reward": float((-self.state.kl_coef * kl).sum(1).mean())}
-
     def minibatch_loss(
         self,
         batch: Rollout,
@@ -397,43 +371,16 @@ class OnlineTrainer:
         returns: torch.Tensor | None,
         num_items: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, _, values = self.forward(self.policy, batch, with_values=self.is_ppo)
-        if self.is_ppo:
-            policy_loss, stats = ppo_policy_loss(
-                logp, batch.old_logp, advantages, batch.mask, self.cfg.clip_range
-            )
-            value_loss, value_clip = ppo_value_loss(
-                values, batch.values, returns, batch.mask, self.cfg.clip_range_value
-            )
-            loss = policy_loss + self.cfg.vf_coef * value_loss
-            stats = {
-                **stats,
-                "value_loss": value_loss,
-                "value_clip_frac": value_clip,
-                "policy_loss": policy_loss,
-            }
-        else:
-            loss, stats = grpo_loss(
-                logp,
-                batch.old_logp,
-                batch.ref_logp,
-                advantages,
-                batch.mask,
-                clip_low=self.cfg.clip_range,
-                clip_high=self.cfg.clip_range_high or self.cfg.clip_range,
-                beta=self.cfg.beta,
-                loss_type=self.cfg.loss_type,
-                max_completion_length=self.cfg.max_new_tokens,
-                num_items=num_items,
-            )
-            stats.pop("kl", None)  # the step's KL is measured on the rollout, the same way for both
+        """The objective's loss on fresh log-probs (and values) of the policy for ``batch``."""
+        logp, _, values = self.forward(self.policy, batch, with_values=self.objective.value_head)
+        loss, stats = self.objective.minibatch_loss(logp, values, batch, advantages, returns, num_items)
         return loss, {k: float(v.detach()) for k, v in stats.items()}
 
     def train_step(self) -> dict[str, float]:
         """One rollout batch and its ``passes × num_minibatches`` optimizer steps."""
         cfg = self.recipe.training
         batch, extra = self.collect()
-        advantages, returns, more = self.advantages(batch)
+        advantages, returns, more = self.objective.advantages(batch, self.state.kl_coef)
         extra.update(more)
         # dapo / cispo: each minibatch's loss sum over the rollout batch's tokens per optimizer step
         num_items = batch.mask.sum() / self.cfg.num_minibatches
@@ -479,12 +426,9 @@ class OnlineTrainer:
             **extra,
             **{f"reward/{k}": float(v.mean()) for k, v in (batch.reward_parts or {}).items()},
         }
-        if self.is_ppo:
+        if self.objective.adapts_kl:
             row["kl_coef"] = self.state.kl_coef
-            if self.cfg.target_kl is not None:
-                self.state.kl_coef = adaptive_kl(
-                    self.state.kl_coef, kl, self.cfg.target_kl, batch.scores.numel(), self.cfg.kl_horizon
-                )
+        self.state.kl_coef = self.objective.next_kl_coef(self.state.kl_coef, kl, batch.scores.numel())
         self.state.step += 1
         self.state.completions_seen += batch.scores.numel()
         return row
