@@ -92,7 +92,7 @@ def test_resolved_recipe_fills_defaults_and_round_trips(tmp_path):
 def test_every_shipped_recipe_validates():
     recipes = [p for p in REPO.glob("recipes/**/*.yaml") if "sweeps" not in p.parts]
     paths = sorted(recipes) + sorted(REPO.glob("src/tunelab/resources/**/*.yaml"))
-    assert len(paths) == 12, [p.name for p in paths]
+    assert len(paths) == 13, [p.name for p in paths]
     for path in paths:
         # the demo's template names its data only once `tunelab demo` has written it
         load_recipe(path, check_files=path.name != "demo.yaml")

@@ -17,6 +17,7 @@ import torch
 import tunelab.objectives.grpo  # noqa: F401  (registers before the recipe schema is built)
 import tunelab.objectives.ppo  # noqa: F401
 from tunelab.objectives.rl_losses import (
+    adaptive_kl,
     entropy_from_logits,
     gae,
     group_advantages,
@@ -30,7 +31,7 @@ from tunelab.objectives.rl_losses import (
 )
 from tunelab.recipe import parse_recipe
 from tunelab.train.rewards import load_reward
-from tunelab.train.rl import adaptive_kl, completion_mask
+from tunelab.train.rl import completion_mask
 from tunelab.train.run import resume, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -566,8 +566,9 @@ def _without_union_tag(loc: tuple[Any, ...]) -> list[Any]:
     registry = {"method": METHODS, "objective": OBJECTIVES}.get(loc[0]) if loc else None
     if registry is not None and len(loc) > 1 and isinstance(loc[1], str) and loc[1] in registry:
         loc = (loc[0], *loc[2:])
-    # objective.reward is a string or a {judge: ...} mapping; the shape's tag is no field either
-    return [p for i, p in enumerate(loc) if not (p in REWARD_TAGS and i and loc[i - 1] == "reward")]
+    # objective.reward (and each rewards[i].fn) is a string or a {judge: ...} mapping; the shape's
+    # tag is no field either
+    return [p for i, p in enumerate(loc) if not (p in REWARD_TAGS and i and loc[i - 1] in ("reward", "fn"))]
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
@@ -835,11 +836,21 @@ def missing_files(recipe: Recipe) -> list[str]:
         is_hub_id = _HUB_DATASET.match(value) and Path(value).suffix.lower() not in _DATA_SUFFIXES
         if not Path(value).exists() and not is_hub_id:
             problems.append(f"{name}: {value}: file not found")
-    reward = getattr(recipe.objective, "reward", None) or ""
-    script, sep, _ = reward.rpartition(":") if isinstance(reward, str) else ("", "", "")
-    if sep and script.endswith(".py") and not Path(script).expanduser().is_file():
-        problems.append(f"objective.reward: {script}: file not found")
+    for field, owner, attr in _reward_sources(recipe):
+        reward = getattr(owner, attr)
+        script, sep, _ = reward.rpartition(":") if isinstance(reward, str) else ("", "", "")
+        if sep and script.endswith(".py") and not Path(script).expanduser().is_file():
+            problems.append(f"{field}: {script}: file not found")
     return problems
+
+
+def _reward_sources(recipe: Recipe) -> list[tuple[str, Any, str]]:
+    """``(field, owner, attribute)`` of each reward source of an online objective."""
+    objective = recipe.objective
+    if getattr(objective, "reward", None):
+        return [("objective.reward", objective, "reward")]
+    entries = getattr(objective, "rewards", None) or []
+    return [(f"objective.rewards[{i}].fn", entry, "fn") for i, entry in enumerate(entries)]
 
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
@@ -862,18 +873,17 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
 
 
 def _resolve_reward(recipe: Recipe, base: Path, resolve: Any) -> None:
-    """An online objective's reward: ``file.py:function`` or a reward run dir next to the recipe."""
-    reward = getattr(recipe.objective, "reward", None)
-    if not reward:
-        return
-    if not isinstance(reward, str):  # {judge: ...}: a judge model directory next to the recipe
-        resolve(reward, "judge")
-        return
-    file, sep, function = reward.rpartition(":")
-    if sep and file.endswith(".py") and not Path(file).is_absolute() and (base / file).exists():
-        recipe.objective.reward = f"{(base / file).resolve()}:{function}"
-    else:
-        resolve(recipe.objective, "reward")
+    """An online objective's rewards: ``file.py:function`` or a reward run dir next to the recipe."""
+    for _, owner, attr in _reward_sources(recipe):
+        reward = getattr(owner, attr)
+        if not isinstance(reward, str):  # {judge: ...}: a judge model directory next to the recipe
+            resolve(reward, "judge")
+            continue
+        file, sep, function = reward.rpartition(":")
+        if sep and file.endswith(".py") and not Path(file).is_absolute() and (base / file).exists():
+            setattr(owner, attr, f"{(base / file).resolve()}:{function}")
+        else:
+            resolve(owner, attr)
 
 
 def dump_yaml(recipe: Recipe) -> str:

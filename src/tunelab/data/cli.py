@@ -553,6 +553,29 @@ def convert(
     out.print(Text(line))
 
 
+@app.command()
+def gym(
+    task: Annotated[str, typer.Argument(help="A reasoning-gym task, e.g. basic_arithmetic, chain_sum.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="JSONL file to write.")],
+    n: Annotated[int, typer.Option("--n", help="Number of problems.")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same problems).")] = 0,
+    system: Annotated[
+        str,
+        typer.Option("--system", help="reasoning-gym system prompt: default, simple, direct, ... or none."),
+    ] = "default",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write N procedurally generated reasoning-gym problems with their answers (offline), as prompt
+    rows that builtin:gym_score (and builtin:math_answer for numeric tasks) can score."""
+    from tunelab.data.gym import write_gym
+
+    with _errors():
+        s = write_gym(
+            task, n, output, seed=seed, system=None if system == "none" else system, overwrite=overwrite
+        )
+    out.print(Text(f"wrote {s['rows_written']:,} {s['task']} problems (seed {s['seed']}) to {s['output']}"))
+
+
 def _objective_config(name: str, last_turn_only: bool, full_text_loss: bool) -> Any:
     """The objective config ``data show`` encodes with (defaults, plus the SFT loss options)."""
     from tunelab.objectives import OBJECTIVES

@@ -5,12 +5,21 @@ the recipe of InstructGPT). The loop is :func:`tunelab.train.rl.run_online`; for
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
 from tunelab.objectives.base import OBJECTIVES
 from tunelab.objectives.online import OnlineObjective, RolloutConfig
+from tunelab.objectives.rl_losses import (
+    adaptive_kl,
+    gae,
+    kl_estimate,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
 
 
 class PpoConfig(RolloutConfig):
@@ -36,3 +45,52 @@ class PpoConfig(RolloutConfig):
 @OBJECTIVES.register("ppo", PpoConfig)
 class PpoObjective(OnlineObjective):
     """PPO with a value head on the policy's last hidden state (saved as ``value_head.safetensors``)."""
+
+    value_head = True
+    adapts_kl = True
+    config: PpoConfig
+
+    @property
+    def passes(self) -> int:
+        return self.config.ppo_epochs
+
+    @property
+    def kl_weight(self) -> float:
+        return self.config.kl_coef
+
+    def advantages(self, batch: Any, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """KL-shaped per-token rewards (the score on the last token) → GAE, whitened."""
+        cfg = self.config
+        if batch.ref_logp is None:
+            kl = torch.zeros_like(batch.old_logp)
+        else:
+            kl = kl_estimate(batch.old_logp, batch.ref_logp, cfg.kl_estimator) * batch.mask
+        rewards = -kl_coef * kl
+        last = (batch.mask.sum(dim=1).long() - 1).clamp(min=0)
+        rewards[torch.arange(rewards.size(0)), last] += batch.scores
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, batch.mask, shift_mean=False)
+        advantages, returns = gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, batch.mask)
+        return advantages, returns, {"non_score_reward": float((-kl_coef * kl).sum(1).mean())}
+
+    def minibatch_loss(
+        self, logp: Any, values: Any, batch: Any, advantages: Any, returns: Any, num_items: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        policy_loss, stats = ppo_policy_loss(logp, batch.old_logp, advantages, batch.mask, cfg.clip_range)
+        value_loss, value_clip = ppo_value_loss(
+            values, batch.values, returns, batch.mask, cfg.clip_range_value
+        )
+        loss = policy_loss + cfg.vf_coef * value_loss
+        return loss, {
+            **stats,
+            "value_loss": value_loss,
+            "value_clip_frac": value_clip,
+            "policy_loss": policy_loss,
+        }
+
+    def next_kl_coef(self, kl_coef: float, kl: float, n: int) -> float:
+        if self.config.target_kl is None:
+            return kl_coef
+        return adaptive_kl(kl_coef, kl, self.config.target_kl, n, self.config.kl_horizon)

@@ -121,6 +121,12 @@ def ppo_value_loss(
     return loss, masked_mean((clipped > plain).float(), mask)
 
 
+def adaptive_kl(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: move β by at most ±20% × n/horizon towards ``target``."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return coef * (1.0 + error * n / horizon)
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
 ) -> torch.Tensor:
@@ -139,7 +145,8 @@ def group_advantages(
     return advantages.reshape(-1)
 
 
-GrpoLossType = Literal["grpo", "bnpo", "dr_grpo"]
+GrpoLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
+GRPO_LOSS_TYPES: tuple[str, ...] = GrpoLossType.__args__  # type: ignore[attr-defined]
 
 
 def grpo_loss(
@@ -154,36 +161,82 @@ def grpo_loss(
     beta: float = 0.04,
     loss_type: GrpoLossType = "grpo",
     max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO: clipped surrogate with one advantage per sequence, plus ``beta``·k3 KL to the reference.
+    """The GRPO family: a surrogate with one advantage per sequence, plus ``beta``·k3 KL to the reference.
 
-    ``loss_type`` sets the normalisation: ``grpo`` averages each sequence over its tokens and then
-    the sequences; ``bnpo`` averages over all tokens of the batch; ``dr_grpo`` divides the sum by
-    ``B × max_completion_length`` (no length bias). Matches TRL's GRPOTrainer for these types.
+    The per-token term and the normalisation depend on ``loss_type`` (each matches TRL 1.16's
+    ``GRPOTrainer`` with the same ``loss_type``; ``gspo`` is TRL's ``importance_sampling_level:
+    sequence``):
+
+    - ``grpo`` (Shao et al. 2024): clipped ratio ``r = π/π_old`` per token, clip
+      ``[1 − clip_low, 1 + clip_high]`` (``clip_high > clip_low`` is DAPO's clip-higher); each
+      sequence averaged over its tokens, then the sequences averaged (a length bias);
+    - ``bnpo``: the same term averaged over all tokens of the batch;
+    - ``dr_grpo`` (Liu et al. 2025): the sum divided by ``B × max_completion_length`` (no length bias);
+    - ``dapo`` (Yu et al. 2025): token-level, the sum divided by ``num_items``, the number of
+      completion tokens in the whole rollout batch per optimizer step (default: this batch's);
+    - ``gspo`` (Zheng et al. 2025): one ratio per sequence, ``exp(mean_t log r_t)``, clipped, as the
+      ``grpo`` average (use small clips, e.g. 3e-4 / 4e-4);
+    - ``cispo`` (MiniMax-M1, 2025): REINFORCE on the importance weight clipped from above and
+      detached, ``−sg(min(r, 1 + clip_high)) · A · log π``, normalised as ``dapo``: no token's
+      gradient is dropped, only its weight bounded.
     """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; use one of {', '.join(GRPO_LOSS_TYPES)}")
     mask = mask.to(logp.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
-    clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    log_ratio = logp - old_logp
+    if loss_type == "gspo":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1.0 + clip_high).detach() * adv * logp
+    else:
+        clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        per_token = -torch.min(ratio * adv, clipped_ratio * adv)
     stats: dict[str, torch.Tensor] = {}
     if beta != 0.0 and ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, "k3")
         per_token = per_token + beta * kl
         stats["kl"] = masked_mean(kl, mask)
-    if loss_type == "grpo":
+    per_token = per_token.expand_as(mask)
+    if loss_type in ("grpo", "gspo"):
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = masked_mean(per_token, mask)
     elif loss_type == "dr_grpo":
         length = max_completion_length or mask.size(1)
         loss = (per_token * mask).sum() / (per_token.size(0) * length)
+    else:  # dapo, cispo
+        items = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=mask.dtype)
+        loss = (per_token * mask).sum() / items.clamp(min=1.0)
+    if loss_type == "cispo":
+        clipped = (ratio > 1.0 + clip_high).expand_as(mask)
     else:
-        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; use grpo, bnpo or dr_grpo")
-    stats["clip_frac"] = masked_mean(
-        ((ratio < 1.0 - clip_low) & (adv < 0)) | ((ratio > 1.0 + clip_high) & (adv > 0)), mask
-    )
+        clipped = (
+            ((ratio < 1.0 - clip_low) & (adv < 0)) | ((ratio > 1.0 + clip_high) & (adv > 0))
+        ).expand_as(mask)
+    stats["clip_frac"] = masked_mean(clipped, mask)
     return loss, stats
+
+
+def soft_overlong_penalty(
+    lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to a completion's score: 0 up to
+    ``max_length − buffer`` tokens, then falling linearly to ``−factor`` at ``max_length``."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in 1..{max_length} (max_new_tokens), got {buffer}")
+    start = max_length - buffer
+    return -factor * ((lengths.float() - start) / buffer).clamp(min=0.0, max=1.0)
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """One bool per group: True where every completion got the same reward (zero advantage, no
+    learning signal; DAPO's dynamic sampling drops these groups)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(dim=1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.canonical import read_canonical
-from tunelab.data.loaders import DataError
+from tunelab.data.loaders import DataError, iter_records
 from tunelab.objectives.base import Dropped, Objective
 from tunelab.runs.atomic import append_jsonl
 
@@ -81,6 +81,13 @@ def prepare_split(
         reasons = {d.reason for d in split.dropped}
         raise DataError(path, 0, "", f"every example was dropped: {'; '.join(sorted(reasons))[:300]}")
     return split
+
+
+def raw_rows(path: str, data_cfg: Any) -> dict[int, dict[str, Any]]:
+    """The data rows of ``path`` as written, every column kept, by the row number features carry
+    (online rewards read a row's ``answer``, ``tests``, ... from here). Unreadable rows are left out,
+    as :func:`prepare_split` leaves them out with ``skip_bad``."""
+    return dict(iter_records(path, skip_bad=data_cfg.skip_bad))
 
 
 def split_notes(split: PreparedSplit, run_path: Path, max_length: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Reward sources for online RL: one callable ``reward(prompts, completions, messages) -> scores``.
+"""Reward sources for online RL: one callable ``reward(prompts, completions, messages, rows) -> scores``,
+and :class:`Rewards`, the weighted sum of the recipe's sources with each one's scores kept for the logs.
 
 A spec is one of
 - a tunelab run directory (or its ``final/``) trained with a sequence-classification head, e.g. by
@@ -6,7 +7,12 @@ A spec is one of
 - any sequence-classification model spec ``load_model`` accepts (hub id, local dir, ``asset:``);
   the score is the model's single output logit;
 - a Python function ``package.module:function`` or ``path/to/file.py:function`` called as
-  ``function(prompts: list[str], completions: list[str]) -> list[float]``;
+  ``function(prompts, completions, rows) -> list[float]``, where ``rows`` are the data rows the
+  prompts came from with every column (``answer``, ``tests``, ...); a function that takes only
+  ``(prompts, completions)`` is called that way, and one with a ``rows`` keyword (or ``**kwargs``)
+  gets ``rows=``. A recipe's ``args`` are passed as keyword arguments;
+- a built-in verifier ``builtin:NAME`` (:mod:`tunelab.train.verifiers`: math answers, formats,
+  length, code tests, reasoning-gym scoring), a Python function like the above;
 - an LLM judge, ``{judge: MODEL_OR_ENDPOINT, rubric: ...}`` in the recipe (a
   :class:`~tunelab.objectives.online.JudgeReward`): the judge's 1-10 rating of each completion.
 
@@ -18,27 +24,106 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RewardFn = Callable[[list[str], list[str], Sequence[list[dict[str, Any]] | None]], list[float]]
+from tunelab.train.verifiers import BUILTIN_REWARDS
+
+RewardFn = Callable[..., list[float]]
+"""``reward(prompts, completions, messages=(), rows=None) -> one float per completion``."""
 _MODEL_PREFIXES = ("asset", "tiny")
+BUILTIN = "builtin:"
 
 
-def load_reward(spec: str | Any, *, device: str | torch.device = "cpu", batch_size: int = 16) -> RewardFn:
+def load_reward(
+    spec: str | Any,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    args: dict[str, Any] | None = None,
+) -> RewardFn:
     """Turn a reward spec into a callable; errors say which kind of spec was expected."""
     from tunelab.evaluate.run import final_dir_of  # noqa: PLC0415  (evaluate imports train modules)
 
-    if not isinstance(spec, str):
-        return judge_reward(spec, device=device)
-
-    target = _function_target(spec)
+    if isinstance(spec, str) and spec.startswith(BUILTIN):
+        name = spec[len(BUILTIN) :]
+        if name not in BUILTIN_REWARDS:
+            known = ", ".join(sorted(BUILTIN_REWARDS))
+            raise ValueError(f"objective.reward: {spec!r}: no built-in reward {name!r}; built in: {known}")
+        return _calling(spec, BUILTIN_REWARDS[name], args or {})
+    target = _function_target(spec) if isinstance(spec, str) else None
     if target is not None and final_dir_of(spec) is None:
-        return _python_reward(spec, *target)
-    return RewardModel(spec, device=device, batch_size=batch_size)
+        return _python_reward(spec, *target, args or {})
+    if args:
+        raise ValueError(f"objective.rewards: {spec!r}: args are for Python and built-in reward functions")
+    reward = judge_reward(spec, device=device) if not isinstance(spec, str) else None
+    reward = reward or RewardModel(spec, device=device, batch_size=batch_size)
+
+    def without_rows(
+        prompts: list[str], completions: list[str], messages: Sequence[Any] = (), rows: Any = None
+    ):
+        return reward(prompts, completions, messages)
+
+    return without_rows
+
+
+@dataclass
+class RewardTerm:
+    name: str
+    weight: float
+    fn: RewardFn
+
+
+class Rewards:
+    """The recipe's reward sources: ``objective.reward`` alone, or ``objective.rewards`` summed with
+    their weights. Calling it returns the summed scores and, per source, its own scores."""
+
+    def __init__(self, terms: list[RewardTerm]) -> None:
+        self.terms = terms
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, device: str | torch.device = "cpu") -> Rewards:
+        if cfg.rewards is None:
+            return cls([RewardTerm("reward", 1.0, load_reward(cfg.reward, device=device))])
+        terms: list[RewardTerm] = []
+        for entry in cfg.rewards:
+            name = entry.name or _term_name(entry.fn)
+            while any(t.name == name for t in terms):
+                name += "_"
+            terms.append(
+                RewardTerm(name, entry.weight, load_reward(entry.fn, device=device, args=entry.args))
+            )
+        return cls(terms)
+
+    @property
+    def several(self) -> bool:
+        return len(self.terms) > 1 or self.terms[0].name != "reward"
+
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        messages: Sequence[Any],
+        rows: list[dict[str, Any]],
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        parts = {t.name: t.fn(prompts, completions, messages, rows) for t in self.terms}
+        total = [sum(t.weight * parts[t.name][i] for t in self.terms) for i in range(len(completions))]
+        return total, parts
+
+
+def _term_name(spec: Any) -> str:
+    """A reward's name in the logs: the function's name, a model's folder name, or ``judge``."""
+    if not isinstance(spec, str):
+        return "judge"
+    where, sep, name = spec.rpartition(":")
+    if sep and name.isidentifier() and where not in _MODEL_PREFIXES:
+        return name
+    return Path(spec.rstrip("/")).name or spec
 
 
 def judge_reward(config: Any, *, device: str | torch.device = "cpu") -> RewardFn:
@@ -63,7 +148,7 @@ def _function_target(spec: str) -> tuple[str, str] | None:
     return None
 
 
-def _python_reward(spec: str, where: str, name: str) -> RewardFn:
+def _python_reward(spec: str, where: str, name: str, args: dict[str, Any]) -> RewardFn:
     if where.endswith(".py"):
         path = Path(where).expanduser()
         if not path.is_file():
@@ -76,9 +161,47 @@ def _python_reward(spec: str, where: str, name: str) -> RewardFn:
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"objective.reward: {spec!r}: {where} has no function {name!r}")
+    return _calling(spec, function, args)
 
-    def reward(prompts: list[str], completions: list[str], messages: Sequence[Any] = ()) -> list[float]:
-        scores = [float(s) for s in function(prompts, completions)]
+
+def _calling(spec: str, function: Callable[..., Any], args: dict[str, Any]) -> RewardFn:
+    """``function`` called the way its signature asks: ``(prompts, completions, rows, **args)``,
+    ``(prompts, completions, rows=rows, **args)`` or the original ``(prompts, completions, **args)``."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: the original two arguments
+        signature = None
+
+    def binds(*a: Any, **k: Any) -> bool:
+        try:
+            return signature is None or bool(signature.bind(*a, **k))
+        except TypeError:
+            return False
+
+    probe = ([], [], [])
+    if binds(*probe, **args):
+        mode = "positional"
+    elif binds(*probe[:2], rows=[], **args):
+        mode = "keyword"
+    elif binds(*probe[:2], **args):
+        mode = "without"
+    else:
+        raise ValueError(
+            f"objective.reward: {spec!r} must take (prompts, completions[, rows])"
+            + (f" and accept {', '.join(args)}" if args else "")
+        )
+
+    def reward(
+        prompts: list[str], completions: list[str], messages: Sequence[Any] = (), rows: Any = None
+    ) -> list[float]:
+        rows = rows if rows is not None else [{} for _ in completions]
+        if mode == "positional":
+            out = function(prompts, completions, rows, **args)
+        elif mode == "keyword":
+            out = function(prompts, completions, rows=rows, **args)
+        else:
+            out = function(prompts, completions, **args)
+        scores = [float(s) for s in out]
         if len(scores) != len(completions):
             raise ValueError(
                 f"reward function {spec} returned {len(scores)} scores for {len(completions)} completions"

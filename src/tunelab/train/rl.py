@@ -1,5 +1,9 @@
 """The online RL loop (objectives ``ppo`` and ``grpo``): sample prompts → generate → score → update.
 
+The algorithm is the objective's (:class:`~tunelab.objectives.online.OnlineObjective`): its group
+size, passes per rollout, advantages, minibatch loss, value head and KL schedule; this module
+samples, scores, runs the updates it asks for, checkpoints and logs.
+
 One *step* is one rollout batch: ``training.batch_size`` prompts (× ``num_generations`` for GRPO)
 are completed by the policy, scored by the reward source, and then learned from for a few passes
 (``ppo_epochs`` / ``num_iterations``), each split into ``num_minibatches`` optimizer steps.
@@ -34,15 +38,11 @@ from tunelab.console import labelled, make_console
 from tunelab.methods import METHODS, count_parameters
 from tunelab.objectives.rl_losses import (
     entropy_from_logits,
-    gae,
-    group_advantages,
-    grpo_loss,
+    equal_reward_groups,
     kl_estimate,
     masked_mean,
-    ppo_policy_loss,
-    ppo_value_loss,
+    soft_overlong_penalty,
     token_logprobs,
-    whiten,
 )
 from tunelab.objectives.sft import accepts_logits_to_keep, prepends_virtual_tokens
 from tunelab.recipe import Recipe
@@ -65,10 +65,10 @@ from tunelab.train.common import (
     start_run,
     write_final,
 )
-from tunelab.train.data import prepare_split
+from tunelab.train.data import prepare_split, raw_rows
 from tunelab.train.lifecycle import Outcome, run_lifecycle
 from tunelab.train.progress import StepProgress
-from tunelab.train.rewards import load_reward
+from tunelab.train.rewards import Rewards
 from tunelab.train.tracking import Tracking
 
 VALUE_HEAD = "value_head.safetensors"
@@ -107,6 +107,7 @@ class RlState:
     step: int = 0
     kl_coef: float = 0.0
     completions_seen: int = 0
+    draws: int = 0  # rollout batches of prompts drawn so far (more than steps with dynamic sampling)
 
 
 @dataclass
@@ -122,10 +123,49 @@ class Rollout:
     entropy: torch.Tensor
     ref_logp: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    reward_parts: dict[str, torch.Tensor] | None = None  # each reward source's own scores, for the logs
 
     def select(self, index: torch.Tensor) -> Rollout:
         fields = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        if self.reward_parts is not None:
+            fields["reward_parts"] = {k: v[index] for k, v in self.reward_parts.items()}
         return Rollout(**fields)
+
+
+def concat_rollouts(batches: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several: prompts left padded, completions and per-token tensors right padded
+    (padding has mask 0, so no loss or statistic sees it)."""
+    if len(batches) == 1:
+        return batches[0]
+    prompt_width = max(b.prompt_ids.size(1) for b in batches)
+    width = max(b.completion_ids.size(1) for b in batches)
+
+    def cat(name: str, value: float, left: bool = False) -> torch.Tensor | None:
+        parts = [getattr(b, name) for b in batches]
+        if parts[0] is None:
+            return None
+        size = prompt_width if left else width
+        padded = [
+            torch.nn.functional.pad(p, (size - p.size(1), 0) if left else (0, size - p.size(1)), value=value)
+            for p in parts
+        ]
+        return torch.cat(padded)
+
+    parts = None
+    if batches[0].reward_parts is not None:
+        parts = {k: torch.cat([b.reward_parts[k] for b in batches]) for k in batches[0].reward_parts}
+    return Rollout(
+        prompt_ids=cat("prompt_ids", pad_id, left=True),
+        prompt_mask=cat("prompt_mask", 0, left=True),
+        completion_ids=cat("completion_ids", pad_id),
+        mask=cat("mask", 0.0),
+        scores=torch.cat([b.scores for b in batches]),
+        old_logp=cat("old_logp", 0.0),
+        entropy=cat("entropy", 0.0),
+        ref_logp=cat("ref_logp", 0.0),
+        values=cat("values", 0.0),
+        reward_parts=parts,
+    )
 
 
 def completion_mask(completions: torch.Tensor, eos_id: int | None) -> torch.Tensor:
@@ -147,12 +187,6 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def adaptive_kl(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
-    """Ziegler et al.'s proportional controller: move β by at most ±20% × n/horizon towards ``target``."""
-    error = max(-0.2, min(0.2, kl / target - 1.0))
-    return coef * (1.0 + error * n / horizon)
-
-
 class OnlineTrainer:
     """Holds the pieces of one online run; :meth:`fit` is the loop."""
 
@@ -160,7 +194,6 @@ class OnlineTrainer:
         _check_supported(recipe)
         self.recipe, self.run, self.console = recipe, run, console
         self.cfg = recipe.objective
-        self.is_ppo = recipe.objective.name == "ppo"
         self.accelerator, device, self.tokenizer, self.objective = start_run(recipe, console, run.path)
         self.prompts = prepare_split(
             recipe.data.train,
@@ -169,13 +202,14 @@ class OnlineTrainer:
             dropped_path=run.path / "dropped.jsonl",
             rejects_path=run.path / "rejects.jsonl",
         )
+        self.rows = raw_rows(recipe.data.train, recipe.data)
         if recipe.data.eval:
             console.print(
                 labelled("note", f"data.eval is not used by objective {self.cfg.name} (prompts only)")
             )
         model = load_base_model(recipe, device, "causal_lm")
         self.method = METHODS.get(recipe.method.name).impl
-        kl_weight = self.cfg.kl_coef if self.is_ppo else self.cfg.beta
+        kl_weight = self.objective.kl_weight
         self.reference: nn.Module | None = None
         if kl_weight > 0 and self.method.artifact != "peft":
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -185,7 +219,7 @@ class OnlineTrainer:
         # with no KL weight the reference is still cheap for PEFT (adapter off), so KL is still reported
         self.use_reference = kl_weight > 0 or hasattr(prepared.model, "disable_adapter")
         value_head = None
-        if self.is_ppo:
+        if self.objective.value_head:
             value_head = ValueHead(prepared.model.config.hidden_size).to(self.accelerator.device)
             prepared.param_groups = [
                 *prepared.param_groups,
@@ -206,8 +240,8 @@ class OnlineTrainer:
         # prepared for fp16 loss scaling; the model is not wrapped (generation needs it bare)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.optimizer_steps = optimizer_steps
-        self.reward = load_reward(self.cfg.reward, device=self.accelerator.device)
-        self.state = RlState(kl_coef=self.cfg.kl_coef if self.is_ppo else self.cfg.beta)
+        self.reward = Rewards.from_config(self.cfg, device=self.accelerator.device)
+        self.state = RlState(kl_coef=kl_weight)
         # last: trackers start only once every check passed, so a refused run leaves none open
         self.tracking = Tracking.start(self.accelerator, run.path, recipe.resolved(), console)
 
@@ -217,15 +251,15 @@ class OnlineTrainer:
 
     @property
     def passes(self) -> int:
-        return self.cfg.ppo_epochs if self.is_ppo else self.cfg.num_iterations
+        return self.objective.passes
 
     @property
     def group(self) -> int:
-        return 1 if self.is_ppo else self.cfg.num_generations
+        return self.objective.group
 
     def resume_from(self, checkpoint: Path) -> None:
         loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
-        self.state = RlState(**loop)
+        self.state = RlState(**{"draws": loop["step"], **loop})  # older checkpoints: one draw per step
         self.run.truncate_metrics_after(self.state.step)
         self.console.print(Text(f"resumed from {checkpoint} at step {self.state.step}/{self.steps}"))
 
@@ -288,20 +322,41 @@ class OnlineTrainer:
         mask = completion_mask(completions, eos)
         completions = torch.where(mask.bool(), completions, torch.full_like(completions, pad))
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scores = torch.tensor(
-            self.reward([f["prompt_text"] for f in features], texts, [f["messages"] for f in features]),
-            dtype=torch.float,
-            device=self.accelerator.device,
+        total, parts = self.reward(
+            [f["prompt_text"] for f in features],
+            texts,
+            [f["messages"] for f in features],
+            [self.rows.get(f["row"], {}) for f in features],
         )
-        if self.cfg.missing_eos_penalty is not None and eos is not None:
-            scores = scores - self.cfg.missing_eos_penalty * (~(completions == eos).any(dim=1)).float()
+        scores = torch.tensor(total, dtype=torch.float, device=self.accelerator.device)
+        scores, mask = self.length_rules(completions, mask, scores)
         batch = Rollout(prompt_ids, prompt_mask, completions, mask, scores, old_logp=scores, entropy=scores)
+        if self.reward.several:
+            batch.reward_parts = {k: torch.tensor(v).to(scores) for k, v in parts.items()}
         batch.old_logp, batch.entropy, batch.values = self.forward(
-            self.policy, batch, with_values=self.is_ppo
+            self.policy, batch, with_values=self.objective.value_head
         )
         if self.use_reference:
             batch.ref_logp = self.reference_logp(batch)
         return batch
+
+    def length_rules(
+        self, completions: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions that ran out of tokens: ``missing_eos_penalty``, the soft overlong penalty
+        (``overlong_buffer``) and ``mask_truncated_completions`` (left out of the loss)."""
+        eos = self.tokenizer.eos_token_id
+        truncated = ~(completions == eos).any(dim=1) if eos is not None else torch.zeros_like(scores).bool()
+        if self.cfg.missing_eos_penalty is not None and eos is not None:
+            scores = scores - self.cfg.missing_eos_penalty * truncated.float()
+        if getattr(self.cfg, "overlong_buffer", None) is not None:
+            lengths = mask.sum(dim=1)
+            scores = scores + soft_overlong_penalty(
+                lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty
+            )
+        if getattr(self.cfg, "mask_truncated_completions", False):
+            mask = mask * (~truncated).unsqueeze(1).float()
+        return scores, mask
 
     def reference_logp(self, batch: Rollout) -> torch.Tensor:
         if self.reference is not None:
@@ -311,66 +366,26 @@ class OnlineTrainer:
 
     # -- updates --------------------------------------------------------------------------------
 
-    def advantages(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """PPO: KL-shaped per-token rewards → GAE; GRPO: one group-relative advantage per completion."""
-        if not self.is_ppo:
-            return group_advantages(batch.scores, self.group, scale=self.cfg.scale_rewards), None, {}
-        if batch.ref_logp is None:
-            kl = torch.zeros_like(batch.old_logp)
-        else:
-            kl = kl_estimate(batch.old_logp, batch.ref_logp, self.cfg.kl_estimator) * batch.mask
-        rewards = -self.state.kl_coef * kl
-        last = (batch.mask.sum(dim=1).long() - 1).clamp(min=0)
-        rewards[torch.arange(rewards.size(0)), last] += batch.scores
-        if self.cfg.whiten_rewards:
-            rewards = whiten(rewards, batch.mask, shift_mean=False)
-        advantages, returns = gae(rewards, batch.values, batch.mask, self.cfg.gamma, self.cfg.lam)
-        advantages = whiten(advantages, batch.mask)
-        return advantages, returns, {"non_score_reward": float((-self.state.kl_coef * kl).sum(1).mean())}
-
     def minibatch_loss(
-        self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None
+        self,
+        batch: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor | None,
+        num_items: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, _, values = self.forward(self.policy, batch, with_values=self.is_ppo)
-        if self.is_ppo:
-            policy_loss, stats = ppo_policy_loss(
-                logp, batch.old_logp, advantages, batch.mask, self.cfg.clip_range
-            )
-            value_loss, value_clip = ppo_value_loss(
-                values, batch.values, returns, batch.mask, self.cfg.clip_range_value
-            )
-            loss = policy_loss + self.cfg.vf_coef * value_loss
-            stats = {
-                **stats,
-                "value_loss": value_loss,
-                "value_clip_frac": value_clip,
-                "policy_loss": policy_loss,
-            }
-        else:
-            loss, stats = grpo_loss(
-                logp,
-                batch.old_logp,
-                batch.ref_logp,
-                advantages,
-                batch.mask,
-                clip_low=self.cfg.clip_range,
-                clip_high=self.cfg.clip_range_high or self.cfg.clip_range,
-                beta=self.cfg.beta,
-                loss_type=self.cfg.loss_type,
-                max_completion_length=self.cfg.max_new_tokens,
-            )
-            stats.pop("kl", None)  # the step's KL is measured on the rollout, the same way for both
+        """The objective's loss on fresh log-probs (and values) of the policy for ``batch``."""
+        logp, _, values = self.forward(self.policy, batch, with_values=self.objective.value_head)
+        loss, stats = self.objective.minibatch_loss(logp, values, batch, advantages, returns, num_items)
         return loss, {k: float(v.detach()) for k, v in stats.items()}
 
     def train_step(self) -> dict[str, float]:
         """One rollout batch and its ``passes × num_minibatches`` optimizer steps."""
         cfg = self.recipe.training
-        # the engine's shuffled epoch order, one micro-batch (= one rollout batch of prompts) per step
-        (indices,) = micro_batches_for_step(
-            self.state.step, len(self.prompts.features), cfg.batch_size, 1, self.recipe.seed
-        )
-        batch = self.rollout([self.prompts.features[i] for i in indices])
-        advantages, returns, extra = self.advantages(batch)
+        batch, extra = self.collect()
+        advantages, returns, more = self.objective.advantages(batch, self.state.kl_coef)
+        extra.update(more)
+        # dapo / cispo: each minibatch's loss sum over the rollout batch's tokens per optimizer step
+        num_items = batch.mask.sum() / self.cfg.num_minibatches
         sums: dict[str, float] = {}
         n_updates = 0
         lr = self.scheduler.get_last_lr()[0]
@@ -380,7 +395,10 @@ class OnlineTrainer:
                 for hook in self.hooks:
                     hook.on_step_start(self.policy, self.scheduler.last_epoch, self.optimizer_steps)
                 loss, stats = self.minibatch_loss(
-                    batch.select(index), advantages[index], None if returns is None else returns[index]
+                    batch.select(index),
+                    advantages[index],
+                    None if returns is None else returns[index],
+                    num_items,
                 )
                 self.accelerator.backward(loss)
                 step, loss_value = self.state.step + 1, float(loss.detach())
@@ -408,16 +426,55 @@ class OnlineTrainer:
             "completion_length": float(batch.mask.sum(1).mean()),
             "lr": lr,
             **extra,
+            **{f"reward/{k}": float(v.mean()) for k, v in (batch.reward_parts or {}).items()},
         }
-        if self.is_ppo:
+        if self.objective.adapts_kl:
             row["kl_coef"] = self.state.kl_coef
-            if self.cfg.target_kl is not None:
-                self.state.kl_coef = adaptive_kl(
-                    self.state.kl_coef, kl, self.cfg.target_kl, batch.scores.numel(), self.cfg.kl_horizon
-                )
+        self.state.kl_coef = self.objective.next_kl_coef(self.state.kl_coef, kl, batch.scores.numel())
         self.state.step += 1
         self.state.completions_seen += batch.scores.numel()
         return row
+
+    def draw(self) -> Rollout:
+        """The next rollout batch of prompts in the engine's shuffled epoch order."""
+        (indices,) = micro_batches_for_step(
+            self.state.draws,
+            len(self.prompts.features),
+            self.recipe.training.batch_size,
+            1,
+            self.recipe.seed,
+        )
+        self.state.draws += 1
+        return self.rollout([self.prompts.features[i] for i in indices])
+
+    def collect(self) -> tuple[Rollout, dict[str, float]]:
+        """One step's rollout; with dynamic sampling, groups whose rewards are all equal are dropped
+        and the batch refilled from the next prompts (up to ``max_refills`` more draws)."""
+        batch = self.draw()
+        if not getattr(self.cfg, "dynamic_sampling", False):
+            return batch, {}
+        wanted, drawn, useful_groups, refills = self.recipe.training.batch_size, 0, 0, 0
+        kept: list[Rollout] = []
+        while True:
+            useful = ~equal_reward_groups(batch.scores, self.group)
+            drawn, useful_groups = drawn + useful.numel(), useful_groups + int(useful.sum())
+            groups = useful.nonzero().squeeze(1)
+            index = (
+                groups.unsqueeze(1) * self.group + torch.arange(self.group, device=groups.device)
+            ).reshape(-1)
+            if index.numel():
+                kept.append(batch.select(index))
+            have = sum(b.scores.numel() for b in kept) // self.group
+            if have >= wanted or refills >= self.cfg.max_refills:
+                break
+            batch, refills = self.draw(), refills + 1
+        if not kept:  # nothing to learn from in any draw: train on the last one (its advantages are 0)
+            kept = [batch]
+        merged = concat_rollouts(kept, self.tokenizer.pad_token_id)
+        keep = torch.arange(min(merged.scores.numel(), wanted * self.group), device=merged.scores.device)
+        merged = merged.select(keep)
+        stats = {"groups_with_signal": useful_groups / drawn, "refills": float(refills)}
+        return merged, stats
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         cfg = self.recipe.training
