@@ -37,7 +37,7 @@ lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --dry-run --ignore-installed --report $(LOCK).report.json \
 	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) --find-links $(TUNELAB_HOME)/wheels \
-	  "$(TORCH)" -e ".[dev,gguf,qlora]"
+	  "$(TORCH)" -e ".[dev,gguf,qlora,rl]"
 	$(PY) requirements/lock.py $(LOCK).report.json $(LOCK)
 	rm -f $(LOCK).report.json
 

@@ -18,7 +18,7 @@ from pathlib import Path
 HEADER = """\
 # Exact versions `make setup` / `make test` install (pip constraints: `pip install -c requirements/lock.txt`).
 # pyproject.toml keeps ranges for users; this file is what CI last passed with. Written by `make lock`
-# from a fresh resolution of `.[dev,gguf,qlora]` + {torch} (python {python}, {platform}).
+# from a fresh resolution of `.[dev,gguf,qlora,rl]` + {torch} (python {python}, {platform}).
 # Update on purpose: `make lock`, then `make test`; commit the lock with that passing run, never without.
 """
 

@@ -13,7 +13,7 @@ from packaging.version import Version
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("dev", "gguf", "qlora", "track", "kernels")
+EXTRAS = ("dev", "gguf", "qlora", "rl", "track", "kernels")
 
 
 def _lock() -> dict[str, Version]:
