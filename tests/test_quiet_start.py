@@ -70,7 +70,7 @@ def _light_commands(tmp_path: Path, qa_rows: list[dict]) -> list[tuple[list[str]
         "model": {"name_or_path": "tiny:llama"},
         "data": {"train": str(data), "max_length": 64},
         "method": {"name": "qlora", "r": 4},
-        "objective": {"name": "dpo"},
+        "objective": {"name": "sft"},
         "output": {"dir": str(tmp_path / "runs")},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))

@@ -6,14 +6,16 @@ handling are settings here (docs/objectives.md)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from tunelab.objectives.base import OBJECTIVES
 from tunelab.objectives.online import OnlineObjective, RolloutConfig
-from tunelab.objectives.rl_losses import GrpoLossType, group_advantages, grpo_loss
+from tunelab.objectives.rl_types import GrpoLossType
+
+if TYPE_CHECKING:
+    import torch
 
 
 class GrpoConfig(RolloutConfig):
@@ -84,12 +86,16 @@ class GrpoObjective(OnlineObjective):
 
     def advantages(self, batch: Any, kl_coef: float) -> tuple[torch.Tensor, None, dict[str, float]]:
         """One group-relative advantage per completion."""
+        from tunelab.objectives.rl_losses import group_advantages  # noqa: PLC0415  (torch, at run time)
+
         return group_advantages(batch.scores, self.group, scale=self.config.scale_rewards), None, {}
 
     def minibatch_loss(
         self, logp: Any, values: Any, batch: Any, advantages: Any, returns: Any, num_items: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
+        from tunelab.objectives.rl_losses import grpo_loss  # noqa: PLC0415
+
         loss, stats = grpo_loss(
             logp,
             batch.old_logp,

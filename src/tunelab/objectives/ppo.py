@@ -5,21 +5,15 @@ the recipe of InstructGPT). The loop is :func:`tunelab.train.rl.run_online`; for
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
 from tunelab.objectives.base import OBJECTIVES
 from tunelab.objectives.online import OnlineObjective, RolloutConfig
-from tunelab.objectives.rl_losses import (
-    adaptive_kl,
-    gae,
-    kl_estimate,
-    ppo_policy_loss,
-    ppo_value_loss,
-    whiten,
-)
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PpoConfig(RolloutConfig):
@@ -60,6 +54,10 @@ class PpoObjective(OnlineObjective):
 
     def advantages(self, batch: Any, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """KL-shaped per-token rewards (the score on the last token) → GAE, whitened."""
+        import torch  # noqa: PLC0415  (the schema imports this module without torch)
+
+        from tunelab.objectives.rl_losses import gae, kl_estimate, whiten  # noqa: PLC0415
+
         cfg = self.config
         if batch.ref_logp is None:
             kl = torch.zeros_like(batch.old_logp)
@@ -77,6 +75,8 @@ class PpoObjective(OnlineObjective):
     def minibatch_loss(
         self, logp: Any, values: Any, batch: Any, advantages: Any, returns: Any, num_items: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from tunelab.objectives.rl_losses import ppo_policy_loss, ppo_value_loss  # noqa: PLC0415
+
         cfg = self.config
         policy_loss, stats = ppo_policy_loss(logp, batch.old_logp, advantages, batch.mask, cfg.clip_range)
         value_loss, value_clip = ppo_value_loss(
@@ -93,4 +93,6 @@ class PpoObjective(OnlineObjective):
     def next_kl_coef(self, kl_coef: float, kl: float, n: int) -> float:
         if self.config.target_kl is None:
             return kl_coef
+        from tunelab.objectives.rl_losses import adaptive_kl  # noqa: PLC0415
+
         return adaptive_kl(kl_coef, kl, self.config.target_kl, n, self.config.kl_horizon)

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from tunelab.objectives.rl_types import GRPO_LOSS_TYPES, GrpoLossType
+
 KlEstimator = Literal["k1", "k3"]
 
 
@@ -143,10 +145,6 @@ def group_advantages(
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
         advantages = advantages / (std + eps)
     return advantages.reshape(-1)
-
-
-GrpoLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
-GRPO_LOSS_TYPES: tuple[str, ...] = GrpoLossType.__args__  # type: ignore[attr-defined]
 
 
 def grpo_loss(
