@@ -5,7 +5,7 @@
 
 Builds a demo-like run once in ``--workdir`` (the embedded SmolLM2-135M-Instruct and rotten-tomatoes
 assets, `tunelab assets fetch smollm2-135m-instruct rotten-tomatoes`; the demo recipe, a few LoRA steps,
-``--n`` held-out reviews as ``data.eval``), exports it to GGUF ``q4_k_m`` once without the gate, then
+``--n`` held-out reviews as ``data.eval``), exports it to GGUF ``q4_k_m`` once without the gate (and copies it: a second export), then
 times, in this order and each in a fresh process: one `tunelab eval` of the run on the ``--n``
 examples (labels positive/negative, the gate's generation budget of 32 tokens), the gate with the run
 side measured (cache removed first), the gate again on a second export of the same run (run side
@@ -92,9 +92,10 @@ def main() -> None:
         python(SETUP, str(args.workdir), str(args.n))
     eval_file = str(args.workdir / "data" / "eval.jsonl")
     exports = [args.workdir / "q4_k_m-a", args.workdir / "q4_k_m-b"]
-    for out in exports:
-        if not out.is_dir():
-            python(EXPORT, str(run), str(out))
+    if not exports[0].is_dir():
+        python(EXPORT, str(run), str(exports[0]))
+    if not exports[1].is_dir():  # a second export of the same run: the same files, another folder
+        shutil.copytree(exports[0], exports[1])
     rows = [("tunelab eval (run, batched, 32 new tokens)", seconds(python(EVAL, str(run), eval_file)), "")]
     shutil.rmtree(run / "export_gate_cache", ignore_errors=True)
     for label, out in (("gate, run side measured", exports[0]), ("gate, run side from cache", exports[1])):
