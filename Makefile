@@ -19,7 +19,7 @@ LLAMA_CPP_VERSION := 0.3.36
 TMPDIR_SHOTS := $(or $(TMPDIR),/tmp)/tunelab-studio-shots
 LLAMA_SDIST := $(TUNELAB_HOME)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: setup lock gguf chromium demo test test-all lint format bench bench-cpu bench-gpu clean studio-shots
+.PHONY: setup lock gguf chromium golang demo test test-all lint format bench bench-cpu bench-gpu clean studio-shots
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,11 +70,18 @@ chromium:
 	  && (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
 	  || echo "note: chromium not installed; the HTML render test will skip"; }
 
+# The Ollama Modelfile test renders its TEMPLATE with Go's own text/template (Debian's golang-go).
+# Installed when missing and we may (root with apt); otherwise that test skips with a message saying so.
+golang:
+	@command -v go >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get install -y -qq golang-go >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null)) \
+	  || echo "note: go not installed; the Ollama Modelfile render test will skip"; }
+
 # Default run: CPU only, without `slow` tests (real assets, long runs). CI runs this, llama.cpp included.
-test: setup gguf chromium
+test: setup gguf chromium golang
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: setup gguf chromium
+test-all: setup gguf chromium golang
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Screenshots of each studio page at 1280x800, taken by the browser tests, kept in docs/studio/. The tests

@@ -434,3 +434,110 @@ def test_classifier_head_export_is_verified_on_accuracy_and_predictions(tmp_path
     assert verification["passed"] and verification["main_metric"] == "accuracy"
     assert verification["export"]["prediction_agreement"] == 1.0 and verification["data_role"] == "train"
     assert _provenance(out)["verification"]["failed_checks"] == []
+
+
+# -- batches, the run side's cache, messages that read like the verdict (issue 30) ------------------
+
+LABELLED = [
+    [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    for q, a in [("Loved it", "positive"), ("Dull", "negative"), ("A joy", "positive"), ("Meh", "negative")]
+]
+
+
+def test_batched_transformers_side_equals_one_example_at_a_time(tmp_path):
+    from tunelab.evaluate.engines import Engine, TransformersEngine, evaluate_engine
+
+    engine = TransformersEngine.load(str(_fake_run(tmp_path)), name="run")
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    batched = evaluate_engine(engine, conversations + LABELLED, max_new_tokens=8)
+    labelled = evaluate_engine(engine, LABELLED, labels=["negative", "positive"], max_new_tokens=8)
+    for result, convs, labels in (
+        (batched, conversations + LABELLED, None),
+        (labelled, LABELLED, ["negative", "positive"]),
+    ):
+        for i, conv in enumerate(convs):
+            prompt, gold = conv[:-1], conv[-1]["content"]
+            alone = Engine.generate(engine, prompt, 8)  # the unbatched path, one prompt, no padding
+            assert result.generations[i] == alone
+            assert result.answer_logprobs[i] == pytest.approx(engine.answer_logprobs(prompt, gold), abs=1e-4)
+            if labels:
+                sums = [sum(engine.answer_logprobs(prompt, lab, with_stop=False)) for lab in labels]
+                assert result.label_predictions[i] == labels[sums.index(max(sums))]
+
+
+def test_llama_cpp_reuses_the_prompt_and_scores_as_a_fresh_context(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from tunelab.evaluate.engines import LlamaCppEngine
+
+    run = _fake_run(tmp_path)
+    cpp = LlamaCppEngine(_gguf_with(tmp_path, run) / "model-f32.gguf")
+    prompt = [{"role": "user", "content": "Name a colour"}]
+    fresh = []
+    for answer in ("blue", "a cat", "blue"):
+        cpp.llm.reset()
+        fresh.append(cpp.answer_logprobs(prompt, answer))
+    cpp.generate(prompt, 8)
+    evaluated = cpp.llm.n_tokens
+    reused = [cpp.answer_logprobs(prompt, answer) for answer in ("blue", "a cat", "blue")]
+    for got, want in zip(reused, fresh):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert evaluated > len(cpp.prompt_ids(prompt))  # the greedy answer was in the context before scoring
+    cpp.close()
+
+
+def test_the_run_side_is_reused_across_exports_and_measured_again_when_its_inputs_change(
+    tmp_path, monkeypatch
+):
+    from tunelab.evaluate import engines
+
+    run = _fake_run(tmp_path)
+    first = verify_export(run / "final", _merged(run, tmp_path / "a"), n=3, console=QUIET)
+    assert first["run_side"]["reused"] is False
+    assert Path(first["run_side"]["cache"]).parent == run / "export_gate_cache"
+    loads = []
+    real = engines.TransformersEngine.load
+    monkeypatch.setattr(
+        engines.TransformersEngine, "load", lambda spec, **kw: loads.append(spec) or real(spec, **kw)
+    )
+    second = verify_export(run / "final", _merged(run, tmp_path / "b"), n=3, console=QUIET)
+    assert second["run_side"] == first["run_side"] | {"reused": True}
+    assert second["run"] == first["run"] and loads == [str(tmp_path / "b")]  # only the export was run
+    # other examples, another budget, other final weights: the run is measured again
+    assert verify_export(run / "final", tmp_path / "b", n=2, console=QUIET)["run_side"]["reused"] is False
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) | {"export": {"max_new_tokens": 6}}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert verify_export(run / "final", tmp_path / "b", n=3, console=QUIET)["run_side"]["reused"] is False
+    meta = json.loads((run / "final" / "tunelab.json").read_text()) | {"step": 1}
+    (run / "final" / "tunelab.json").write_text(json.dumps(meta))
+    assert verify_export(run / "final", tmp_path / "b", n=3, console=QUIET)["run_side"]["reused"] is False
+    # a damaged entry is measured again, not trusted
+    Path(first["run_side"]["cache"]).write_text("{not json")
+    for path in (run / "export_gate_cache").iterdir():
+        path.write_text("{not json")
+    assert verify_export(run / "final", tmp_path / "b", n=3, console=QUIET)["run_side"]["reused"] is False
+
+
+def _merged(run: Path, out: Path) -> Path:
+    path, _ = export_and_verify(run, out, kind="merged", verify=False)
+    return path
+
+
+def test_passed_checks_read_like_a_pass():
+    n = 20
+    run = _engine_eval(["a"] * (n - 1) + ["b"], [[1, 2, 3, 9]] * n, [True] * n, -0.5)
+    better = _engine_eval(["a"] * n, [[1, 2, 3, 9]] * n, [True] * n, -0.5)
+    for limits in (DEFAULT_EXPORT_GATES["q4_k_m"], DEFAULT_EXPORT_GATES["f16"]):
+        result = compare_evals(run, better, limits)
+        assert result["passed"] and result["failures"] == []
+        for check in result["checks"]:
+            assert not any(
+                w in check["message"]
+                for w in ("more than", ", below the minimum", ", above the maximum", "excludes")
+            )
+        main = result["checks"][0]["message"]
+        assert "rose by 0.0500" in main or "no significant drop" in main
+    failed = compare_evals(better, run, {**DEFAULT_EXPORT_GATES["q4_k_m"], "max_drop": 0.02})
+    assert (
+        failed["failures"][0].startswith("exact_match dropped by 0.0500")
+        and "more than the 0.0200" in failed["failures"][0]
+    )

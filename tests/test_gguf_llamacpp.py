@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from llamacpp_gate import usable_llama_cpp
 from tunelab.data.templates import BUILTIN_TEMPLATES
 from tunelab.export import EXPORT_META, export_run
-from tunelab.export.modelfile import matching_go_template
+from tunelab.export.modelfile import NoFaithfulTemplate, ollama_template
 from tunelab.models import llamacpp
 from tunelab.models.tiny import BOS_TOKEN, CHATML_TEMPLATE, IM_END, build_tiny_tokenizer
 
@@ -160,15 +160,17 @@ def test_bad_gguf_type_and_ollama_without_gguf_are_refused(tmp_path):
 
 def test_go_templates_are_used_only_where_they_render_like_the_run():
     tokenizer = build_tiny_tokenizer()
-    assert matching_go_template(tokenizer, add_bos=False)[0] == "chatml"
+    assert ollama_template(tokenizer, add_bos=False).family == "chatml"
     tokenizer.chat_template = BUILTIN_TEMPLATES["alpaca"]
-    family, go = matching_go_template(tokenizer, add_bos=False)
-    assert family == "alpaca" and f"{{{{ .Content }}}}{IM_END}\n\n" in go  # EOS spelled out after answers
+    found = ollama_template(tokenizer, add_bos=False)
+    assert found.family == "alpaca" and f"{{{{ .Content }}}}{IM_END}\n\n" in found.go  # EOS after answers
     tokenizer.chat_template = BUILTIN_TEMPLATES["llama-3"]  # opens with bos_token
-    assert matching_go_template(tokenizer, add_bos=True)[0] == "llama-3"  # llama.cpp adds BOS itself
-    assert matching_go_template(tokenizer, add_bos=False) is None  # would lose the BOS: GGUF template
+    assert ollama_template(tokenizer, add_bos=True).family == "llama-3"  # llama.cpp adds BOS itself
+    with pytest.raises(NoFaithfulTemplate):  # would lose the BOS
+        ollama_template(tokenizer, add_bos=False)
     tokenizer.chat_template = BUILTIN_TEMPLATES["gemma"]
-    assert matching_go_template(tokenizer, add_bos=True) is None
+    with pytest.raises(NoFaithfulTemplate):
+        ollama_template(tokenizer, add_bos=True)
 
 
 def _tiny_model_and_tokenizer(**kw):

@@ -17,6 +17,7 @@ plus the per-example data the export gate compares.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,17 +68,22 @@ class Engine:
 
     # -- the interface ------------------------------------------------------------------------------
     def generate(self, messages: list[dict[str, Any]], max_new_tokens: int) -> Generation:
-        prompt = self.tokenize(self.render(messages, generation_prompt=True))
-        ids = self.greedy(prompt, max_new_tokens)
+        return self.generation(self.greedy(self.prompt_ids(messages), max_new_tokens))
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.tokenize(self.render(messages, generation_prompt=True))
+
+    def generation(self, ids: list[int]) -> Generation:
+        """The answer to keep from greedy ids (cut at the first stop id, which is kept)."""
         stopped = bool(ids) and ids[-1] in self.stop_ids
         text = self.decode(ids[:-1] if stopped else ids).strip()
         return Generation(text, ids, stopped)
 
-    def answer_logprobs(
+    def answer_ids(
         self, messages: list[dict[str, Any]], answer: str, *, with_stop: bool = True
-    ) -> list[float]:
-        """Log-probs of ``answer``'s tokens after the prompt; with ``with_stop``, also of the stop
-        token the template puts after the answer (the token that makes the model stop)."""
+    ) -> tuple[list[int], int]:
+        """The prompt and ``answer`` as token ids, and where the answer starts; with ``with_stop``,
+        the stop token the template puts after the answer (the token that makes the model stop) too."""
         prompt_text = self.render(messages, generation_prompt=True)
         target = answer
         if with_stop and self.eos_text:
@@ -88,7 +94,23 @@ class Engine:
         prompt = self.tokenize(prompt_text)
         ids = self.tokenize(prompt_text + target)
         start = len(prompt) if ids[: len(prompt)] == prompt else _common_prefix(ids, prompt)
-        return self.token_logprobs(ids, max(start, 1))
+        return ids, max(start, 1)
+
+    def answer_logprobs(
+        self, messages: list[dict[str, Any]], answer: str, *, with_stop: bool = True
+    ) -> list[float]:
+        """Log-probs of ``answer``'s tokens after the prompt (see :meth:`answer_ids`)."""
+        return self.token_logprobs(*self.answer_ids(messages, answer, with_stop=with_stop))
+
+    # -- batches: one call per chunk of examples; runtimes that batch override these ---------------
+    batch_size: int = 1
+
+    def generate_many(self, prompts: list[list[dict[str, Any]]], max_new_tokens: int) -> list[Generation]:
+        return [self.generate(prompt, max_new_tokens) for prompt in prompts]
+
+    def logprobs_many(self, requests: list[tuple[list[int], int]]) -> list[list[float]]:
+        """:meth:`token_logprobs` of each (ids, start)."""
+        return [self.token_logprobs(ids, start) for ids, start in requests]
 
     def close(self) -> None:
         """Free the runtime's memory (a GGUF's context, a model's weights)."""
@@ -156,6 +178,59 @@ class TransformersEngine(Engine):
         logp = logits[start - 1 : len(ids) - 1].float().log_softmax(-1)
         return logp.gather(-1, tensor[0, start:].unsqueeze(-1)).squeeze(-1).tolist()
 
+    batch_size = 16  # as `tunelab eval`
+
+    def generate_many(self, prompts: list[list[dict[str, Any]]], max_new_tokens: int) -> list[Generation]:
+        """Greedy answers of a batch of prompts in one left-padded ``generate`` call."""
+        import torch  # noqa: PLC0415
+
+        encoded = [self.prompt_ids(prompt) for prompt in prompts]
+        pad = self._pad_id()
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(encoded):
+            ids[row, width - len(seq) :], mask[row, width - len(seq) :] = torch.tensor(seq), 1
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(self.stop_ids) or None,
+            )
+        return [self.generation(_cut_at_stop(row[width:].tolist(), self.stop_ids)) for row in out]
+
+    def logprobs_many(self, requests: list[tuple[list[int], int]]) -> list[list[float]]:
+        """Right-padded forward passes over requests of similar length (at most ``batch_size`` rows)."""
+        import torch  # noqa: PLC0415
+
+        out: list[list[float]] = [[] for _ in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+        device = next(self.model.parameters()).device
+        for first in range(0, len(order), self.batch_size):
+            rows = order[first : first + self.batch_size]
+            width = max(len(requests[i][0]) for i in rows)
+            ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(rows):
+                seq = requests[i][0]
+                ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, i in enumerate(rows):
+                seq, start = requests[i]
+                logp = logits[row, start - 1 : len(seq) - 1].float().log_softmax(-1)
+                target = torch.tensor(seq[start:], device=logp.device).unsqueeze(-1)
+                out[i] = logp.gather(-1, target).squeeze(-1).tolist()
+        return out
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else min(self.stop_ids, default=0))
+
     def close(self) -> None:
         self.model = None
 
@@ -185,7 +260,16 @@ class LlamaCppEngine(Engine):
         self.path, self.name, self.n_ctx = Path(path), name or str(path), n_ctx
         if not self.path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        self.llm = open_llama(self.path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=seed)
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.llm = open_llama(
+            self.path,
+            n_ctx=n_ctx,
+            logits_all=True,
+            verbose=False,
+            seed=seed,
+            n_threads=threads,  # llama-cpp-python's default is half the cores; torch's side uses them all
+            n_threads_batch=threads,
+        )
         meta = dict(self.llm.metadata)
         self.chat_template = meta.get("tokenizer.chat_template")
         if not self.chat_template:
@@ -229,13 +313,22 @@ class LlamaCppEngine(Engine):
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def _eval(self, ids: list[int]) -> None:
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{self.path}: {len(ids)} tokens do not fit llama.cpp's context of {self.n_ctx}")
+        if self.llm.n_tokens + len(ids) > self.n_ctx:
+            raise ValueError(
+                f"{self.path}: {self.llm.n_tokens + len(ids)} tokens do not fit llama.cpp's context of {self.n_ctx}"
+            )
         self.llm.eval(ids)
 
+    def _feed(self, ids: list[int]) -> None:
+        """The context holds ``ids``: the longest prefix already evaluated is kept (its KV cache and,
+        with ``logits_all``, its logits), the rest evaluated. One example's prompt is evaluated once
+        for its greedy answer, its gold answer and every label."""
+        keep = _common_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), ids)
+        self.llm.n_tokens = keep  # llama.eval drops the KV cache past n_tokens first
+        self._eval(ids[keep:])
+
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        self.llm.reset()
-        self._eval(prompt)
+        self._feed(prompt)
         out: list[int] = []
         for _ in range(max_new_tokens):
             token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
@@ -246,8 +339,7 @@ class LlamaCppEngine(Engine):
         return out
 
     def token_logprobs(self, ids: list[int], start: int) -> list[float]:
-        self.llm.reset()
-        self._eval(ids)
+        self._feed(ids)
         logits = np.asarray(self.llm.scores[start - 1 : len(ids) - 1], dtype=np.float64)
         logp = logits - _logsumexp(logits)
         return [float(logp[i, t]) for i, t in enumerate(ids[start:])]
@@ -333,18 +425,31 @@ def evaluate_engine(
     max_new_tokens: int = AGREEMENT_TOKENS,
     progress: Any = None,
 ) -> EngineEval:
-    """Greedy answers, gold-answer log-probs and (with ``labels``) the label of highest likelihood."""
-    golds, generations, logprobs, predictions = [], [], [], []
-    for conv in conversations:
-        prompt, gold = split_prompt_answer(conv)
-        golds.append(gold)
-        generations.append(engine.generate(prompt, max_new_tokens))
-        logprobs.append(engine.answer_logprobs(prompt, gold))
-        if labels:
-            scores = [sum(engine.answer_logprobs(prompt, label, with_stop=False)) for label in labels]
-            predictions.append(labels[int(np.argmax(scores))])
+    """Greedy answers, gold-answer log-probs and (with ``labels``) the label of highest likelihood, in
+    chunks of ``engine.batch_size`` examples (a batched runtime answers each chunk in a few calls; one
+    that is not scores an example's gold answer and labels right after its greedy answer, so its
+    prompt stays in the cache)."""
+    split = [split_prompt_answer(conv) for conv in conversations]
+    golds = [gold for _, gold in split]
+    generations: list[Generation] = []
+    logprobs: list[list[float]] = []
+    predictions: list[str] = []
+    for first in range(0, len(split), engine.batch_size):
+        chunk = split[first : first + engine.batch_size]
+        generations += engine.generate_many([prompt for prompt, _ in chunk], max_new_tokens)
+        requests = []
+        for prompt, gold in chunk:
+            requests.append(engine.answer_ids(prompt, gold))
+            requests += [engine.answer_ids(prompt, label, with_stop=False) for label in labels or []]
+        scores = engine.logprobs_many(requests)
+        step = 1 + len(labels or [])
+        for row in range(len(chunk)):
+            logprobs.append(scores[row * step])
+            if labels:
+                sums = [sum(lp) for lp in scores[row * step + 1 : (row + 1) * step]]
+                predictions.append(labels[int(np.argmax(sums))])
         if progress:
-            progress(1)
+            progress(len(chunk))
     return EngineEval(engine.name, golds, generations, logprobs, predictions, labels)
 
 
@@ -354,3 +459,21 @@ def token_agreement(a: list[int], b: list[int], n: int = AGREEMENT_TOKENS) -> fl
     a, b = a[:n], b[:n]
     longest = max(len(a), len(b))
     return 1.0 if longest == 0 else _common_prefix(a, b) / longest
+
+
+def engine_eval_to_json(result: EngineEval) -> dict[str, Any]:
+    """An :class:`EngineEval` as plain JSON (the export gate caches the run's side)."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    return asdict(result)
+
+
+def engine_eval_from_json(data: dict[str, Any]) -> EngineEval:
+    return EngineEval(
+        name=data["name"],
+        golds=data["golds"],
+        generations=[Generation(**g) for g in data["generations"]],
+        answer_logprobs=data["answer_logprobs"],
+        label_predictions=data["label_predictions"],
+        labels=data["labels"],
+    )

@@ -15,9 +15,11 @@ then the gate. Heavy imports (torch, transformers, llama.cpp) happen inside the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,9 @@ if TYPE_CHECKING:  # the recipe module imports torch (via the method registry); 
 GATE_FAILED_EXIT = 3
 # = tunelab.export.merge.QLORA_MERGES; repeated because merge imports torch and this module stays light
 QLORA_MERGES = ("base16", "dequantized")
+# the run's side of the gate, cached per run (see _run_side); bump the version when its measure changes
+GATE_CACHE = "export_gate_cache"
+GATE_CACHE_VERSION = 1
 
 
 class NoHeldOutData(ValueError):
@@ -186,9 +191,8 @@ def verify_export(
         verification = verify_head(final, export_dir, data, n or section.verify_n, section, limits, console)
     else:
         conversations = sample_conversations(data, n or section.verify_n, section.verify_seed)
-        run_eval, export_eval, engine = _measure_both(final, export_dir, conversations, section, console)
-        verification = compare_evals(run_eval, export_eval, limits, seed=section.verify_seed)
-        verification["engine"] = engine
+        run_eval, export_eval, how = _measure_both(final, export_dir, conversations, section, console)
+        verification = compare_evals(run_eval, export_eval, limits, seed=section.verify_seed) | how
     verification |= {
         "precision": precision,
         "data": data,
@@ -205,23 +209,77 @@ def verify_export(
 
 def _measure_both(
     final: Path, export_dir: Path, conversations: list[Any], section: ExportSection, console: Console
-) -> tuple[Any, Any, str]:
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The run's side (from the cache when this run was gated on these examples before) and the
+    export's side; and how each was had (engine, seconds, cache)."""
     from tunelab.data.templates import split_prompt_answer  # noqa: PLC0415
-    from tunelab.evaluate.engines import LlamaCppEngine, TransformersEngine, engine_for  # noqa: PLC0415
+    from tunelab.evaluate.engines import LlamaCppEngine, engine_for  # noqa: PLC0415
     from tunelab.evaluate.run import infer_labels  # noqa: PLC0415
 
     labels = infer_labels([split_prompt_answer(c)[1] for c in conversations])
-    results = []
-    for name, spec in (("run", str(final)), ("export", str(export_dir))):
-        engine = TransformersEngine.load(spec, name=name) if name == "run" else engine_for(spec, name=name)
-        # a bar on a terminal, plain progress lines in a log (minutes on a CPU)
-        with progress(console, f"parity gate: {name}", len(conversations)) as advance:
-            results.append(_evaluate(engine, conversations, labels, section.max_new_tokens, advance))
-        kind = "llama.cpp" if isinstance(engine, LlamaCppEngine) else "transformers"
-        engine.close()
+    started = time.perf_counter()
+    run_eval, cache = _run_side(final, conversations, labels, section, console)
+    run_seconds = time.perf_counter() - started
+    engine = engine_for(str(export_dir), name="export")
+    started = time.perf_counter()
+    # a bar on a terminal, plain progress lines in a log (minutes on a CPU)
+    with progress(console, "parity gate: export", len(conversations)) as advance:
+        export_eval = _evaluate(engine, conversations, labels, section.max_new_tokens, advance)
+    kind = "llama.cpp" if isinstance(engine, LlamaCppEngine) else "transformers"
+    engine.close()
     if kind == "transformers" and (export_dir / "adapter_config.json").is_file():
         kind = "peft"
-    return results[0], results[1], kind
+    how = {
+        "engine": kind,
+        "run_side": cache,
+        "seconds": {"run": run_seconds, "export": time.perf_counter() - started},
+    }
+    return run_eval, export_eval, how
+
+
+def _run_side(
+    final: Path, conversations: list[Any], labels: list[str] | None, section: ExportSection, console: Console
+) -> tuple[Any, dict[str, Any]]:
+    """The run evaluated on ``conversations`` (transformers, batched), cached in the run directory
+    under a digest of its final weights, tokenizer and metadata, the examples, the labels and the
+    generation budget: any change to those measures it again."""
+    from tunelab.evaluate.engines import (  # noqa: PLC0415
+        TransformersEngine,
+        engine_eval_from_json,
+        engine_eval_to_json,
+    )
+
+    key = run_side_key(final, conversations, labels, section.max_new_tokens)
+    path = run_dir_of(final) / GATE_CACHE / f"run-{key[:32]}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("key") == key:
+                return engine_eval_from_json(cached["eval"]), {"cache": str(path), "reused": True}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is measured again and rewritten
+    engine = TransformersEngine.load(str(final), name="run")
+    with progress(console, "parity gate: run", len(conversations)) as advance:
+        result = _evaluate(engine, conversations, labels, section.max_new_tokens, advance)
+    engine.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "version": GATE_CACHE_VERSION, "eval": engine_eval_to_json(result)})
+    return result, {"cache": str(path), "reused": False}
+
+
+def run_side_key(final: Path, conversations: list[Any], labels: list[str] | None, budget: int) -> str:
+    """sha256 of everything the run's side of the gate depends on (every file of ``final/``)."""
+    from tunelab.runs.manifest import file_sha256  # noqa: PLC0415
+
+    files = sorted(p for p in final.rglob("*") if p.is_file())
+    payload = {
+        "version": GATE_CACHE_VERSION,
+        "files": [[p.relative_to(final).as_posix(), file_sha256(p)] for p in files],
+        "conversations": conversations,
+        "labels": labels,
+        "max_new_tokens": budget,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def verify_head(
@@ -331,10 +389,16 @@ def compare_evals(
 
 
 def _main_check(metric: str, delta: float, lo: float, hi: float, max_drop: float | None) -> dict[str, Any]:
-    """No significant drop (the CI of export − run reaches 0), or a drop of at most ``max_drop``."""
+    """No significant drop (the CI of export − run reaches 0), or a drop of at most ``max_drop``.
+    The message says what happened: a pass reads as a pass."""
+    ci = f"Δ {delta:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]"
     if max_drop is None:
         passed = hi >= 0
-        message = f"{metric} dropped significantly: Δ {delta:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}] excludes 0"
+        message = (
+            f"{metric}: no significant drop ({ci} reaches 0)"
+            if passed
+            else f"{metric} dropped significantly: {ci} excludes 0"
+        )
         return {
             "name": metric,
             "value": delta,
@@ -343,7 +407,11 @@ def _main_check(metric: str, delta: float, lo: float, hi: float, max_drop: float
             "message": message,
         }
     passed = -delta <= max_drop + 1e-12
-    message = f"{metric} dropped by {-delta:.4f} (95% CI [{lo:+.4f}, {hi:+.4f}]), more than the {max_drop:.4f} allowed"
+    if passed:
+        change = f"rose by {delta:.4f}" if delta > 0 else f"dropped by {-delta:.4f}" if delta < 0 else "held"
+        message = f"{metric} {change} ({ci}), within the {max_drop:.4f} drop allowed"
+    else:
+        message = f"{metric} dropped by {-delta:.4f} ({ci}), more than the {max_drop:.4f} allowed"
     return {"name": metric, "value": delta, "limit": -max_drop, "passed": passed, "message": message}
 
 
@@ -355,11 +423,20 @@ def _check(name: str, value: float, op: str, limit: float | None) -> dict[str, A
         "stop_share": "drop in the share of answers that stop by EOS/end-of-turn",
     }[name]
     if limit is None:
-        return {"name": name, "value": value, "limit": None, "passed": True, "message": ""}
-    passed = value >= limit if op == ">=" else value <= limit
-    bound = "below the minimum" if op == ">=" else "above the maximum"
+        return {
+            "name": name,
+            "value": value,
+            "limit": None,
+            "passed": True,
+            "message": f"{name}: {what} is {value:.4f} (no limit)",
+        }
+    passed = bool(value >= limit if op == ">=" else value <= limit)
+    if passed:
+        bound = "at or above the minimum" if op == ">=" else "at or below the maximum"
+    else:
+        bound = "below the minimum" if op == ">=" else "above the maximum"
     message = f"{name}: {what} is {value:.4f}, {bound} {limit:.4f}"
-    return {"name": name, "value": value, "limit": limit, "passed": bool(passed), "message": message}
+    return {"name": name, "value": value, "limit": limit, "passed": passed, "message": message}
 
 
 def _qlora_alternative(
