@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from llamacpp_gate import usable_llama_cpp
@@ -296,6 +298,7 @@ def test_export_with_a_library_that_traps_is_one_line_not_a_dead_process(tmp_pat
     (run / "final").mkdir(parents=True)
     meta = {"base_model": "tiny:llama", "artifact": "full", "method": "full", "model_kind": "causal_lm"}
     (run / "final" / "tunelab.json").write_text(json.dumps(meta))
+    save_file({"w": torch.zeros(1)}, str(run / "final" / "model.safetensors"))  # a final/ export accepts
     out = tmp_path / "g"
     result = CliRunner().invoke(
         app, ["export", str(run), "--out", str(out), "--gguf", "q4_k_m", "--no-verify"]
