@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tunelab.console import escape_controls
+
 __all__ = ["DataError", "LoadReport", "iter_records", "load_records", "SUFFIXES"]
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -70,16 +72,10 @@ class LoadReport:
     unused_columns: dict[str, int] = field(default_factory=dict)  # column -> rows it was not read in
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def _snip(text: str, width: int = 80) -> str:
     # Printable text stays as written (brackets, backslashes, emoji codes); control characters
     # are shown escaped so a snippet is one line and cannot drive the terminal.
-    text = text[: width * 4]  # bound the work on a huge line before escaping
-    text = _CONTROL.sub(
-        lambda m: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(m[0], f"\\x{ord(m[0]):02x}"), text
-    )
+    text = escape_controls(text[: width * 4])  # bound the work on a huge line before escaping
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
