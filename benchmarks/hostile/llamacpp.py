@@ -34,6 +34,10 @@ def _trap_env(scratch: Path) -> dict[str, str] | Outcome:
     return {"LLAMA_CPP_LIB_PATH": str(lib), "TUNELAB_HOME": str(scratch / "home")}
 
 
+# a valid safetensors file holding no tensors: an 8-byte header length, then the header "{}" padded
+_EMPTY_SAFETENSORS = (8).to_bytes(8, "little") + b"{}      "
+
+
 def export_gguf_with_a_trapping_library(scratch: Path) -> Outcome:
     env = _trap_env(scratch)
     if isinstance(env, Outcome):
@@ -42,6 +46,7 @@ def export_gguf_with_a_trapping_library(scratch: Path) -> Outcome:
     final.mkdir(parents=True)
     meta = {"base_model": "tiny:llama", "artifact": "full", "method": "full", "model_kind": "causal_lm"}
     (final / "tunelab.json").write_text(json.dumps(meta))
+    (final / "model.safetensors").write_bytes(_EMPTY_SAFETENSORS)  # a final/ the export accepts
     ran = tunelab(
         "export", str(scratch / "run"), "--gguf", "q4_k_m", "--no-verify", "--out", "g", cwd=scratch, env=env
     )

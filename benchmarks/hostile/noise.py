@@ -91,7 +91,12 @@ try:
 except SystemExit as exit:
     code = exit.code
 heavy = [m for m in json.loads(sys.argv[1]) if m in sys.modules]
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this program's own peak (ru_maxrss would keep the peak of the process it was forked from)
+try:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    rss = int(hwm.split()[1]) / 1024
+except (OSError, IndexError):
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 sys.stderr.write(f"\\nPROBE {json.dumps({'code': code, 'heavy': heavy, 'rss_mb': rss})}\\n")
 """
 
