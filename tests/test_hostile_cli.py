@@ -347,9 +347,13 @@ def test_export_to_an_option_like_path_is_refused(finished_run, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
     from tunelab.studio.export_page import start_export
+    from tunelab.studio.roots import Roots
 
+    roots = Roots(finished_run.parent, [tmp_path])
     with pytest.raises(ValueError, match="looks like an option"):
-        start_export(finished_run.parent, {}, {"run": finished_run.name, "kind": "merged", "out": "--help"})
+        start_export(
+            finished_run.parent, {}, {"run": finished_run.name, "kind": "merged", "out": "--help"}, roots
+        )
     assert list(tmp_path.iterdir()) == []
 
 
