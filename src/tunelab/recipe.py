@@ -597,6 +597,11 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if err.get("input") is None and kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"{path}: is empty (null); give its fields"
     message = err["msg"].removeprefix("Value error, ")
+    # a section's rule that names one of its own fields ("reward: give ...") is that field's error
+    head, sep, rest = message.partition(": ")
+    owner = (_union_member(str(loc[0]), raw) if len(loc) == 1 else _model_at(tuple(loc))) if loc else None
+    if sep and owner is not None and head in owner.model_fields:
+        return f"{path}.{head}: {rest}"
     # a whole-recipe rule (loc is empty) names its own fields; "(top level):" would add nothing
     return f"{path}: {message}" if loc else message
 

@@ -100,8 +100,8 @@ class RolloutConfig(ObjectiveConfig):
             raise ValueError("give objective.reward or objective.rewards, not both")
         if self.reward is None and not self.rewards:
             raise ValueError(
-                "reward: give a reward run dir, a model spec, 'module:function', 'builtin:NAME' or "
-                "{judge: ...} (or a list in objective.rewards)"
+                "reward: required field is missing; give a reward run dir, a model spec, 'module:function', "
+                "'builtin:NAME' or {judge: ...} (or a list in objective.rewards)"
             )
         sources = [self.reward] if self.rewards is None else [r.fn for r in self.rewards]
         if any(isinstance(s, str) and not s.strip() for s in sources):
