@@ -129,6 +129,26 @@ def media_type(headers: Mapping[str, str]) -> str:
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def host_problem(headers: Mapping[str, str], allowed: frozenset[str], who: str = "this server") -> str | None:
+    """Why the request's ``Host`` is refused (a DNS-rebound name), or None when ``allowed`` names it."""
+    host = headers.get("host")
+    if host_allowed(host, allowed):
+        return None
+    name = host_name(host or "")
+    return (
+        f"Host {name!r} is not one {who} answers (a page may be reaching it through DNS rebinding); "
+        f"if you reach it by that name, restart it with --allow-host {name or 'NAME'}"
+    )
+
+
+def origin_problem(scope: Scope, headers: Mapping[str, str]) -> str | None:
+    """Why a request that names the page it came from is refused (another site), or None."""
+    origin = request_origin(headers)
+    if origin is not None and not same_origin(origin, scope.get("scheme", "http"), headers.get("host") or ""):
+        return f"cross-origin request from {origin} refused"
+    return None
+
+
 def guard_problem(
     scope: Scope, allowed: frozenset[str], *, json_only: bool = False
 ) -> tuple[int, str, str] | None:
@@ -137,20 +157,14 @@ def guard_problem(
     The Host must be allowed; a state-changing request that names the page it came from must come
     from this server's own origin; with ``json_only``, its body must be ``application/json``."""
     headers = Headers(scope=scope)
-    host = headers.get("host")
-    if not host_allowed(host, allowed):
-        name = host_name(host or "")
-        return (
-            403,
-            "host_not_allowed",
-            f"Host {name!r} is not one this server answers (a page may be reaching it through DNS "
-            f"rebinding); if you reach it by that name, restart it with --allow-host {name or 'NAME'}",
-        )
+    refused_host = host_problem(headers, allowed)
+    if refused_host is not None:
+        return 403, "host_not_allowed", refused_host
     if scope["method"] not in UNSAFE_METHODS:
         return None
-    origin = request_origin(headers)
-    if origin is not None and not same_origin(origin, scope.get("scheme", "http"), host or ""):
-        return 403, "cross_origin", f"cross-origin request from {origin} refused"
+    refused_origin = origin_problem(scope, headers)
+    if refused_origin is not None:
+        return 403, "cross_origin", refused_origin
     # a request without a body (an admin POST such as .../restore, a DELETE) has no type to check;
     # any body at all must be JSON, so a page's text/plain or form "simple request" is never read
     has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers

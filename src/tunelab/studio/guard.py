@@ -25,7 +25,7 @@ from starlette.requests import cookie_parser
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tunelab.serve.security import UNSAFE_METHODS, host_allowed, host_name, request_origin, same_origin
+from tunelab.serve.security import UNSAFE_METHODS, host_problem, origin_problem, request_origin
 from tunelab.studio.render import CSRF
 
 CSRF_HEADER = "x-csrf-token"
@@ -67,13 +67,9 @@ class StudioGuard:
     def refusal(self, scope: Scope) -> Response | None:
         """The response that ends this request here, or None when it may go on to the page."""
         headers = Headers(scope=scope)
-        if not host_allowed(headers.get("host"), self.allowed):
-            name = host_name(headers.get("host") or "")
-            return PlainTextResponse(
-                f"Host {name!r} is not one the studio answers (a page may be reaching it through DNS "
-                f"rebinding); if you open the studio by that name, restart it with --allow-host {name or 'NAME'}",
-                status_code=403,
-            )
+        refused_host = host_problem(headers, self.allowed, who="the studio")
+        if refused_host is not None:
+            return PlainTextResponse(refused_host, status_code=403)
         scheme, _, bearer = headers.get("authorization", "").partition(" ")
         by_header = scheme.lower() == "bearer" and _matches(bearer.strip(), self.token)
         cookies = cookie_parser(headers.get("cookie", ""))
@@ -81,11 +77,10 @@ class StudioGuard:
             return self.login(scope)
         if scope["method"] not in UNSAFE_METHODS:
             return None
+        refused_origin = origin_problem(scope, headers)
+        if refused_origin is not None:
+            return PlainTextResponse(refused_origin, status_code=403)
         origin = request_origin(headers)
-        if origin is not None and not same_origin(
-            origin, scope.get("scheme", "http"), headers.get("host", "")
-        ):
-            return PlainTextResponse(f"cross-origin request from {origin} refused", status_code=403)
         if not by_header and (origin is None or not _matches(headers.get(CSRF_HEADER), self.csrf)):
             return PlainTextResponse(
                 "missing or wrong CSRF token: reload the page and try again", status_code=403
