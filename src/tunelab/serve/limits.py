@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tunelab.data.loaders import too_deep
 from tunelab.serve.errors import APIError, error_body
 
 DEFAULT_MAX_BODY_MB = 4.0
@@ -77,7 +78,7 @@ def parse_json(raw: bytes) -> Any:
         data = None
         deep = True
     else:
-        deep = _deeper_than(data, MAX_JSON_DEPTH)
+        deep = too_deep(data, MAX_JSON_DEPTH)
     if deep:
         raise APIError(
             400,
@@ -86,15 +87,3 @@ def parse_json(raw: bytes) -> Any:
             code="body_too_deep",
         )
     return data
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether containers nest more than ``limit`` deep; iterative, so any depth is safe to check."""
-    stack = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
