@@ -11,6 +11,7 @@ verdict; the issue's target is 0 of every verdict but ``ok``.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -45,11 +46,24 @@ class Ran:
     err: str
 
 
+def user_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment a user's `tunelab` runs in here: no terminal, COLUMNS unset (and any variable whose
+    name ends with one of ``drop``), this checkout's code first on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS" and not (drop and k.endswith(drop))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    env["TERM"] = "dumb"
+    return env
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tunelab(*args: str, cwd: Path, stdin: str = "", timeout: float = 300, env: dict | None = None) -> Ran:
     """Run ``python -m tunelab ARGS`` as a user would: no terminal, COLUMNS unset, this checkout's code."""
-    base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    base["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), base.get("PYTHONPATH", "")])
-    base["TERM"] = "dumb"
     proc = subprocess.run(
         [sys.executable, "-m", "tunelab", *args],
         cwd=cwd,
@@ -57,7 +71,7 @@ def tunelab(*args: str, cwd: Path, stdin: str = "", timeout: float = 300, env: d
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=base | (env or {}),
+        env=user_env() | (env or {}),
     )
     return Ran(proc.returncode, proc.stdout, proc.stderr)
 

@@ -10,7 +10,6 @@ then stops answering (for Ctrl-C).
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from hostile import REPO, Case, Outcome, refused, tunelab
+from hostile import Case, Outcome, refused, tunelab, user_env
 
 AREA = "data"
 WORDS = [
@@ -397,8 +396,7 @@ def synth_dirty_model(scratch: Path) -> Outcome:
 def synth_ctrl_c(scratch: Path) -> Outcome:
     """SIGINT once exited 130 with no word and no partial file."""
     out = scratch / "o.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]), TERM="dumb")
+    env = user_env()
     with FakeEndpoint(stall_after=20) as fake:
         args = [
             "data",

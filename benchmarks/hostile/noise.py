@@ -7,12 +7,11 @@ pays for torch where it needs none.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from hostile import REPO, Case, Outcome, tunelab
+from hostile import Case, Outcome, tunelab, user_env
 
 AREA = "noise"
 ML_STACK = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
@@ -25,9 +24,7 @@ LIBRARY_LINES = (
 
 def _python(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -c SCRIPT ARGS`` with this checkout's code, no terminal and COLUMNS unset, as `tunelab` runs."""
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS" and not k.endswith("_VERBOSITY")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    env["TERM"] = "dumb"
+    env = user_env(drop=("_VERBOSITY",))
     return subprocess.run(
         [sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )

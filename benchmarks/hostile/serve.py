@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from hostile import REPO, Case, Outcome
+from hostile import Case, Outcome, free_port, user_env
 
 AREA = "serve"
 KEY = "hostile-key"
@@ -70,12 +69,11 @@ class _Served:
         self.upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
         threading.Thread(target=self.upstream.serve_forever, daemon=True).start()
         up = f"http://127.0.0.1:{self.upstream.server_address[1]}"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.folder / "serve.log"
         backends = [f"--backend={name}=m@{up}/{name}" for name in ("html", "crash", "json")]
-        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-        env.update(PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]), TERM="dumb")
+        env = user_env()
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tunelab", "serve", "--base", MODEL, "--port", str(self.port)]
@@ -133,12 +131,6 @@ def served() -> _Served:
     if not _SERVED:
         _SERVED.append(_Served())
     return _SERVED[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ask(text: str, model: str = MODEL, **extra: object) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import socket
 import subprocess
@@ -19,33 +18,21 @@ import time
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from hostile import REPO, Case, Outcome
+from hostile import Case, Outcome, free_port, user_env
 
 SECRET = "root:$6$salt$hash:19000:0:99999:7:::"
 EVIL = "http://evil.example"
 FORM = "application/x-www-form-urlencoded"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    return env | {"TERM": "dumb"}
-
-
 class Service:
     """A `tunelab studio` or `tunelab serve` process on a free loopback port, stopped on exit."""
 
     def __init__(self, scratch: Path, *args: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tunelab", *args, "--port", str(self.port)],
-            cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+            cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=user_env(),
         )  # fmt: skip
         self.printed = ""
 
