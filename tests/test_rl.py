@@ -7,15 +7,14 @@ import json
 import math
 import shutil
 import sys
-from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import tunelab.objectives.grpo  # noqa: F401  (registers before the recipe schema is built)
 import tunelab.objectives.ppo  # noqa: F401
+from trl_reference import trl_grpo_loss
 from tunelab.objectives.rl_losses import (
     adaptive_kl,
     entropy_from_logits,
@@ -133,48 +132,6 @@ def test_completion_mask_keeps_the_first_eos() -> None:
 # -- against TRL on identical tensors -------------------------------------------------------------
 
 
-def _trl_grpo_loss(loss_type: str, beta: float, **tensors: torch.Tensor) -> torch.Tensor:
-    """TRL's GRPOTrainer._compute_loss on given tensors (the log-prob forward replaced by ours)."""
-    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
-    logp = tensors["logp"]
-    metrics: defaultdict = defaultdict(lambda: defaultdict(list))
-    fake = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        aux_loss_enabled=False,
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level="token",
-        beta=beta,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
-        loss_type=loss_type,
-        epsilon_low=0.2,
-        epsilon_high=0.2,
-        use_vllm=False,
-        model=SimpleNamespace(training=False),
-        current_gradient_accumulation_steps=1,
-        max_completion_length=logp.size(1),
-        _entropy_bonus_enabled=False,
-        _metrics=metrics,
-        accelerator=SimpleNamespace(
-            gather=lambda x: x,
-            gather_for_metrics=lambda x: x,
-            reduce=lambda x, reduction="sum": x,
-            num_processes=1,
-            sync_gradients=True,
-        ),
-    )
-    inputs = {
-        "prompt_ids": torch.ones(logp.size(0), 1, dtype=torch.long),
-        "prompt_mask": torch.ones(logp.size(0), 1, dtype=torch.long),
-        "completion_ids": torch.ones_like(tensors["mask"], dtype=torch.long),
-        "completion_mask": tensors["mask"],
-        "advantages": tensors["advantages"],
-        "old_per_token_logps": tensors["old_logp"],
-        "ref_per_token_logps": tensors["ref_logp"],
-    }
-    return grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_grpo_loss_matches_trl(loss_type: str) -> None:
     torch.manual_seed(0)
@@ -189,8 +146,12 @@ def test_grpo_loss_matches_trl(loss_type: str) -> None:
     ours, _ = grpo_loss(
         logp, old, ref, advantages, mask, beta=0.04, loss_type=loss_type, max_completion_length=5
     )
-    theirs = _trl_grpo_loss(
-        loss_type, 0.04, logp=logp, old_logp=old, ref_logp=ref, mask=mask, advantages=advantages
+    theirs = trl_grpo_loss(
+        loss_type,
+        0.04,
+        0.2,
+        0.2,
+        dict(logp=logp, old_logp=old, ref_logp=ref, mask=mask, advantages=advantages),
     )
     torch.testing.assert_close(ours, theirs)
 
