@@ -184,13 +184,11 @@ class TransformersEngine(Engine):
         """Greedy answers of a batch of prompts in one left-padded ``generate`` call."""
         import torch  # noqa: PLC0415
 
-        encoded = [self.prompt_ids(prompt) for prompt in prompts]
+        from tunelab.evaluate.lm import left_padded  # noqa: PLC0415  (torch at import)
+
         pad = self._pad_id()
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(encoded):
-            ids[row, width - len(seq) :], mask[row, width - len(seq) :] = torch.tensor(seq), 1
+        ids, mask = left_padded([self.prompt_ids(prompt) for prompt in prompts], pad)
+        width = ids.size(1)
         device = next(self.model.parameters()).device
         with torch.no_grad():
             out = self.model.generate(

@@ -77,7 +77,8 @@ def label_token_ids(
     return out
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every sequence right-aligned (its next token in the last column)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -101,7 +102,7 @@ def read_batch(
 ) -> BatchReadout:
     """Prefill the prompts once (all but their last token), then answer loss and generation from the cache."""
     device = next(model.parameters()).device
-    ids, mask = (t.to(device) for t in _left_padded([it.prompt for it in items], tokenizer.pad_token_id))
+    ids, mask = (t.to(device) for t in left_padded([it.prompt for it in items], tokenizer.pad_token_id))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     prefill = model(
         input_ids=ids[:, :-1],
@@ -162,7 +163,7 @@ def read_batch_plain(
     loss_sum, count = causal_lm_loss_sum(logits, labels)
     first = (labels != IGNORE_INDEX).int().argmax(dim=1) - 1
     first_logprobs = logits[torch.arange(len(items)), first].float().log_softmax(-1).cpu()
-    ids, mask = (t.to(device) for t in _left_padded([it.prompt for it in items], tokenizer.pad_token_id))
+    ids, mask = (t.to(device) for t in left_padded([it.prompt for it in items], tokenizer.pad_token_id))
     generated = model.generate(
         input_ids=ids,
         attention_mask=mask,
